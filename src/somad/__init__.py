@@ -1,0 +1,14 @@
+"""somad: unsupervised visual anomaly detection and localization with Self-Organizing Maps.
+
+>>> from somad import SOMAD, load
+>>> model = SOMAD(som_size=56, k=4).fit("data/bottle")          # an MVTec category or a folder of good images
+>>> scores, maps = model.predict(["a.png", "b.png"])             # (N,), (N, 224, 224); higher = more anomalous
+>>> model.save("bottle.safetensors"); model = load("bottle.safetensors")
+"""
+
+__version__ = "0.1.0"
+
+from .base import load  # noqa: E402
+from .methods import METHODS, SOMAD  # noqa: E402
+
+__all__ = ["SOMAD", "METHODS", "load", "__version__"]

@@ -1,0 +1,431 @@
+"""What every detector shares: inputs, feature streaming, thresholds, the anomaly-map pipeline, files.
+
+A prediction, top to bottom:
+
+1. :meth:`BaseDetector.predict_iter` decodes each image (``images.load_image``) and preprocesses it;
+2. ``features.FeatureExtractor`` turns the batch into patch features ``(B, D, h, w)``;
+3. the method's ``_patch_scores`` (e.g. ``SOMAD``: k nearest SOM nodes, min Mahalanobis) gives ``(B, h, w)``;
+4. :meth:`BaseDetector._anomaly_maps` upsamples (bilinear) to the model input and blurs (Gaussian, sigma 4);
+   the image score is the map maximum (or the method's own image score);
+5. ``features.to_original_resolution`` puts the map back onto the original image when asked.
+
+Sign convention: higher = more anomalous, everywhere. Nothing is normalised with test-set statistics.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from . import __version__
+from .errors import ImageLoadError, NotFittedError, NumericalError, SomadError
+from .features import FeatureExtractor, Geometry, gaussian_blur, resolve_device, select_channels, to_original_resolution
+from .images import list_images, load_image
+from .model_io import load_model, save_model
+
+logger = logging.getLogger(__name__)
+
+ON_ERROR_CHOICES = ("fail", "skip")
+
+
+@dataclass
+class ImageItem:
+    """One input image: a name for outputs, and how to get its pixels."""
+
+    name: str
+    path: Path | None = None
+    image: Image.Image | None = None
+
+    def load(self) -> Image.Image:
+        return self.image if self.image is not None else load_image(self.path)
+
+
+@dataclass
+class Prediction:
+    """Result for one image.
+
+    Attributes
+    ----------
+    item : ImageItem
+    score : float
+    map : tensor (S, S), anomaly map at the model input resolution
+    original_size : (height, width)
+    image : the decoded RGB input (for overlays)
+    """
+
+    item: ImageItem
+    score: float
+    map: torch.Tensor
+    original_size: tuple[int, int]
+    image: Image.Image | None = None
+
+
+def as_items(images, *, train: bool = False) -> list[ImageItem]:
+    """Normalise the accepted image inputs to a list of :class:`ImageItem`.
+
+    Accepts a folder (an MVTec category when ``train``: its ``train/good``), an image path, a sequence of
+    paths / folders / PIL images, or a uint8 array ``(N, H, W)`` or ``(N, H, W, 3)``.
+    """
+    from .datasets import resolve_train_dir
+
+    if isinstance(images, np.ndarray):
+        if images.ndim not in (3, 4) or images.dtype != np.uint8:
+            raise SomadError(f"image arrays must be uint8 of shape (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}")
+        return [ImageItem(f"array_{i:05d}", image=Image.fromarray(a).convert("RGB")) for i, a in enumerate(images)]
+    if isinstance(images, (str, os.PathLike, Image.Image)):
+        images = [images]
+    items: list[ImageItem] = []
+    for entry in images:
+        if isinstance(entry, Image.Image):
+            items.append(ImageItem(f"image_{len(items):05d}", image=entry.convert("RGB")))
+            continue
+        path = Path(entry)
+        if path.is_dir():
+            folder = resolve_train_dir(path) if train else path
+            items.extend(ImageItem(str(p.relative_to(folder)), path=p) for p in list_images(folder))
+        else:
+            items.append(ImageItem(path.name, path=path))
+    if not items:
+        raise SomadError("no images given; pass a folder of images or a list of image files")
+    return items
+
+
+class BaseDetector:
+    """Shared machinery of SOMAD, PaDiM and PatchCore. Subclasses implement ``_fit_features``,
+    ``_patch_scores``, ``_state_arrays`` and ``_set_state``.
+
+    Parameters (common to every method)
+    -----------------------------------
+    backbone : str, default "efficientnet_lite0"
+    weights : str, default "default"
+        ``"default"`` (ImageNet), a local state-dict path, or ``"none"`` (random init: tests only).
+    image_size : int, default 256
+    crop_size : int or None, default 224
+    dims : int or None, default None
+        Random channel subset size; ``None`` keeps all channels up to 550.
+    blur_sigma : float, default 4.0
+    val_fraction : float, default 0.1
+        Fraction of the good training images held out to set the thresholds.
+    threshold_quantile : float, default 0.99
+        Quantile of the held-out images' scores used as the decision threshold.
+    batch_size : int, default 16
+    device : {"auto", "cpu", "cuda"}, default "auto"
+    seed : int, default 0
+    on_error : {"fail", "skip"}, default "fail"
+        What ``fit`` does with an unreadable training image.
+    """
+
+    method = "base"
+    _common = ("backbone", "weights", "image_size", "crop_size", "dims", "blur_sigma", "val_fraction",
+               "threshold_quantile", "batch_size", "device", "seed", "on_error")
+
+    def __init__(self, *, backbone="efficientnet_lite0", weights="default", image_size=256, crop_size=224, dims=None,
+                 blur_sigma=4.0, val_fraction=0.1, threshold_quantile=0.99, batch_size=16, device="auto", seed=0,
+                 on_error="fail"):
+        self.backbone = backbone
+        self.weights = weights
+        self.image_size = image_size
+        self.crop_size = crop_size
+        self.dims = dims
+        self.blur_sigma = blur_sigma
+        self.val_fraction = val_fraction
+        self.threshold_quantile = threshold_quantile
+        self.batch_size = batch_size
+        self.device = device
+        self.seed = seed
+        self.on_error = on_error
+
+    # ------------------------------------------------------------------ parameters
+    def get_params(self) -> dict:
+        names = self._common + tuple(getattr(self, "_own", ()))
+        return {n: getattr(self, n) for n in names}
+
+    def _validate_params(self) -> None:
+        if self.on_error not in ON_ERROR_CHOICES:
+            raise SomadError(f"on_error={self.on_error!r} is invalid; choose one of: {', '.join(ON_ERROR_CHOICES)}")
+        if not 0.0 <= float(self.val_fraction) < 1.0:
+            raise SomadError(f"val_fraction={self.val_fraction} must be in [0, 1)")
+        if not 0.0 < float(self.threshold_quantile) <= 1.0:
+            raise SomadError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1]")
+        if self.blur_sigma < 0:
+            raise SomadError(f"blur_sigma={self.blur_sigma} must be >= 0")
+        if int(self.batch_size) < 1:
+            raise SomadError(f"batch_size={self.batch_size} must be >= 1")
+
+    # ------------------------------------------------------------------ fit
+    def fit(self, images, y=None) -> "BaseDetector":
+        """Fit on defect-free images.
+
+        Parameters
+        ----------
+        images : folder, MVTec category, paths, PIL images or uint8 array (N, H, W[, 3])
+        y : ignored
+        """
+        self._validate_params()
+        t0 = time.perf_counter()
+        torch.manual_seed(self.seed)
+        items = as_items(images, train=True)
+        train, val = self._split(items)
+        self.device_ = resolve_device(self.device)
+        total = sum(_channels(self.backbone))
+        self.channel_indices_ = select_channels(total, self.dims, self.seed)
+        self.extractor_ = self._make_extractor()
+        self.skipped_ = []
+        logger.info("fitting %s on %d images (%d held out), %d features per patch", self.method, len(train),
+                    len(val), self.extractor_.dims)
+        self._fit_features(self._feature_batches(train), len(train))
+        self.n_train_images_ = len(train) - len(self.skipped_)
+        self.image_threshold_ = self.pixel_threshold_ = self.display_range_ = None
+        self.n_val_images_ = 0
+        if val:
+            self._set_thresholds(val)
+        self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def _split(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
+        n_val = int(round(self.val_fraction * len(items)))
+        if n_val and len(items) - n_val < 1:
+            logger.warning("only %d training image(s): none held out, so no thresholds are set", len(items))
+            n_val = 0
+        order = np.random.default_rng(self.seed).permutation(len(items))
+        val = sorted(order[:n_val].tolist())
+        held = set(val)
+        return [it for i, it in enumerate(items) if i not in held], [items[i] for i in val]
+
+    def _make_extractor(self) -> FeatureExtractor:
+        return FeatureExtractor(self.backbone, weights=self.weights, image_size=self.image_size,
+                                crop_size=self.crop_size, channel_indices=self.channel_indices_, device=self.device_,
+                                seed=self.seed)
+
+    def _decoded(self, items: list[ImageItem], on_error: str) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image]]:
+        """Decode and preprocess images one at a time (never all held at full size)."""
+        for item in items:
+            try:
+                image = item.load()
+            except ImageLoadError as exc:
+                if on_error == "fail":
+                    raise
+                logger.warning("skipped %s", exc)
+                self.skipped_.append(str(exc))
+                continue
+            yield item, self.extractor_.preprocess(image), image
+
+    def _feature_batches(self, items: list[ImageItem]) -> Iterator[torch.Tensor]:
+        """Features ``(b, D, h, w)`` of the training images, ``batch_size`` at a time, with a progress bar."""
+        from tqdm import tqdm
+
+        pending = []
+        bar = tqdm(total=len(items), desc="features", unit="img", disable=_quiet(), leave=False)
+        for _, tensor, _ in self._decoded(items, self.on_error):
+            pending.append(tensor)
+            if len(pending) == self.batch_size:
+                yield self._checked_features(torch.stack(pending))
+                bar.update(len(pending))
+                pending = []
+        if pending:
+            yield self._checked_features(torch.stack(pending))
+            bar.update(len(pending))
+        bar.close()
+        if len(self.skipped_) == len(items):
+            raise SomadError("no readable training images; check the folder (see the errors above)")
+
+    def _checked_features(self, batch: torch.Tensor) -> torch.Tensor:
+        feats = self.extractor_(batch)
+        if not torch.isfinite(feats).all():
+            raise NumericalError("the backbone produced NaN/Inf features; check the images and the weights file")
+        return feats
+
+    def _set_thresholds(self, val: list[ImageItem]) -> None:
+        preds = [(p.score, float(p.map.median())) for p in self.predict_iter(val, on_error="skip")]
+        if not preds:
+            return
+        scores = np.array([p[0] for p in preds], dtype=np.float64)
+        q = float(self.threshold_quantile)
+        # An image is anomalous when its score exceeds the q-quantile of held-out good scores. The image score is
+        # the map maximum, so the same value as pixel threshold makes a predicted mask non-empty exactly when the
+        # image is flagged.
+        self.image_threshold_ = float(np.quantile(scores, q))
+        self.pixel_threshold_ = self.image_threshold_
+        self.n_val_images_ = int(scores.size)
+        # Fixed colour scale for heatmaps: a typical good pixel (median) to twice the distance to the threshold.
+        floor = float(np.median([p[1] for p in preds]))
+        self.display_range_ = (floor, floor + 2.0 * max(self.image_threshold_ - floor, 1e-6))
+        logger.info("threshold %.4f = %.3f-quantile of %d held-out good images", self.image_threshold_, q, scores.size)
+
+    # ------------------------------------------------------------------ predict
+    def _check_fitted(self) -> None:
+        if not hasattr(self, "extractor_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load a model file")
+
+    @torch.no_grad()
+    def predict_iter(self, images, *, on_error: str = "fail", batch_size: int | None = None) -> Iterator[Prediction]:
+        """Score images one batch at a time, yielding a :class:`Prediction` per readable image.
+
+        Unreadable images raise :class:`ImageLoadError` (``on_error="fail"``) or are logged, listed in
+        ``skipped_`` and left out (``"skip"``).
+        """
+        self._check_fitted()
+        if on_error not in ON_ERROR_CHOICES:
+            raise SomadError(f"on_error={on_error!r} is invalid; choose one of: {', '.join(ON_ERROR_CHOICES)}")
+        items = images if isinstance(images, list) and all(isinstance(i, ImageItem) for i in images) else as_items(images)
+        batch_size = batch_size or self.batch_size
+        self.skipped_ = []
+        pending: list[tuple[ImageItem, torch.Tensor, Image.Image]] = []
+        for entry in self._decoded(items, on_error):
+            pending.append(entry)
+            if len(pending) == batch_size:
+                yield from self._predict_batch(pending)
+                pending = []
+        if pending:
+            yield from self._predict_batch(pending)
+
+    def _predict_batch(self, pending) -> Iterator[Prediction]:
+        maps, scores = self._anomaly_maps(self.extractor_(torch.stack([p[1] for p in pending])))
+        for (item, _, image), m, s in zip(pending, maps, scores):
+            yield Prediction(item, float(s), m, (image.height, image.width), image)
+
+    def predict(self, images, *, resolution: str = "input", on_error: str = "fail"):
+        """Anomaly scores and maps.
+
+        Parameters
+        ----------
+        images : folder, paths, PIL images or uint8 array (N, H, W[, 3])
+        resolution : {"input", "original"}
+            ``"input"``: maps at the model input ``(N, S, S)``; ``"original"``: a list of ``(H_i, W_i)`` maps
+            at each image's own size (the crop put back in place; see ``features.to_original_resolution``).
+
+        Returns
+        -------
+        scores : ndarray (N,) float32, higher = more anomalous
+        maps : ndarray (N, S, S) float32, or a list of (H_i, W_i) arrays
+        """
+        if resolution not in ("input", "original"):
+            raise SomadError(f"resolution={resolution!r} is invalid; choose one of: input, original")
+        scores, maps = [], []
+        for p in self.predict_iter(images, on_error=on_error):
+            scores.append(p.score)
+            if resolution == "input":
+                maps.append(p.map.cpu().numpy())
+            else:
+                maps.extend(to_original_resolution(p.map[None], self.extractor_.geometry, [p.original_size]))
+        scores = np.asarray(scores, dtype=np.float32)
+        return scores, (np.stack(maps) if resolution == "input" and maps else maps)
+
+    def score_samples(self, images) -> np.ndarray:
+        """Image scores ``(N,)`` only (higher = more anomalous)."""
+        return self.predict(images)[0]
+
+    def decision(self, scores: np.ndarray) -> np.ndarray:
+        """Bool array: ``scores > image_threshold_``. Needs a model fitted with ``val_fraction > 0``."""
+        self._check_fitted()
+        if self.image_threshold_ is None:
+            raise SomadError("this model has no threshold (fitted with val_fraction=0 or a single image); refit with --val-fraction > 0")
+        return np.asarray(scores) > self.image_threshold_
+
+    def _anomaly_maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Features ``(B, D, h, w)`` -> maps ``(B, S, S)`` at the model input and image scores ``(B,)``."""
+        patch, image_scores = self._patch_scores(feats)
+        s = self.extractor_.geometry.input_size
+        maps = F.interpolate(patch[:, None].float(), size=(s, s), mode="bilinear", align_corners=False)[:, 0]
+        maps = gaussian_blur(maps, self.blur_sigma)
+        if not torch.isfinite(maps).all():
+            raise NumericalError("NaN/Inf in anomaly maps; check the model file and the input images")
+        if image_scores is None:
+            image_scores = maps.flatten(1).max(1).values
+        return maps, image_scores
+
+    # ------------------------------------------------------------------ subclass hooks
+    def _fit_features(self, batches: Iterable[torch.Tensor], n_images: int) -> None:
+        raise NotImplementedError
+
+    def _patch_scores(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Patch score grid ``(B, h, w)`` and, optionally, the method's own image scores ``(B,)``."""
+        raise NotImplementedError
+
+    def _state_arrays(self) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+    def _set_state(self, arrays: dict[str, torch.Tensor], state: dict) -> None:
+        raise NotImplementedError
+
+    def _state_info(self) -> dict:
+        return {}
+
+    # ------------------------------------------------------------------ persistence
+    def save(self, path) -> Path:
+        """Write the fitted model atomically to ``path`` (safetensors + JSON config; see ``model_io``)."""
+        self._check_fitted()
+        arrays = {"channel_indices": torch.as_tensor(self.channel_indices_)}
+        arrays.update(self._state_arrays())
+        state = {
+            "image_threshold": self.image_threshold_, "pixel_threshold": self.pixel_threshold_,
+            "n_train_images": self.n_train_images_, "n_val_images": self.n_val_images_,
+            "fit_seconds": self.fit_seconds_, "display_range": self.display_range_, **self._state_info(),
+        }
+        config = {"method": self.method, "somad_version": __version__, "params": self.get_params(), "state": state}
+        return save_model(path, config, arrays)
+
+    @classmethod
+    def _from_file(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None):
+        params = dict(config["params"])
+        if device is not None:
+            params["device"] = device
+        model = cls(**params)
+        model.device_ = resolve_device(model.device)
+        model.channel_indices_ = arrays["channel_indices"].numpy()
+        state = config["state"]
+        model.image_threshold_ = state["image_threshold"]
+        model.pixel_threshold_ = state["pixel_threshold"]
+        model.n_train_images_ = state["n_train_images"]
+        model.n_val_images_ = state["n_val_images"]
+        model.fit_seconds_ = state["fit_seconds"]
+        model.display_range_ = tuple(state["display_range"]) if state.get("display_range") else None
+        try:
+            model._set_state(arrays, state)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            from .errors import ModelFileError
+
+            raise ModelFileError(f"{path}: arrays do not match the config ({type(exc).__name__}: {str(exc)[:80]}); re-run `somad fit`") from None
+        model.extractor_ = model._make_extractor()
+        return model
+
+
+def _channels(backbone: str) -> tuple[int, ...]:
+    from .backbones import backbone_spec
+
+    return backbone_spec(backbone).channels
+
+
+def _quiet() -> bool:
+    return os.environ.get("SOMAD_NO_PROGRESS", "") not in ("", "0")
+
+
+def load(path, *, device: str | None = None) -> BaseDetector:
+    """Rebuild a detector from a model file written by ``save``.
+
+    Parameters
+    ----------
+    path : model file
+    device : {"auto", "cpu", "cuda"}, optional
+        Overrides the device stored in the file.
+    """
+    from .errors import ModelFileError
+    from .methods import METHODS
+
+    config, arrays = load_model(path)
+    method = config.get("method")
+    if method not in METHODS:
+        raise ModelFileError(f"{path}: unknown method {method!r} in the model file; valid: {', '.join(METHODS)}")
+    return METHODS[method]._from_file(config, arrays, Path(path), device)
+
+
+__all__ = ["BaseDetector", "ImageItem", "Prediction", "Geometry", "as_items", "load"]

@@ -1,0 +1,226 @@
+"""The ``somad`` command line: fit, predict, evaluate, demo, benchmark.
+
+Only this module prints. Every user error is one line on stderr (``error: ...``) and exit status 2;
+an interrupt (Ctrl-C or SIGTERM) exits with 130 and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import SomadError
+
+logger = logging.getLogger("somad")
+
+
+# ----------------------------------------------------------------------------------------- shared options
+def _none_or_int(text: str):
+    return None if text.lower() == "none" else int(text)
+
+
+def _add_common_model_args(p: argparse.ArgumentParser) -> None:
+    from .backbones import BACKBONES
+    from .methods import METHODS
+
+    g = p.add_argument_group("model")
+    g.add_argument("--method", default="somad", choices=sorted(METHODS), help="detector (default: somad)")
+    g.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
+                   help="feature extractor (default: efficientnet_lite0, ImageNet weights shipped offline)")
+    g.add_argument("--weights", default="default",
+                   help="'default' = ImageNet weights; a path = local state-dict file; "
+                        "'none' = random initialisation, FOR TESTS ONLY (meaningless features)")
+    g.add_argument("--image-size", type=int, default=256, help="resize side in pixels (default 256)")
+    g.add_argument("--crop", type=_none_or_int, default=224,
+                   help="center-crop side (default 224); 'none' scores every pixel of the resized image")
+    g.add_argument("--dims", type=_none_or_int, default=None,
+                   help="keep a seeded random subset of this many feature channels (default: all, at most 550)")
+    g.add_argument("--som-size", type=int, default=56, help="SOMAD: SOM grid side K, K*K nodes (default 56)")
+    g.add_argument("--k", type=int, default=4, help="SOMAD: nearest nodes searched per patch (default 4)")
+    g.add_argument("--eps", type=float, default=0.01, help="SOMAD: covariance ridge eps*I (default 0.01)")
+    g.add_argument("--rough-epochs", type=int, default=20, help="SOMAD: rough-phase epochs (default 20)")
+    g.add_argument("--fine-epochs", type=int, default=15, help="SOMAD: fine-phase epochs (default 15)")
+    g.add_argument("--som-samples", type=_none_or_int, default=100_000,
+                   help="SOMAD: train the SOM on at most this many random patches ('none' = all; default 100000)")
+    g.add_argument("--blur-sigma", type=float, default=4.0, help="Gaussian blur of the maps (default 4)")
+    g.add_argument("--val-fraction", type=float, default=0.1,
+                   help="fraction of good training images held out to set the threshold (default 0.1)")
+    g.add_argument("--threshold-quantile", type=float, default=0.99,
+                   help="threshold = this quantile of the held-out good scores (default 0.99)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def _add_run_args(p: argparse.ArgumentParser, on_error_default: str) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
+    p.add_argument("--on-error", default=on_error_default, choices=["fail", "skip"],
+                   help=f"unreadable images: stop, or skip and list them (default {on_error_default})")
+
+
+def model_from_args(args) -> "object":
+    """Build an unfitted detector from parsed CLI options."""
+    from .methods import METHODS
+
+    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop,
+                  dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
+                  threshold_quantile=args.threshold_quantile, batch_size=args.batch_size, device=args.device,
+                  seed=args.seed, on_error=args.on_error)
+    cls = METHODS[args.method]
+    own = {name: getattr(args, name) for name in getattr(cls, "_own", ()) if hasattr(args, name)}
+    return cls(**common, **own)
+
+
+# ----------------------------------------------------------------------------------------- commands
+def cmd_fit(args) -> int:
+    out = Path(args.output)
+    if out.exists() and not args.overwrite:
+        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    if out.is_dir():
+        raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
+    model = model_from_args(args).fit(args.train_dir)
+    model.save(out)
+    info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
+    if getattr(model, "som_", None) is not None:
+        info.append(f"quantization error {model.som_.quantization_error_:.4f}, "
+                    f"topographic error {model.som_.topographic_error_:.4f}")
+    if model.image_threshold_ is not None:
+        info.append(f"threshold {model.image_threshold_:.4f} from {model.n_val_images_} held-out images")
+    print("; ".join(info))
+    if model.skipped_:
+        print(f"skipped {len(model.skipped_)} unreadable training image(s):", file=sys.stderr)
+        for line in model.skipped_:
+            print(f"  {line}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0
+
+
+def _input_items(inputs: list[str]):
+    from .base import ImageItem
+    from .images import list_images
+
+    items = []
+    for entry in inputs:
+        path = Path(entry)
+        if path.is_dir():
+            items.extend(ImageItem(str(p.relative_to(path)), path=p) for p in list_images(path))
+        else:
+            items.append(ImageItem(path.name, path=path))
+    names = [it.name for it in items]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SomadError(f"two inputs would both be written as {dup!r}; predict the folders separately")
+    return items
+
+
+def cmd_predict(args) -> int:
+    from .base import load
+    from .outputs import staged_output_dir, write_predictions
+
+    model = load(args.model, device=args.device)
+    model.batch_size = args.batch_size
+    items = _input_items(args.inputs)
+    with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        rows, skipped = write_predictions(model, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
+    n_flag = sum(1 for r in rows if r[2] == 1)
+    tail = f"; {n_flag} flagged anomalous" if model.image_threshold_ is not None else ""
+    print(f"scored {len(rows)} images{tail}; wrote {args.output}/scores.csv")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), listed in {args.output}/skipped.csv", file=sys.stderr)
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import run_demo
+
+    result = run_demo(Path(args.output), backbone=args.backbone, device=args.device, overwrite=args.overwrite)
+    print(f"synthetic set: {result['n_train']} good training images, {result['n_test']} test images "
+          f"({result['n_defect']} defective) in {result['data']}")
+    print(f"fit {result['fit_seconds']:.1f} s, predict {result['predict_ms']:.0f} ms/image")
+    print(f"image AUROC {result['image_auroc']:.4f}   pixel AUROC {result['pixel_auroc']:.4f}")
+    print(f"model: {result['model']}   heatmaps: {result['predictions']}/heatmaps")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------- entry point
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="somad", description="Unsupervised visual anomaly detection with SOMAD.")
+    parser.add_argument("--version", action="version", version=f"somad {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("fit", help="train on defect-free images", description="Train a detector on defect-free images.")
+    p.add_argument("train_dir", metavar="DIR", help="folder of good images, or an MVTec category (uses train/good)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    _add_common_model_args(p)
+    _add_run_args(p, "fail")
+    p.set_defaults(func=cmd_fit)
+
+    p = sub.add_parser("predict", help="score images and write heatmaps",
+                       description="Score images: OUT/scores.csv, OUT/heatmaps/, OUT/masks/ and (--save-maps) OUT/maps/.")
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    _add_run_args(p, "skip")
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("demo", help="fit and score a generated synthetic inspection set (offline)",
+                       description="Generate a synthetic inspection set, fit SOMAD on its good images, "
+                                   "score its test images and print image and pixel AUROC.")
+    p.add_argument("-o", "--output", default="somad-demo", metavar="DIR", help="working folder (default somad-demo)")
+    p.add_argument("--backbone", default="efficientnet_lite0", help="default efficientnet_lite0")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--overwrite", action="store_true", help="replace an existing demo folder")
+    p.set_defaults(func=cmd_demo)
+
+    _register_optional(sub)
+    return parser
+
+
+def _register_optional(sub) -> None:
+    """Commands defined in their own modules (evaluation, benchmark)."""
+    import importlib
+
+    for module in ("evaluate", "benchmark"):
+        try:
+            mod = importlib.import_module(f"somad.{module}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"somad.{module}":
+                raise
+            continue
+        mod.add_parser(sub, _add_common_model_args, _add_run_args)
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.quiet:
+        import os
+
+        os.environ["SOMAD_NO_PROGRESS"] = "1"
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+    try:
+        return int(args.func(args) or 0)
+    except SomadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

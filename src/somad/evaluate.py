@@ -1,0 +1,219 @@
+"""Evaluation of a fitted detector on a labelled test set, by the MVTec AD protocol.
+
+One responsibility: predict every test image, compare with labels and masks, and write ``metrics.json``
+(overall and per defect type), the prediction files and the HTML report.
+
+Masks are compared at their own (original) resolution by default, as in the MVTec reference; with
+``eval_resolution="model"`` the masks are resized (nearest) and cropped like the images and compared with
+the maps at the model input resolution. The decision thresholds come from held-out good training images;
+no test-set statistic is used anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from . import metrics
+from .base import BaseDetector, ImageItem
+from .datasets import Sample, folder_test_samples, is_mvtec_category, mvtec_test_samples
+from .errors import DataError, SomadError
+from .features import to_original_resolution
+from .images import load_mask
+from .model_io import atomic_write
+from .outputs import write_predictions
+
+logger = logging.getLogger(__name__)
+
+EVAL_RESOLUTIONS = ("original", "model")
+
+
+def test_samples(category: Path | None = None, *, good_dir=None, defect_dirs=(), mask_dir=None) -> list[Sample]:
+    """Test samples of an MVTec category, or of the plain folder layout."""
+    if category is not None:
+        if not is_mvtec_category(category):
+            raise DataError(f"{category}: not an MVTec category (expected test/<type>/ folders); "
+                            "use --good-dir/--defect-dir/--mask-dir for plain folders")
+        return mvtec_test_samples(category)
+    return folder_test_samples(good_dir, defect_dirs, mask_dir)
+
+
+def _model_resolution_mask(mask: np.ndarray, model: BaseDetector) -> np.ndarray:
+    g = model.extractor_.geometry
+    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((g.image_size, g.image_size), Image.NEAREST))
+    o, s = g.crop_offset, g.input_size
+    return resized[o:o + s, o:o + s] > 127
+
+
+def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | None = None, save_maps: bool = False,
+                   eval_resolution: str = "original", on_error: str = "skip") -> dict:
+    """Predict ``samples`` and compute the metrics.
+
+    Parameters
+    ----------
+    model : fitted detector
+    samples : list of Sample
+    out : folder for prediction files (``heatmaps/``, ``masks/``, ``maps/``, ``scores.csv``), or None
+    eval_resolution : {"original", "model"}
+
+    Returns
+    -------
+    dict with ``overall`` and ``per_defect_type`` metrics, ``n_images``, ``timing`` and the per-image
+    ``records`` (name, label, defect type, score, decision, file paths) for the report.
+    """
+    if eval_resolution not in EVAL_RESOLUTIONS:
+        raise SomadError(f"eval_resolution={eval_resolution!r} is invalid; choose one of: {', '.join(EVAL_RESOLUTIONS)}")
+    by_name = {str(s.relpath): s for s in samples}
+    items = [ImageItem(str(s.relpath), path=s.path) for s in samples]
+    kept: dict[str, tuple[float, np.ndarray]] = {}
+
+    def keep(pred, full):
+        m = pred.map.cpu().numpy().astype(np.float32) if eval_resolution == "model" else full
+        kept[pred.item.name] = (pred.score, m)
+
+    t0 = time.perf_counter()
+    if out is not None:
+        write_predictions(model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep)
+    else:
+        geometry = model.extractor_.geometry
+        for p in model.predict_iter(items, on_error=on_error):
+            keep(p, None if eval_resolution == "model" else to_original_resolution(p.map[None], geometry, [p.original_size])[0])
+    seconds = time.perf_counter() - t0
+    names = [n for n in by_name if n in kept]
+    if not names:
+        raise DataError("no readable test images; check the test folders")
+    labels = np.array([by_name[n].label for n in names])
+    scores = np.array([kept[n][0] for n in names], dtype=np.float64)
+    maps = [kept[n][1] for n in names]
+    masks = []
+    for n in names:
+        s = by_name[n]
+        shape = maps[len(masks)].shape
+        if s.mask_path is None:
+            masks.append(np.zeros(shape, dtype=bool))
+            continue
+        if eval_resolution == "model":
+            masks.append(_model_resolution_mask(load_mask(s.mask_path), model))
+        else:
+            masks.append(load_mask(s.mask_path, shape=shape))
+    result = {"overall": _metrics(labels, scores, masks, maps, model), "per_defect_type": {}}
+    types = sorted({by_name[n].defect_type for n in names} - {"good"})
+    for t in types:
+        sel = [i for i, n in enumerate(names) if by_name[n].defect_type in (t, "good")]
+        result["per_defect_type"][t] = _metrics(labels[sel], scores[sel], [masks[i] for i in sel],
+                                                [maps[i] for i in sel], model)
+    threshold = model.image_threshold_
+    result["records"] = [
+        {"name": n, "path": str(by_name[n].path), "mask_path": str(by_name[n].mask_path or ""),
+         "label": int(by_name[n].label), "defect_type": by_name[n].defect_type, "score": float(kept[n][0]),
+         "is_anomalous": None if threshold is None else bool(kept[n][0] > threshold)}
+        for n in names
+    ]
+    result["curves"] = _curves(labels, scores, masks, maps)
+    result["n_images"] = {"total": len(names), "good": int((labels == 0).sum()), "defective": int((labels == 1).sum()),
+                          "skipped": len(model.skipped_)}
+    result["skipped"] = list(model.skipped_)
+    result["timing"] = {"predict_seconds": seconds, "predict_ms_per_image": 1000.0 * seconds / len(names)}
+    result["eval_resolution"] = eval_resolution
+    result["threshold"] = {"image": model.image_threshold_, "pixel": model.pixel_threshold_,
+                           "quantile": model.threshold_quantile, "n_val_images": model.n_val_images_}
+    return result
+
+
+def _metrics(labels, scores, masks, maps, model) -> dict:
+    has_both = len(set(labels.tolist())) == 2
+    out = {"n_images": int(len(labels))}
+    if has_both:
+        out.update(metrics.evaluate_predictions(labels, scores, masks, maps))
+    if model.image_threshold_ is not None:
+        out["image_accuracy"] = metrics.accuracy_at_threshold(labels, scores, model.image_threshold_)
+        hits = sum(int(((m > model.pixel_threshold_) == k).sum()) for m, k in zip(maps, masks))
+        out["pixel_accuracy"] = hits / float(sum(m.size for m in maps))
+    return out
+
+
+def _curves(labels, scores, masks, maps) -> dict:
+    if len(set(labels.tolist())) < 2:
+        return {}
+    fpr, tpr = metrics.roc_curve_points(labels, scores)
+    curves = {"image_roc": {"fpr": fpr.tolist(), "tpr": tpr.tolist()}}
+    if any(m.any() for m in masks):
+        pf, pt = metrics.pixel_roc_curve_points(masks, maps)
+        curves["pixel_roc"] = {"fpr": pf.tolist(), "tpr": pt.tolist()}
+        x, y = metrics.pro_curve(masks, maps)
+        x, y = metrics.downsample_curve(x, y)
+        curves["pro"] = {"fpr": np.asarray(x).tolist(), "pro": np.asarray(y).tolist()}
+    return curves
+
+
+def write_metrics_json(path: Path, result: dict) -> None:
+    public = {k: v for k, v in result.items() if k not in ("records", "curves")}
+    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(public, indent=2, sort_keys=True)))
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def add_parser(sub, add_model_args, add_run_args) -> None:
+    p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set",
+                       description="Evaluate a model on an MVTec-style category (or plain folders): "
+                                   "OUT/metrics.json, OUT/report.html, heatmaps, masks and scores.")
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("category", metavar="CATEGORY_DIR", nargs="?", help="MVTec category (test/, ground_truth/)")
+    p.add_argument("--good-dir", help="plain layout: folder of good test images")
+    p.add_argument("--defect-dir", action="append", default=[], help="plain layout: folder of defective images (repeatable)")
+    p.add_argument("--mask-dir", help="plain layout: masks matched by file stem (<stem>_mask.png or <stem>.png)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
+    p.add_argument("--eval-resolution", default="original", choices=EVAL_RESOLUTIONS,
+                   help="compare at the masks' own resolution (default, as the MVTec reference) or at the model input")
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_run_args(p, "skip")
+    p.set_defaults(func=cmd_evaluate)
+
+
+def cmd_evaluate(args) -> int:
+    from .base import load
+    from .outputs import staged_output_dir
+
+    if args.category and (args.good_dir or args.defect_dir or args.mask_dir):
+        raise SomadError("give either CATEGORY_DIR or --good-dir/--defect-dir/--mask-dir, not both")
+    if not args.category and not (args.good_dir or args.defect_dir):
+        raise SomadError("no test data: give an MVTec CATEGORY_DIR or --good-dir/--defect-dir")
+    model = load(args.model, device=args.device)
+    model.batch_size = args.batch_size
+    samples = test_samples(Path(args.category) if args.category else None, good_dir=args.good_dir,
+                           defect_dirs=args.defect_dir, mask_dir=args.mask_dir)
+    with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        result = evaluate_model(model, samples, out=tmp, save_maps=args.save_maps,
+                                eval_resolution=args.eval_resolution, on_error=args.on_error)
+        write_metrics_json(tmp / "metrics.json", result)
+        if not args.no_report:
+            try:
+                from .report import write_report
+            except ModuleNotFoundError:
+                write_report = None
+            if write_report is not None:
+                write_report(tmp, result, model=model)
+    print(format_metrics_table(result))
+    print(f"wrote {args.output}/metrics.json" + ("" if args.no_report else f" and {args.output}/report.html"))
+    return 0
+
+
+def format_metrics_table(result: dict) -> str:
+    """Plain-text table of the overall and per-type metrics."""
+    keys = ["image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_accuracy", "pixel_accuracy"]
+    rows = [("overall", result["overall"])] + sorted(result["per_defect_type"].items())
+    lines = [f"{'':<14}" + "".join(f"{k:>15}" for k in keys)]
+    for name, m in rows:
+        cells = []
+        for k in keys:
+            v = m.get(k)
+            v = v.get("f1") if isinstance(v, dict) else v
+            cells.append(f"{v:>15.4f}" if isinstance(v, (int, float)) else f"{'-':>15}")
+        lines.append(f"{name:<14}" + "".join(cells))
+    return "\n".join(lines)

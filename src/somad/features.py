@@ -1,0 +1,216 @@
+"""Image -> patch features: resize, center-crop, backbone, multi-scale concatenation, channel subset.
+
+One responsibility: turn RGB images into a ``(B, D, h, w)`` tensor of patch features on the stride-4 grid
+of the model input, and say where that input came from in the original image (:class:`Geometry`).
+
+Pipeline (as in the SOMAD / PaDiM papers)
+-----------------------------------------
+1. Resize to ``image_size x image_size`` (bilinear, antialiased) and center-crop ``crop_size``
+   (``crop_size=None``: no crop, every pixel is scored).
+2. Normalise as the backbone expects and run it to get the stride-4/8/16 stage outputs.
+3. Keep the selected channels of each stage, upsample stages 8 and 16 (bilinear) to the stride-4 grid and
+   concatenate: ``D = sum(channels)`` (176 for EfficientNet-Lite0, 1792 for Wide-ResNet50-2) or ``dims``.
+
+The channel subset is a seeded random draw (the authors' code keeps 550 of 1792). ``dims=None`` keeps all
+channels when there are at most 550 and draws 550 otherwise. The indices are part of the saved model.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from .backbones import backbone_spec, build_backbone
+from .errors import SomadError
+
+logger = logging.getLogger(__name__)
+
+#: Channel count the authors' code keeps for Wide-ResNet50-2; ``dims=None`` caps at this.
+DEFAULT_MAX_DIMS = 550
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Where the model input sits in the original image.
+
+    The model sees ``image_size x image_size`` (the original resized, aspect ratio not kept), of which the
+    central ``crop_size`` square is kept. ``input_size`` is the side of the model input.
+    """
+
+    image_size: int
+    crop_size: int | None
+
+    @property
+    def input_size(self) -> int:
+        return self.crop_size if self.crop_size is not None else self.image_size
+
+    @property
+    def crop_offset(self) -> int:
+        return (self.image_size - self.input_size) // 2
+
+
+def select_channels(total: int, dims: int | None, seed: int) -> np.ndarray:
+    """Seeded random channel subset, sorted (the order does not matter for the Gaussian statistics).
+
+    Returns ``arange(total)`` when ``dims`` is ``None`` and ``total <= 550``.
+    """
+    if dims is None:
+        dims = min(total, DEFAULT_MAX_DIMS)
+    if not 1 <= dims <= total:
+        raise SomadError(f"dims={dims} is out of range; the backbone has {total} channels, choose 1..{total}")
+    if dims == total:
+        return np.arange(total, dtype=np.int64)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(total, size=dims, replace=False)).astype(np.int64)
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU; ``"cuda"`` without a GPU is an error."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device not in ("cpu", "cuda") and not device.startswith("cuda:"):
+        raise SomadError(f"unknown device {device!r}; choose one of: auto, cpu, cuda")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SomadError("device 'cuda' requested but no CUDA GPU is available; use --device cpu or auto")
+    return torch.device(device)
+
+
+class FeatureExtractor:
+    """Multi-scale patch features of a pretrained backbone.
+
+    Parameters
+    ----------
+    backbone : str
+        A name from :data:`somad.backbones.BACKBONES`.
+    weights : str
+        ``"default"`` (ImageNet), a state-dict path, or ``"none"`` (random; tests only).
+    image_size, crop_size : int, int or None
+        Resize side and center-crop side (``None``: no crop).
+    channel_indices : array of int, optional
+        Indices into the concatenated channels to keep (see :func:`select_channels`). ``None`` keeps all.
+    device : torch.device
+    """
+
+    def __init__(self, backbone: str, *, weights: str = "default", image_size: int = 256, crop_size: int | None = 224,
+                 channel_indices: np.ndarray | None = None, device: torch.device = torch.device("cpu"), seed: int = 0):
+        self.spec = backbone_spec(backbone)
+        if crop_size is not None and crop_size > image_size:
+            raise SomadError(f"crop_size={crop_size} is larger than image_size={image_size}; use a crop <= the resize")
+        if image_size < 32:
+            raise SomadError(f"image_size={image_size} is too small; use at least 32 pixels")
+        self.geometry = Geometry(image_size, crop_size)
+        self.device = device
+        total = sum(self.spec.channels)
+        self.channel_indices = np.arange(total) if channel_indices is None else np.asarray(channel_indices, np.int64)
+        self.model = build_backbone(backbone, weights, seed=seed).to(device)
+        self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
+        self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
+        # Per stage: which of its channels are kept (selecting before upsampling saves work).
+        bounds = np.cumsum((0,) + self.spec.channels)
+        self._stage_channels = [
+            torch.as_tensor(self.channel_indices[(self.channel_indices >= lo) & (self.channel_indices < hi)] - lo,
+                            device=device)
+            for lo, hi in zip(bounds[:-1], bounds[1:])
+        ]
+
+    @property
+    def dims(self) -> int:
+        return int(len(self.channel_indices))
+
+    @property
+    def grid_size(self) -> int:
+        """Side of the stride-4 patch grid."""
+        return -(-self.geometry.input_size // 4)
+
+    # ------------------------------------------------------------------ preprocessing
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> float tensor ``(3, S, S)`` in [0, 1], resized and cropped (not yet normalised)."""
+        g = self.geometry
+        if min(image.size) < g.input_size:
+            logger.warning("image of size %dx%d is smaller than the model input %d; it is upscaled",
+                           image.size[0], image.size[1], g.input_size)
+        resized = image.resize((g.image_size, g.image_size), Image.BILINEAR)
+        array = np.asarray(resized, dtype=np.float32) / 255.0
+        o, s = g.crop_offset, g.input_size
+        array = array[o:o + s, o:o + s]
+        return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+    # ------------------------------------------------------------------ features
+    @torch.no_grad()
+    def __call__(self, batch: torch.Tensor) -> torch.Tensor:
+        """Preprocessed batch ``(B, 3, S, S)`` in [0, 1] -> features ``(B, D, h, w)`` float32 on ``device``."""
+        x = (batch.to(self.device, torch.float32) - self._mean) / self._std
+        stages = self.model(x)
+        size = stages[0].shape[-2:]
+        parts = []
+        for stage, keep in zip(stages, self._stage_channels):
+            if len(keep) == 0:
+                continue
+            stage = stage.index_select(1, keep) if len(keep) < stage.shape[1] else stage
+            if stage.shape[-2:] != size:
+                stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
+            parts.append(stage)
+        return torch.cat(parts, dim=1)
+
+    def iter_batches(self, images: Iterable[Image.Image], batch_size: int = 16) -> Iterator[torch.Tensor]:
+        """Yield feature batches ``(b, D, h, w)`` for an iterable of PIL images, ``batch_size`` at a time."""
+        pending: list[torch.Tensor] = []
+        for image in images:
+            pending.append(self.preprocess(image))
+            if len(pending) == batch_size:
+                yield self(torch.stack(pending))
+                pending = []
+        if pending:
+            yield self(torch.stack(pending))
+
+
+def to_original_resolution(maps: torch.Tensor, geometry: Geometry, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+    """Map anomaly maps from the model input back onto each original image.
+
+    The crop is put back where it came from in the resized image; pixels outside the crop (never seen by
+    the model) take the value of the nearest scored pixel (edge replication). The result is then resized
+    (bilinear) to the original ``(height, width)``.
+
+    Parameters
+    ----------
+    maps : tensor (N, S, S)
+        Maps at the model input resolution.
+    sizes : sequence of (height, width)
+    """
+    out = []
+    pad = geometry.crop_offset
+    far = geometry.image_size - geometry.input_size - pad
+    for m, (h, w) in zip(maps, sizes):
+        m = m[None, None].float()
+        if pad or far:
+            m = F.pad(m, (pad, far, pad, far), mode="replicate")
+        m = F.interpolate(m, size=(int(h), int(w)), mode="bilinear", align_corners=False)
+        out.append(m[0, 0].cpu().numpy().astype(np.float32))
+    return out
+
+
+def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
+    """Separable Gaussian blur of ``(N, H, W)`` maps, truncated at 4 sigma, reflect padding (as scipy's default)."""
+    if sigma <= 0:
+        return maps
+    h, w = maps.shape[-2:]
+    radius = min(int(4.0 * sigma + 0.5), h - 1, w - 1)  # truncated at 4 sigma, or at the map size if smaller
+    t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    kernel = kernel / kernel.sum()
+    # scipy's 'reflect' repeats the edge pixel (d c b a | a b c d); torch's 'reflect' does not, so pad by flipping.
+    x = _symmetric_pad(maps[:, None], radius)
+    x = F.conv2d(x, kernel.view(1, 1, -1, 1))
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return x[:, 0]
+
+
+def _symmetric_pad(x: torch.Tensor, r: int) -> torch.Tensor:
+    x = torch.cat([x[..., :r, :].flip(-2), x, x[..., x.shape[-2] - r:, :].flip(-2)], dim=-2)
+    return torch.cat([x[..., :r].flip(-1), x, x[..., x.shape[-1] - r:].flip(-1)], dim=-1)

@@ -1,0 +1,131 @@
+"""SOMAD: a Self-Organizing Map of patch features with a Gaussian per node (ICIP 2021).
+
+Fit: stream the patch features of the good images, initialise a K x K SOM with the mean feature of each
+image position, train it (batch SOM), assign every training patch to its nearest node and fit one Gaussian
+per node (``somad.node_stats``). Score: for each test patch, the k nearest nodes (Euclidean, to the SOM
+prototypes), then the minimum Mahalanobis distance to their Gaussians.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..base import BaseDetector
+from ..errors import SomadError
+from ..node_stats import NodeGaussians, fit_node_gaussians, mahalanobis
+from ..som import SelfOrganizingMap, nearest_nodes
+
+logger = logging.getLogger(__name__)
+
+
+class SOMAD(BaseDetector):
+    """SOMAD anomaly detector.
+
+    Parameters
+    ----------
+    som_size : int, default 56
+        Side K of the SOM grid (K*K nodes; paper: 56).
+    k : int, default 4
+        Nearest nodes searched per test patch (paper: 4; authors' code: 5).
+    eps : float, default 0.01
+        Ridge added to every node covariance.
+    rough_epochs, fine_epochs : int, default 20, 15
+        Epochs of the rough (radius K/3 -> K/18) and fine (K/12 -> 1) phases.
+    som_samples : int or None, default 100000
+        The SOM is trained on a seeded random subset of at most this many patches (``None``: all); the node
+        statistics always use every training patch.
+    **common
+        See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...).
+
+    Attributes
+    ----------
+    som_ : SelfOrganizingMap, with ``weights_`` (K*K, D), ``quantization_error_``, ``topographic_error_``
+    gaussians_ : NodeGaussians
+    """
+
+    method = "somad"
+    _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples")
+
+    def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000, **common):
+        super().__init__(**common)
+        self.som_size = som_size
+        self.k = k
+        self.eps = eps
+        self.rough_epochs = rough_epochs
+        self.fine_epochs = fine_epochs
+        self.som_samples = som_samples
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if int(self.som_size) < 2:
+            raise SomadError(f"som_size={self.som_size} is too small; use a grid side of at least 2")
+        if not 1 <= int(self.k) <= int(self.som_size) ** 2:
+            raise SomadError(f"k={self.k} must be between 1 and the number of SOM nodes ({int(self.som_size) ** 2})")
+        if float(self.eps) < 0:
+            raise SomadError(f"eps={self.eps} must be >= 0")
+        if self.rough_epochs < 0 or self.fine_epochs < 0:
+            raise SomadError("rough_epochs and fine_epochs must be >= 0")
+
+    def _fit_features(self, batches, n_images: int) -> None:
+        x, position_sum, n = None, None, 0
+        for feats in batches:
+            b, d, h, w = feats.shape
+            if x is None:
+                x = torch.empty(n_images * h * w, d, dtype=torch.float32, device=feats.device)
+                position_sum = torch.zeros(h, w, d, dtype=torch.float64, device=feats.device)
+            patches = feats.permute(0, 2, 3, 1)  # (b, h, w, D): patch rows in image-major, row-major order
+            x[n * h * w:(n + b) * h * w] = patches.reshape(-1, d)
+            position_sum += patches.double().sum(0)
+            n += b
+        x = x[: n * h * w]
+        som = SelfOrganizingMap(size=int(self.som_size), rough_epochs=self.rough_epochs, fine_epochs=self.fine_epochs,
+                                max_samples=self.som_samples, seed=self.seed)
+        init = SelfOrganizingMap.position_mean_init(position_sum / n, som.size)
+        self.som_ = som.fit(x, init)
+        _, assignment = nearest_nodes(x, som.weights_, 1)
+        self.gaussians_ = fit_node_gaussians(x, assignment[:, 0], som.weights_, float(self.eps))
+        self.n_patches_ = int(x.shape[0])
+
+    def _patch_scores(self, feats):
+        b, d, h, w = feats.shape
+        x = feats.permute(0, 2, 3, 1).reshape(-1, d)
+        empty = self.gaussians_.empty
+        k = min(int(self.k), int((~empty).sum()))
+        _, nodes = nearest_nodes(x, self.som_.weights_, k, exclude=empty)
+        dist = mahalanobis(x, nodes, self.gaussians_)
+        return dist.min(1).values.view(b, h, w), None
+
+    # ------------------------------------------------------------------ persistence
+    def _state_arrays(self):
+        g = self.gaussians_
+        d = g.means.shape[1]
+        rows, cols = torch.tril_indices(d, d)
+        return {
+            "som_weights": self.som_.weights_,
+            "node_means": g.means,
+            "node_whiteners_tril": g.whiteners[:, rows, cols],  # lower triangle only: half the file size
+            "node_counts": g.counts,
+        }
+
+    def _state_info(self):
+        return {"quantization_error": self.som_.quantization_error_, "topographic_error": self.som_.topographic_error_,
+                "n_patches": self.n_patches_}
+
+    def _set_state(self, arrays, state):
+        weights = arrays["som_weights"].float()
+        m, d = weights.shape
+        if m != int(self.som_size) ** 2:
+            raise ValueError(f"som_weights has {m} nodes, config says {self.som_size}x{self.som_size}")
+        rows, cols = torch.tril_indices(d, d)
+        whiteners = torch.zeros(m, d, d)
+        whiteners[:, rows, cols] = arrays["node_whiteners_tril"].float()
+        means = arrays["node_means"].float()
+        g = NodeGaussians(means, whiteners, torch.einsum("mij,mj->mi", whiteners, means), arrays["node_counts"].long())
+        self.gaussians_ = g.to(self.device_)
+        self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
+        self.som_.weights_ = weights.to(self.device_)
+        self.som_.quantization_error_ = state.get("quantization_error")
+        self.som_.topographic_error_ = state.get("topographic_error")
+        self.n_patches_ = state.get("n_patches")
