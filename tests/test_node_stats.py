@@ -1,0 +1,95 @@
+"""Node Gaussians: closed-form checks against numpy, the empty/one-member rule, Mahalanobis."""
+
+import numpy as np
+import pytest
+import torch
+
+from somad.node_stats import fit_node_gaussians, mahalanobis, padded_groups
+
+
+def _whitened_to_cov(w):
+    inv = np.linalg.inv(w.astype(np.float64))  # W = L^{-1}  ->  Sigma = L L^T
+    return inv @ inv.T
+
+
+def test_padded_groups_cover_every_row_once():
+    g = torch.tensor([3, 0, 3, 3, 1, 0, 3, 3, 3], dtype=torch.long)
+    seen = []
+    for ids, rows, valid in padded_groups(g, 5, max_elements=8):
+        assert rows.shape == valid.shape
+        assert rows.shape[1] & (rows.shape[1] - 1) == 0  # padded to a power of two
+        for gid, r, v in zip(ids.tolist(), rows, valid):
+            members = r[v].tolist()
+            assert all(int(g[m]) == gid for m in members)
+            assert (r[~v] == len(g)).all()
+            seen.extend(members)
+    assert sorted(seen) == list(range(len(g)))
+
+
+def test_node_covariance_equals_numpy_cov_plus_eps():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(300, 5)).astype(np.float32) * np.array([1, 2, 3, 0.5, 1], np.float32)
+    assign = rng.integers(0, 4, size=300)
+    protos = torch.zeros(4, 5)
+    g = fit_node_gaussians(torch.from_numpy(x), torch.from_numpy(assign), protos, eps=0.01)
+    for i in range(4):
+        members = x[assign == i].astype(np.float64)
+        np.testing.assert_allclose(g.means[i].numpy(), members.mean(0), rtol=1e-5, atol=1e-6)
+        expected = np.cov(members, rowvar=False) + 0.01 * np.eye(5)
+        np.testing.assert_allclose(_whitened_to_cov(g.whiteners[i].numpy()), expected, rtol=1e-4, atol=1e-5)
+    assert g.counts.tolist() == [int((assign == i).sum()) for i in range(4)]
+
+
+def test_mahalanobis_matches_direct_numpy():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(400, 6)).astype(np.float32)
+    assign = rng.integers(0, 5, size=400)
+    g = fit_node_gaussians(torch.from_numpy(x), torch.from_numpy(assign), torch.zeros(5, 6), eps=0.05)
+    q = rng.normal(size=(50, 6)).astype(np.float32) * 2
+    nodes = rng.integers(0, 5, size=(50, 3))
+    got = mahalanobis(torch.from_numpy(q), torch.from_numpy(nodes), g).numpy()
+    for n in range(50):
+        for j in range(3):
+            i = nodes[n, j]
+            members = x[assign == i].astype(np.float64)
+            cov = np.cov(members, rowvar=False) + 0.05 * np.eye(6)
+            diff = q[n] - members.mean(0)
+            expected = np.sqrt(diff @ np.linalg.solve(cov, diff))
+            assert got[n, j] == pytest.approx(expected, rel=1e-4)
+
+
+def test_empty_and_one_member_nodes_follow_the_rule():
+    rng = np.random.default_rng(2)
+    x = rng.normal(size=(61, 3)).astype(np.float32)
+    assign = np.zeros(61, dtype=np.int64)
+    assign[:30] = 0
+    assign[30:60] = 1
+    assign[60] = 2  # node 2: one member; node 3: empty
+    protos = torch.tensor(np.arange(12, dtype=np.float32).reshape(4, 3))
+    g = fit_node_gaussians(torch.from_numpy(x), torch.from_numpy(assign), protos, eps=0.01)
+    assert g.counts.tolist() == [30, 30, 1, 0]
+    assert g.empty.tolist() == [False, False, False, True]
+    for t in (g.means, g.whiteners, g.shifts):
+        assert torch.isfinite(t).all()  # no NaN, ever
+    # pooled within-node covariance over the nodes with >= 2 members
+    scatter = sum((x[assign == i] - x[assign == i].mean(0)).T.astype(np.float64) @ (x[assign == i] - x[assign == i].mean(0)) for i in (0, 1))
+    pooled = scatter / (29 + 29) + 0.01 * np.eye(3)
+    np.testing.assert_allclose(g.means[2].numpy(), x[60], rtol=1e-6)  # one member: mean = the member
+    np.testing.assert_allclose(_whitened_to_cov(g.whiteners[2].numpy()), pooled, rtol=1e-4)
+    np.testing.assert_allclose(g.means[3].numpy(), protos[3].numpy())  # empty: mean = prototype
+    np.testing.assert_allclose(_whitened_to_cov(g.whiteners[3].numpy()), pooled, rtol=1e-4)
+
+
+def test_all_nodes_tiny_falls_back_to_eps_identity():
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    g = fit_node_gaussians(x, torch.tensor([0, 1]), torch.zeros(3, 2), eps=0.5)
+    np.testing.assert_allclose(_whitened_to_cov(g.whiteners[0].numpy()), 0.5 * np.eye(2), rtol=1e-5)
+
+
+def test_singular_covariance_at_eps_zero_is_still_invertible():
+    # 3 members in 8 dimensions: rank-2 scatter, singular without a ridge.
+    rng = np.random.default_rng(3)
+    x = torch.from_numpy(rng.normal(size=(3, 8)).astype(np.float32))
+    g = fit_node_gaussians(x, torch.zeros(3, dtype=torch.long), torch.zeros(1, 8), eps=0.0)
+    d = mahalanobis(torch.from_numpy(rng.normal(size=(5, 8)).astype(np.float32)), torch.zeros(5, 1, dtype=torch.long), g)
+    assert torch.isfinite(g.whiteners).all() and torch.isfinite(d).all()

@@ -1,0 +1,120 @@
+"""SOMAD end to end: initialisation, persistence, determinism, geometry and a real synthetic-defect check."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from somad import SOMAD, load
+from somad.errors import NotFittedError, SomadError
+from somad.features import FeatureExtractor, Geometry, gaussian_blur, select_channels, to_original_resolution
+from somad.metrics import image_auroc, pixel_auroc
+
+TINY = dict(weights="none", image_size=64, crop_size=None, som_size=4, k=2, rough_epochs=2, fine_epochs=1,
+            val_fraction=0.0, device="cpu", batch_size=4)
+
+
+@pytest.fixture(scope="module")
+def images():
+    rng = np.random.default_rng(0)
+    base = rng.integers(60, 200, size=(1, 64, 64, 3))
+    return np.clip(base + rng.integers(-20, 20, size=(8, 64, 64, 3)), 0, 255).astype(np.uint8)
+
+
+def _features(model, imgs):
+    batch = torch.stack([model.extractor_.preprocess(Image.fromarray(a)) for a in imgs])
+    return model.extractor_(batch)
+
+
+def test_som_initialisation_equals_position_means(images):
+    """With zero training epochs the SOM is its initialisation: node (r, c) = mean feature at patch (r, c)."""
+    model = SOMAD(**{**TINY, "som_size": 16, "rough_epochs": 0, "fine_epochs": 0}).fit(images)
+    feats = _features(model, images)  # (N, D, 16, 16): 64 px / stride 4
+    expected = feats.double().mean(0).permute(1, 2, 0).reshape(256, -1).float()
+    assert torch.allclose(model.som_.weights_, expected, atol=1e-5)
+
+
+def test_predict_shapes_and_sign(images):
+    model = SOMAD(**TINY).fit(images[:6])
+    scores, maps = model.predict(images)
+    assert scores.shape == (8,) and maps.shape == (8, 64, 64)
+    assert np.isfinite(scores).all() and np.isfinite(maps).all()
+    assert np.allclose(scores, maps.reshape(8, -1).max(1))  # image score = map maximum
+    bright = images[:1].copy()
+    bright[0, 20:40, 20:40] = 255  # a patch far outside the training distribution scores higher
+    assert model.predict(bright)[0][0] > scores[:6].max()
+
+
+def test_save_load_gives_identical_scores(images, tmp_path):
+    model = SOMAD(**{**TINY, "dims": 50}).fit(images[:6])
+    path = model.save(tmp_path / "m.safetensors")
+    again = load(path)
+    assert np.array_equal(again.channel_indices_, model.channel_indices_)
+    assert again.get_params() == model.get_params()
+    a, ma = model.predict(images)
+    b, mb = again.predict(images)
+    assert np.array_equal(a, b) and np.array_equal(ma, mb)
+
+
+def test_seeded_fit_is_bit_identical(images):
+    a = SOMAD(**{**TINY, "seed": 7, "dims": 40}).fit(images[:6]).predict(images)[0]
+    b = SOMAD(**{**TINY, "seed": 7, "dims": 40}).fit(images[:6]).predict(images)[0]
+    assert np.array_equal(a, b)
+
+
+def test_channel_subset_is_seeded_and_a_slice_of_all_features(images):
+    idx = select_channels(176, 50, seed=3)
+    assert np.array_equal(idx, select_channels(176, 50, seed=3)) and len(set(idx)) == 50
+    assert not np.array_equal(idx, select_channels(176, 50, seed=4))
+    assert np.array_equal(select_channels(1792, None, seed=0), select_channels(1792, 550, seed=0))
+    with pytest.raises(SomadError, match="choose 1..176"):
+        select_channels(176, 177, seed=0)
+    full = FeatureExtractor("efficientnet_lite0", weights="none", image_size=64, crop_size=None)
+    part = FeatureExtractor("efficientnet_lite0", weights="none", image_size=64, crop_size=None, channel_indices=idx)
+    x = torch.rand(2, 3, 64, 64)
+    assert torch.allclose(part(x), full(x)[:, torch.as_tensor(idx)], atol=1e-6)
+
+
+def test_not_fitted_and_parameter_errors(images):
+    with pytest.raises(NotFittedError):
+        SOMAD().predict(images)
+    with pytest.raises(SomadError, match="k=17"):
+        SOMAD(**{**TINY, "k": 17}).fit(images)
+    with pytest.raises(SomadError, match="eps"):
+        SOMAD(**{**TINY, "eps": -1}).fit(images)
+
+
+def test_gaussian_blur_matches_scipy():
+    from scipy.ndimage import gaussian_filter
+
+    x = torch.rand(2, 40, 33, dtype=torch.float64)
+    expected = np.stack([gaussian_filter(a.numpy(), 4.0) for a in x])
+    assert np.allclose(gaussian_blur(x, 4.0).numpy(), expected, atol=1e-12)
+
+
+def test_original_resolution_puts_the_crop_back():
+    g = Geometry(image_size=8, crop_size=4)  # crop = rows/cols 2..5 of the resized 8x8 image
+    m = torch.arange(16, dtype=torch.float32).view(1, 4, 4)
+    out = to_original_resolution(m, g, [(8, 8)])[0]
+    assert np.array_equal(out[2:6, 2:6], m[0].numpy())  # the crop, in place
+    assert np.array_equal(out[0, :], out[2, :]) and np.array_equal(out[:, 7], out[:, 5])  # edges replicated
+    big = to_original_resolution(m, g, [(16, 24)])[0]
+    assert big.shape == (16, 24)
+
+
+@pytest.mark.slow
+def test_synthetic_defects_are_found_with_real_weights(tmp_path):
+    """EfficientNet-Lite0 ImageNet features + a small SOM find painted scratches and spots."""
+    from somad.datasets import mvtec_test_samples
+    from somad.images import load_mask
+    from somad.synthetic import make_synthetic_category
+
+    cat = make_synthetic_category(tmp_path, n_train=16, n_test_good=8, n_test_defect=12, size=128, seed=1)
+    model = SOMAD(image_size=128, crop_size=None, som_size=16, k=4, rough_epochs=10, fine_epochs=8,
+                  val_fraction=0.0, device="cpu").fit(cat)
+    samples = mvtec_test_samples(cat)
+    scores, maps = model.predict([s.path for s in samples], resolution="original")
+    labels = np.array([s.label for s in samples])
+    masks = [load_mask(s.mask_path) if s.mask_path else np.zeros(m.shape, bool) for s, m in zip(samples, maps)]
+    assert image_auroc(labels, scores) >= 0.9
+    assert pixel_auroc(masks, maps) >= 0.9
