@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from somad.node_stats import fit_node_gaussians, mahalanobis, padded_groups
+from somad.batching import padded_groups
+from somad.node_stats import fit_node_gaussians, mahalanobis
 
 
 def _whitened_to_cov(w):

@@ -1,0 +1,80 @@
+"""The command line end to end on a tiny synthetic category: fit, predict, evaluate, and the independent
+metric re-computation (scripts/recompute_metrics.py) agreeing with `somad evaluate` to 1e-4."""
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from somad.cli import main
+from somad.synthetic import make_synthetic_category
+
+TINY = ["--weights", "none", "--image-size", "64", "--crop", "48", "--som-size", "6", "--k", "2",
+        "--rough-epochs", "2", "--fine-epochs", "1", "--device", "cpu"]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    return make_synthetic_category(tmp_path_factory.mktemp("data"), n_train=10, n_test_good=3, n_test_defect=4,
+                                   size=80, seed=2)
+
+
+@pytest.fixture(scope="module")
+def model_file(category, tmp_path_factory):
+    out = tmp_path_factory.mktemp("model") / "m.safetensors"
+    assert main(["-q", "fit", str(category), "-o", str(out), *TINY]) == 0
+    return out
+
+
+def test_fit_writes_one_model_file(model_file):
+    assert model_file.is_file()
+    assert [p.name for p in model_file.parent.iterdir()] == ["m.safetensors"]  # no temp files left
+
+
+def test_predict_writes_scores_heatmaps_masks_and_maps(model_file, category, tmp_path, capsys):
+    out = tmp_path / "pred"
+    test_dir = category / "test"
+    assert main(["-q", "predict", str(model_file), str(test_dir), "-o", str(out), "--save-maps"]) == 0
+    rows = list(csv.DictReader(open(out / "scores.csv")))
+    images = sorted(p.relative_to(test_dir) for p in test_dir.rglob("*.png"))
+    assert sorted(Path(r["path"]) for r in rows) == images
+    assert all(r["is_anomalous"] in ("0", "1") for r in rows)  # the model has a threshold (val fraction 0.1)
+    for rel in images:
+        original = Image.open(test_dir / rel)
+        heat = Image.open(out / "heatmaps" / rel.with_suffix(".png"))
+        full = np.load(out / "maps" / rel.with_suffix(".npy"))
+        assert heat.size == original.size and heat.mode == "RGB"
+        assert full.shape == (original.height, original.width) and full.dtype == np.float32
+        assert (out / "masks" / rel.with_suffix(".png")).is_file()
+        score = float(next(r["score"] for r in rows if Path(r["path"]) == rel))
+        assert full.max() == pytest.approx(score, rel=1e-4)  # image score = map maximum
+    assert "scored 7 images" in capsys.readouterr().out
+
+
+def test_evaluate_agrees_with_independent_recomputation(model_file, category, tmp_path):
+    out = tmp_path / "eval"
+    assert main(["-q", "evaluate", str(model_file), str(category), "-o", str(out), "--save-maps"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics["per_defect_type"]) == {"scratch", "spot"}
+    for key in ("image_auroc", "pixel_auroc", "au_pro"):
+        assert 0.0 <= metrics["overall"][key] <= 1.0
+    html = (out / "report.html").read_text()
+    assert all(f"{r}" in html for r in ("scratch", "spot"))
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "recompute_metrics.py"), "--maps", str(out / "maps"),
+                            "--category", str(category), "--json", str(out / "metrics.json")],
+                           capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_evaluate_at_model_resolution(model_file, category, tmp_path):
+    out = tmp_path / "eval_model"
+    assert main(["-q", "evaluate", str(model_file), str(category), "-o", str(out), "--eval-resolution", "model",
+                 "--no-report"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["eval_resolution"] == "model" and not (out / "report.html").exists()
