@@ -1,0 +1,276 @@
+"""``somad benchmark``: fit + evaluate every (method, category, setting) cell and tabulate accuracy and cost.
+
+One responsibility: run the comparison and write ``OUT/results.csv`` and ``OUT/results.md``.
+
+Each cell runs in two fresh subprocesses (fit, then predict/evaluate) so that peak RSS is measured per
+phase and cells cannot influence each other. A finished cell is stored as ``OUT/cells/<id>.json`` and is
+not recomputed unless ``--force``: an interrupted benchmark resumes where it stopped.
+
+Predict latency is measured per image (batch size 1) after one warm-up image: ``predict ms`` is the median
+of decode + preprocess + backbone + scoring + blur, ``backbone ms`` the median of the backbone alone.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import itertools
+import json
+import logging
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataError, SomadError
+from .model_io import atomic_write
+
+logger = logging.getLogger(__name__)
+
+METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "au_pro"]
+COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
+
+
+def _peak_rss_gb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 ** 2  # ru_maxrss is in KiB on Linux
+
+
+def categories_of(root: Path) -> list[Path]:
+    """An MVTec category, or every category below a data root (up to two levels deep)."""
+    from .datasets import is_mvtec_category
+
+    root = Path(root)
+    if is_mvtec_category(root):
+        return [root]
+    found = sorted({p.parent.parent for p in root.glob("*/train/good")} | {p.parent.parent for p in root.glob("*/*/train/good")})
+    found = [p for p in found if is_mvtec_category(p)]
+    if not found:
+        raise DataError(f"{root}: no MVTec category (CAT/train/good + CAT/test) found; pass a category or a data root")
+    return found
+
+
+def cell_id(cell: dict) -> str:
+    parts = [cell["method"], cell["category_name"]] + [f"{k}{v}" for k, v in sorted(cell["grid"].items())]
+    return "_".join(str(p).replace("/", "-") for p in parts)
+
+
+# ----------------------------------------------------------------------------------------- one cell (subprocess)
+def _run_fit(cell: dict) -> dict:
+    from .methods import METHODS
+
+    import torch
+
+    torch.set_num_threads(cell["threads"])
+    model = METHODS[cell["method"]](**cell["common"], **cell["params"])
+    t0 = time.perf_counter()
+    model.fit(cell["category"])
+    fit_s = time.perf_counter() - t0
+    model.save(cell["model"])
+    return {"fit_s": fit_s, "fit_rss_gb": _peak_rss_gb(), "model_mb": os.path.getsize(cell["model"]) / 1e6,
+            "n_train": model.n_train_images_}
+
+
+def _run_predict(cell: dict) -> dict:
+    import torch
+
+    from . import metrics
+    from .base import load
+    from .datasets import mvtec_test_samples
+    from .features import to_original_resolution
+    from .images import load_image, load_mask
+
+    torch.set_num_threads(cell["threads"])
+    model = load(cell["model"])
+    samples = mvtec_test_samples(cell["category"])
+    total, backbone, scores, maps, masks = [], [], [], [], []
+    with torch.no_grad():
+        for i, s in enumerate(samples):
+            t0 = time.perf_counter()
+            image = load_image(s.path)
+            batch = model.extractor_.preprocess(image)[None]
+            t1 = time.perf_counter()
+            feats = model.extractor_(batch)
+            t2 = time.perf_counter()
+            amap, score = model._anomaly_maps(feats)
+            t3 = time.perf_counter()
+            if i:  # the first image warms up the allocator and the kernels
+                total.append(t3 - t0)
+                backbone.append(t2 - t1)
+            full = to_original_resolution(amap, model.extractor_.geometry, [(image.height, image.width)])[0]
+            scores.append(float(score[0]))
+            maps.append(full)
+            masks.append(load_mask(s.mask_path, shape=full.shape) if s.mask_path else np.zeros(full.shape, bool))
+    labels = np.array([s.label for s in samples])
+    m = metrics.evaluate_predictions(labels, np.array(scores), masks, maps)
+    return {**{k: m[k] for k in METRIC_COLUMNS}, "predict_ms": 1000 * statistics.median(total),
+            "backbone_ms": 1000 * statistics.median(backbone), "predict_rss_gb": _peak_rss_gb(), "n_test": len(samples)}
+
+
+def _cell_main(argv: list[str]) -> int:
+    phase, spec = argv
+    cell = json.loads(Path(spec).read_text())
+    logging.basicConfig(level=logging.WARNING)
+    os.environ["SOMAD_NO_PROGRESS"] = "1"
+    out = _run_fit(cell) if phase == "fit" else _run_predict(cell)
+    print("SOMAD_CELL_RESULT " + json.dumps(out))
+    return 0
+
+
+def _run_phase(phase: str, spec: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", "somad.benchmark", phase, str(spec)], capture_output=True, text=True)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SOMAD_CELL_RESULT ")]
+    if proc.returncode != 0 or not lines:
+        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise SomadError(f"benchmark {phase} failed for {spec.stem}: {tail}")
+    return json.loads(lines[-1].split(" ", 1)[1])
+
+
+# ----------------------------------------------------------------------------------------- the grid
+def expand_grid(methods: list[str], somad_grid: dict[str, list]) -> list[tuple[str, dict]]:
+    """(method, grid values) for every cell; SOMAD expands over the ablation values (k, som_size)."""
+    out = []
+    for method in methods:
+        if method == "somad" and somad_grid:
+            keys = sorted(somad_grid)
+            out.extend((method, dict(zip(keys, values))) for values in itertools.product(*(somad_grid[k] for k in keys)))
+        else:
+            out.append((method, {}))
+    return out
+
+
+def run_benchmark(inputs: list[Path], out: Path, *, methods: list[str], common: dict, own: dict[str, dict],
+                  somad_grid: dict, force: bool = False, threads: int = 2) -> list[dict]:
+    """Run (or resume) every cell and write the tables; returns the result rows.
+
+    ``own[method]`` holds each method's own hyper-parameters; the SOMAD grid values override them.
+    """
+    cats = [c for root in inputs for c in categories_of(root)]
+    (out / "cells").mkdir(parents=True, exist_ok=True)
+    (out / "models").mkdir(exist_ok=True)
+    rows = []
+    for cat in cats:
+        for method, grid in expand_grid(methods, somad_grid):
+            cell = {"method": method, "category": str(cat), "category_name": cat.name, "grid": grid,
+                    "params": {**own.get(method, {}), **grid}, "common": common, "threads": threads}
+            cid = cell_id(cell)
+            done = out / "cells" / f"{cid}.json"
+            if done.exists() and not force:
+                rows.append(json.loads(done.read_text()))
+                logger.info("%s: already done (use --force to recompute)", cid)
+                continue
+            cell["model"] = str(out / "models" / f"{cid}.safetensors")
+            spec = out / "cells" / f"{cid}.spec.json"
+            atomic_write(spec, lambda tmp: tmp.write_text(json.dumps(cell)))
+            logger.info("%s: fit", cid)
+            fit = _run_phase("fit", spec)
+            logger.info("%s: predict + evaluate", cid)
+            pred = _run_phase("predict", spec)
+            row = {"method": method, "category": cat.name, **grid, **fit, **pred}
+            atomic_write(done, lambda tmp: tmp.write_text(json.dumps(row, indent=1)))
+            spec.unlink()
+            rows.append(row)
+    write_tables(out, rows)
+    return rows
+
+
+def write_tables(out: Path, rows: list[dict]) -> None:
+    """``results.csv`` (every cell) and ``results.md`` (per category and mean, like the paper's tables)."""
+    keys = ["method", "k", "som_size", "category"] + METRIC_COLUMNS + COST_COLUMNS + ["n_train", "n_test"]
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(keys)
+    for r in rows:
+        w.writerow([_fmt(r.get(k)) for k in keys])
+    atomic_write(out / "results.csv", lambda tmp: tmp.write_text(buf.getvalue()))
+    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown_table(rows)))
+
+
+def _fmt(v, digits: int = 4) -> str:
+    if v is None:
+        return ""
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _label(r: dict) -> str:
+    extra = ", ".join(f"{k}={r[k]}" for k in ("som_size", "k") if r.get(k) is not None)
+    return f"{r['method']} ({extra})" if extra else r["method"]
+
+
+def markdown_table(rows: list[dict]) -> str:
+    """One table per figure family: accuracy per category + mean, then the cost columns."""
+    cats = sorted({r["category"] for r in rows})
+    labels = list(dict.fromkeys(_label(r) for r in rows))
+    by = {(_label(r), r["category"]): r for r in rows}
+    lines = []
+    for metric, title in [("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("au_pro", "AU-PRO (FPR 0.3)")]:
+        lines += [f"### {title}", "", "| method | " + " | ".join(cats) + " | mean |", "|---" * (len(cats) + 2) + "|"]
+        for lab in labels:
+            vals = [by.get((lab, c), {}).get(metric) for c in cats]
+            mean = float(np.mean([v for v in vals if v is not None])) if any(v is not None for v in vals) else None
+            lines.append(f"| {lab} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} |")
+        lines.append("")
+    lines += ["### Cost (CPU)", "", "| method | category | fit s | predict ms/img | backbone ms/img | fit peak RSS GB "
+              "| predict peak RSS GB | model MB |", "|---|---|---|---|---|---|---|---|"]
+    for lab in labels:
+        for c in cats:
+            r = by.get((lab, c))
+            if r:
+                lines.append(f"| {lab} | {c} | {_fmt(r['fit_s'], 1)} | {_fmt(r['predict_ms'], 1)} | "
+                             f"{_fmt(r['backbone_ms'], 1)} | {_fmt(r['fit_rss_gb'], 2)} | {_fmt(r['predict_rss_gb'], 2)} | "
+                             f"{_fmt(r['model_mb'], 1)} |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------------------- CLI
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v]
+    except ValueError:
+        raise SomadError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def add_parser(sub, add_model_args, add_run_args) -> None:
+    p = sub.add_parser("benchmark", help="fit + evaluate methods on categories; one table of accuracy and cost",
+                       description="Run fit and evaluation for every method x category (x ablation setting) in fresh "
+                                   "subprocesses and write OUT/results.csv and OUT/results.md. Resumable.")
+    p.add_argument("inputs", nargs="+", metavar="DATA_ROOT_OR_CATEGORY")
+    p.add_argument("-o", "--output", required=True, metavar="OUT")
+    p.add_argument("--methods", default="somad,padim,patchcore", help="comma-separated (default somad,padim,patchcore)")
+    p.add_argument("--k-grid", dest="k_grid", default=None, help="SOMAD ablation: e.g. 1,2,3,4,5")
+    p.add_argument("--som-size-grid", dest="som_size_grid", default=None, help="SOMAD ablation: e.g. 14,28,56")
+    p.add_argument("--threads", type=int, default=2, help="torch threads per cell (default 2)")
+    p.add_argument("--force", action="store_true", help="recompute finished cells")
+    add_model_args(p)
+    p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.set_defaults(func=cmd_benchmark)
+
+
+def cmd_benchmark(args) -> int:
+    from .methods import METHODS
+
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad:
+        raise SomadError(f"unknown method {bad[0]!r}; choose from: {', '.join(METHODS)}")
+    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop,
+                  dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
+                  threshold_quantile=args.threshold_quantile, batch_size=args.batch_size, device=args.device,
+                  seed=args.seed)
+    somad_grid = {"k": _int_list(args.k_grid) if args.k_grid else [args.k],
+                  "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size]}
+    own = {m: {n: getattr(args, n) for n in getattr(METHODS[m], "_own", ()) if hasattr(args, n)} for m in methods}
+    rows = run_benchmark([Path(p) for p in args.inputs], Path(args.output), methods=methods, common=common, own=own,
+                         somad_grid=somad_grid, force=args.force, threads=args.threads)
+    print(markdown_table(rows))
+    print(f"wrote {args.output}/results.csv and {args.output}/results.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_cell_main(sys.argv[1:]))
