@@ -9,6 +9,6 @@
 __version__ = "0.1.0"
 
 from .base import load  # noqa: E402
-from .methods import METHODS, SOMAD  # noqa: E402
+from .methods import METHODS, SOMAD, PaDiM, PatchCore  # noqa: E402
 
-__all__ = ["SOMAD", "METHODS", "load", "__version__"]
+__all__ = ["SOMAD", "PaDiM", "PatchCore", "METHODS", "load", "__version__"]

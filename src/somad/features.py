@@ -1,7 +1,7 @@
 """Image -> patch features: resize, center-crop, backbone, multi-scale concatenation, channel subset.
 
 One responsibility: turn RGB images into a ``(B, D, h, w)`` tensor of patch features on the stride-4 grid
-of the model input, and say where that input came from in the original image (:class:`Geometry`).
+(by default) of the model input, and say where that input came from in the original image (:class:`Geometry`).
 
 Pipeline (as in the SOMAD / PaDiM papers)
 -----------------------------------------
@@ -13,6 +13,14 @@ Pipeline (as in the SOMAD / PaDiM papers)
 
 The channel subset is a seeded random draw (the authors' code keeps 550 of 1792). ``dims=None`` keeps all
 channels when there are at most 550 and draws 550 otherwise. The indices are part of the saved model.
+
+Two options serve other methods (the defaults give the pipeline above):
+
+* ``stages``: which of the stride-4/8/16 stages to use; the output grid is that of the finest chosen stage
+  and channel indices count over the chosen stages only (PatchCore: stages 1 and 2, 152 channels for
+  EfficientNet-Lite0, on the stride-8 grid).
+* ``local_aggregation``: each stage is averaged over a ``k x k`` neighbourhood (stride 1) before upsampling
+  (PatchCore's locally aware patch features: ``k = 3``); ``1`` = none.
 """
 
 from __future__ import annotations
@@ -93,26 +101,41 @@ class FeatureExtractor:
     image_size, crop_size : int, int or None
         Resize side and center-crop side (``None``: no crop).
     channel_indices : array of int, optional
-        Indices into the concatenated channels to keep (see :func:`select_channels`). ``None`` keeps all.
+        Indices into the concatenated channels of the chosen stages to keep (see :func:`select_channels`).
+        ``None`` keeps all.
     device : torch.device
+    seed : int
+        Seed of the random initialisation (``weights="none"`` only).
+    stages : sequence of int, default (0, 1, 2)
+        Backbone stages to use (0 = stride 4, 1 = stride 8, 2 = stride 16), distinct; the output grid is
+        that of the finest chosen stage.
+    local_aggregation : int, default 1
+        Odd kernel size of the neighbourhood mean applied to each stage (:func:`local_mean`); 1 = none.
     """
 
     def __init__(self, backbone: str, *, weights: str = "default", image_size: int = 256, crop_size: int | None = 224,
-                 channel_indices: np.ndarray | None = None, device: torch.device = torch.device("cpu"), seed: int = 0):
+                 channel_indices: np.ndarray | None = None, device: torch.device = torch.device("cpu"), seed: int = 0,
+                 stages: Sequence[int] = (0, 1, 2), local_aggregation: int = 1):
         self.spec = backbone_spec(backbone)
         if crop_size is not None and crop_size > image_size:
             raise SomadError(f"crop_size={crop_size} is larger than image_size={image_size}; use a crop <= the resize")
         if image_size < 32:
             raise SomadError(f"image_size={image_size} is too small; use at least 32 pixels")
+        self.stages = check_stages(stages, len(self.spec.channels))
+        local_aggregation = int(local_aggregation)
+        if local_aggregation < 1 or local_aggregation % 2 == 0:
+            raise SomadError(f"local_aggregation={local_aggregation} must be an odd kernel size >= 1 (1 = none)")
+        self.local_aggregation = local_aggregation
         self.geometry = Geometry(image_size, crop_size)
         self.device = device
-        total = sum(self.spec.channels)
+        stage_channels = tuple(self.spec.channels[s] for s in self.stages)
+        total = sum(stage_channels)
         self.channel_indices = np.arange(total) if channel_indices is None else np.asarray(channel_indices, np.int64)
         self.model = build_backbone(backbone, weights, seed=seed).to(device)
         self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
         # Per stage: which of its channels are kept (selecting before upsampling saves work).
-        bounds = np.cumsum((0,) + self.spec.channels)
+        bounds = np.cumsum((0,) + stage_channels)
         self._stage_channels = [
             torch.as_tensor(self.channel_indices[(self.channel_indices >= lo) & (self.channel_indices < hi)] - lo,
                             device=device)
@@ -124,17 +147,25 @@ class FeatureExtractor:
         return int(len(self.channel_indices))
 
     @property
+    def stride(self) -> int:
+        """Stride of the output grid in input pixels: that of the finest chosen stage (4, 8 or 16)."""
+        return 4 * 2 ** self.stages[0]
+
+    @property
     def grid_size(self) -> int:
-        """Side of the stride-4 patch grid."""
-        return -(-self.geometry.input_size // 4)
+        """Side of the output patch grid (stride-4 grid by default)."""
+        return -(-self.geometry.input_size // self.stride)
 
     # ------------------------------------------------------------------ preprocessing
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         """RGB PIL image -> float tensor ``(3, S, S)`` in [0, 1], resized and cropped (not yet normalised)."""
         g = self.geometry
         if min(image.size) < g.input_size:
-            logger.warning("image of size %dx%d is smaller than the model input %d; it is upscaled",
-                           image.size[0], image.size[1], g.input_size)
+            # Warn once per extractor: a dataset of small images would otherwise flood the log.
+            log = logger.debug if getattr(self, "_warned_small", False) else logger.warning
+            log("image of size %dx%d is smaller than the model input %d; it is upscaled (further such images "
+                "are logged at debug level)", image.size[0], image.size[1], g.input_size)
+            self._warned_small = True
         resized = image.resize((g.image_size, g.image_size), Image.BILINEAR)
         array = np.asarray(resized, dtype=np.float32) / 255.0
         o, s = g.crop_offset, g.input_size
@@ -146,13 +177,16 @@ class FeatureExtractor:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch ``(B, 3, S, S)`` in [0, 1] -> features ``(B, D, h, w)`` float32 on ``device``."""
         x = (batch.to(self.device, torch.float32) - self._mean) / self._std
-        stages = self.model(x)
+        outputs = self.model(x)
+        stages = [outputs[s] for s in self.stages]
         size = stages[0].shape[-2:]
         parts = []
         for stage, keep in zip(stages, self._stage_channels):
             if len(keep) == 0:
                 continue
             stage = stage.index_select(1, keep) if len(keep) < stage.shape[1] else stage
+            if self.local_aggregation > 1:
+                stage = local_mean(stage, self.local_aggregation)
             if stage.shape[-2:] != size:
                 stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             parts.append(stage)
@@ -168,6 +202,25 @@ class FeatureExtractor:
                 pending = []
         if pending:
             yield self(torch.stack(pending))
+
+
+def check_stages(stages: Sequence[int], n_stages: int = 3) -> tuple[int, ...]:
+    """Validate a choice of backbone stages (0 = stride 4, 1 = stride 8, 2 = stride 16): sorted, distinct."""
+    chosen = tuple(sorted({int(s) for s in stages}))
+    if not chosen or chosen[0] < 0 or chosen[-1] >= n_stages or len(chosen) != len(tuple(stages)):
+        raise SomadError(f"stages={tuple(stages)} is invalid; choose distinct stages among 0..{n_stages - 1}")
+    return chosen
+
+
+def local_mean(x: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Mean over the ``kernel x kernel`` neighbourhood of every position of ``(B, C, h, w)`` (stride 1, same size).
+
+    At the borders the mean runs over the neighbours inside the map only (zero padding is not counted), so
+    border patches are not shrunk towards zero.
+    """
+    if kernel == 1:
+        return x
+    return F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 
 def to_original_resolution(maps: torch.Tensor, geometry: Geometry, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:

@@ -79,14 +79,15 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     pooled = torch.zeros(d, d, dtype=torch.float64, device=device)
     dof = 0
     eye = torch.eye(d, dtype=torch.float64, device=device)
-    x_pad = torch.cat([x, torch.zeros(1, d, dtype=x.dtype, device=x.device)])  # row N: the padding row
     blocks = padded_groups(assignment, m, max_elements=max(1, max_elements // d), max_groups=max(1, max_elements // (d * d)))
     for ids, rows, valid in blocks:
         many = counts[ids] >= 2
         if not bool(many.any()):
             continue
         ids, rows, valid = ids[many], rows[many], valid[many]
-        centred = (x_pad[rows.to(x.device)].to(device, torch.float64) - means[ids][:, None, :]) * valid[..., None]
+        # Padding entries point one past the end: clamp them to a real row, then zero them with the mask.
+        members = x[rows.clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
+        centred = (members - means[ids][:, None, :]) * valid[..., None]
         scatter = centred.transpose(1, 2) @ centred  # (G, D, D) sum of outer products of centred members
         pooled += scatter.sum(0)
         dof += int((counts[ids] - 1).sum())

@@ -1,7 +1,9 @@
 """Anomaly detection methods that share somad's feature pipeline (see ``somad.base``)."""
 
+from .padim import PaDiM
+from .patchcore import PatchCore
 from .somad import SOMAD
 
-METHODS = {"somad": SOMAD}
+METHODS = {"somad": SOMAD, "padim": PaDiM, "patchcore": PatchCore}
 
-__all__ = ["METHODS", "SOMAD"]
+__all__ = ["METHODS", "SOMAD", "PaDiM", "PatchCore"]

@@ -1,0 +1,138 @@
+"""PaDiM: one multivariate Gaussian per patch position (Defard et al., ICPR Workshops 2020).
+
+Fit: stream the patch features of the good images and accumulate, per position of the patch grid, the sum
+and the sum of outer products (float64, around a per-position reference taken from the first batch for
+numerical stability); no feature is kept. Each position gets the mean and the unbiased covariance plus
+``eps * I`` (the paper's 0.01), stored as the inverse of its Cholesky factor. Score: the Mahalanobis
+distance of each test patch to the Gaussian of its own position; the shared pipeline of
+:class:`somad.base.BaseDetector` then upsamples, blurs and takes the map maximum as image score.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..base import BaseDetector
+from ..errors import NumericalError, SomadError
+from ..node_stats import _inverse_cholesky
+
+logger = logging.getLogger(__name__)
+
+
+class PaDiM(BaseDetector):
+    """PaDiM anomaly detector.
+
+    Parameters
+    ----------
+    eps : float, default 0.01
+        Ridge added to every position's covariance (paper: 0.01).
+    **common
+        See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...). ``dims``
+        is the paper's random channel subset (100 of 448 for ResNet-18, 550 of 1792 for Wide-ResNet50-2).
+
+    Attributes
+    ----------
+    means_ : tensor (h*w, D) float32
+        Mean feature of each grid position (row-major).
+    whiteners_ : tensor (h*w, D, D) float32
+        Lower-triangular ``L^{-1}`` per position, with ``Sigma = L L^T``, so that the Mahalanobis distance
+        is ``||W (x - mu)||``.
+    grid_shape_ : (int, int)
+        ``(h, w)`` of the patch grid the Gaussians were fitted on.
+    """
+
+    method = "padim"
+    _own = ("eps",)
+
+    def __init__(self, *, eps=0.01, **common):
+        super().__init__(**common)
+        self.eps = eps
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if float(self.eps) < 0:
+            raise SomadError(f"eps={self.eps} must be >= 0")
+
+    # ------------------------------------------------------------------ fit
+    def _fit_features(self, batches, n_images: int) -> None:
+        ref = sums = outer = None
+        n = 0
+        for feats in batches:
+            b, d, h, w = feats.shape
+            x = feats.permute(2, 3, 0, 1).reshape(h * w, b, d).double()  # (positions, images, D)
+            if ref is None:
+                ref = x.mean(1, keepdim=True)  # per-position shift: sums of small numbers, no cancellation
+                sums = torch.zeros(h * w, d, dtype=torch.float64, device=x.device)
+                outer = torch.zeros(h * w, d, d, dtype=torch.float64, device=x.device)
+                self.grid_shape_ = (h, w)
+            x = x - ref
+            sums += x.sum(1)
+            outer.baddbmm_(x.transpose(1, 2), x)  # += sum over images of the outer products, per position
+            n += b
+        if n < 2:
+            logger.warning("PaDiM fitted on %d image: the covariances are eps*I only", n)
+        centred_mean = sums / n
+        # Scatter around the mean: sum (x - m)(x - m)^T = sum x x^T - n m m^T (x and m relative to ref);
+        # then the unbiased covariance + eps * I. All in place: (h*w, D, D) float64 is the largest array.
+        cov = outer.baddbmm_(centred_mean[:, :, None], centred_mean[:, None, :], alpha=-float(n))
+        cov.div_(max(n - 1, 1)).diagonal(dim1=-2, dim2=-1).add_(float(self.eps))
+        self.means_ = (centred_mean + ref[:, 0]).float()
+        self.whiteners_ = self._whiten(cov)
+        self.n_images_fitted_ = n
+        if not (torch.isfinite(self.whiteners_).all() and torch.isfinite(self.means_).all()):
+            raise NumericalError("non-finite PaDiM statistics (NaN/Inf in the training features?); check the images")
+
+    @staticmethod
+    def _whiten(cov: torch.Tensor, max_elements: int = 1 << 25) -> torch.Tensor:
+        """Inverse Cholesky factors of ``(L, D, D)`` float64 covariances, in position chunks, as float32."""
+        n_pos, d = cov.shape[0], cov.shape[-1]
+        out = torch.empty(n_pos, d, d, dtype=torch.float32, device=cov.device)
+        step = max(1, max_elements // (d * d))
+        for lo in range(0, n_pos, step):
+            out[lo:lo + step] = _inverse_cholesky(cov[lo:lo + step]).float()
+        return out
+
+    # ------------------------------------------------------------------ score
+    def _patch_scores(self, feats, max_elements: int = 1 << 24):
+        b, d, h, w = feats.shape
+        if (h, w) != tuple(self.grid_shape_):
+            raise SomadError(f"feature grid {h}x{w} does not match the fitted grid "
+                             f"{self.grid_shape_[0]}x{self.grid_shape_[1]}; use the model's image and crop sizes")
+        x = feats.permute(2, 3, 0, 1).reshape(h * w, b, d).to(self.means_.device, torch.float32)
+        out = torch.empty(h * w, b, dtype=torch.float32, device=x.device)
+        step = max(1, max_elements // (d * max(b, d)))
+        for lo in range(0, h * w, step):
+            centred = x[lo:lo + step] - self.means_[lo:lo + step, None, :]  # (p, b, D)
+            z = centred @ self.whiteners_[lo:lo + step].transpose(1, 2)  # W (x - mu), batched over positions
+            out[lo:lo + step] = (z * z).sum(-1)
+        return out.sqrt_().T.reshape(b, h, w), None
+
+    # ------------------------------------------------------------------ persistence
+    def _state_arrays(self):
+        d = self.means_.shape[1]
+        rows, cols = torch.tril_indices(d, d)
+        return {
+            "position_means": self.means_,
+            "position_whiteners_tril": self.whiteners_[:, rows, cols],  # lower triangle only: half the file size
+        }
+
+    def _state_info(self):
+        return {"grid_shape": list(self.grid_shape_), "n_images_fitted": self.n_images_fitted_}
+
+    def _set_state(self, arrays, state):
+        means = arrays["position_means"].float()
+        n_pos, d = means.shape
+        h, w = (int(v) for v in state["grid_shape"])
+        if h * w != n_pos:
+            raise ValueError(f"position_means has {n_pos} rows, the grid is {h}x{w}")
+        if d != len(self.channel_indices_):
+            raise ValueError(f"position_means has {d} features, channel_indices {len(self.channel_indices_)}")
+        rows, cols = torch.tril_indices(d, d)
+        whiteners = torch.zeros(n_pos, d, d)
+        whiteners[:, rows, cols] = arrays["position_whiteners_tril"].float()
+        self.means_ = means.to(self.device_)
+        self.whiteners_ = whiteners.to(self.device_)
+        self.grid_shape_ = (h, w)
+        self.n_images_fitted_ = state.get("n_images_fitted")

@@ -1,0 +1,206 @@
+"""PatchCore: a coreset memory bank of locally aware patch features (Roth et al., CVPR 2022).
+
+Features: the stride-8 and stride-16 stages only, each averaged over its 3 x 3 neighbourhood (stride 1)
+and upsampled to the stride-8 grid (``features.FeatureExtractor`` with ``stages=(1, 2)`` and
+``local_aggregation=3``; 40 + 112 = 152 channels for EfficientNet-Lite0).
+
+Fit: collect every training patch, then keep a coreset chosen by greedy k-center selection
+(:func:`greedy_coreset`): starting from a seeded random patch, repeatedly add the patch farthest from the
+patches chosen so far, until ``ceil(coreset_ratio * N)`` are chosen. Distances for the selection are taken
+after a seeded Gaussian random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss); the
+memory bank stores the full features.
+
+Score: each test patch's distance to its nearest bank element (exact search) is the patch map. The image
+score reweights the largest patch distance ``s* = ||x* - m*||`` by how isolated ``m*`` is in the bank
+(:func:`reweighted_score`): ``s = (1 - exp(||x* - m*||) / sum_{m in N_b(m*)} exp(||x* - m||)) * s*`` with
+``N_b(m*)`` the ``num_neighbors`` nearest bank elements of ``m*`` (``m*`` itself included).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import torch
+
+from ..base import BaseDetector
+from ..errors import NumericalError, SomadError
+from ..som import nearest_nodes
+
+logger = logging.getLogger(__name__)
+
+
+def random_projection(d: int, k: int, *, seed: int = 0, dtype=torch.float32, device=None) -> torch.Tensor:
+    """Seeded Gaussian random projection matrix ``(d, k)`` with entries ``N(0, 1/k)`` (distances kept on average)."""
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    return (torch.randn(d, k, generator=g, dtype=torch.float64) / math.sqrt(k)).to(device=device, dtype=dtype)
+
+
+def coreset_size(n: int, ratio: float) -> int:
+    """``ceil(ratio * n)``, at least 1 and at most ``n`` (``ratio * n`` rounded to 9 digits first, so that
+    e.g. ``0.1 * 30`` gives 3, not 4)."""
+    return min(int(n), max(1, math.ceil(round(float(ratio) * int(n), 9))))
+
+
+def greedy_coreset(x: torch.Tensor, n_select: int, *, projection_dim: int | None = 128, seed: int = 0) -> torch.Tensor:
+    """Greedy k-center coreset: indices of ``n_select`` rows of ``x`` covering it with the smallest radius.
+
+    The first row is drawn at random (``torch.randint(N)`` from a generator seeded with ``seed``); each
+    next one is the row whose distance to the nearest row chosen so far is the largest (ties: the lowest
+    index). Distances are Euclidean, computed in the dtype of ``x`` after the projection
+    ``x @ random_projection(D, projection_dim, seed=seed + 1)`` when ``projection_dim < D`` (``None``: never).
+
+    Parameters
+    ----------
+    x : tensor (N, D)
+    n_select : int, 1..N
+    projection_dim : int or None, default 128
+    seed : int
+
+    Returns
+    -------
+    int64 tensor (n_select,), in selection order, on the device of ``x``
+    """
+    n, d = x.shape
+    if not 1 <= n_select <= n:
+        raise SomadError(f"cannot select {n_select} of {n} patches")
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    start = int(torch.randint(n, (1,), generator=g))
+    if projection_dim is not None and int(projection_dim) < d:
+        # A separate seed stream for the matrix, so that the start point does not depend on projection_dim.
+        x = x @ random_projection(d, int(projection_dim), seed=seed + 1, dtype=x.dtype, device=x.device)
+    sq_norm = (x * x).sum(1)
+    selected = torch.empty(n_select, dtype=torch.int64, device=x.device)
+    selected[0] = start
+    min_dist = torch.full((n,), float("inf"), dtype=x.dtype, device=x.device)
+    idx = selected[0]
+    for i in range(1, n_select):
+        c = x[idx]
+        # ||x - c||^2 = ||x||^2 - 2 x.c + ||c||^2: one matrix-vector product per step.
+        dist = torch.addmv(sq_norm + sq_norm[idx], x, c, alpha=-2.0)
+        torch.minimum(min_dist, dist, out=min_dist)
+        min_dist[idx] = -1.0  # chosen rows are never chosen again (even with duplicate rows)
+        idx = torch.argmax(min_dist)
+        selected[i] = idx
+    return selected
+
+
+def reweighted_score(x_star: torch.Tensor, bank: torch.Tensor, m_star: torch.Tensor, num_neighbors: int) -> torch.Tensor:
+    """PatchCore's image score from the most anomalous test patch of each image.
+
+    Parameters
+    ----------
+    x_star : tensor (B, D)
+        The test patch with the largest nearest-neighbour distance, per image.
+    bank : tensor (M, D)
+        Memory bank.
+    m_star : int64 tensor (B,)
+        Index of the nearest bank element of each ``x_star``.
+    num_neighbors : int
+        Size ``b`` of the neighbourhood ``N_b(m*)`` (the nearest bank elements of ``m*``, itself included);
+        ``1`` disables the reweighting.
+
+    Returns
+    -------
+    tensor (B,) float32: ``(1 - exp(||x* - m*||) / sum_{m in N_b(m*)} exp(||x* - m||)) * ||x* - m*||``
+    """
+    x_star = x_star.float()
+    s_star = torch.linalg.vector_norm(x_star - bank[m_star].float(), dim=1)
+    k = min(int(num_neighbors), bank.shape[0])
+    if k <= 1:
+        return s_star
+    _, neighbours = nearest_nodes(bank[m_star], bank, k)  # (B, k), m* (or an exact duplicate) first
+    dist = torch.linalg.vector_norm(x_star[:, None, :] - bank[neighbours].float(), dim=2)  # (B, k)
+    # exp(s*) / sum exp(d_b), computed as exp(s* - logsumexp(d)) (no overflow for large distances).
+    weight = 1.0 - torch.exp(s_star - torch.logsumexp(dist, dim=1))
+    return weight * s_star
+
+
+class PatchCore(BaseDetector):
+    """PatchCore anomaly detector.
+
+    Parameters
+    ----------
+    coreset_ratio : float, default 0.1
+        Fraction of the training patches kept in the memory bank (``ceil(ratio * N)``; 1 keeps all).
+    num_neighbors : int, default 9
+        Bank neighbourhood size ``b`` of the image-score reweighting (anomalib's default 9; 1 = none).
+    projection_dim : int or None, default 128
+        Dimension of the random projection used for the coreset distances (``None``: full features).
+    **common
+        See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...). The
+        features come from the stride-8 and stride-16 stages only, so ``dims`` counts their channels.
+
+    Attributes
+    ----------
+    memory_bank_ : tensor (M, D) float32
+    n_patches_ : int
+        Training patches before subsampling.
+    """
+
+    method = "patchcore"
+    _stages = (1, 2)
+    _local_aggregation = 3
+    _own = ("coreset_ratio", "num_neighbors", "projection_dim")
+
+    def __init__(self, *, coreset_ratio=0.1, num_neighbors=9, projection_dim=128, **common):
+        super().__init__(**common)
+        self.coreset_ratio = coreset_ratio
+        self.num_neighbors = num_neighbors
+        self.projection_dim = projection_dim
+
+    def _validate_params(self) -> None:
+        super()._validate_params()
+        if not 0.0 < float(self.coreset_ratio) <= 1.0:
+            raise SomadError(f"coreset_ratio={self.coreset_ratio} must be in (0, 1]")
+        if int(self.num_neighbors) < 1:
+            raise SomadError(f"num_neighbors={self.num_neighbors} must be >= 1")
+        if self.projection_dim is not None and int(self.projection_dim) < 1:
+            raise SomadError(f"projection_dim={self.projection_dim} must be >= 1 (or None: no projection)")
+
+    # ------------------------------------------------------------------ fit
+    def _fit_features(self, batches, n_images: int) -> None:
+        x, n = None, 0
+        for feats in batches:
+            b, d, h, w = feats.shape
+            if x is None:
+                x = torch.empty(n_images * h * w, d, dtype=torch.float32, device=feats.device)
+            x[n:n + b * h * w] = feats.permute(0, 2, 3, 1).reshape(-1, d)
+            n += b * h * w
+        x = x[:n]
+        if not torch.isfinite(x).all():
+            raise NumericalError("non-finite training features; check the images")
+        n_select = coreset_size(n, self.coreset_ratio)
+        if n_select < n:
+            logger.info("coreset: selecting %d of %d patches (greedy k-center)", n_select, n)
+            idx = greedy_coreset(x, n_select, projection_dim=self.projection_dim, seed=self.seed)
+            self.memory_bank_ = x[idx].contiguous()
+        else:
+            self.memory_bank_ = x
+        self.n_patches_ = n
+
+    # ------------------------------------------------------------------ score
+    def _patch_scores(self, feats):
+        b, d, h, w = feats.shape
+        bank = self.memory_bank_
+        x = feats.permute(0, 2, 3, 1).reshape(-1, d).to(bank.device, torch.float32)
+        chunk = max(1, (1 << 24) // bank.shape[0])  # bounds the distance block to 2^24 floats
+        sq_dist, nearest = nearest_nodes(x, bank, 1, chunk_size=chunk)
+        patch = sq_dist[:, 0].sqrt().view(b, h * w)
+        star = patch.argmax(1) + torch.arange(b, device=patch.device) * (h * w)  # flat index of x* per image
+        scores = reweighted_score(x[star], bank, nearest[star, 0], int(self.num_neighbors))
+        return patch.view(b, h, w), scores
+
+    # ------------------------------------------------------------------ persistence
+    def _state_arrays(self):
+        return {"memory_bank": self.memory_bank_.float()}
+
+    def _state_info(self):
+        return {"n_patches": self.n_patches_, "memory_bank_size": int(self.memory_bank_.shape[0])}
+
+    def _set_state(self, arrays, state):
+        bank = arrays["memory_bank"].float()
+        if bank.ndim != 2 or bank.shape[1] != len(self.channel_indices_):
+            raise ValueError(f"memory_bank has shape {tuple(bank.shape)}, expected (M, {len(self.channel_indices_)})")
+        self.memory_bank_ = bank.to(self.device_)
+        self.n_patches_ = state.get("n_patches")
