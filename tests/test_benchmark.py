@@ -25,7 +25,7 @@ def test_benchmark_runs_and_resumes(tmp_path):
         assert 0.0 <= row[key] <= 1.0
     assert row["fit_s"] > 0 and row["backbone_ms"] <= row["predict_ms"] and row["model_mb"] > 0
     assert row["fit_rss_gb"] > 0.05 and row["n_test"] == 4
-    cell_file = next((out / "cells").glob("*.json"))
+    cell_file = next(p for p in (out / "cells").glob("*.json") if not p.name.endswith(".fit.json"))
     stamp = cell_file.stat().st_mtime_ns
     again = run_benchmark([cat], out, methods=["somad"], common=COMMON, own=own,
                           somad_grid={"k": [2], "som_size": [4]}, threads=1)
@@ -34,3 +34,8 @@ def test_benchmark_runs_and_resumes(tmp_path):
     md = (out / "results.md").read_text()
     assert md == markdown_table(rows) and "somad (som_size=4, k=2)" in md
     assert (out / "results.csv").read_text().count("\n") == 2
+    # another k reuses the fitted model (same fit figures) and both cells land in the tables
+    more = run_benchmark([cat], out, methods=["somad"], common=COMMON, own=own,
+                         somad_grid={"k": [1], "som_size": [4]}, threads=1)
+    assert more[0]["fit_s"] == row["fit_s"] and more[0]["k"] == 1
+    assert (out / "results.csv").read_text().count("\n") == 3

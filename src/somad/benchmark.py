@@ -163,19 +163,33 @@ def run_benchmark(inputs: list[Path], out: Path, *, methods: list[str], common: 
                 rows.append(json.loads(done.read_text()))
                 logger.info("%s: already done (use --force to recompute)", cid)
                 continue
-            cell["model"] = str(out / "models" / f"{cid}.safetensors")
+            # k only changes scoring: cells that differ only in k share one fitted model.
+            fit_id = cell_id({**cell, "grid": {k: v for k, v in grid.items() if k != "k"}})
+            cell["model"] = str(out / "models" / f"{fit_id}.safetensors")
             spec = out / "cells" / f"{cid}.spec.json"
             atomic_write(spec, lambda tmp: tmp.write_text(json.dumps(cell)))
-            logger.info("%s: fit", cid)
-            fit = _run_phase("fit", spec)
+            fit_done = out / "cells" / f"{fit_id}.fit.json"
+            if fit_done.exists() and Path(cell["model"]).exists() and not force:
+                fit = json.loads(fit_done.read_text())
+            else:
+                logger.info("%s: fit", cid)
+                fit = _run_phase("fit", spec)
+                atomic_write(fit_done, lambda tmp: tmp.write_text(json.dumps(fit)))
             logger.info("%s: predict + evaluate", cid)
             pred = _run_phase("predict", spec)
             row = {"method": method, "category": cat.name, **grid, **fit, **pred}
             atomic_write(done, lambda tmp: tmp.write_text(json.dumps(row, indent=1)))
             spec.unlink()
             rows.append(row)
-    write_tables(out, rows)
+    write_tables(out, _all_cells(out))
     return rows
+
+
+def _all_cells(out: Path) -> list[dict]:
+    """Every finished cell in ``out`` (also those of earlier invocations, e.g. another ablation grid)."""
+    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))
+             if not p.name.endswith((".spec.json", ".fit.json"))]
+    return sorted(cells, key=lambda r: (r["method"], r.get("som_size") or 0, r.get("k") or 0, r["category"]))
 
 
 def write_tables(out: Path, rows: list[dict]) -> None:
@@ -265,9 +279,9 @@ def cmd_benchmark(args) -> int:
     somad_grid = {"k": _int_list(args.k_grid) if args.k_grid else [args.k],
                   "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size]}
     own = {m: {n: getattr(args, n) for n in getattr(METHODS[m], "_own", ()) if hasattr(args, n)} for m in methods}
-    rows = run_benchmark([Path(p) for p in args.inputs], Path(args.output), methods=methods, common=common, own=own,
-                         somad_grid=somad_grid, force=args.force, threads=args.threads)
-    print(markdown_table(rows))
+    run_benchmark([Path(p) for p in args.inputs], Path(args.output), methods=methods, common=common, own=own,
+                  somad_grid=somad_grid, force=args.force, threads=args.threads)
+    print(markdown_table(_all_cells(Path(args.output))))
     print(f"wrote {args.output}/results.csv and {args.output}/results.md")
     return 0
 
