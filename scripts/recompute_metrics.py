@@ -14,8 +14,8 @@ Inputs
 * ``MAPS/test/<defect_type>/<name>.npy``: float anomaly map of that image at its original
   resolution (the image's path relative to ``CAT_DIR`` with the extension replaced by ``.npy``).
 * ``CAT_DIR/ground_truth/<defect_type>/<name>_mask.png``: ground-truth mask (8-bit: > 127 is
-  anomalous; other depths: > 0). ``good`` images, and defect images without a mask file, get an
-  all-zero mask.
+  anomalous; other depths: > 0). ``good`` images get an all-zero mask; defect images without a
+  mask file count in the image metrics only (they are left out of the pixel metrics).
 
 Metrics
 -------
@@ -98,7 +98,7 @@ def load_category(maps_dir: Path, category: Path):
                     f"{map_path}: map shape {amap.shape} != image size (H, W) {(height, width)} "
                     f"of {img_path}"
                 )
-            mask = np.zeros(amap.shape, dtype=bool)
+            mask = np.zeros(amap.shape, dtype=bool) if defect_type == "good" else None
             if defect_type != "good":
                 mask_path = category / "ground_truth" / defect_type / f"{img_path.stem}_mask.png"
                 if mask_path.is_file():
@@ -191,8 +191,8 @@ def compute_au_pro(masks, maps, limit: float = 0.3) -> float | None:
 def compute_metrics(items, limit: float) -> dict:
     labels = np.array([it[1] for it in items])
     scores = np.array([float(it[2].max()) for it in items])
-    maps = [it[2] for it in items]
-    masks = [it[3] for it in items]
+    maps = [it[2] for it in items if it[3] is not None]  # pixel metrics: images with a known mask
+    masks = [it[3] for it in items if it[3] is not None]
     out = {m: None for m in METRICS}
     out["n_good"] = int(np.sum(labels == 0))
     out["n_anomalous"] = int(np.sum(labels == 1))

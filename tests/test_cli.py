@@ -78,3 +78,16 @@ def test_evaluate_at_model_resolution(model_file, category, tmp_path):
                  "--no-report"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_resolution"] == "model" and not (out / "report.html").exists()
+
+
+def test_defect_without_mask_counts_for_image_metrics_only(model_file, tmp_path):
+    cat = make_synthetic_category(tmp_path / "data", n_train=4, n_test_good=3, n_test_defect=4, size=80, seed=5)
+    dropped = sorted((cat / "ground_truth" / "spot").glob("*_mask.png"))[0]
+    dropped.unlink()
+    out = tmp_path / "eval"
+    assert main(["-q", "evaluate", str(model_file), str(cat), "-o", str(out), "--save-maps", "--no-report"]) == 0
+    overall = json.loads((out / "metrics.json").read_text())["overall"]
+    assert overall["n_images"] == 7 and overall["n_images_pixel"] == 6
+    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "recompute_metrics.py"), "--maps", str(out / "maps"),
+                            "--category", str(cat), "--json", str(out / "metrics.json")], capture_output=True, text=True)
+    assert check.returncode == 0, check.stdout + check.stderr

@@ -89,7 +89,7 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
             items.append(ImageItem(f"image_{len(items):05d}", image=entry.convert("RGB")))
             continue
         path = Path(entry)
-        if path.is_dir():
+        if path.is_dir() or (train and not path.exists()):  # a missing training folder: a DataError naming it
             folder = resolve_train_dir(path) if train else path
             items.extend(ImageItem(str(p.relative_to(folder)), path=p) for p in list_images(folder))
         else:
@@ -101,7 +101,8 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
 
 class BaseDetector:
     """Shared machinery of SOMAD, PaDiM and PatchCore. Subclasses implement ``_fit_features``,
-    ``_patch_scores``, ``_state_arrays`` and ``_set_state``.
+    ``_patch_scores``, ``_state_arrays`` and ``_set_state``, and may set the class attributes ``_stages``
+    (backbone stages used, default all three) and ``_local_aggregation`` (see ``features.FeatureExtractor``).
 
     Parameters (common to every method)
     -----------------------------------
@@ -125,6 +126,8 @@ class BaseDetector:
     """
 
     method = "base"
+    _stages: tuple[int, ...] = (0, 1, 2)  # backbone stages the features come from (0/1/2 = stride 4/8/16)
+    _local_aggregation: int = 1  # neighbourhood-mean kernel applied to each stage (1 = none)
     _common = ("backbone", "weights", "image_size", "crop_size", "dims", "blur_sigma", "val_fraction",
                "threshold_quantile", "batch_size", "device", "seed", "on_error")
 
@@ -176,7 +179,7 @@ class BaseDetector:
         items = as_items(images, train=True)
         train, val = self._split(items)
         self.device_ = resolve_device(self.device)
-        total = sum(_channels(self.backbone))
+        total = sum(_channels(self.backbone)[s] for s in self._stages)
         self.channel_indices_ = select_channels(total, self.dims, self.seed)
         self.extractor_ = self._make_extractor()
         self.skipped_ = []
@@ -194,8 +197,10 @@ class BaseDetector:
     def _split(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
         n_val = int(round(self.val_fraction * len(items)))
         if n_val and len(items) - n_val < 1:
-            logger.warning("only %d training image(s): none held out, so no thresholds are set", len(items))
             n_val = 0
+        if self.val_fraction and not n_val:
+            logger.warning("val_fraction=%g of %d training image(s) holds out none, so no thresholds are set",
+                           self.val_fraction, len(items))
         order = np.random.default_rng(self.seed).permutation(len(items))
         val = sorted(order[:n_val].tolist())
         held = set(val)
@@ -204,7 +209,7 @@ class BaseDetector:
     def _make_extractor(self) -> FeatureExtractor:
         return FeatureExtractor(self.backbone, weights=self.weights, image_size=self.image_size,
                                 crop_size=self.crop_size, channel_indices=self.channel_indices_, device=self.device_,
-                                seed=self.seed)
+                                seed=self.seed, stages=self._stages, local_aggregation=self._local_aggregation)
 
     def _decoded(self, items: list[ImageItem], on_error: str) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image]]:
         """Decode and preprocess images one at a time (never all held at full size)."""
@@ -223,42 +228,51 @@ class BaseDetector:
         """Features ``(b, D, h, w)`` of the training images, ``batch_size`` at a time, with a progress bar."""
         from tqdm import tqdm
 
-        pending = []
+        pending, names = [], []
         bar = tqdm(total=len(items), desc="features", unit="img", disable=_quiet(), leave=False)
-        for _, tensor, _ in self._decoded(items, self.on_error):
-            pending.append(tensor)
-            if len(pending) == self.batch_size:
-                yield self._checked_features(torch.stack(pending))
+        try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
+            for item, tensor, _ in self._decoded(items, self.on_error):
+                pending.append(tensor)
+                names.append(item)
+                if len(pending) == self.batch_size:
+                    yield self._checked_features(torch.stack(pending), names)
+                    bar.update(len(pending))
+                    pending, names = [], []
+            if pending:
+                yield self._checked_features(torch.stack(pending), names)
                 bar.update(len(pending))
-                pending = []
-        if pending:
-            yield self._checked_features(torch.stack(pending))
-            bar.update(len(pending))
-        bar.close()
+        finally:
+            bar.close()
         if len(self.skipped_) == len(items):
-            raise SomadError("no readable training images; check the folder (see the errors above)")
+            raise SomadError(f"no readable training images: all {len(items)} were skipped, the first as "
+                             f"{self.skipped_[0]}" if self.skipped_ else "no training images")
 
-    def _checked_features(self, batch: torch.Tensor) -> torch.Tensor:
+    def _checked_features(self, batch: torch.Tensor, items: Sequence[ImageItem] = ()) -> torch.Tensor:
         feats = self.extractor_(batch)
         if not torch.isfinite(feats).all():
-            raise NumericalError("the backbone produced NaN/Inf features; check the images and the weights file")
+            where = ""
+            if items:
+                bad = [it.name for it, ok in zip(items, torch.isfinite(feats).flatten(1).all(1).tolist()) if not ok]
+                where = f" for {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
+            raise NumericalError(f"the backbone produced NaN/Inf features{where}; check the images and the weights file")
         return feats
 
     def _set_thresholds(self, val: list[ImageItem]) -> None:
-        preds = [(p.score, float(p.map.median())) for p in self.predict_iter(val, on_error="skip")]
+        preds = [(p.score, float(p.map.max()), float(p.map.median())) for p in self.predict_iter(val, on_error="skip")]
         if not preds:
             return
         scores = np.array([p[0] for p in preds], dtype=np.float64)
         q = float(self.threshold_quantile)
-        # An image is anomalous when its score exceeds the q-quantile of held-out good scores. The image score is
-        # the map maximum, so the same value as pixel threshold makes a predicted mask non-empty exactly when the
-        # image is flagged.
+        # An image is anomalous when its score exceeds the q-quantile of held-out good scores; a pixel when its
+        # value exceeds the q-quantile of the held-out maps' maxima. When the image score is the map maximum
+        # (SOMAD, PaDiM) both thresholds are equal, so a predicted mask is non-empty exactly when the image is
+        # flagged; a method with its own image score (PatchCore) gets a pixel threshold on the map's scale.
         self.image_threshold_ = float(np.quantile(scores, q))
-        self.pixel_threshold_ = self.image_threshold_
+        self.pixel_threshold_ = float(np.quantile(np.array([p[1] for p in preds], dtype=np.float64), q))
         self.n_val_images_ = int(scores.size)
         # Fixed colour scale for heatmaps: a typical good pixel (median) to twice the distance to the threshold.
-        floor = float(np.median([p[1] for p in preds]))
-        self.display_range_ = (floor, floor + 2.0 * max(self.image_threshold_ - floor, 1e-6))
+        floor = float(np.median([p[2] for p in preds]))
+        self.display_range_ = (floor, floor + 2.0 * max(self.pixel_threshold_ - floor, 1e-6))
         logger.info("threshold %.4f = %.3f-quantile of %d held-out good images", self.image_threshold_, q, scores.size)
 
     # ------------------------------------------------------------------ predict
@@ -289,7 +303,8 @@ class BaseDetector:
             yield from self._predict_batch(pending)
 
     def _predict_batch(self, pending) -> Iterator[Prediction]:
-        maps, scores = self._anomaly_maps(self.extractor_(torch.stack([p[1] for p in pending])))
+        feats = self._checked_features(torch.stack([p[1] for p in pending]), [p[0] for p in pending])
+        maps, scores = self._anomaly_maps(feats)
         for (item, _, image), m, s in zip(pending, maps, scores):
             yield Prediction(item, float(s), m, (image.height, image.width), image)
 
@@ -376,12 +391,31 @@ class BaseDetector:
 
     @classmethod
     def _from_file(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None):
+        """Rebuild from a verified file; config or arrays that do not fit raise a one-line ModelFileError."""
+        from .errors import ModelFileError
+
+        try:
+            return cls._rebuild(config, arrays, path, device)
+        except SomadError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
+            reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:100]
+            raise ModelFileError(f"{path}: the model file's config and arrays do not fit a {cls.method} model "
+                                 f"({reason}); re-run `somad fit`") from None
+
+    @classmethod
+    def _rebuild(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None):
         params = dict(config["params"])
         if device is not None:
             params["device"] = device
         model = cls(**params)
         model.device_ = resolve_device(model.device)
         model.channel_indices_ = arrays["channel_indices"].numpy()
+        total = sum(_channels(model.backbone)[s] for s in model._stages)
+        idx = model.channel_indices_
+        if not (idx.ndim == 1 and idx.dtype.kind in "iu" and idx.size and idx.min() >= 0 and idx.max() < total
+                and (np.diff(idx) > 0).all()):
+            raise ValueError(f"channel_indices must be increasing indices in [0, {total})")
         state = config["state"]
         model.image_threshold_ = state["image_threshold"]
         model.pixel_threshold_ = state["pixel_threshold"]
@@ -422,6 +456,8 @@ def load(path, *, device: str | None = None) -> BaseDetector:
     from .methods import METHODS
 
     config, arrays = load_model(path)
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: the model config is not a JSON object; re-run `somad fit`")
     method = config.get("method")
     if method not in METHODS:
         raise ModelFileError(f"{path}: unknown method {method!r} in the model file; valid: {', '.join(METHODS)}")

@@ -41,11 +41,17 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
                    help="keep a seeded random subset of this many feature channels (default: all, at most 550)")
     g.add_argument("--som-size", type=int, default=56, help="SOMAD: SOM grid side K, K*K nodes (default 56)")
     g.add_argument("--k", type=int, default=4, help="SOMAD: nearest nodes searched per patch (default 4)")
-    g.add_argument("--eps", type=float, default=0.01, help="SOMAD: covariance ridge eps*I (default 0.01)")
+    g.add_argument("--eps", type=float, default=0.01, help="SOMAD, PaDiM: covariance ridge eps*I (default 0.01)")
     g.add_argument("--rough-epochs", type=int, default=20, help="SOMAD: rough-phase epochs (default 20)")
     g.add_argument("--fine-epochs", type=int, default=15, help="SOMAD: fine-phase epochs (default 15)")
     g.add_argument("--som-samples", type=_none_or_int, default=100_000,
                    help="SOMAD: train the SOM on at most this many random patches ('none' = all; default 100000)")
+    g.add_argument("--coreset-ratio", type=float, default=0.1,
+                   help="PatchCore: fraction of training patches kept in the memory bank (default 0.1)")
+    g.add_argument("--num-neighbors", type=int, default=9,
+                   help="PatchCore: bank neighbours of the image-score reweighting (default 9; 1 = none)")
+    g.add_argument("--projection-dim", type=_none_or_int, default=128,
+                   help="PatchCore: random-projection dimension for the coreset search ('none' = full; default 128)")
     g.add_argument("--blur-sigma", type=float, default=4.0, help="Gaussian blur of the maps (default 4)")
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of good training images held out to set the threshold (default 0.1)")
@@ -77,10 +83,10 @@ def model_from_args(args) -> "object":
 # ----------------------------------------------------------------------------------------- commands
 def cmd_fit(args) -> int:
     out = Path(args.output)
-    if out.exists() and not args.overwrite:
-        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
     if out.is_dir():
         raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
+    if out.exists() and not args.overwrite:
+        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
     model = model_from_args(args).fit(args.train_dir)
     model.save(out)
     info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
@@ -89,7 +95,13 @@ def cmd_fit(args) -> int:
                     f"topographic error {model.som_.topographic_error_:.4f}")
     if model.image_threshold_ is not None:
         info.append(f"threshold {model.image_threshold_:.4f} from {model.n_val_images_} held-out images")
+    elif not model.val_fraction:
+        info.append("no threshold (--val-fraction 0): predict writes scores, no decisions or masks")
     print("; ".join(info))
+    if model.image_threshold_ is None and model.val_fraction:
+        print(f"warning: no threshold was set: --val-fraction {model.val_fraction} held out no usable image "
+              f"({model.n_train_images_} training image(s)); predict writes scores, no decisions or masks "
+              "(use more images or a larger --val-fraction)", file=sys.stderr)
     if model.skipped_:
         print(f"skipped {len(model.skipped_)} unreadable training image(s):", file=sys.stderr)
         for line in model.skipped_:
@@ -105,6 +117,8 @@ def _input_items(inputs: list[str]):
     items = []
     for entry in inputs:
         path = Path(entry)
+        if not path.exists():
+            raise SomadError(f"{path}: no such file or folder; check the path")
         if path.is_dir():
             items.extend(ImageItem(str(p.relative_to(path)), path=p) for p in list_images(path))
         else:
@@ -216,6 +230,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except SomadError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system problem (permissions, no space, a file where a folder should be)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(" ".join(f"error: {where}{exc.strerror or exc}".split()), file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted; no partial output was left", file=sys.stderr)

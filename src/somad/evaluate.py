@@ -71,10 +71,12 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
     by_name = {str(s.relpath): s for s in samples}
     items = [ImageItem(str(s.relpath), path=s.path) for s in samples]
     kept: dict[str, tuple[float, np.ndarray]] = {}
+    original_sizes: dict[str, tuple[int, int]] = {}
 
     def keep(pred, full):
         m = pred.map.cpu().numpy().astype(np.float32) if eval_resolution == "model" else full
         kept[pred.item.name] = (pred.score, m)
+        original_sizes[pred.item.name] = pred.original_size
 
     t0 = time.perf_counter()
     if out is not None:
@@ -95,10 +97,11 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
         s = by_name[n]
         shape = maps[len(masks)].shape
         if s.mask_path is None:
-            masks.append(np.zeros(shape, dtype=bool))
+            # A good image has an empty mask; a defective image without a mask is left out of the pixel metrics.
+            masks.append(np.zeros(shape, dtype=bool) if s.label == 0 else None)
             continue
         if eval_resolution == "model":
-            masks.append(_model_resolution_mask(load_mask(s.mask_path), model))
+            masks.append(_model_resolution_mask(load_mask(s.mask_path, shape=original_sizes[n]), model))
         else:
             masks.append(load_mask(s.mask_path, shape=shape))
     result = {"overall": _metrics(labels, scores, masks, maps, model), "per_defect_type": {}}
@@ -114,7 +117,8 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
          "is_anomalous": None if threshold is None else bool(kept[n][0] > threshold)}
         for n in names
     ]
-    result["curves"] = _curves(labels, scores, masks, maps)
+    known = [i for i, m in enumerate(masks) if m is not None]
+    result["curves"] = _curves(labels, scores, [masks[i] for i in known], [maps[i] for i in known])
     result["n_images"] = {"total": len(names), "good": int((labels == 0).sum()), "defective": int((labels == 1).sum()),
                           "skipped": len(model.skipped_)}
     result["skipped"] = list(model.skipped_)
@@ -126,14 +130,20 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
 
 
 def _metrics(labels, scores, masks, maps, model) -> dict:
-    has_both = len(set(labels.tolist())) == 2
+    """Image metrics over every image; pixel metrics over the images with a known mask (``masks[i]`` not None)."""
     out = {"n_images": int(len(labels))}
-    if has_both:
-        out.update(metrics.evaluate_predictions(labels, scores, masks, maps))
+    if len(set(labels.tolist())) == 2:
+        out.update(metrics.evaluate_predictions(labels, scores, None, None))
+    known = [i for i, m in enumerate(masks) if m is not None]
+    masks, maps = [masks[i] for i in known], [maps[i] for i in known]
+    out["n_images_pixel"] = len(known)
+    if known:
+        out.update(metrics.pixel_metrics(masks, maps))
     if model.image_threshold_ is not None:
         out["image_accuracy"] = metrics.accuracy_at_threshold(labels, scores, model.image_threshold_)
-        hits = sum(int(((m > model.pixel_threshold_) == k).sum()) for m, k in zip(maps, masks))
-        out["pixel_accuracy"] = hits / float(sum(m.size for m in maps))
+        if known:
+            hits = sum(int(((m > model.pixel_threshold_) == k).sum()) for m, k in zip(maps, masks))
+            out["pixel_accuracy"] = hits / float(sum(m.size for m in maps))
     return out
 
 
@@ -193,12 +203,9 @@ def cmd_evaluate(args) -> int:
                                 eval_resolution=args.eval_resolution, on_error=args.on_error)
         write_metrics_json(tmp / "metrics.json", result)
         if not args.no_report:
-            try:
-                from .report import write_report
-            except ModuleNotFoundError:
-                write_report = None
-            if write_report is not None:
-                write_report(tmp, result, model=model)
+            from .report import write_report
+
+            write_report(tmp, result, model=model)
     print(format_metrics_table(result))
     print(f"wrote {args.output}/metrics.json" + ("" if args.no_report else f" and {args.output}/report.html"))
     return 0

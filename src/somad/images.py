@@ -127,7 +127,7 @@ def _describe(exc: BaseException) -> str:
     return f"cannot decode image ({type(exc).__name__}: {text})"
 
 
-def _open(path: Path, *, load: bool = True) -> Image.Image | _HeaderOnly:
+def _open(path: Path, *, load: bool = True, hint: str = _SKIP_HINT) -> Image.Image | _HeaderOnly:
     """Open ``path`` with Pillow; decode it and apply its EXIF orientation when ``load``.
 
     Any decoding failure is turned into :class:`ImageLoadError`. With ``load`` true the
@@ -157,7 +157,7 @@ def _open(path: Path, *, load: bool = True) -> Image.Image | _HeaderOnly:
     except Image.DecompressionBombError as exc:
         raise _fail(path, _describe(exc), "") from exc
     except _DECODE_ERRORS as exc:
-        raise _fail(path, _describe(exc)) from exc
+        raise _fail(path, _describe(exc), hint) from exc
 
 
 class _HeaderOnly:
@@ -413,7 +413,7 @@ def load_mask(path: str | os.PathLike[str], shape: tuple[int, int] | None = None
         If ``shape`` is given and the mask has a different size.
     """
     path = Path(path)
-    img = _open(path, load=True)
+    img = _open(path, load=True, hint="replace the mask file (--on-error skip does not skip masks)")
     mode = img.mode
     try:
         if mode == "1":

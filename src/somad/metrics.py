@@ -722,7 +722,25 @@ def evaluate_predictions(
     maps = list(maps)
     if len(maps) != y.shape[0]:
         raise MetricInputError(f"got {len(maps)} anomaly maps but {y.shape[0]} labels")
-    pooled = _pool_pixels(masks, maps, regions=True)
+    result.update(pixel_metrics(masks, maps, integration_limit=limit))
+    return result
+
+
+def pixel_metrics(masks, maps, *, integration_limit: float = 0.3) -> dict:
+    """Pixel AUROC, AU-PRO and pixel F1-max from one sort of all pooled pixels.
+
+    Parameters
+    ----------
+    masks : sequence of (H_i, W_i) arrays or None (None = all-zero mask); or None
+    maps : sequence of (H_i, W_i) arrays
+
+    Returns
+    -------
+    dict with ``pixel_auroc``, ``au_pro``, ``pixel_f1_max``; all ``None`` when no mask has a defect pixel.
+    """
+    limit = _check_limit(integration_limit)
+    result = {"pixel_auroc": None, "au_pro": None, "pixel_f1_max": None}
+    pooled = _pool_pixels(masks, list(maps), regions=True)
     if pooled.n_anomalous == 0:
         return result
     _require_both_classes(pooled.ids, "pixel AUROC")

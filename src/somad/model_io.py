@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .errors import ModelFileError
+from .errors import ModelFileError, SomadError
 
 FORMAT = "somad"
 FORMAT_VERSION = 1
@@ -36,23 +36,50 @@ def content_hash(config_json: str, arrays: dict[str, torch.Tensor]) -> str:
     for name in sorted(arrays):
         t = arrays[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = t.reshape(-1)  # a 0-d tensor cannot be viewed as bytes; the flat view has the same bytes
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Call ``write(tmp_path)`` then fsync and rename the file onto ``path``; clean up on any failure."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (Linux ``/proc``)."""
     try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write(path: Path, write) -> None:
+    """Call ``write(tmp_path)`` then fsync and rename the file onto ``path``; clean up on any failure.
+
+    The file gets the permissions a plain ``open(path, "w")`` would give it (``0o666`` less the umask), or
+    those of the file it replaces, not ``mkstemp``'s private ``0o600``. An ``OSError`` (no space, no
+    permission, a parent that is a file) becomes a one-line :class:`SomadError` naming ``path``.
+    """
+    path = Path(path)
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~current_umask()
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
-    except BaseException:  # includes KeyboardInterrupt: never leave the temp file behind
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:  # includes KeyboardInterrupt: never leave the temp file behind
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError):
+            reason = exc.strerror or str(exc) or type(exc).__name__
+            raise SomadError(f"{path}: cannot write ({reason}); check the path, its permissions and free space") from exc
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -103,7 +130,11 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{path}: model format version {version} is newer than this somad supports "
                              f"({FORMAT_VERSION}); upgrade somad")
     config_json = metadata.get("config", "")
-    if content_hash(config_json, arrays) != metadata.get("sha256"):
+    try:
+        digest = content_hash(config_json, arrays)
+    except (RuntimeError, TypeError, ValueError) as exc:
+        raise ModelFileError(f"{path}: unreadable arrays ({_reason(exc)}); re-run `somad fit`") from None
+    if digest != metadata.get("sha256"):
         raise ModelFileError(f"{path}: content hash mismatch (file corrupted or modified); re-run `somad fit`")
     try:
         config = json.loads(config_json)

@@ -19,29 +19,44 @@ import numpy as np
 from PIL import Image
 
 from .errors import SomadError
-from .model_io import atomic_write
+from .model_io import atomic_write, current_umask
 
 
 @contextlib.contextmanager
 def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder that replaces ``out`` when the block finishes without error."""
+    """Yield a temporary folder that replaces ``out`` when the block finishes without error.
+
+    On any error (including KeyboardInterrupt) the temporary folder is removed and an existing ``out`` is
+    left as it was. The finished folder gets the permissions of a plain ``mkdir`` (``0o777`` less the umask).
+    """
     out = Path(out)
     if out.exists() and not overwrite:
         raise SomadError(f"{out}: output folder already exists; pass --overwrite or choose another -o")
     if out.exists() and not out.is_dir():
         raise SomadError(f"{out}: exists and is not a folder; choose another -o")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as exc:
+        raise SomadError(f"{out}: cannot create the output folder ({exc.strerror or exc}); check the path") from exc
+    old = None
     try:
         yield tmp
-    except BaseException:
+        os.chmod(tmp, 0o777 & ~current_umask())
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and (old / out.name).exists() and not out.exists():
+            os.replace(old / out.name, out)  # put the previous result back
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        if isinstance(exc, OSError):
+            raise SomadError(f"{out}: cannot write the output folder ({exc.strerror or exc}); "
+                             "check the path, its permissions and free space") from exc
         raise
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-    os.replace(tmp, out)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
@@ -112,24 +127,32 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
 
     from .features import to_original_resolution
 
+    seen: dict[PurePath, str] = {}
+    for item in items:
+        rel = output_relpath(item.name, "")
+        if rel in seen:
+            raise SomadError(f"{item.name} and {seen[rel]} would write the same output files; rename one of them")
+        seen[rel] = item.name
     rows = []
     geometry = model.extractor_.geometry
     threshold = model.image_threshold_
     quiet = os.environ.get("SOMAD_NO_PROGRESS", "") not in ("", "0")
     bar = tqdm(total=len(items), desc="predict", unit="img", disable=quiet, leave=False)
-    for pred in model.predict_iter(items, on_error=on_error):
-        full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]
-        lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
-        save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
-        if threshold is not None:
-            save_png(mask_image(full, model.pixel_threshold_), out / "masks" / output_relpath(pred.item.name, ".png"))
-        if save_maps:
-            save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
-        if on_map is not None:
-            on_map(pred, full)
-        rows.append([pred.item.name, f"{pred.score:.6f}", "" if threshold is None else int(pred.score > threshold)])
-        bar.update(1)
-    bar.close()
+    try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
+        for pred in model.predict_iter(items, on_error=on_error):
+            full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]
+            lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
+            save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
+            if threshold is not None:
+                save_png(mask_image(full, model.pixel_threshold_), out / "masks" / output_relpath(pred.item.name, ".png"))
+            if save_maps:
+                save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
+            if on_map is not None:
+                on_map(pred, full)
+            rows.append([pred.item.name, f"{pred.score:.6f}", "" if threshold is None else int(pred.score > threshold)])
+            bar.update(1)
+    finally:
+        bar.close()
     write_csv(out / "scores.csv", ["path", "score", "is_anomalous"], rows)
     skipped = list(model.skipped_)
     if skipped:
