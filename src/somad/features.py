@@ -177,7 +177,9 @@ class FeatureExtractor:
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
         """Preprocessed batch ``(B, 3, S, S)`` in [0, 1] -> features ``(B, D, h, w)`` float32 on ``device``."""
         x = (batch.to(self.device, torch.float32) - self._mean) / self._std
-        outputs = self.model(x)
+        # No TF32 in the GPU convolutions: full float32 keeps GPU features within float tolerance of the CPU's.
+        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+            outputs = self.model(x)
         stages = [outputs[s] for s in self.stages]
         size = stages[0].shape[-2:]
         parts = []
