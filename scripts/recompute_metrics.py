@@ -33,6 +33,7 @@ more than ``--tolerance`` (default 1e-4) or is missing, 2 on unusable input.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import math
 import sys
@@ -69,8 +70,21 @@ def load_mask(path: Path) -> np.ndarray:
     return arr > 0
 
 
-def load_category(maps_dir: Path, category: Path):
-    """Return a list of (defect_type, label, anomaly map float32, mask bool)."""
+def load_scores(path: Path | None) -> dict:
+    """Image scores by relative image path from a somad ``scores.csv`` (columns path, score, ...)."""
+    if path is None or not path.is_file():
+        return {}
+    with open(path, newline="") as f:
+        return {row["path"]: float(row["score"]) for row in csv.DictReader(f)}
+
+
+def load_category(maps_dir: Path, category: Path, scores: dict | None = None):
+    """Return a list of (defect_type, label, anomaly map float32, mask bool or None, image score).
+
+    The image score is the one in ``scores`` (somad's scores.csv: the maximum of the map at the model's input
+    resolution, as in the paper) when given, else the maximum of the saved map.
+    """
+    scores = scores or {}
     test_dir = category / "test"
     if not test_dir.is_dir():
         raise InputError(f"no test folder: {test_dir}")
@@ -107,7 +121,8 @@ def load_category(maps_dir: Path, category: Path):
                         raise InputError(
                             f"{mask_path}: mask shape {mask.shape} != map shape {amap.shape}"
                         )
-            items.append((defect_type, int(defect_type != "good"), amap, mask))
+            score = scores.get(str(rel), float(amap.max()))
+            items.append((defect_type, int(defect_type != "good"), amap, mask, score))
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise InputError(f"{len(missing)} anomaly maps missing, e.g. {missing[:5]}{more}")
@@ -190,7 +205,7 @@ def compute_au_pro(masks, maps, limit: float = 0.3) -> float | None:
 
 def compute_metrics(items, limit: float) -> dict:
     labels = np.array([it[1] for it in items])
-    scores = np.array([float(it[2].max()) for it in items])
+    scores = np.array([it[4] for it in items])
     maps = [it[2] for it in items if it[3] is not None]  # pixel metrics: images with a known mask
     masks = [it[3] for it in items if it[3] is not None]
     out = {m: None for m in METRICS}
@@ -282,11 +297,15 @@ def main(argv=None) -> int:
         "--category", required=True, type=Path, help="category folder (test/, ground_truth/)"
     )
     ap.add_argument("--json", type=Path, help="metrics.json to compare against")
+    ap.add_argument("--scores", type=Path, default=None,
+                    help="image scores (somad scores.csv); default: scores.csv beside the maps folder if present, "
+                         "else the maximum of each saved map")
     ap.add_argument("--integration-limit", type=float, default=0.3, help="AU-PRO FPR limit")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |difference|")
     args = ap.parse_args(argv)
     try:
-        items = load_category(args.maps, args.category)
+        scores_csv = args.scores if args.scores is not None else args.maps.parent / "scores.csv"
+        items = load_category(args.maps, args.category, load_scores(scores_csv))
         if args.json is not None and not args.json.is_file():
             raise InputError(f"no such metrics file: {args.json}")
     except InputError as exc:
