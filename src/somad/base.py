@@ -31,6 +31,7 @@ from .errors import ImageLoadError, NotFittedError, NumericalError, SomadError
 from .features import FeatureExtractor, Geometry, gaussian_blur, resolve_device, select_channels, to_original_resolution
 from .images import list_images, load_image
 from .model_io import load_model, save_model
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -226,10 +227,8 @@ class BaseDetector:
 
     def _feature_batches(self, items: list[ImageItem]) -> Iterator[torch.Tensor]:
         """Features ``(b, D, h, w)`` of the training images, ``batch_size`` at a time, with a progress bar."""
-        from tqdm import tqdm
-
         pending, names = [], []
-        bar = tqdm(total=len(items), desc="features", unit="img", disable=_quiet(), leave=False)
+        bar = progress_bar(total=len(items), desc="features", unit="img")
         try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
             for item, tensor, _ in self._decoded(items, self.on_error):
                 pending.append(tensor)
@@ -437,10 +436,6 @@ def _channels(backbone: str) -> tuple[int, ...]:
     from .backbones import backbone_spec
 
     return backbone_spec(backbone).channels
-
-
-def _quiet() -> bool:
-    return os.environ.get("SOMAD_NO_PROGRESS", "") not in ("", "0")
 
 
 def load(path, *, device: str | None = None) -> BaseDetector:

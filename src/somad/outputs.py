@@ -20,6 +20,7 @@ from PIL import Image
 
 from .errors import SomadError
 from .model_io import atomic_write, current_umask
+from .progress import progress_bar
 
 
 @contextlib.contextmanager
@@ -123,8 +124,6 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     rows : list of [name, score, is_anomalous]
     skipped : list of str, one message per unreadable input
     """
-    from tqdm import tqdm
-
     from .features import to_original_resolution
 
     seen: dict[PurePath, str] = {}
@@ -136,8 +135,7 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     rows = []
     geometry = model.extractor_.geometry
     threshold = model.image_threshold_
-    quiet = os.environ.get("SOMAD_NO_PROGRESS", "") not in ("", "0")
-    bar = tqdm(total=len(items), desc="predict", unit="img", disable=quiet, leave=False)
+    bar = progress_bar(total=len(items), desc="predict", unit="img")
     try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
         for pred in model.predict_iter(items, on_error=on_error):
             full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]

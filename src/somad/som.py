@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SomadError
+from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
 
@@ -140,7 +141,7 @@ class SelfOrganizingMap:
         radii = radius_schedule(self.size, self.rough_epochs, self.fine_epochs)
         offsets = torch.arange(self.size, device=device, dtype=torch.float32)
         sq_grid = (offsets[:, None] - offsets[None, :]) ** 2
-        for epoch, r in enumerate(radii):
+        for epoch, r in enumerate(progress_bar(radii, desc="SOM epochs", unit="epoch")):
             _, bmu = nearest_nodes(x, weights, 1, chunk_size=self.chunk_size)
             sums, counts = self._accumulate(x, bmu[:, 0], m, weights.shape[1], device)
             # The Gaussian neighbourhood on a grid is separable: smooth rows, then columns (K^3 D, not K^4 D).
