@@ -10,7 +10,7 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .evaluate import evaluate_model, test_samples, write_metrics_json
+from .evaluate import evaluate_model, load_test_samples, write_metrics_json
 from .methods import SOMAD
 from .outputs import staged_output_dir
 from .synthetic import make_synthetic_category
@@ -27,7 +27,7 @@ def run_demo(out: Path, *, backbone: str = "efficientnet_lite0", device: str = "
         model = SOMAD(backbone=backbone, weights=weights, som_size=som_size, k=4, device=device).fit(category)
         fit_seconds = time.perf_counter() - t0
         model.save(tmp / "model.safetensors")
-        samples = test_samples(category)
+        samples = load_test_samples(category)
         result = evaluate_model(model, samples, out=tmp / "predictions")
         write_metrics_json(tmp / "predictions" / "metrics.json", result)
     rel = category.relative_to(tmp)

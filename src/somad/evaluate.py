@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 EVAL_RESOLUTIONS = ("original", "model")
 
 
-def test_samples(category: Path | None = None, *, good_dir=None, defect_dirs=(), mask_dir=None) -> list[Sample]:
+def load_test_samples(category: Path | None = None, *, good_dir=None, defect_dirs=(), mask_dir=None) -> list[Sample]:
     """Test samples of an MVTec category, or of the plain folder layout."""
     if category is not None:
         if not is_mvtec_category(category):
@@ -196,7 +196,7 @@ def cmd_evaluate(args) -> int:
         raise SomadError("no test data: give an MVTec CATEGORY_DIR or --good-dir/--defect-dir")
     model = load(args.model, device=args.device)
     model.batch_size = args.batch_size
-    samples = test_samples(Path(args.category) if args.category else None, good_dir=args.good_dir,
+    samples = load_test_samples(Path(args.category) if args.category else None, good_dir=args.good_dir,
                            defect_dirs=args.defect_dir, mask_dir=args.mask_dir)
     with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
         result = evaluate_model(model, samples, out=tmp, save_maps=args.save_maps,
