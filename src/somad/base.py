@@ -74,7 +74,7 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
     """Normalise the accepted image inputs to a list of :class:`ImageItem`.
 
     Accepts a folder (an MVTec category when ``train``: its ``train/good``), an image path, a sequence of
-    paths / folders / PIL images, or a uint8 array ``(N, H, W)`` or ``(N, H, W, 3)``.
+    paths / folders / PIL images / ImageItems, or a uint8 array ``(N, H, W)`` or ``(N, H, W, 3)``.
     """
     from .datasets import resolve_train_dir
 
@@ -86,6 +86,9 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
         images = [images]
     items: list[ImageItem] = []
     for entry in images:
+        if isinstance(entry, ImageItem):
+            items.append(entry)
+            continue
         if isinstance(entry, Image.Image):
             items.append(ImageItem(f"image_{len(items):05d}", image=entry.convert("RGB")))
             continue
@@ -289,7 +292,7 @@ class BaseDetector:
         self._check_fitted()
         if on_error not in ON_ERROR_CHOICES:
             raise SomadError(f"on_error={on_error!r} is invalid; choose one of: {', '.join(ON_ERROR_CHOICES)}")
-        items = images if isinstance(images, list) and all(isinstance(i, ImageItem) for i in images) else as_items(images)
+        items = as_items(images)
         batch_size = batch_size or self.batch_size
         self.skipped_ = []
         pending: list[tuple[ImageItem, torch.Tensor, Image.Image]] = []

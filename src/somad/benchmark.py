@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataError, SomadError
-from .model_io import atomic_write
+from .model_io import atomic_write_text
 
 logger = logging.getLogger(__name__)
 
@@ -167,18 +167,18 @@ def run_benchmark(inputs: list[Path], out: Path, *, methods: list[str], common: 
             fit_id = cell_id({**cell, "grid": {k: v for k, v in grid.items() if k != "k"}})
             cell["model"] = str(out / "models" / f"{fit_id}.safetensors")
             spec = out / "cells" / f"{cid}.spec.json"
-            atomic_write(spec, lambda tmp: tmp.write_text(json.dumps(cell)))
+            atomic_write_text(spec, json.dumps(cell))
             fit_done = out / "cells" / f"{fit_id}.fit.json"
             if fit_done.exists() and Path(cell["model"]).exists() and not force:
                 fit = json.loads(fit_done.read_text())
             else:
                 logger.info("%s: fit", cid)
                 fit = _run_phase("fit", spec)
-                atomic_write(fit_done, lambda tmp: tmp.write_text(json.dumps(fit)))
+                atomic_write_text(fit_done, json.dumps(fit))
             logger.info("%s: predict + evaluate", cid)
             pred = _run_phase("predict", spec)
             row = {"method": method, "category": cat.name, **grid, **fit, **pred}
-            atomic_write(done, lambda tmp: tmp.write_text(json.dumps(row, indent=1)))
+            atomic_write_text(done, json.dumps(row, indent=1))
             spec.unlink()
             rows.append(row)
     write_tables(out, _all_cells(out))
@@ -200,8 +200,8 @@ def write_tables(out: Path, rows: list[dict]) -> None:
     w.writerow(keys)
     for r in rows:
         w.writerow([_fmt(r.get(k)) for k in keys])
-    atomic_write(out / "results.csv", lambda tmp: tmp.write_text(buf.getvalue()))
-    atomic_write(out / "results.md", lambda tmp: tmp.write_text(markdown_table(rows)))
+    atomic_write_text(out / "results.csv", buf.getvalue())
+    atomic_write_text(out / "results.md", markdown_table(rows))
 
 
 def _fmt(v, digits: int = 4) -> str:

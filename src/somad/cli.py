@@ -111,18 +111,13 @@ def cmd_fit(args) -> int:
 
 
 def _input_items(inputs: list[str]):
-    from .base import ImageItem
-    from .images import list_images
+    """Image items of the predict inputs; every input must exist and every output name must be unique."""
+    from .base import as_items
 
-    items = []
     for entry in inputs:
-        path = Path(entry)
-        if not path.exists():
-            raise SomadError(f"{path}: no such file or folder; check the path")
-        if path.is_dir():
-            items.extend(ImageItem(str(p.relative_to(path)), path=p) for p in list_images(path))
-        else:
-            items.append(ImageItem(path.name, path=path))
+        if not Path(entry).exists():
+            raise SomadError(f"{entry}: no such file or folder; check the path")
+    items = as_items(inputs)
     names = [it.name for it in items]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)

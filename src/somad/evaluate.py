@@ -25,7 +25,7 @@ from .datasets import Sample, folder_test_samples, is_mvtec_category, mvtec_test
 from .errors import DataError, SomadError
 from .features import to_original_resolution
 from .images import load_mask
-from .model_io import atomic_write
+from .model_io import atomic_write_text
 from .outputs import write_predictions
 
 logger = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ def _curves(labels, scores, masks, maps) -> dict:
 
 def write_metrics_json(path: Path, result: dict) -> None:
     public = {k: v for k, v in result.items() if k not in ("records", "curves")}
-    atomic_write(path, lambda tmp: tmp.write_text(json.dumps(public, indent=2, sort_keys=True)))
+    atomic_write_text(path, json.dumps(public, indent=2, sort_keys=True))
 
 
 # ----------------------------------------------------------------------------------------- CLI

@@ -91,6 +91,11 @@ def atomic_write(path: Path, write) -> None:
         pass
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write a UTF-8 text file atomically (see :func:`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
 def save_model(path: str | os.PathLike, config: dict, arrays: dict[str, torch.Tensor | np.ndarray]) -> Path:
     """Write ``arrays`` and ``config`` atomically to ``path`` (a ``.safetensors`` file)."""
     from safetensors.torch import save_file

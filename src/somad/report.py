@@ -31,7 +31,7 @@ from PIL import Image
 
 from . import __version__
 from .images import load_image, load_mask
-from .model_io import atomic_write
+from .model_io import atomic_write_text
 from .outputs import output_relpath, save_png
 
 __all__ = ["THUMB_SIZE", "FILES_DIR", "write_report"]
@@ -85,7 +85,7 @@ def write_report(out: Path, result: dict, *, model) -> Path:
     rows = [_image_row(out, rank, rec) for rank, rec in enumerate(records, start=1)]
     page = _page(result, model, records, rows)
     path = out / "report.html"
-    atomic_write(path, lambda tmp: tmp.write_text(page, encoding="utf-8"))
+    atomic_write_text(path, page)
     logger.info("wrote %s (%d images)", path, len(records))
     return path
 
@@ -331,7 +331,7 @@ def _svg_scores(records: list[dict], threshold) -> str:
     ticks = [(_px(v, lo, hi), f"{v:.3g}") for v in np.linspace(lo, hi, 5)]
     parts += _svg_axes("image score", "", ticks, y_unit=False)
     lanes = {0: ("good", 0.72, "dgood"), 1: ("defective", 0.28, "dbad")}
-    for label, (text, y, _) in lanes.items():
+    for text, y, _ in lanes.values():
         parts.append(f'<text x="{_ML + 6}" y="{_py(y + 0.17):.1f}" class="tick">{text}</text>')
     for i, (rec, s) in enumerate(scored):
         text, y, css = lanes.get(rec.get("label"), ("?", 0.5, "dunknown"))
