@@ -20,7 +20,7 @@ from somad.cli import main
 from somad.features import FeatureExtractor, local_mean
 from somad.images import list_images, load_image
 from somad.methods.patchcore import coreset_size, greedy_coreset, random_projection, reweighted_score
-from somad.som import nearest_nodes
+from somad.node_search import nearest_nodes
 from somad.synthetic import make_synthetic_category
 
 TINY = dict(weights="none", image_size=64, crop_size=None, device="cpu", batch_size=2)

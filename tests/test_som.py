@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from somad.errors import SomadError
-from somad.som import SelfOrganizingMap, nearest_nodes, radius_schedule
+from somad.node_search import nearest_nodes
+from somad.som import SelfOrganizingMap, radius_schedule
 
 
 def test_radius_schedule_follows_the_paper():

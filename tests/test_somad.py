@@ -84,6 +84,43 @@ def test_not_fitted_and_parameter_errors(images):
         SOMAD(**{**TINY, "eps": -1}).fit(images)
 
 
+def test_search_and_feature_dtype_choices_are_validated(images):
+    with pytest.raises(SomadError, match="choose one of: fast, exact"):
+        SOMAD(**{**TINY, "search": "approx"}).fit(images)
+    with pytest.raises(SomadError, match="choose one of: float16, float32"):
+        SOMAD(**{**TINY, "feature_dtype": "int8"}).fit(images)
+
+
+def test_fast_search_scores_like_exact_search_on_a_large_map(images):
+    """A 32x32 map (1024 nodes) uses the coarse-to-fine search in training and scoring; scoring the same
+    model exhaustively gives nearly the same maps, and the saved model keeps its search choice."""
+    model = SOMAD(**{**TINY, "som_size": 32, "k": 4}).fit(images)
+    assert model.search == "fast" and model.gaussians_.counts.sum() == model.n_patches_
+    fast_scores, fast_maps = model.predict(images)
+    model.search = "exact"
+    exact_scores, exact_maps = model.predict(images)
+    assert np.corrcoef(fast_maps.ravel(), exact_maps.ravel())[0, 1] > 0.99
+    assert np.mean(np.isclose(fast_maps, exact_maps, rtol=1e-3)) > 0.9
+    np.testing.assert_allclose(fast_scores, exact_scores, rtol=0.05)
+
+
+def test_float16_feature_store_matches_float32(images):
+    a = SOMAD(**{**TINY, "search": "exact", "feature_dtype": "float32"}).fit(images)
+    b = SOMAD(**{**TINY, "search": "exact", "feature_dtype": "float16"}).fit(images)
+    sa, ma = a.predict(images)
+    sb, mb = b.predict(images)
+    np.testing.assert_allclose(sb, sa, rtol=2e-2)
+    assert np.corrcoef(ma.ravel(), mb.ravel())[0, 1] > 0.999
+
+
+def test_float16_overflow_is_a_clear_error():
+    from somad.errors import NumericalError
+
+    model = SOMAD(**TINY)
+    with pytest.raises(NumericalError, match="feature_dtype='float32'"):
+        model._fit_features(iter([torch.full((2, 3, 4, 4), 1e6)]), 2)
+
+
 def test_gaussian_blur_matches_scipy():
     from scipy.ndimage import gaussian_filter
 

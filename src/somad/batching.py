@@ -15,8 +15,9 @@ def padded_groups(group: torch.Tensor, n_groups: int, *, max_elements: int = 1 <
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batch the rows of each group into padded blocks for batched matrix products.
 
-    Groups are bucketed by size rounded up to a power of two, so padding at most doubles the work, and the
-    Python loop runs over buckets and memory chunks, never over groups or rows.
+    Groups are sorted by size, largest first, and cut into consecutive blocks; each block is padded to the
+    size of its largest group, so neighbours in the order waste little. The Python loop runs over blocks,
+    never over groups or rows.
 
     Parameters
     ----------
@@ -24,7 +25,7 @@ def padded_groups(group: torch.Tensor, n_groups: int, *, max_elements: int = 1 <
         Group id of each row.
     n_groups : int
     max_elements : int
-        Upper bound on ``len(ids) * L`` per yielded block.
+        Upper bound on ``len(ids) * L`` per yielded block (a single group larger than this is one block).
     max_groups : int, optional
         Upper bound on ``len(ids)`` per yielded block.
 
@@ -38,18 +39,18 @@ def padded_groups(group: torch.Tensor, n_groups: int, *, max_elements: int = 1 <
     order = torch.argsort(group, stable=True)
     counts = torch.bincount(group, minlength=n_groups)
     starts = torch.cumsum(counts, 0) - counts
-    nonzero = torch.nonzero(counts).flatten()
-    # Bucket = ceil(log2(count)): every group in a bucket is padded to the same power of two.
-    bucket = torch.ceil(torch.log2(counts[nonzero].double())).long()
-    for b in torch.unique(bucket).tolist():
-        length = 1 << b
-        ids = nonzero[bucket == b]
+    by_size = torch.argsort(counts, descending=True, stable=True)
+    sizes = counts[by_size].tolist()  # one host copy, so the loop below never synchronises with a GPU
+    lo = 0
+    while lo < len(sizes) and sizes[lo] > 0:
+        length = sizes[lo]
         step = max(1, max_elements // length)
         step = min(step, max_groups) if max_groups else step
-        for lo in range(0, ids.shape[0], step):
-            chunk = ids[lo:lo + step]
-            offs = torch.arange(length, device=group.device)
-            valid = offs[None, :] < counts[chunk][:, None]
-            pos = (starts[chunk][:, None] + offs[None, :]).clamp_max(max(p - 1, 0))
-            rows = torch.where(valid, order[pos], torch.full_like(pos, p))
-            yield chunk, rows, valid
+        chunk = by_size[lo:lo + step]
+        chunk = chunk[counts[chunk] > 0]
+        offs = torch.arange(length, device=group.device)
+        valid = offs[None, :] < counts[chunk][:, None]
+        pos = (starts[chunk][:, None] + offs[None, :]).clamp_max(max(p - 1, 0))
+        rows = torch.where(valid, order[pos], torch.full_like(pos, p))
+        yield chunk, rows, valid
+        lo += step

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SomadError
+from .node_search import make_search, nearest_nodes
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -36,38 +37,6 @@ def radius_schedule(size: int, rough_epochs: int, fine_epochs: int) -> np.ndarra
     return np.maximum(np.concatenate([rough, fine]), 1e-3)
 
 
-def nearest_nodes(x: torch.Tensor, weights: torch.Tensor, k: int = 1, *, exclude: torch.Tensor | None = None,
-                  chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exhaustive k nearest nodes by Euclidean distance.
-
-    Parameters
-    ----------
-    x : tensor (N, D)
-    weights : tensor (M, D)
-    k : int
-    exclude : bool tensor (M,), optional
-        Nodes never returned (e.g. nodes without members).
-
-    Returns
-    -------
-    sq_dist : tensor (N, k) float32, squared distances, ascending
-    index : tensor (N, k) int64
-    """
-    w = weights.float()
-    w_sq = (w * w).sum(1)
-    if exclude is not None:
-        w_sq = w_sq.masked_fill(exclude, float("inf"))  # excluded nodes are infinitely far
-    dists, idx = [], []
-    for start in range(0, x.shape[0], chunk_size):
-        xc = x[start:start + chunk_size].to(w.device, torch.float32)
-        # ||x - w||^2 = ||x||^2 - 2 x.w + ||w||^2; the ||x||^2 term does not change the ranking, add it after top-k.
-        d = torch.addmm(w_sq, xc, w.T, beta=1.0, alpha=-2.0)
-        dk, ik = torch.topk(d, k, dim=1, largest=False, sorted=True)
-        dists.append((dk + (xc * xc).sum(1, keepdim=True)).clamp_min_(0.0))  # rounding can go below 0
-        idx.append(ik)
-    return torch.cat(dists), torch.cat(idx)
-
-
 class SelfOrganizingMap:
     """Batch SOM on a ``size x size`` grid with a Gaussian neighbourhood.
 
@@ -82,6 +51,8 @@ class SelfOrganizingMap:
     seed : int
     chunk_size : int
         Rows per distance matmul (bounds memory: ``chunk_size * K*K`` floats).
+    search : {"exact", "fast"}, default "exact"
+        How each epoch finds the best-matching units (see ``somad.node_search``).
 
     Attributes
     ----------
@@ -93,13 +64,14 @@ class SelfOrganizingMap:
     """
 
     def __init__(self, *, size: int = 56, rough_epochs: int = 20, fine_epochs: int = 15,
-                 max_samples: int | None = 100_000, seed: int = 0, chunk_size: int = 8192):
+                 max_samples: int | None = 100_000, seed: int = 0, chunk_size: int = 8192, search: str = "exact"):
         self.size = size
         self.rough_epochs = rough_epochs
         self.fine_epochs = fine_epochs
         self.max_samples = max_samples
         self.seed = seed
         self.chunk_size = chunk_size
+        self.search = search
 
     @staticmethod
     def position_mean_init(position_means: torch.Tensor, size: int) -> torch.Tensor:
@@ -136,13 +108,13 @@ class SelfOrganizingMap:
         if init.shape[0] != m or init.shape[1] != x.shape[1]:
             raise SomadError(f"init has shape {tuple(init.shape)}, expected ({m}, {x.shape[1]})")
         device = init.device
-        x = self._subsample(x)
+        x = self._subsample(x).float()  # the epochs read it 35 times: keep it at full precision
         weights = init.float().clone()
         radii = radius_schedule(self.size, self.rough_epochs, self.fine_epochs)
         offsets = torch.arange(self.size, device=device, dtype=torch.float32)
         sq_grid = (offsets[:, None] - offsets[None, :]) ** 2
         for epoch, r in enumerate(progress_bar(radii, desc="SOM epochs", unit="epoch")):
-            _, bmu = nearest_nodes(x, weights, 1, chunk_size=self.chunk_size)
+            _, bmu = make_search(weights, self.size, self.search)(x, 1)
             sums, counts = self._accumulate(x, bmu[:, 0], m, weights.shape[1], device)
             # The Gaussian neighbourhood on a grid is separable: smooth rows, then columns (K^3 D, not K^4 D).
             h1 = torch.exp(-sq_grid / (2.0 * float(r) ** 2)).double()

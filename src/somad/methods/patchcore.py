@@ -25,7 +25,7 @@ import torch
 
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
-from ..som import nearest_nodes
+from ..node_search import nearest_nodes
 
 logger = logging.getLogger(__name__)
 

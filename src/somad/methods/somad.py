@@ -4,6 +4,12 @@ Fit: stream the patch features of the good images, initialise a K x K SOM with t
 image position, train it (batch SOM), assign every training patch to its nearest node and fit one Gaussian
 per node (``somad.node_stats``). Score: for each test patch, the k nearest nodes (Euclidean, to the SOM
 prototypes), then the minimum Mahalanobis distance to their Gaussians.
+
+What fit keeps in memory: every training patch once, in ``feature_dtype`` (float16 by default: half the
+bytes, ~1e-3 relative rounding, far below the eps ridge) because the node statistics need every patch after
+the SOM is trained; a float32 copy of the SOM's training subset (``som_samples``); the SOM; and the node
+Gaussians. ``search="fast"`` finds nearest nodes coarse-to-fine (``somad.node_search``) in training and
+scoring; ``"exact"`` searches exhaustively.
 """
 
 from __future__ import annotations
@@ -13,11 +19,14 @@ import logging
 import torch
 
 from ..base import BaseDetector
-from ..errors import SomadError
+from ..errors import NumericalError, SomadError
+from ..node_search import SEARCH_CHOICES, make_search
 from ..node_stats import NodeGaussians, fit_node_gaussians, mahalanobis
-from ..som import SelfOrganizingMap, nearest_nodes
+from ..som import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
+
+FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class SOMAD(BaseDetector):
@@ -36,6 +45,11 @@ class SOMAD(BaseDetector):
     som_samples : int or None, default 100000
         The SOM is trained on a seeded random subset of at most this many patches (``None``: all); the node
         statistics always use every training patch.
+    search : {"fast", "exact"}, default "fast"
+        Nearest-node search in training and scoring: coarse-to-fine over clusters of SOM nodes, or
+        exhaustive (see ``somad.node_search`` and docs/benchmarks.md for the measured difference).
+    feature_dtype : {"float16", "float32"}, default "float16"
+        Precision of the training patches held between the SOM and the node statistics.
     **common
         See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...).
 
@@ -46,9 +60,10 @@ class SOMAD(BaseDetector):
     """
 
     method = "somad"
-    _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples")
+    _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype")
 
-    def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000, **common):
+    def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000,
+                 search="fast", feature_dtype="float16", **common):
         super().__init__(**common)
         self.som_size = som_size
         self.k = k
@@ -56,6 +71,8 @@ class SOMAD(BaseDetector):
         self.rough_epochs = rough_epochs
         self.fine_epochs = fine_epochs
         self.som_samples = som_samples
+        self.search = search
+        self.feature_dtype = feature_dtype
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -67,45 +84,60 @@ class SOMAD(BaseDetector):
             raise SomadError(f"eps={self.eps} must be >= 0")
         if self.rough_epochs < 0 or self.fine_epochs < 0:
             raise SomadError("rough_epochs and fine_epochs must be >= 0")
+        if self.search not in SEARCH_CHOICES:
+            raise SomadError(f"search={self.search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
+        if self.feature_dtype not in FEATURE_DTYPES:
+            raise SomadError(f"feature_dtype={self.feature_dtype!r} is invalid; choose one of: {', '.join(FEATURE_DTYPES)}")
 
     def _fit_features(self, batches, n_images: int) -> None:
         x, position_sum, n = None, None, 0
         for feats in batches:
             b, d, h, w = feats.shape
             if x is None:
-                x = torch.empty(n_images * h * w, d, dtype=torch.float32, device=feats.device)
+                x = torch.empty(n_images * h * w, d, dtype=FEATURE_DTYPES[self.feature_dtype], device=feats.device)
                 position_sum = torch.zeros(h, w, d, dtype=torch.float64, device=feats.device)
             patches = feats.permute(0, 2, 3, 1)  # (b, h, w, D): patch rows in image-major, row-major order
             x[n * h * w:(n + b) * h * w] = patches.reshape(-1, d)
             position_sum += patches.double().sum(0)
             n += b
         x = x[: n * h * w]
+        if not torch.isfinite(x).all():  # only float16 can overflow here: the backbone output was checked
+            raise NumericalError(f"training features overflow {self.feature_dtype}; refit with feature_dtype='float32'")
         som = SelfOrganizingMap(size=int(self.som_size), rough_epochs=self.rough_epochs, fine_epochs=self.fine_epochs,
-                                max_samples=self.som_samples, seed=self.seed)
+                                max_samples=self.som_samples, seed=self.seed, search=self.search)
         init = SelfOrganizingMap.position_mean_init(position_sum / n, som.size)
         self.som_ = som.fit(x, init)
-        _, assignment = nearest_nodes(x, som.weights_, 1)
+        _, assignment = make_search(som.weights_, som.size, self.search)(x, 1)
         self.gaussians_ = fit_node_gaussians(x, assignment[:, 0], som.weights_, float(self.eps))
         self.n_patches_ = int(x.shape[0])
+        self._searcher = None
 
     def _patch_scores(self, feats):
         b, d, h, w = feats.shape
         x = feats.permute(0, 2, 3, 1).reshape(-1, d)
         empty = self.gaussians_.empty
         k = min(int(self.k), int((~empty).sum()))
-        _, nodes = nearest_nodes(x, self.som_.weights_, k, exclude=empty)
+        _, nodes = self._node_search()(x, k)
         dist = mahalanobis(x, nodes, self.gaussians_)
         return dist.min(1).values.view(b, h, w), None
+
+    def _node_search(self):
+        """The scoring search over non-empty nodes, built once per (model, ``search``) and cached."""
+        cached = getattr(self, "_searcher", None)
+        if cached is None or cached[0] != self.search:
+            if self.search not in SEARCH_CHOICES:
+                raise SomadError(f"search={self.search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
+            cached = (self.search, make_search(self.som_.weights_, self.som_.size, self.search, exclude=self.gaussians_.empty))
+            self._searcher = cached
+        return cached[1]
 
     # ------------------------------------------------------------------ persistence
     def _state_arrays(self):
         g = self.gaussians_
-        d = g.means.shape[1]
-        rows, cols = torch.tril_indices(d, d)
         return {
             "som_weights": self.som_.weights_,
             "node_means": g.means,
-            "node_whiteners_tril": g.whiteners[:, rows, cols],  # lower triangle only: half the file size
+            "node_whiteners_tril": g.tril(),  # lower triangle only: half the file size
             "node_counts": g.counts,
         }
 
@@ -118,14 +150,11 @@ class SOMAD(BaseDetector):
         m, d = weights.shape
         if m != int(self.som_size) ** 2:
             raise ValueError(f"som_weights has {m} nodes, config says {self.som_size}x{self.som_size}")
-        rows, cols = torch.tril_indices(d, d)
-        whiteners = torch.zeros(m, d, d)
-        whiteners[:, rows, cols] = arrays["node_whiteners_tril"].float()
-        means = arrays["node_means"].float()
-        g = NodeGaussians(means, whiteners, torch.einsum("mij,mj->mi", whiteners, means), arrays["node_counts"].long())
+        g = NodeGaussians.from_whiteners(arrays["node_means"], arrays["node_whiteners_tril"], arrays["node_counts"])
         self.gaussians_ = g.to(self.device_)
         self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
         self.som_.weights_ = weights.to(self.device_)
         self.som_.quantization_error_ = state.get("quantization_error")
         self.som_.topographic_error_ = state.get("topographic_error")
         self.n_patches_ = state.get("n_patches")
+        self._searcher = None

@@ -1,0 +1,190 @@
+"""Nearest-node search: exhaustive, or coarse-to-fine over clusters of SOM nodes.
+
+One responsibility: given node vectors, return the k nearest nodes (Euclidean) of query vectors.
+
+* :func:`nearest_nodes` is exhaustive: one matmul per chunk of queries, ``N * M * D`` multiply-adds.
+* :class:`ClusteredNodeSearch` is the fast, approximate route. The nodes are grouped into about ``M / 16``
+  clusters by k-means, initialised with the means of 4 x 4 blocks of the SOM grid (so the clusters start as
+  topological neighbourhoods and the result is deterministic). A query is compared with the cluster
+  centres, then exhaustively with the nodes of its ``n_probe`` nearest clusters: ``N * (C + n_probe * M/C) * D``
+  multiply-adds instead of ``N * M * D``. It can miss a true neighbour that lies in an unprobed cluster;
+  ``tests/test_node_search.py`` and docs/benchmarks.md measure how often, and ``n_probe = n_clusters``
+  makes it exact.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from .batching import padded_groups
+
+logger = logging.getLogger(__name__)
+
+SEARCH_CHOICES = ("fast", "exact")
+
+
+def nearest_nodes(x: torch.Tensor, weights: torch.Tensor, k: int = 1, *, exclude: torch.Tensor | None = None,
+                  chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exhaustive k nearest nodes by Euclidean distance.
+
+    Parameters
+    ----------
+    x : tensor (N, D)
+    weights : tensor (M, D)
+    k : int
+    exclude : bool tensor (M,), optional
+        Nodes never returned (e.g. nodes without members).
+
+    Returns
+    -------
+    sq_dist : tensor (N, k) float32, squared distances, ascending
+    index : tensor (N, k) int64
+    """
+    w = weights.float()
+    w_sq = (w * w).sum(1)
+    if exclude is not None:
+        w_sq = w_sq.masked_fill(exclude, float("inf"))  # excluded nodes are infinitely far
+    dists, idx = [], []
+    for start in range(0, x.shape[0], chunk_size):
+        xc = x[start:start + chunk_size].to(w.device, torch.float32)
+        # ||x - w||^2 = ||x||^2 - 2 x.w + ||w||^2; the ||x||^2 term does not change the ranking, add it after top-k.
+        d = torch.addmm(w_sq, xc, w.T, beta=1.0, alpha=-2.0)
+        dk, ik = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        dists.append((dk + (xc * xc).sum(1, keepdim=True)).clamp_min_(0.0))  # rounding can go below 0
+        idx.append(ik)
+    return torch.cat(dists), torch.cat(idx)
+
+
+class ClusteredNodeSearch:
+    """Approximate k-nearest-node search over the nodes of a ``size x size`` SOM.
+
+    Parameters
+    ----------
+    weights : tensor (size*size, D)
+        Node vectors.
+    size : int
+        SOM grid side.
+    n_probe : int, default 8
+        Clusters searched per query (more: slower, closer to exact).
+    exclude : bool tensor (size*size,), optional
+        Nodes never returned.
+    block : int, default 4
+        Side of the grid blocks whose means initialise the clusters (about ``block**2`` nodes per cluster).
+    iterations : int, default 10
+        k-means iterations on the node vectors.
+
+    Attributes
+    ----------
+    centres_ : tensor (C, D) float32
+    members_ : int64 tensor (C, L): node ids of each cluster, padded with ``M`` (a node at infinity)
+    """
+
+    def __init__(self, weights: torch.Tensor, size: int, *, n_probe: int = 8, exclude: torch.Tensor | None = None,
+                 block: int = 4, iterations: int = 10):
+        w = weights.float()
+        m, d = w.shape
+        keep = torch.ones(m, dtype=torch.bool, device=w.device) if exclude is None else ~exclude.to(w.device)
+        ids = torch.nonzero(keep).flatten()
+        if ids.numel() == 0:
+            raise ValueError("every node is excluded; nothing to search")
+        rows, cols = ids // size, ids % size
+        nb = -(-size // block)  # ceil: blocks per grid side
+        cell = (rows // block) * nb + cols // block
+        labels = _kmeans(w[ids].double(), cell, iterations)
+        self._weights, self._exclude = w, ~keep
+        counts = torch.bincount(labels)
+        used = torch.nonzero(counts).flatten()
+        labels = torch.searchsorted(used, labels)  # renumber the non-empty clusters 0..C-1
+        counts = counts[used]
+        c, length = used.numel(), int(counts.max())
+        order = torch.argsort(labels, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        offs = torch.arange(length, device=w.device)
+        valid = offs[None, :] < counts[:, None]
+        pos = (starts[:, None] + offs[None, :]).clamp_max(ids.numel() - 1)
+        self.members_ = torch.where(valid, ids[order[pos]], torch.full_like(pos, m))
+        self.centres_ = torch.zeros(c, d, dtype=torch.float64, device=w.device).index_add_(
+            0, labels, w[ids].double()).div_(counts[:, None]).float()
+        self.min_size_ = int(counts.min())
+        self.n_probe = max(1, min(int(n_probe), c))
+        w_pad = torch.cat([w, torch.zeros(1, d, device=w.device)])
+        sq_pad = torch.cat([(w * w).sum(1), torch.tensor([float("inf")], device=w.device)])  # padding never wins
+        self._member_weights = w_pad[self.members_]  # (C, L, D): each cluster's nodes, contiguous for bmm
+        self._member_sq = sq_pad[self.members_]  # (C, L)
+        self._centre_sq = (self.centres_ * self.centres_).sum(1)
+
+    @property
+    def n_clusters(self) -> int:
+        return self.centres_.shape[0]
+
+    def search(self, x: torch.Tensor, k: int = 1, *, chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+        """Approximate k nearest nodes.
+
+        Parameters
+        ----------
+        x : tensor (N, D)
+        k : int, at most ``n_probe`` times the smallest cluster (else the search is exhaustive)
+
+        Returns
+        -------
+        sq_dist : tensor (N, k) float32, ascending
+        index : tensor (N, k) int64
+        """
+        if k > self.n_probe * self.min_size_:  # the probed clusters might hold fewer than k nodes
+            return nearest_nodes(x, self._weights, k, exclude=self._exclude)
+        parts = [self._search(x[s:s + chunk_size], k) for s in range(0, x.shape[0], chunk_size)]
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _search(self, x: torch.Tensor, k: int, max_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+        device = self.centres_.device
+        n, p = x.shape[0], self.n_probe
+        xf = x.to(device, torch.float32)
+        coarse = torch.addmm(self._centre_sq, xf, self.centres_.T, beta=1.0, alpha=-2.0)
+        probes = torch.topk(coarse, p, dim=1, largest=False, sorted=False).indices  # (N, P)
+        length = self.members_.shape[1]
+        cand_sq = torch.empty(n * p, length, device=device)
+        x_pad = torch.cat([xf, torch.zeros(1, xf.shape[1], device=device)])
+        query = torch.cat([torch.arange(n * p, device=device) // p, torch.tensor([n], device=device)])
+        # Group the (query, probed cluster) pairs by cluster: one bmm per block of clusters, no per-query gather.
+        groups = padded_groups(probes.reshape(-1), self.n_clusters, max_elements=max(1, max_elements // max(length, xf.shape[1])))
+        for ids, rows, valid in groups:
+            d = torch.baddbmm(self._member_sq[ids][:, None, :], x_pad[query[rows]],
+                              self._member_weights[ids].transpose(1, 2), beta=1.0, alpha=-2.0)
+            cand_sq[rows[valid]] = d[valid]
+        cand_sq = cand_sq.view(n, p * length)
+        dk, pos = torch.topk(cand_sq, k, dim=1, largest=False, sorted=True)
+        nodes = self.members_[probes].reshape(n, p * length).gather(1, pos)
+        dk = (dk + (xf * xf).sum(1, keepdim=True)).clamp_min_(0.0)  # rounding can go below 0
+        return dk, nodes
+
+
+def _kmeans(x: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
+    """Lloyd's k-means from the initial partition ``labels``; returns the final labels (N,)."""
+    for _ in range(iterations + 1):
+        c = int(labels.max()) + 1
+        counts = torch.bincount(labels, minlength=c).double()
+        centres = torch.zeros(c, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
+        centres = centres / counts.clamp_min(1)[:, None]
+        sq = (centres * centres).sum(1).masked_fill(counts == 0, float("inf"))  # an emptied cluster stays empty
+        new = torch.addmm(sq, x, centres.T, beta=1.0, alpha=-2.0).argmin(1)
+        if torch.equal(new, labels):
+            break
+        labels = new
+    return labels
+
+
+def make_search(weights: torch.Tensor, size: int, search: str, *, exclude: torch.Tensor | None = None,
+                n_probe: int = 8):
+    """A ``search(x, k) -> (sq_dist, index)`` callable for ``search`` in :data:`SEARCH_CHOICES`.
+
+    ``"fast"`` uses :class:`ClusteredNodeSearch` when the map has at least 1024 nodes (below that the
+    exhaustive search is already cheap); ``"exact"`` is always exhaustive.
+    """
+    if search not in SEARCH_CHOICES:
+        raise ValueError(f"search={search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
+    if search == "fast" and weights.shape[0] >= 1024:
+        index = ClusteredNodeSearch(weights, size, n_probe=n_probe, exclude=exclude)
+        return index.search
+    return lambda x, k: nearest_nodes(x, weights, k, exclude=exclude)

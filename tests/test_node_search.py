@@ -1,0 +1,76 @@
+"""Coarse-to-fine nearest-node search: exact when every cluster is probed, high recall on a trained map,
+exclusions respected, and a clear error for a bad choice."""
+
+import numpy as np
+import pytest
+import torch
+
+from somad.node_search import ClusteredNodeSearch, make_search, nearest_nodes
+from somad.som import SelfOrganizingMap
+
+
+@pytest.fixture(scope="module")
+def trained_map():
+    """A 32x32 SOM (1024 nodes) of data on a curved 2-D sheet embedded in 24 dimensions, plus noise."""
+    rng = np.random.default_rng(0)
+    uv = rng.random((20000, 2))
+    basis = rng.normal(size=(6, 24))
+    feats = np.concatenate([uv, np.sin(3 * uv), np.cos(2 * uv)], axis=1) @ basis
+    x = torch.from_numpy((feats + 0.05 * rng.normal(size=feats.shape)).astype(np.float32))
+    init = SelfOrganizingMap.position_mean_init(x[:1024].reshape(32, 32, 24), 32)
+    som = SelfOrganizingMap(size=32, rough_epochs=8, fine_epochs=6, max_samples=None).fit(x, init)
+    queries = x[torch.randperm(x.shape[0], generator=torch.Generator().manual_seed(1))[:3000]]
+    return som.weights_, queries
+
+
+def test_probing_every_cluster_is_exact(trained_map):
+    w, q = trained_map
+    index = ClusteredNodeSearch(w, 32, n_probe=10_000)
+    assert index.n_probe == index.n_clusters
+    d, i = index.search(q, 4)
+    ref_d, ref_i = nearest_nodes(q, w, 4)
+    assert torch.equal(i, ref_i)
+    assert torch.allclose(d, ref_d, rtol=1e-4, atol=1e-3)
+
+
+def test_default_probes_find_the_true_nearest_nodes(trained_map):
+    w, q = trained_map
+    index = ClusteredNodeSearch(w, 32)
+    assert 40 <= index.n_clusters <= 64  # about one cluster per 4x4 block of the grid
+    assert index.members_.shape[0] == index.n_clusters
+    d, i = index.search(q, 4, chunk_size=700)
+    ref_d, ref_i = nearest_nodes(q, w, 4)
+    top1 = float((i[:, 0] == ref_i[:, 0]).double().mean())
+    assert top1 >= 0.97, top1
+    assert (d[:, 1:] >= d[:, :-1]).all()  # ascending
+    # Every returned distance is the true distance to the returned node.
+    true = ((q[:, None, :] - w[i]) ** 2).sum(-1)
+    assert torch.allclose(d, true, rtol=1e-3, atol=1e-2)
+    # An approximate neighbour is never closer than the exact one.
+    assert (d[:, 0] >= ref_d[:, 0] - 1e-2).all()
+
+
+def test_excluded_nodes_are_never_returned(trained_map):
+    w, q = trained_map
+    exclude = torch.zeros(w.shape[0], dtype=torch.bool)
+    exclude[::3] = True
+    _, i = ClusteredNodeSearch(w, 32, exclude=exclude).search(q, 5)
+    assert not exclude[i].any()
+    _, i_all = ClusteredNodeSearch(w, 32, exclude=exclude, n_probe=10_000).search(q, 5)
+    assert torch.equal(i_all, nearest_nodes(q, w, 5, exclude=exclude)[1])
+
+
+def test_k_larger_than_the_probed_clusters_falls_back_to_exact(trained_map):
+    w, q = trained_map
+    index = ClusteredNodeSearch(w, 32, n_probe=1)
+    k = index.min_size_ + 1
+    assert torch.equal(index.search(q[:50], k)[1], nearest_nodes(q[:50], w, k)[1])
+
+
+def test_make_search_choices():
+    w = torch.randn(100, 3)
+    x = torch.randn(20, 3)
+    # A small map is searched exhaustively even when "fast" is asked.
+    assert torch.equal(make_search(w, 10, "fast")(x, 2)[1], nearest_nodes(x, w, 2)[1])
+    with pytest.raises(ValueError, match="choose one of: fast, exact"):
+        make_search(w, 10, "approx")
