@@ -39,3 +39,31 @@ def test_benchmark_runs_and_resumes(tmp_path):
                          somad_grid={"k": [1], "som_size": [4]}, threads=1)
     assert more[0]["fit_s"] == row["fit_s"] and more[0]["k"] == 1
     assert (out / "results.csv").read_text().count("\n") == 3
+
+
+def test_target_table_reports_ratios_and_verdicts():
+    from somad.benchmark import target_table
+
+    base = dict(category="cat", image_auroc=0.9, pixel_auroc=0.9, au_pro=0.8, model_mb=100.0)
+    rows = [
+        {**base, "method": "somad", "som_size": 56, "k": 4, "variant": "fast", "predict_ms": 60.0, "backbone_ms": 20.0,
+         "post_ms": 30.0, "fit_s": 30.0, "fit_rss_gb": 2.0, "au_pro": 0.796},
+        {**base, "method": "somad", "som_size": 56, "k": 4, "variant": "exact", "predict_ms": 120.0, "backbone_ms": 20.0,
+         "post_ms": 90.0, "fit_s": 60.0, "fit_rss_gb": 3.0},
+        {**base, "method": "somad", "som_size": 14, "k": 4, "variant": "fast", "predict_ms": 1.0, "backbone_ms": 1.0,
+         "post_ms": 1.0, "fit_s": 1.0, "fit_rss_gb": 0.1},  # an ablation cell: not the paper setting
+        {**base, "method": "padim", "predict_ms": 100.0, "backbone_ms": 20.0, "post_ms": 70.0, "fit_s": 12.0,
+         "fit_rss_gb": 1.9},
+        {**base, "method": "patchcore", "predict_ms": 50.0, "backbone_ms": 20.0, "post_ms": 20.0, "fit_s": 24.0,
+         "fit_rss_gb": 1.2},
+    ]
+    table = target_table(rows)
+    lines = {ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").split(" | ")[1:] for ln in table.splitlines() if ln.startswith("| ")}
+    assert lines["predict ms: SOMAD / PaDiM <= 1.25"] == ["0.60", "yes"]
+    assert lines["predict ms: SOMAD / PatchCore <= 1"] == ["1.20", "no"]
+    assert lines["after-backbone / backbone <= 0.5"] == ["1.50", "no"]
+    assert lines["fit s: SOMAD / PaDiM <= 3"] == ["2.50", "yes"]
+    assert lines["fit s: SOMAD / PatchCore <= 0.5"] == ["1.25", "no"]
+    assert lines["fit RSS: SOMAD / (PaDiM + SOMAD arrays) <= 1"] == [f"{2.0 / (1.9 + 100 / 1024):.2f}", "no"]
+    assert lines["au_pro: fast - exact >= -0.5 points"] == ["-0.40", "yes"]
+    assert target_table([r for r in rows if r["method"] != "patchcore"]) == ""  # needs all three methods

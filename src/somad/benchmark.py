@@ -7,7 +7,13 @@ phase and cells cannot influence each other. A finished cell is stored as ``OUT/
 not recomputed unless ``--force``: an interrupted benchmark resumes where it stopped.
 
 Predict latency is measured per image (batch size 1) after one warm-up image: ``predict ms`` is the median
-of decode + preprocess + backbone + scoring + blur, ``backbone ms`` the median of the backbone alone.
+of decode + preprocess + backbone + scoring + blur, ``backbone ms`` the median of the backbone alone and
+``post ms`` the median of everything after it (node search, Mahalanobis, upsampling, blur).
+
+SOMAD variants (``--somad-variants fast,exact``): ``fast`` is the default model (coarse-to-fine node search,
+float16 training-feature store); ``exact`` is the unoptimised reference (exhaustive search, float32 store).
+When SOMAD, PaDiM and PatchCore ran on a category, ``results.md`` ends with the performance targets as
+ratios from the same run (:func:`target_table`).
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from .model_io import atomic_write_text
 logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "au_pro"]
-COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
+COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "post_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
+VARIANTS = {"fast": {"search": "fast", "feature_dtype": "float16"}, "exact": {"search": "exact", "feature_dtype": "float32"}}
 
 
 def _peak_rss_gb() -> float:
@@ -87,7 +94,7 @@ def _run_predict(cell: dict) -> dict:
     torch.set_num_threads(cell["threads"])
     model = load(cell["model"])
     samples = mvtec_test_samples(cell["category"])
-    total, backbone, scores, maps, masks = [], [], [], [], []
+    total, backbone, post, scores, maps, masks = [], [], [], [], [], []
     with torch.no_grad():
         for i, s in enumerate(samples):
             t0 = time.perf_counter()
@@ -101,6 +108,7 @@ def _run_predict(cell: dict) -> dict:
             if i:  # the first image warms up the allocator and the kernels
                 total.append(t3 - t0)
                 backbone.append(t2 - t1)
+                post.append(t3 - t2)
             full = to_original_resolution(amap, model.extractor_.geometry, [(image.height, image.width)])[0]
             scores.append(float(score[0]))
             maps.append(full)
@@ -108,7 +116,8 @@ def _run_predict(cell: dict) -> dict:
     labels = np.array([s.label for s in samples])
     m = metrics.evaluate_predictions(labels, np.array(scores), masks, maps)
     return {**{k: m[k] for k in METRIC_COLUMNS}, "predict_ms": 1000 * statistics.median(total),
-            "backbone_ms": 1000 * statistics.median(backbone), "predict_rss_gb": _peak_rss_gb(), "n_test": len(samples)}
+            "backbone_ms": 1000 * statistics.median(backbone), "post_ms": 1000 * statistics.median(post),
+            "predict_rss_gb": _peak_rss_gb(), "n_test": len(samples)}
 
 
 def _cell_main(argv: list[str]) -> int:
@@ -155,8 +164,10 @@ def run_benchmark(inputs: list[Path], out: Path, *, methods: list[str], common: 
     rows = []
     for cat in cats:
         for method, grid in expand_grid(methods, somad_grid):
+            params = {**own.get(method, {}), **grid}
+            params.update(VARIANTS.get(params.pop("variant", None), {}))
             cell = {"method": method, "category": str(cat), "category_name": cat.name, "grid": grid,
-                    "params": {**own.get(method, {}), **grid}, "common": common, "threads": threads}
+                    "params": params, "common": common, "threads": threads}
             cid = cell_id(cell)
             done = out / "cells" / f"{cid}.json"
             if done.exists() and not force:
@@ -189,12 +200,13 @@ def _all_cells(out: Path) -> list[dict]:
     """Every finished cell in ``out`` (also those of earlier invocations, e.g. another ablation grid)."""
     cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))
              if not p.name.endswith((".spec.json", ".fit.json"))]
-    return sorted(cells, key=lambda r: (r["method"], r.get("som_size") or 0, r.get("k") or 0, r["category"]))
+    return sorted(cells, key=lambda r: (r["method"], r.get("variant") or "", r.get("som_size") or 0, r.get("k") or 0,
+                                        r["category"]))
 
 
 def write_tables(out: Path, rows: list[dict]) -> None:
     """``results.csv`` (every cell) and ``results.md`` (per category and mean, like the paper's tables)."""
-    keys = ["method", "k", "som_size", "category"] + METRIC_COLUMNS + COST_COLUMNS + ["n_train", "n_test"]
+    keys = ["method", "variant", "k", "som_size", "category"] + METRIC_COLUMNS + COST_COLUMNS + ["n_train", "n_test"]
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(keys)
@@ -211,7 +223,7 @@ def _fmt(v, digits: int = 4) -> str:
 
 
 def _label(r: dict) -> str:
-    extra = ", ".join(f"{k}={r[k]}" for k in ("som_size", "k") if r.get(k) is not None)
+    extra = ", ".join(f"{k}={r[k]}" for k in ("som_size", "k", "variant") if r.get(k) is not None)
     return f"{r['method']} ({extra})" if extra else r["method"]
 
 
@@ -228,16 +240,56 @@ def markdown_table(rows: list[dict]) -> str:
             mean = float(np.mean([v for v in vals if v is not None])) if any(v is not None for v in vals) else None
             lines.append(f"| {lab} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} |")
         lines.append("")
-    lines += ["### Cost (CPU)", "", "| method | category | fit s | predict ms/img | backbone ms/img | fit peak RSS GB "
-              "| predict peak RSS GB | model MB |", "|---|---|---|---|---|---|---|---|"]
+    lines += ["### Cost", "", "| method | category | fit s | predict ms/img | backbone ms/img | after-backbone ms/img "
+              "| fit peak RSS GB | predict peak RSS GB | model MB |", "|---|---|---|---|---|---|---|---|---|"]
     for lab in labels:
         for c in cats:
             r = by.get((lab, c))
             if r:
                 lines.append(f"| {lab} | {c} | {_fmt(r['fit_s'], 1)} | {_fmt(r['predict_ms'], 1)} | "
-                             f"{_fmt(r['backbone_ms'], 1)} | {_fmt(r['fit_rss_gb'], 2)} | {_fmt(r['predict_rss_gb'], 2)} | "
-                             f"{_fmt(r['model_mb'], 1)} |")
-    return "\n".join(lines) + "\n"
+                             f"{_fmt(r['backbone_ms'], 1)} | {_fmt(r.get('post_ms'), 1)} | {_fmt(r['fit_rss_gb'], 2)} | "
+                             f"{_fmt(r['predict_rss_gb'], 2)} | {_fmt(r['model_mb'], 1)} |")
+    targets = target_table(rows)
+    return "\n".join(lines) + "\n" + (f"\n{targets}" if targets else "")
+
+
+def target_table(rows: list[dict]) -> str:
+    """The performance targets of SOMAD at its paper settings (56x56, k=4, default variant) as ratios.
+
+    Per category with a SOMAD, a PaDiM and a PatchCore cell: predict and fit time ratios, after-backbone
+    time over backbone time, fit peak RSS against PaDiM's plus SOMAD's own arrays (its model file), and,
+    when the ``exact`` variant ran too, the accuracy difference fast - exact in points.
+    """
+    def pick(method, cat, variant=None):
+        for r in rows:
+            if (r["method"] == method and r["category"] == cat and (method != "somad" or (
+                    r.get("som_size") in (56, None) and r.get("k") in (4, None) and r.get("variant") in (variant, None)))):
+                return r
+        return None
+
+    out = []
+    for cat in sorted({r["category"] for r in rows}):
+        s, pd, pc = pick("somad", cat, "fast"), pick("padim", cat), pick("patchcore", cat)
+        if not (s and pd and pc):
+            continue
+        ref = pick("somad", cat, "exact") if any(r.get("variant") == "exact" for r in rows) else None
+        checks = [
+            ("predict ms: SOMAD / PaDiM <= 1.25", s["predict_ms"] / pd["predict_ms"], 1.25),
+            ("predict ms: SOMAD / PatchCore <= 1", s["predict_ms"] / pc["predict_ms"], 1.0),
+            ("after-backbone / backbone <= 0.5", s["post_ms"] / s["backbone_ms"] if s.get("post_ms") else None, 0.5),
+            ("fit s: SOMAD / PaDiM <= 3", s["fit_s"] / pd["fit_s"], 3.0),
+            ("fit s: SOMAD / PatchCore <= 0.5", s["fit_s"] / pc["fit_s"], 0.5),
+            ("fit RSS: SOMAD / (PaDiM + SOMAD arrays) <= 1",
+             s["fit_rss_gb"] / (pd["fit_rss_gb"] + s["model_mb"] / 1024), 1.0),
+        ]
+        out += [f"#### Targets: {cat}", "", "| target | measured | met |", "|---|---|---|"]
+        out += [f"| {name} | {_fmt(v, 2)} | {'yes' if v is not None and v <= lim else 'no'} |" for name, v, lim in checks]
+        if ref:
+            for m in METRIC_COLUMNS:
+                delta = 100 * (s[m] - ref[m])
+                out.append(f"| {m}: fast - exact >= -0.5 points | {delta:+.2f} | {'yes' if delta >= -0.5 else 'no'} |")
+        out.append("")
+    return ("### Performance targets (same run)\n\n" + "\n".join(out)) if out else ""
 
 
 # ----------------------------------------------------------------------------------------- CLI
@@ -257,6 +309,8 @@ def add_parser(sub, add_model_args, add_run_args) -> None:
     p.add_argument("--methods", default="somad,padim,patchcore", help="comma-separated (default somad,padim,patchcore)")
     p.add_argument("--k-grid", dest="k_grid", default=None, help="SOMAD ablation: e.g. 1,2,3,4,5")
     p.add_argument("--som-size-grid", dest="som_size_grid", default=None, help="SOMAD ablation: e.g. 14,28,56")
+    p.add_argument("--somad-variants", default=None,
+                   help="SOMAD variants: fast (default model) and/or exact (exhaustive search, float32 store), e.g. fast,exact")
     p.add_argument("--threads", type=int, default=2, help="torch threads per cell (default 2)")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
     add_model_args(p)
@@ -278,6 +332,12 @@ def cmd_benchmark(args) -> int:
                   seed=args.seed)
     somad_grid = {"k": _int_list(args.k_grid) if args.k_grid else [args.k],
                   "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size]}
+    if args.somad_variants:
+        variants = [v for v in args.somad_variants.split(",") if v]
+        bad = [v for v in variants if v not in VARIANTS]
+        if bad:
+            raise SomadError(f"unknown SOMAD variant {bad[0]!r}; choose from: {', '.join(VARIANTS)}")
+        somad_grid["variant"] = variants
     own = {m: {n: getattr(args, n) for n in getattr(METHODS[m], "_own", ()) if hasattr(args, n)} for m in methods}
     run_benchmark([Path(p) for p in args.inputs], Path(args.output), methods=methods, common=common, own=own,
                   somad_grid=somad_grid, force=args.force, threads=args.threads)

@@ -46,6 +46,10 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fine-epochs", type=int, default=15, help="SOMAD: fine-phase epochs (default 15)")
     g.add_argument("--som-samples", type=_none_or_int, default=100_000,
                    help="SOMAD: train the SOM on at most this many random patches ('none' = all; default 100000)")
+    g.add_argument("--search", default="fast", choices=["fast", "exact"],
+                   help="SOMAD: nearest-node search, coarse-to-fine over node clusters or exhaustive (default fast)")
+    g.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"],
+                   help="SOMAD: precision of the training patches held during fit (default float16)")
     g.add_argument("--coreset-ratio", type=float, default=0.1,
                    help="PatchCore: fraction of training patches kept in the memory bank (default 0.1)")
     g.add_argument("--num-neighbors", type=int, default=9,

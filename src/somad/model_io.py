@@ -37,7 +37,7 @@ def content_hash(config_json: str, arrays: dict[str, torch.Tensor]) -> str:
         t = arrays[name].detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
         t = t.reshape(-1)  # a 0-d tensor cannot be viewed as bytes; the flat view has the same bytes
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.view(torch.uint8).numpy() if t.numel() else b"")  # the buffer itself: no copy of the bytes
     return h.hexdigest()
 
 

@@ -51,10 +51,31 @@ def nearest_nodes(x: torch.Tensor, weights: torch.Tensor, k: int = 1, *, exclude
         xc = x[start:start + chunk_size].to(w.device, torch.float32)
         # ||x - w||^2 = ||x||^2 - 2 x.w + ||w||^2; the ||x||^2 term does not change the ranking, add it after top-k.
         d = torch.addmm(w_sq, xc, w.T, beta=1.0, alpha=-2.0)
-        dk, ik = torch.topk(d, k, dim=1, largest=False, sorted=True)
+        dk, ik = smallest(d, k)
         dists.append((dk + (xc * xc).sum(1, keepdim=True)).clamp_min_(0.0))  # rounding can go below 0
         idx.append(ik)
     return torch.cat(dists), torch.cat(idx)
+
+
+def smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` smallest values of each row of ``d`` ``(N, M)`` and their columns, ascending.
+
+    For k <= 4 on short rows, k passes of ``min`` (masking each winner) beat ``topk``, whose per-row cost
+    dominates on CPU; on long rows (the exhaustive search) ``topk`` wins.
+    """
+    if k > 4 or (k > 1 and d.shape[1] > 1024):
+        return torch.topk(d, k, dim=1, largest=False, sorted=True)
+    if k == 1:
+        v, i = d.min(1, keepdim=True)
+        return v, i
+    d = d.clone()
+    vals, idx = [], []
+    for _ in range(k):
+        v, i = d.min(1, keepdim=True)
+        vals.append(v)
+        idx.append(i)
+        d.scatter_(1, i, float("inf"))
+    return torch.cat(vals, 1), torch.cat(idx, 1)
 
 
 class ClusteredNodeSearch:
@@ -150,11 +171,10 @@ class ClusteredNodeSearch:
         # Group the (query, probed cluster) pairs by cluster: one bmm per block of clusters, no per-query gather.
         groups = padded_groups(probes.reshape(-1), self.n_clusters, max_elements=max(1, max_elements // max(length, xf.shape[1])))
         for ids, rows, valid in groups:
-            d = torch.baddbmm(self._member_sq[ids][:, None, :], x_pad[query[rows]],
-                              self._member_weights[ids].transpose(1, 2), beta=1.0, alpha=-2.0)
-            cand_sq[rows[valid]] = d[valid]
-        cand_sq = cand_sq.view(n, p * length)
-        dk, pos = torch.topk(cand_sq, k, dim=1, largest=False, sorted=True)
+            # (nodes x dims) @ (dims x queries) runs ~1.5x faster than the transposed product for these shapes.
+            dot = torch.bmm(self._member_weights[ids], x_pad[query[rows]].transpose(1, 2)).transpose(1, 2)
+            cand_sq[rows[valid]] = (self._member_sq[ids][:, None, :] - 2.0 * dot)[valid]
+        dk, pos = smallest(cand_sq.view(n, p * length), k)
         nodes = self.members_[probes].reshape(n, p * length).gather(1, pos)
         dk = (dk + (xf * xf).sum(1, keepdim=True)).clamp_min_(0.0)  # rounding can go below 0
         return dk, nodes

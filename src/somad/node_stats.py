@@ -164,16 +164,22 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         logger.info("%d empty and %d one-member SOM nodes use the pooled covariance",
                     int((counts == 0).sum()), int((counts == 1).sum()))
     means = means.float()
-    shifts = _shifts(blocks, bounds, means)
-    if not (all(bool(torch.isfinite(b).all()) for b in blocks) and torch.isfinite(means).all()):
-        raise NumericalError("non-finite node statistics (NaN/Inf in the training features?); check the input images")
-    return NodeGaussians(means, blocks, shifts, counts)
+    if not torch.isfinite(means).all():
+        raise NumericalError(NON_FINITE)
+    return NodeGaussians(means, blocks, _shifts(blocks, bounds, means), counts)
+
+
+NON_FINITE = "non-finite node statistics (NaN/Inf in the training features?); check the input images"
 
 
 def _store(blocks, bounds, ids: torch.Tensor, whiteners: torch.Tensor) -> None:
-    """Write dense whiteners ``(G or 1, D, D)`` of nodes ``ids`` into the row blocks."""
+    """Write dense whiteners ``(G or 1, D, D)`` of nodes ``ids`` into the row blocks, checking them first
+    (here, one group at a time, rather than on the full blocks: no block-sized temporaries)."""
+    whiteners = whiteners.float()
+    if not torch.isfinite(whiteners).all():
+        raise NumericalError(NON_FINITE)
     for (lo, hi), b in zip(bounds, blocks):
-        b[ids] = whiteners[:, lo:hi, :hi].float()
+        b[ids] = whiteners[:, lo:hi, :hi]
 
 
 def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:

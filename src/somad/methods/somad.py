@@ -97,12 +97,13 @@ class SOMAD(BaseDetector):
                 x = torch.empty(n_images * h * w, d, dtype=FEATURE_DTYPES[self.feature_dtype], device=feats.device)
                 position_sum = torch.zeros(h, w, d, dtype=torch.float64, device=feats.device)
             patches = feats.permute(0, 2, 3, 1)  # (b, h, w, D): patch rows in image-major, row-major order
-            x[n * h * w:(n + b) * h * w] = patches.reshape(-1, d)
+            stored = x[n * h * w:(n + b) * h * w]
+            stored.copy_(patches.reshape(-1, d))
+            if not torch.isfinite(stored).all():  # only float16 can overflow: the backbone output was checked
+                raise NumericalError(f"training features overflow {self.feature_dtype}; refit with feature_dtype='float32'")
             position_sum += patches.double().sum(0)
             n += b
         x = x[: n * h * w]
-        if not torch.isfinite(x).all():  # only float16 can overflow here: the backbone output was checked
-            raise NumericalError(f"training features overflow {self.feature_dtype}; refit with feature_dtype='float32'")
         som = SelfOrganizingMap(size=int(self.som_size), rough_epochs=self.rough_epochs, fine_epochs=self.fine_epochs,
                                 max_samples=self.som_samples, seed=self.seed, search=self.search)
         init = SelfOrganizingMap.position_mean_init(position_sum / n, som.size)
