@@ -91,3 +91,28 @@ def test_defect_without_mask_counts_for_image_metrics_only(model_file, tmp_path)
     check = subprocess.run([sys.executable, str(ROOT / "scripts" / "recompute_metrics.py"), "--maps", str(out / "maps"),
                             "--category", str(cat), "--json", str(out / "metrics.json")], capture_output=True, text=True)
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+def test_scoring_overrides_on_a_loaded_model(model_file, category, tmp_path, capsys):
+    """`--search exact` (and `load(..., search=, k=)`) change only scoring; other parameters and other
+    methods are refused with a one-line error."""
+    from somad import load
+    from somad.errors import SomadError
+
+    test_dir = category / "test" / "good"
+    assert main(["-q", "predict", str(model_file), str(test_dir), "-o", str(tmp_path / "a")]) == 0
+    assert main(["-q", "predict", str(model_file), str(test_dir), "-o", str(tmp_path / "b"), "--search", "exact"]) == 0
+    a, b = (list(csv.DictReader(open(tmp_path / d / "scores.csv"))) for d in "ab")
+    assert [r["score"] for r in a] == [r["score"] for r in b]  # a 6x6 map is searched exhaustively either way
+    model = load(model_file, search="exact", k=1)
+    assert model.search == "exact" and model.k == 1
+    with pytest.raises(SomadError, match="'eps' cannot be changed on a loaded somad model; valid: k, search"):
+        load(model_file, eps=1.0)
+    with pytest.raises(SomadError, match="k=0"):
+        load(model_file, k=0)
+    padim = tmp_path / "padim.safetensors"
+    assert main(["-q", "fit", str(category), "-o", str(padim), "--method", "padim", *TINY]) == 0
+    capsys.readouterr()
+    assert main(["predict", str(padim), str(test_dir), "-o", str(tmp_path / "c"), "--search", "exact"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {padim}: 'search' cannot be changed on a loaded padim model; valid: none"]

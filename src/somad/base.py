@@ -132,6 +132,7 @@ class BaseDetector:
     method = "base"
     _stages: tuple[int, ...] = (0, 1, 2)  # backbone stages the features come from (0/1/2 = stride 4/8/16)
     _local_aggregation: int = 1  # neighbourhood-mean kernel applied to each stage (1 = none)
+    _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
     _common = ("backbone", "weights", "image_size", "crop_size", "dims", "blur_sigma", "val_fraction",
                "threshold_quantile", "batch_size", "device", "seed", "on_error")
 
@@ -392,12 +393,13 @@ class BaseDetector:
         return save_model(path, config, arrays)
 
     @classmethod
-    def _from_file(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None):
+    def _from_file(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None,
+                   scoring: dict | None = None):
         """Rebuild from a verified file; config or arrays that do not fit raise a one-line ModelFileError."""
         from .errors import ModelFileError
 
         try:
-            return cls._rebuild(config, arrays, path, device)
+            return cls._rebuild(config, arrays, path, device, scoring or {})
         except SomadError:
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
@@ -406,11 +408,18 @@ class BaseDetector:
                                  f"({reason}); re-run `somad fit`") from None
 
     @classmethod
-    def _rebuild(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None):
+    def _rebuild(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None, scoring: dict):
         params = dict(config["params"])
         if device is not None:
             params["device"] = device
+        for name, value in scoring.items():
+            if name not in cls._scoring:
+                valid = ", ".join(cls._scoring) or "none"
+                raise SomadError(f"{path}: {name!r} cannot be changed on a loaded {cls.method} model; valid: {valid}")
+            params[name] = value
         model = cls(**params)
+        if scoring:
+            model._validate_params()
         model.device_ = resolve_device(model.device)
         model.channel_indices_ = arrays["channel_indices"].numpy()
         total = sum(_channels(model.backbone)[s] for s in model._stages)
@@ -441,7 +450,7 @@ def _channels(backbone: str) -> tuple[int, ...]:
     return backbone_spec(backbone).channels
 
 
-def load(path, *, device: str | None = None) -> BaseDetector:
+def load(path, *, device: str | None = None, **scoring) -> BaseDetector:
     """Rebuild a detector from a model file written by ``save``.
 
     Parameters
@@ -449,6 +458,9 @@ def load(path, *, device: str | None = None) -> BaseDetector:
     path : model file
     device : {"auto", "cpu", "cuda"}, optional
         Overrides the device stored in the file.
+    **scoring
+        Overrides of scoring-only parameters (SOMAD: ``k``, ``search``), e.g. ``load(p, search="exact")``;
+        ``None`` values are ignored.
     """
     from .errors import ModelFileError
     from .methods import METHODS
@@ -459,7 +471,8 @@ def load(path, *, device: str | None = None) -> BaseDetector:
     method = config.get("method")
     if method not in METHODS:
         raise ModelFileError(f"{path}: unknown method {method!r} in the model file; valid: {', '.join(METHODS)}")
-    return METHODS[method]._from_file(config, arrays, Path(path), device)
+    scoring = {name: value for name, value in scoring.items() if value is not None}
+    return METHODS[method]._from_file(config, arrays, Path(path), device, scoring)
 
 
 __all__ = ["BaseDetector", "ImageItem", "Prediction", "Geometry", "as_items", "load"]

@@ -64,8 +64,11 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
-def _add_run_args(p: argparse.ArgumentParser, on_error_default: str) -> None:
+def _add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: bool = False) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    if scoring:  # predict and evaluate: overrides of a loaded model's scoring
+        p.add_argument("--search", default=None, choices=["fast", "exact"],
+                       help="SOMAD: override the model's nearest-node search (default: as fitted)")
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
     p.add_argument("--on-error", default=on_error_default, choices=["fail", "skip"],
                    help=f"unreadable images: stop, or skip and list them (default {on_error_default})")
@@ -133,7 +136,7 @@ def cmd_predict(args) -> int:
     from .base import load
     from .outputs import staged_output_dir, write_predictions
 
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, search=args.search)
     model.batch_size = args.batch_size
     items = _input_items(args.inputs)
     with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
@@ -181,7 +184,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    _add_run_args(p, "skip")
+    _add_run_args(p, "skip", scoring=True)
     p.set_defaults(func=cmd_predict)
 
     p = sub.add_parser("demo", help="fit and score a generated synthetic inspection set (offline)",

@@ -182,7 +182,7 @@ def add_parser(sub, add_model_args, add_run_args) -> None:
                    help="compare at the masks' own resolution (default, as the MVTec reference) or at the model input")
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    add_run_args(p, "skip")
+    add_run_args(p, "skip", scoring=True)
     p.set_defaults(func=cmd_evaluate)
 
 
@@ -194,7 +194,7 @@ def cmd_evaluate(args) -> int:
         raise SomadError("give either CATEGORY_DIR or --good-dir/--defect-dir/--mask-dir, not both")
     if not args.category and not (args.good_dir or args.defect_dir):
         raise SomadError("no test data: give an MVTec CATEGORY_DIR or --good-dir/--defect-dir")
-    model = load(args.model, device=args.device)
+    model = load(args.model, device=args.device, search=args.search)
     model.batch_size = args.batch_size
     samples = load_test_samples(Path(args.category) if args.category else None, good_dir=args.good_dir,
                            defect_dirs=args.defect_dir, mask_dir=args.mask_dir)

@@ -61,6 +61,7 @@ class SOMAD(BaseDetector):
 
     method = "somad"
     _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype")
+    _scoring = ("k", "search")
 
     def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000,
                  search="fast", feature_dtype="float16", **common):
