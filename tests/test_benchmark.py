@@ -67,3 +67,28 @@ def test_target_table_reports_ratios_and_verdicts():
     assert lines["fit RSS: SOMAD / (PaDiM + SOMAD arrays) <= 1"] == [f"{2.0 / (1.9 + 100 / 1024):.2f}", "no"]
     assert lines["au_pro: fast - exact >= -0.5 points"] == ["-0.40", "yes"]
     assert target_table([r for r in rows if r["method"] != "patchcore"]) == ""  # needs all three methods
+    # Interleaved latency figures, when present, replace the cells' predict figures.
+    latency = {"cat": {"n_images": 5, "methods": {
+        "somad": {"predict_ms": 50.0, "backbone_ms": 20.0, "post_ms": 25.0},
+        "padim": {"predict_ms": 100.0, "backbone_ms": 20.0, "post_ms": 75.0},
+        "patchcore": {"predict_ms": 40.0, "backbone_ms": 20.0, "post_ms": 15.0}}}}
+    table = target_table(rows, latency)
+    assert "interleaved latency run, 5 images" in table
+    assert "| predict ms: SOMAD / PaDiM <= 1.25 | 0.50 | yes |" in table
+    assert "| after-backbone / backbone <= 0.5 | 1.25 | no |" in table
+    assert "| fit s: SOMAD / PaDiM <= 3 | 2.50 | yes |" in table  # fit figures still from the cells
+
+
+def test_interleaved_latency_times_every_model(tmp_path):
+    from somad import SOMAD
+    from somad.benchmark import _run_latency
+    from somad.methods import PaDiM
+
+    cat = make_synthetic_category(tmp_path / "data", n_train=4, n_test_good=2, n_test_defect=2, size=64, seed=1)
+    paths = {}
+    for name, model in (("somad", SOMAD(**COMMON, som_size=4, k=2, rough_epochs=1, fine_epochs=1)), ("padim", PaDiM(**COMMON))):
+        paths[name] = str(model.fit(cat).save(tmp_path / f"{name}.safetensors"))
+    result = _run_latency({"models": paths, "category": str(cat), "threads": 1, "n_images": 3})
+    assert result["n_images"] == 3 and set(result["methods"]) == {"somad", "padim"}
+    for figures in result["methods"].values():
+        assert 0 < figures["backbone_ms"] < figures["predict_ms"] and 0 < figures["post_ms"] < figures["predict_ms"]
