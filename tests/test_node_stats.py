@@ -126,3 +126,16 @@ def test_block_storage_round_trips_and_scores_like_dense_whiteners():
     assert torch.allclose(back.shifts, g.shifts)
     with pytest.raises(ValueError, match="expected"):
         NodeGaussians.from_whiteners(g.means, g.tril()[:, :-1], g.counts)
+
+
+def test_member_chunking_does_not_change_the_statistics():
+    """A node with more members than one pass may hold (max_elements) is accumulated over several passes."""
+    rng = np.random.default_rng(5)
+    x = torch.from_numpy(rng.normal(size=(2000, 9)).astype(np.float16))
+    assign = torch.from_numpy(np.where(rng.random(2000) < 0.8, 0, rng.integers(1, 6, size=2000)))
+    whole = fit_node_gaussians(x, assign, torch.zeros(6, 9), eps=0.01)
+    parts = fit_node_gaussians(x, assign, torch.zeros(6, 9), eps=0.01, max_elements=9 * 50)
+    assert int(whole.counts[0]) > 1500
+    for a, b in zip(whole.blocks, parts.blocks):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.means, parts.means)

@@ -85,8 +85,11 @@ class NodeGaussians:
         rows, cols = torch.tril_indices(d, d, device=self.means.device)
         out = torch.empty(m, rows.numel(), dtype=self.blocks[0].dtype, device=self.means.device)
         for (lo, hi), b in zip(self.bounds, self.blocks):
-            sel = (rows >= lo) & (rows < hi)
-            out[:, sel] = b[:, rows[sel] - lo, cols[sel]]
+            # In tril_indices order the rows lo:hi are one contiguous run of columns of ``out``.
+            first, last = lo * (lo + 1) // 2, hi * (hi + 1) // 2
+            flat = (rows[first:last] - lo) * hi + cols[first:last]  # positions in a flattened (hi - lo, hi) block
+            for start in range(0, m, 256):  # node chunks: no (M, ...) temporary
+                out[start:start + 256, first:last] = b[start:start + 256].reshape(-1, (hi - lo) * hi)[:, flat]
         return out
 
     @classmethod
@@ -148,10 +151,14 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         if not bool(many.any()):
             continue
         ids, rows, valid = ids[many], rows[many], valid[many]
-        # Padding entries point one past the end: clamp them to a real row, then zero them with the mask.
-        members = x[rows.clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
-        centred = (members - means[ids][:, None, :]) * valid[..., None]
-        scatter = centred.transpose(1, 2) @ centred  # (G, D, D) sum of outer products of centred members
+        scatter = torch.zeros(ids.numel(), d, d, dtype=torch.float64, device=device)
+        centre = means[ids][:, None, :]
+        step = max(1, max_elements // (ids.numel() * d))  # members per pass: a huge node never needs a huge copy
+        for c in range(0, rows.shape[1], step):
+            # Padding entries point one past the end: clamp them to a real row, then zero them with the mask.
+            members = x[rows[:, c:c + step].clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
+            members.sub_(centre).mul_(valid[:, c:c + step, None])
+            scatter.baddbmm_(members.transpose(1, 2), members)  # += outer products of the centred members
         pooled += scatter.sum(0)
         dof += int((counts[ids] - 1).sum())
         cov = scatter / (counts[ids] - 1).double()[:, None, None] + eps * eye
