@@ -155,3 +155,18 @@ def test_synthetic_defects_are_found_with_real_weights(tmp_path):
     masks = [load_mask(s.mask_path) if s.mask_path else np.zeros(m.shape, bool) for s, m in zip(samples, maps)]
     assert image_auroc(labels, scores) >= 0.9
     assert pixel_auroc(masks, maps) >= 0.9
+
+
+def test_a_model_file_from_before_the_search_option_keeps_the_exact_search(images, tmp_path):
+    """Files written by somad 0.1.0 have no `search` parameter: they load with the exhaustive search they
+    were fitted with, so their scores do not change."""
+    from somad.model_io import load_model, save_model
+
+    path = SOMAD(**{**TINY, "search": "exact", "feature_dtype": "float32"}).fit(images).save(tmp_path / "m.safetensors")
+    config, arrays = load_model(path)
+    for name in ("search", "feature_dtype"):
+        del config["params"][name]
+    save_model(tmp_path / "old.safetensors", config, arrays)
+    old = load(tmp_path / "old.safetensors")
+    assert (old.search, old.feature_dtype) == ("exact", "float32")
+    np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])

@@ -133,6 +133,7 @@ class BaseDetector:
     _stages: tuple[int, ...] = (0, 1, 2)  # backbone stages the features come from (0/1/2 = stride 4/8/16)
     _local_aggregation: int = 1  # neighbourhood-mean kernel applied to each stage (1 = none)
     _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
+    _absent_in_old_files: dict = {}  # values of parameters added later, for files written before them
     _common = ("backbone", "weights", "image_size", "crop_size", "dims", "blur_sigma", "val_fraction",
                "threshold_quantile", "batch_size", "device", "seed", "on_error")
 
@@ -409,7 +410,7 @@ class BaseDetector:
 
     @classmethod
     def _rebuild(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None, scoring: dict):
-        params = dict(config["params"])
+        params = {**cls._absent_in_old_files, **config["params"]}
         if device is not None:
             params["device"] = device
         for name, value in scoring.items():

@@ -62,6 +62,7 @@ class SOMAD(BaseDetector):
     method = "somad"
     _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype")
     _scoring = ("k", "search")
+    _absent_in_old_files = {"search": "exact", "feature_dtype": "float32"}  # somad 0.1.0 files: as they were fitted
 
     def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000,
                  search="fast", feature_dtype="float16", **common):
