@@ -139,3 +139,29 @@ def test_member_chunking_does_not_change_the_statistics():
     for a, b in zip(whole.blocks, parts.blocks):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(whole.means, parts.means)
+
+
+def test_float16_factors_score_like_float32_and_round_trip():
+    from somad.node_stats import NodeGaussians
+
+    rng = np.random.default_rng(6)
+    x = torch.from_numpy(rng.normal(size=(3000, 21)).astype(np.float32))
+    assign = torch.from_numpy(rng.integers(0, 40, size=3000))
+    g32 = fit_node_gaussians(x, assign, torch.zeros(40, 21), eps=0.01)
+    g16 = fit_node_gaussians(x, assign, torch.zeros(40, 21), eps=0.01, dtype=torch.float16)
+    assert all(b.dtype == torch.float16 for b in g16.blocks) and g16.tril().dtype == torch.float16
+    q = torch.from_numpy(rng.normal(size=(500, 21)).astype(np.float32))
+    nodes = torch.from_numpy(rng.integers(0, 40, size=(500, 3)))
+    d32, d16 = mahalanobis(q, nodes, g32), mahalanobis(q, nodes, g16, max_nodes=5)
+    assert d16.dtype == torch.float32
+    torch.testing.assert_close(d16, d32, rtol=3e-3, atol=1e-3)
+    back = NodeGaussians.from_whiteners(g16.means, g16.tril(), g16.counts)
+    assert all(torch.equal(a, b) for a, b in zip(back.blocks, g16.blocks))
+
+
+def test_float16_factor_overflow_is_a_clear_error():
+    from somad.errors import NumericalError
+
+    x = torch.tensor([[0.0, 0.0], [1e-6, 0.0], [0.0, 1e-6]])  # spread ~1e-6: factor entries ~1e6 > float16 max
+    with pytest.raises(NumericalError, match="factor_dtype='float32'"):
+        fit_node_gaussians(x, torch.zeros(3, dtype=torch.long), torch.zeros(1, 2), eps=1e-12, dtype=torch.float16)

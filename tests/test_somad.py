@@ -87,8 +87,20 @@ def test_not_fitted_and_parameter_errors(images):
 def test_search_and_feature_dtype_choices_are_validated(images):
     with pytest.raises(SomadError, match="choose one of: fast, exact"):
         SOMAD(**{**TINY, "search": "approx"}).fit(images)
-    with pytest.raises(SomadError, match="choose one of: float16, float32"):
+    with pytest.raises(SomadError, match="feature_dtype='int8' is invalid; choose one of: float16, float32"):
         SOMAD(**{**TINY, "feature_dtype": "int8"}).fit(images)
+    with pytest.raises(SomadError, match="factor_dtype='bf16' is invalid"):
+        SOMAD(**{**TINY, "factor_dtype": "bf16"}).fit(images)
+
+
+def test_float16_factors_halve_the_file_and_keep_the_scores(images, tmp_path):
+    a = SOMAD(**{**TINY, "dims": 60}).fit(images)
+    b = SOMAD(**{**TINY, "dims": 60, "factor_dtype": "float16"}).fit(images)
+    pa, pb = a.save(tmp_path / "a.safetensors"), b.save(tmp_path / "b.safetensors")
+    assert pb.stat().st_size < 0.6 * pa.stat().st_size
+    loaded = load(pb)
+    assert loaded.factor_dtype == "float16" and loaded.gaussians_.blocks[0].dtype == torch.float16
+    np.testing.assert_allclose(loaded.predict(images)[0], a.predict(images)[0], rtol=5e-3)
 
 
 def test_fast_search_scores_like_exact_search_on_a_large_map(images):

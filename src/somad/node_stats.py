@@ -47,7 +47,7 @@ class NodeGaussians:
     Attributes
     ----------
     means : tensor (M, D) float32
-    blocks : tuple of tensors (M, hi - lo, hi) float32, one per ``(lo, hi)`` in ``bounds``
+    blocks : tuple of tensors (M, hi - lo, hi), float32 or float16, one per ``(lo, hi)`` in ``bounds``
     shifts : tensor (M, D) float32, ``W_i mu_i``
     counts : tensor (M,) int64, members per node
     """
@@ -95,16 +95,20 @@ class NodeGaussians:
     @classmethod
     def from_whiteners(cls, means: torch.Tensor, tril: torch.Tensor, counts: torch.Tensor, *,
                        chunk: int = 256) -> "NodeGaussians":
-        """Rebuild from means ``(M, D)``, lower triangles ``(M, D*(D+1)/2)`` (see :meth:`tril`) and counts."""
+        """Rebuild from means ``(M, D)``, lower triangles ``(M, D*(D+1)/2)`` (see :meth:`tril`) and counts.
+
+        Float16 triangles give float16 blocks; any other dtype gives float32.
+        """
         m, d = means.shape
         if tril.shape != (m, d * (d + 1) // 2):
             raise ValueError(f"whitener triangles have shape {tuple(tril.shape)}, expected ({m}, {d * (d + 1) // 2})")
         rows, cols = torch.tril_indices(d, d)
         bounds = row_blocks(d)
-        blocks = tuple(torch.zeros(m, hi - lo, hi) for lo, hi in bounds)
+        dtype = torch.float16 if tril.dtype == torch.float16 else torch.float32
+        blocks = tuple(torch.zeros(m, hi - lo, hi, dtype=dtype) for lo, hi in bounds)
         for start in range(0, m, chunk):  # chunked: never a dense (M, D, D) copy
-            dense = torch.zeros(min(chunk, m - start), d, d)
-            dense[:, rows, cols] = tril[start:start + chunk].float()
+            dense = torch.zeros(min(chunk, m - start), d, d, dtype=dtype)
+            dense[:, rows, cols] = tril[start:start + chunk].to(dtype)
             for (lo, hi), b in zip(bounds, blocks):
                 b[start:start + chunk] = dense[:, lo:hi, :hi]
         means = means.float()
@@ -115,13 +119,18 @@ class NodeGaussians:
                              self.shifts.to(device), self.counts.to(device))
 
 
-def _shifts(blocks, bounds, means: torch.Tensor) -> torch.Tensor:
-    """``W_i mu_i`` for every node, block by block: ``(M, D)``."""
-    return torch.cat([torch.einsum("mij,mj->mi", b, means[:, :hi]) for (_, hi), b in zip(bounds, blocks)], dim=1)
+def _shifts(blocks, bounds, means: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """``W_i mu_i`` for every node, block by block, in float32: ``(M, D)``."""
+    out = torch.empty_like(means)
+    for (lo, hi), b in zip(bounds, blocks):
+        for start in range(0, means.shape[0], chunk):  # node chunks: float16 blocks are widened a chunk at a time
+            sl = slice(start, start + chunk)
+            out[sl, lo:hi] = torch.einsum("mij,mj->mi", b[sl].float(), means[sl, :hi])
+    return out
 
 
 def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: torch.Tensor, eps: float,
-                       *, max_elements: int = 1 << 24) -> NodeGaussians:
+                       *, max_elements: int = 1 << 24, dtype: torch.dtype = torch.float32) -> NodeGaussians:
     """Fit the per-node Gaussians (see the module docstring for the rule).
 
     Parameters
@@ -130,6 +139,8 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     assignment : int64 tensor (N,), node of each vector
     prototypes : tensor (M, D), SOM weights (means of empty nodes)
     eps : float, >= 0
+    dtype : torch.float32 or torch.float16
+        Storage of the whitener blocks (float16: half the memory and file; scoring computes in float32).
     """
     m, d = prototypes.shape
     device = prototypes.device
@@ -141,7 +152,7 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], prototypes.double())
 
     bounds = row_blocks(d)
-    blocks = tuple(torch.zeros(m, hi - lo, hi, dtype=torch.float32, device=device) for lo, hi in bounds)
+    blocks = tuple(torch.zeros(m, hi - lo, hi, dtype=dtype, device=device) for lo, hi in bounds)
     pooled = torch.zeros(d, d, dtype=torch.float64, device=device)
     dof = 0
     eye = torch.eye(d, dtype=torch.float64, device=device)
@@ -182,9 +193,10 @@ NON_FINITE = "non-finite node statistics (NaN/Inf in the training features?); ch
 def _store(blocks, bounds, ids: torch.Tensor, whiteners: torch.Tensor) -> None:
     """Write dense whiteners ``(G or 1, D, D)`` of nodes ``ids`` into the row blocks, checking them first
     (here, one group at a time, rather than on the full blocks: no block-sized temporaries)."""
-    whiteners = whiteners.float()
+    whiteners = whiteners.to(blocks[0].dtype)
     if not torch.isfinite(whiteners).all():
-        raise NumericalError(NON_FINITE)
+        raise NumericalError(NON_FINITE if whiteners.dtype != torch.float16 else
+                             "node whiteners overflow float16; refit with factor_dtype='float32' or a larger eps")
     for (lo, hi), b in zip(bounds, blocks):
         b[ids] = whiteners[:, lo:hi, :hi]
 
@@ -234,6 +246,8 @@ def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians, 
     # Reused buffers of max_nodes whiteners: small enough to stay in cache between the copy and the bmm
     # (a fresh W[ids] per step would page-fault and stream every whitener through memory twice).
     buffers = [torch.empty(max_nodes, *b.shape[1:], device=device) for b in g.blocks]
+    staging = [torch.empty(max_nodes, *b.shape[1:], dtype=b.dtype, device=device) if b.dtype != torch.float32 else None
+               for b in g.blocks]  # float16 blocks are gathered here, then widened into the float32 buffers
     # Pair j = (vector j // k, node flat[j]); grouping pairs by node lets each node whiten its vectors in one bmm.
     pair_vector = torch.cat([torch.arange(n * k, device=device) // k, torch.tensor([n], device=device)])
     for ids, rows, valid in padded_groups(flat, g.means.shape[0], max_elements=max(1, max_elements // d),
@@ -241,8 +255,11 @@ def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians, 
         xv = x_pad[pair_vector[rows]]  # (G, L, D)
         shift = g.shifts[ids][:, None, :]
         total = None
-        for (lo, hi), block, buf in zip(bounds, g.blocks, buffers):
-            w = torch.index_select(block, 0, ids, out=buf[: ids.numel()])
+        for (lo, hi), block, buf, stage in zip(bounds, g.blocks, buffers, staging):
+            if stage is None:
+                w = torch.index_select(block, 0, ids, out=buf[: ids.numel()])
+            else:
+                w = buf[: ids.numel()].copy_(torch.index_select(block, 0, ids, out=stage[: ids.numel()]))
             # Triangular: rows lo:hi of W only touch columns 0:hi of x.
             z = torch.baddbmm(shift[:, :, lo:hi], xv[:, :, :hi], w.transpose(1, 2), beta=-1.0)
             sq = (z * z).sum(-1)

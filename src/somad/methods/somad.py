@@ -26,7 +26,7 @@ from ..som import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
 
-FEATURE_DTYPES = {"float16": torch.float16, "float32": torch.float32}
+DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
 class SOMAD(BaseDetector):
@@ -50,6 +50,9 @@ class SOMAD(BaseDetector):
         exhaustive (see ``somad.node_search`` and docs/benchmarks.md for the measured difference).
     feature_dtype : {"float16", "float32"}, default "float16"
         Precision of the training patches held between the SOM and the node statistics.
+    factor_dtype : {"float32", "float16"}, default "float32"
+        Storage of the node covariances' inverse Cholesky factors, in memory and in the model file. float16
+        halves both (scoring still computes in float32); see docs/benchmarks.md for its accuracy cost.
     **common
         See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...).
 
@@ -60,12 +63,13 @@ class SOMAD(BaseDetector):
     """
 
     method = "somad"
-    _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype")
+    _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype",
+            "factor_dtype")
     _scoring = ("k", "search")
-    _absent_in_old_files = {"search": "exact", "feature_dtype": "float32"}  # somad 0.1.0 files: as they were fitted
+    _absent_in_old_files = {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"}  # somad 0.1.0 files: as they were fitted
 
     def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000,
-                 search="fast", feature_dtype="float16", **common):
+                 search="fast", feature_dtype="float16", factor_dtype="float32", **common):
         super().__init__(**common)
         self.som_size = som_size
         self.k = k
@@ -75,6 +79,7 @@ class SOMAD(BaseDetector):
         self.som_samples = som_samples
         self.search = search
         self.feature_dtype = feature_dtype
+        self.factor_dtype = factor_dtype
 
     def _validate_params(self) -> None:
         super()._validate_params()
@@ -88,15 +93,16 @@ class SOMAD(BaseDetector):
             raise SomadError("rough_epochs and fine_epochs must be >= 0")
         if self.search not in SEARCH_CHOICES:
             raise SomadError(f"search={self.search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
-        if self.feature_dtype not in FEATURE_DTYPES:
-            raise SomadError(f"feature_dtype={self.feature_dtype!r} is invalid; choose one of: {', '.join(FEATURE_DTYPES)}")
+        for name in ("feature_dtype", "factor_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise SomadError(f"{name}={getattr(self, name)!r} is invalid; choose one of: {', '.join(DTYPES)}")
 
     def _fit_features(self, batches, n_images: int) -> None:
         x, position_sum, n = None, None, 0
         for feats in batches:
             b, d, h, w = feats.shape
             if x is None:
-                x = torch.empty(n_images * h * w, d, dtype=FEATURE_DTYPES[self.feature_dtype], device=feats.device)
+                x = torch.empty(n_images * h * w, d, dtype=DTYPES[self.feature_dtype], device=feats.device)
                 position_sum = torch.zeros(h, w, d, dtype=torch.float64, device=feats.device)
             patches = feats.permute(0, 2, 3, 1)  # (b, h, w, D): patch rows in image-major, row-major order
             stored = x[n * h * w:(n + b) * h * w]
@@ -111,7 +117,8 @@ class SOMAD(BaseDetector):
         init = SelfOrganizingMap.position_mean_init(position_sum / n, som.size)
         self.som_ = som.fit(x, init)
         _, assignment = make_search(som.weights_, som.size, self.search)(x, 1)
-        self.gaussians_ = fit_node_gaussians(x, assignment[:, 0], som.weights_, float(self.eps))
+        self.gaussians_ = fit_node_gaussians(x, assignment[:, 0], som.weights_, float(self.eps),
+                                             dtype=DTYPES[self.factor_dtype])
         self.n_patches_ = int(x.shape[0])
         self._searcher = None
 
