@@ -964,3 +964,15 @@ def test_same_seed_gives_bit_identical_scores_on_cpu(data, work):
     arrays_a, arrays_b = load_model(work / "a.safetensors")[1], load_model(work / "b.safetensors")[1]
     assert arrays_a.keys() == arrays_b.keys()
     assert all(torch.equal(arrays_a[k], arrays_b[k]) for k in arrays_a)
+
+
+def test_predict_with_no_readable_input_is_an_error_and_writes_nothing(capsys, work, model_file):
+    inputs = work / "in"
+    inputs.mkdir()
+    (inputs / "a.png").write_bytes(b"not a png")
+    (inputs / "b.png").write_bytes(b"")
+    out = work / "out"
+    rc, _, err = cli(capsys, "predict", model_file, inputs, "-o", out)
+    line = assert_user_error(rc, err, "none of the 2 input images could be read", "a.png")
+    assert "Traceback" not in line
+    assert not out.exists() and leftovers(work) == []

@@ -144,6 +144,10 @@ def cmd_predict(args) -> int:
     items = _input_items(args.inputs)
     with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
         rows, skipped = write_predictions(model, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
+        if skipped and not rows:  # leaving the block by an error discards the staged folder: nothing is written
+            first = skipped[0].split("; ")[0]  # the reason without its per-image hint
+            raise SomadError(f"none of the {len(skipped)} input images could be read (first: {first}); "
+                             "pass readable image files or folders")
     n_flag = sum(1 for r in rows if r[2] == 1)
     tail = f"; {n_flag} flagged anomalous" if model.image_threshold_ is not None else ""
     print(f"scored {len(rows)} images{tail}; wrote {args.output}/scores.csv")
