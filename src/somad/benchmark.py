@@ -341,20 +341,15 @@ def target_table(rows: list[dict], latency: dict | None = None) -> str:
     when the ``exact`` variant ran too, the accuracy difference fast - exact in points. Predict figures come
     from the interleaved latency run (``latency[category]``) when there is one, else from the cells.
     """
-    def pick(method, cat, variant="fast"):
-        if method == "somad" and variant == "exact":
-            return next((r for r in rows if r["method"] == "somad" and r["category"] == cat and
-                         r.get("som_size") == 56 and r.get("k") == 4 and r.get("variant") == "exact"), None)
-        return _main_cell(rows, method, cat)
-
     out = []
     for cat in sorted({r["category"] for r in rows}):
-        s, pd, pc = pick("somad", cat), pick("padim", cat), pick("patchcore", cat)
+        s, pd, pc = (_main_cell(rows, m, cat) for m in ("somad", "padim", "patchcore"))
         if not (s and pd and pc):
             continue
         lat = (latency or {}).get(cat, {}).get("methods", {})
         ts, tpd, tpc = (lat.get(m, r) for m, r in (("somad", s), ("padim", pd), ("patchcore", pc)))
-        ref = pick("somad", cat, "exact") if any(r.get("variant") == "exact" for r in rows) else None
+        ref = next((r for r in rows if r["method"] == "somad" and r["category"] == cat and r.get("som_size") == 56
+                    and r.get("k") == 4 and r.get("variant") == "exact"), None)
         checks = [
             ("predict ms: SOMAD / PaDiM <= 1.25", ts["predict_ms"] / tpd["predict_ms"], 1.25),
             ("predict ms: SOMAD / PatchCore <= 1", ts["predict_ms"] / tpc["predict_ms"], 1.0),

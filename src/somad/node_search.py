@@ -119,13 +119,11 @@ class ClusteredNodeSearch:
         used = torch.nonzero(counts).flatten()
         labels = torch.searchsorted(used, labels)  # renumber the non-empty clusters 0..C-1
         counts = counts[used]
-        c, length = used.numel(), int(counts.max())
-        order = torch.argsort(labels, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        offs = torch.arange(length, device=w.device)
-        valid = offs[None, :] < counts[:, None]
-        pos = (starts[:, None] + offs[None, :]).clamp_max(ids.numel() - 1)
-        self.members_ = torch.where(valid, ids[order[pos]], torch.full_like(pos, m))
+        c = used.numel()
+        # One padded block holding every cluster: rows index ``ids``, padding points at node M (at infinity).
+        order, rows, _ = next(padded_groups(labels, c, max_elements=c * int(counts.max())))
+        self.members_ = torch.empty_like(rows)
+        self.members_[order] = torch.cat([ids, torch.tensor([m], device=w.device)])[rows]
         self.centres_ = torch.zeros(c, d, dtype=torch.float64, device=w.device).index_add_(
             0, labels, w[ids].double()).div_(counts[:, None]).float()
         self.min_size_ = int(counts.min())
