@@ -29,8 +29,25 @@ def test_probing_every_cluster_is_exact(trained_map):
     assert index.n_probe == index.n_clusters
     d, i = index.search(q, 4)
     ref_d, ref_i = nearest_nodes(q, w, 4)
-    assert torch.equal(i, ref_i)
-    assert torch.allclose(d, ref_d, rtol=1e-4, atol=1e-3)
+    assert_same_neighbours(q, w, d, i, ref_d, ref_i)
+
+
+def assert_same_neighbours(q, w, d, i, ref_d, ref_i):
+    """The same k nearest nodes as the exhaustive search, up to near-ties, which summation order may swap:
+    at every rank the returned node is as near as the exhaustive one."""
+    assert float((i == ref_i).double().mean()) >= 0.999
+    true = ((q[:, None, :] - w[i]) ** 2).sum(-1)
+    torch.testing.assert_close(true, ref_d, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(d, ref_d, rtol=1e-4, atol=1e-3)
+
+
+def test_kernel_and_torch_probing_agree(trained_map):
+    w, q = trained_map
+    index = ClusteredNodeSearch(w, 32)
+    coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0)
+    d, i = index.search(q, 4)
+    ref_d, ref_i = index._probe_torch(q, coarse, 4)
+    assert_same_neighbours(q, w, d, i, ref_d, ref_i)
 
 
 def test_default_probes_find_the_true_nearest_nodes(trained_map):
@@ -56,8 +73,8 @@ def test_excluded_nodes_are_never_returned(trained_map):
     exclude[::3] = True
     _, i = ClusteredNodeSearch(w, 32, exclude=exclude).search(q, 5)
     assert not exclude[i].any()
-    _, i_all = ClusteredNodeSearch(w, 32, exclude=exclude, n_probe=10_000).search(q, 5)
-    assert torch.equal(i_all, nearest_nodes(q, w, 5, exclude=exclude)[1])
+    d_all, i_all = ClusteredNodeSearch(w, 32, exclude=exclude, n_probe=10_000).search(q, 5)
+    assert_same_neighbours(q, w, d_all, i_all, *nearest_nodes(q, w, 5, exclude=exclude))
 
 
 def test_k_larger_than_the_probed_clusters_falls_back_to_exact(trained_map):

@@ -105,10 +105,11 @@ def test_row_blocks_cover_the_rows():
         assert all(hi == lo2 for (_, hi), (lo2, _) in zip(b[:-1], b[1:]))
 
 
-def test_block_storage_round_trips_and_scores_like_dense_whiteners():
-    """37 dims (uneven row blocks), many nodes of varied size: the blocked Mahalanobis equals the dense
-    ``||W (x - mu)||`` and the file layout (lower triangles) rebuilds the same blocks."""
-    from somad.node_stats import NodeGaussians
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_both_scoring_paths_equal_the_dense_whitening(path):
+    """37 dims (uneven row blocks), many nodes of varied size, nodes repeated within a row: the CPU kernel
+    and the torch row-block path both equal the dense ``||W (x - mu)||``."""
+    from somad.node_stats import mahalanobis_torch
 
     rng = np.random.default_rng(4)
     x = torch.from_numpy(rng.normal(size=(3000, 37)).astype(np.float32))
@@ -118,14 +119,34 @@ def test_block_storage_round_trips_and_scores_like_dense_whiteners():
     assert torch.equal(torch.triu(dense, 1), torch.zeros_like(dense))
     q = torch.from_numpy(rng.normal(size=(700, 37)).astype(np.float32))
     nodes = torch.from_numpy(rng.integers(0, 90, size=(700, 5)))
-    got = mahalanobis(q, nodes, g, max_nodes=7, max_elements=500)
+    nodes[:, 1] = nodes[:, 0]
+    got = mahalanobis(q, nodes, g) if path == "kernel" else mahalanobis_torch(q, nodes, g, max_nodes=7, max_elements=500)
     ref = torch.einsum("nkij,nkj->nki", dense[nodes].double(), (q[:, None, :] - g.means[nodes]).double()).norm(dim=-1)
     np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
-    back = NodeGaussians.from_whiteners(g.means, g.tril(), g.counts, chunk=16)
-    assert all(torch.equal(a, b) for a, b in zip(back.blocks, g.blocks))
-    assert torch.allclose(back.shifts, g.shifts)
+
+
+def test_packed_triangles_round_trip_and_give_the_row_blocks():
+    from somad.node_stats import NodeGaussians
+
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.normal(size=(2000, 37)).astype(np.float32))
+    g = fit_node_gaussians(x, torch.from_numpy(rng.integers(0, 30, size=2000)), torch.zeros(30, 37), eps=0.01)
+    dense = g.whiteners
+    for (lo, hi), block in zip(g.bounds, g.blocks):
+        assert torch.equal(block, dense[:, lo:hi, :hi])
+    torch.testing.assert_close(g.shifts, torch.einsum("mij,mj->mi", dense, g.means))
+    back = NodeGaussians.from_whiteners(g.means, g.tril, g.counts)
+    assert torch.equal(back.tril, g.tril) and torch.equal(back.whiteners, dense)
     with pytest.raises(ValueError, match="expected"):
-        NodeGaussians.from_whiteners(g.means, g.tril()[:, :-1], g.counts)
+        NodeGaussians.from_whiteners(g.means, g.tril[:, :-1], g.counts)
+
+
+def test_scoring_rejects_node_indices_out_of_range():
+    rng = np.random.default_rng(4)
+    x = torch.from_numpy(rng.normal(size=(200, 5)).astype(np.float32))
+    g = fit_node_gaussians(x, torch.from_numpy(rng.integers(0, 4, size=200)), torch.zeros(4, 5), eps=0.01)
+    with pytest.raises(ValueError, match="node indices must be in"):
+        mahalanobis(x[:3], torch.tensor([[0], [4], [1]]), g)
 
 
 def test_member_chunking_does_not_change_the_statistics():
@@ -136,27 +157,28 @@ def test_member_chunking_does_not_change_the_statistics():
     whole = fit_node_gaussians(x, assign, torch.zeros(6, 9), eps=0.01)
     parts = fit_node_gaussians(x, assign, torch.zeros(6, 9), eps=0.01, max_elements=9 * 50)
     assert int(whole.counts[0]) > 1500
-    for a, b in zip(whole.blocks, parts.blocks):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.tril, parts.tril, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(whole.means, parts.means)
 
 
-def test_float16_factors_score_like_float32_and_round_trip():
-    from somad.node_stats import NodeGaussians
+@pytest.mark.parametrize("path", ["kernel", "torch"])
+def test_float16_factors_score_like_float32_and_round_trip(path):
+    from somad.node_stats import NodeGaussians, _mahalanobis_kernel, mahalanobis_torch
 
     rng = np.random.default_rng(6)
     x = torch.from_numpy(rng.normal(size=(3000, 21)).astype(np.float32))
     assign = torch.from_numpy(rng.integers(0, 40, size=3000))
     g32 = fit_node_gaussians(x, assign, torch.zeros(40, 21), eps=0.01)
     g16 = fit_node_gaussians(x, assign, torch.zeros(40, 21), eps=0.01, dtype=torch.float16)
-    assert all(b.dtype == torch.float16 for b in g16.blocks) and g16.tril().dtype == torch.float16
+    assert g16.tril.dtype == torch.float16 and all(b.dtype == torch.float16 for b in g16.blocks)
     q = torch.from_numpy(rng.normal(size=(500, 21)).astype(np.float32))
     nodes = torch.from_numpy(rng.integers(0, 40, size=(500, 3)))
-    d32, d16 = mahalanobis(q, nodes, g32), mahalanobis(q, nodes, g16, max_nodes=5)
+    # chunk=7 / max_nodes=5: the float16 triangles are widened a few nodes at a time
+    d16 = _mahalanobis_kernel(q, nodes, g16, chunk=7) if path == "kernel" else mahalanobis_torch(q, nodes, g16, max_nodes=5)
     assert d16.dtype == torch.float32
-    torch.testing.assert_close(d16, d32, rtol=3e-3, atol=1e-3)
-    back = NodeGaussians.from_whiteners(g16.means, g16.tril(), g16.counts)
-    assert all(torch.equal(a, b) for a, b in zip(back.blocks, g16.blocks))
+    torch.testing.assert_close(d16, mahalanobis(q, nodes, g32), rtol=3e-3, atol=1e-3)
+    back = NodeGaussians.from_whiteners(g16.means, g16.tril, g16.counts)
+    assert torch.equal(back.tril, g16.tril)
 
 
 def test_float16_factor_overflow_is_a_clear_error():

@@ -128,10 +128,10 @@ class ClusteredNodeSearch:
             0, labels, w[ids].double()).div_(counts[:, None]).float()
         self.min_size_ = int(counts.min())
         self.n_probe = max(1, min(int(n_probe), c))
-        w_pad = torch.cat([w, torch.zeros(1, d, device=w.device)])
-        sq_pad = torch.cat([(w * w).sum(1), torch.tensor([float("inf")], device=w.device)])  # padding never wins
-        self._member_weights = w_pad[self.members_]  # (C, L, D): each cluster's nodes, contiguous for bmm
-        self._member_sq = sq_pad[self.members_]  # (C, L)
+        self._w_pad = torch.cat([w, torch.zeros(1, d, device=w.device)])
+        self._sq_pad = torch.cat([(w * w).sum(1), torch.tensor([float("inf")], device=w.device)])  # padding never wins
+        self._member_weights = self._w_pad[self.members_]  # (C, L, D): each cluster's nodes, contiguous for bmm
+        self._member_sq = self._sq_pad[self.members_]  # (C, L)
         self._centre_sq = (self.centres_ * self.centres_).sum(1)
 
     @property
@@ -156,11 +156,26 @@ class ClusteredNodeSearch:
         parts = [self._search(x[s:s + chunk_size], k) for s in range(0, x.shape[0], chunk_size)]
         return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
 
-    def _search(self, x: torch.Tensor, k: int, max_elements: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
-        device = self.centres_.device
-        n, p = x.shape[0], self.n_probe
-        xf = x.to(device, torch.float32)
+    def _search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        xf = x.to(self.centres_.device, torch.float32)
         coarse = torch.addmm(self._centre_sq, xf, self.centres_.T, beta=1.0, alpha=-2.0)
+        if xf.device.type != "cpu":
+            return self._probe_torch(xf, coarse, k)
+        from . import kernels
+
+        xf = xf.contiguous()
+        sq = torch.empty(xf.shape[0], k)
+        index = torch.empty(xf.shape[0], k, dtype=torch.int64)
+        kernels.set_threads()
+        kernels.probe_nearest(xf.numpy(), coarse.numpy(), self.n_probe, self.members_.numpy(), self._w_pad.numpy(),
+                              self._sq_pad.numpy(), sq.numpy(), index.numpy())
+        return sq, index
+
+    def _probe_torch(self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The probing step with torch ops only (any device): pairs grouped by cluster, one bmm per block."""
+        device = xf.device
+        n, p = xf.shape[0], self.n_probe
         probes = torch.topk(coarse, p, dim=1, largest=False, sorted=False).indices  # (N, P)
         length = self.members_.shape[1]
         cand_sq = torch.empty(n * p, length, device=device)

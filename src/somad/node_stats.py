@@ -19,8 +19,9 @@ factor, ``W_i = L_i^{-1}``, so that ``d_i(x)^2 = ||W_i x - W_i mu_i||^2``.
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from .batching import padded_groups
@@ -40,30 +41,27 @@ def row_blocks(d: int, n: int = 4) -> tuple[tuple[int, int], ...]:
 class NodeGaussians:
     """Gaussian per node, in whitened form.
 
-    Each whitener ``W_i = L_i^{-1}`` (``Sigma_i = L_i L_i^T``) is lower triangular, so it is stored as row
-    blocks that stop at the diagonal block: block ``b`` holds rows ``lo:hi`` and columns ``0:hi``. With four
-    blocks that is 62.5% of the dense matrix, in memory traffic and in multiply-adds.
+    Each whitener ``W_i = L_i^{-1}`` (``Sigma_i = L_i L_i^T``) is lower triangular and is stored packed: the
+    rows of its lower triangle one after another (``torch.tril_indices`` order, the file layout), half the
+    dense bytes. On CPU, :func:`mahalanobis` reads them in place (``somad.kernels``). The torch path (CUDA)
+    uses row blocks that stop at the diagonal block, built on first use: block ``b`` holds rows ``lo:hi``
+    and columns ``0:hi``, 62.5% of the dense matrix with four blocks.
 
     Attributes
     ----------
     means : tensor (M, D) float32
-    blocks : tuple of tensors (M, hi - lo, hi), float32 or float16, one per ``(lo, hi)`` in ``bounds``
-    shifts : tensor (M, D) float32, ``W_i mu_i``
+    tril : tensor (M, D*(D+1)/2), float32 or float16, packed lower triangles of the whiteners
     counts : tensor (M,) int64, members per node
     """
 
     means: torch.Tensor
-    blocks: tuple[torch.Tensor, ...]
-    shifts: torch.Tensor
+    tril: torch.Tensor
     counts: torch.Tensor
+    _torch_layout: tuple | None = field(default=None, repr=False, compare=False)  # (blocks, shifts), built lazily
 
     @property
     def bounds(self) -> tuple[tuple[int, int], ...]:
-        out, lo = [], 0
-        for b in self.blocks:
-            out.append((lo, lo + b.shape[1]))
-            lo += b.shape[1]
-        return tuple(out)
+        return row_blocks(self.means.shape[1])
 
     @property
     def empty(self) -> torch.Tensor:
@@ -74,49 +72,51 @@ class NodeGaussians:
     def whiteners(self) -> torch.Tensor:
         """Dense lower-triangular whiteners ``(M, D, D)`` (a copy)."""
         m, d = self.means.shape
-        dense = torch.zeros(m, d, d, dtype=self.blocks[0].dtype, device=self.means.device)
-        for (lo, hi), b in zip(self.bounds, self.blocks):
-            dense[:, lo:hi, :hi] = b
+        rows, cols = torch.tril_indices(d, d, device=self.means.device)
+        dense = torch.zeros(m, d, d, dtype=self.tril.dtype, device=self.means.device)
+        dense[:, rows, cols] = self.tril
         return dense
 
-    def tril(self) -> torch.Tensor:
-        """Lower triangles ``(M, D*(D+1)/2)`` in ``torch.tril_indices`` order (the file layout)."""
-        m, d = self.means.shape
-        rows, cols = torch.tril_indices(d, d, device=self.means.device)
-        out = torch.empty(m, rows.numel(), dtype=self.blocks[0].dtype, device=self.means.device)
-        for (lo, hi), b in zip(self.bounds, self.blocks):
-            # In tril_indices order the rows lo:hi are one contiguous run of columns of ``out``.
-            first, last = lo * (lo + 1) // 2, hi * (hi + 1) // 2
-            flat = (rows[first:last] - lo) * hi + cols[first:last]  # positions in a flattened (hi - lo, hi) block
-            for start in range(0, m, 256):  # node chunks: no (M, ...) temporary
-                out[start:start + 256, first:last] = b[start:start + 256].reshape(-1, (hi - lo) * hi)[:, flat]
-        return out
+    @property
+    def blocks(self) -> tuple[torch.Tensor, ...]:
+        """Row blocks ``(M, hi - lo, hi)``, one per ``(lo, hi)`` in ``bounds``, in the dtype of ``tril``."""
+        return self._layout()[0]
+
+    @property
+    def shifts(self) -> torch.Tensor:
+        """``W_i mu_i`` ``(M, D)`` float32."""
+        return self._layout()[1]
+
+    def _layout(self) -> tuple:
+        if self._torch_layout is None:
+            m, d = self.means.shape
+            rows, cols = torch.tril_indices(d, d, device=self.means.device)
+            bounds = self.bounds
+            blocks = tuple(torch.zeros(m, hi - lo, hi, dtype=self.tril.dtype, device=self.means.device)
+                           for lo, hi in bounds)
+            for (lo, hi), b in zip(bounds, blocks):
+                # In tril_indices order the rows lo:hi are one contiguous run of columns of ``tril``.
+                first, last = lo * (lo + 1) // 2, hi * (hi + 1) // 2
+                flat = (rows[first:last] - lo) * hi + cols[first:last]  # positions in a flattened (hi - lo, hi) block
+                for start in range(0, m, 256):  # node chunks: no (M, ...) temporary
+                    b[start:start + 256].view(-1, (hi - lo) * hi)[:, flat] = self.tril[start:start + 256, first:last]
+            self._torch_layout = (blocks, _shifts(blocks, bounds, self.means))
+        return self._torch_layout
 
     @classmethod
-    def from_whiteners(cls, means: torch.Tensor, tril: torch.Tensor, counts: torch.Tensor, *,
-                       chunk: int = 256) -> "NodeGaussians":
-        """Rebuild from means ``(M, D)``, lower triangles ``(M, D*(D+1)/2)`` (see :meth:`tril`) and counts.
+    def from_whiteners(cls, means: torch.Tensor, tril: torch.Tensor, counts: torch.Tensor) -> "NodeGaussians":
+        """Rebuild from means ``(M, D)``, packed whitener triangles ``(M, D*(D+1)/2)`` and counts.
 
-        Float16 triangles give float16 blocks; any other dtype gives float32.
+        Float16 triangles stay float16; any other dtype becomes float32.
         """
         m, d = means.shape
         if tril.shape != (m, d * (d + 1) // 2):
             raise ValueError(f"whitener triangles have shape {tuple(tril.shape)}, expected ({m}, {d * (d + 1) // 2})")
-        rows, cols = torch.tril_indices(d, d)
-        bounds = row_blocks(d)
-        dtype = torch.float16 if tril.dtype == torch.float16 else torch.float32
-        blocks = tuple(torch.zeros(m, hi - lo, hi, dtype=dtype) for lo, hi in bounds)
-        for start in range(0, m, chunk):  # chunked: never a dense (M, D, D) copy
-            dense = torch.zeros(min(chunk, m - start), d, d, dtype=dtype)
-            dense[:, rows, cols] = tril[start:start + chunk].to(dtype)
-            for (lo, hi), b in zip(bounds, blocks):
-                b[start:start + chunk] = dense[:, lo:hi, :hi]
-        means = means.float()
-        return cls(means, blocks, _shifts(blocks, bounds, means), counts.long())
+        tril = tril if tril.dtype == torch.float16 else tril.float()
+        return cls(means.float().contiguous(), tril.contiguous(), counts.long())
 
     def to(self, device) -> "NodeGaussians":
-        return NodeGaussians(self.means.to(device), tuple(b.to(device) for b in self.blocks),
-                             self.shifts.to(device), self.counts.to(device))
+        return NodeGaussians(self.means.to(device), self.tril.to(device), self.counts.to(device))
 
 
 def _shifts(blocks, bounds, means: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -140,7 +140,7 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     prototypes : tensor (M, D), SOM weights (means of empty nodes)
     eps : float, >= 0
     dtype : torch.float32 or torch.float16
-        Storage of the whitener blocks (float16: half the memory and file; scoring computes in float32).
+        Storage of the whitener triangles (float16: half the memory and file; scoring computes in float32).
     """
     m, d = prototypes.shape
     device = prototypes.device
@@ -151,8 +151,7 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         sums.index_add_(0, assignment[start:start + 65536], x[start:start + 65536].to(device, torch.float64))
     means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], prototypes.double())
 
-    bounds = row_blocks(d)
-    blocks = tuple(torch.zeros(m, hi - lo, hi, dtype=dtype, device=device) for lo, hi in bounds)
+    tril = torch.zeros(m, d * (d + 1) // 2, dtype=dtype, device=device)
     pooled = torch.zeros(d, d, dtype=torch.float64, device=device)
     dof = 0
     eye = torch.eye(d, dtype=torch.float64, device=device)
@@ -173,32 +172,33 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         pooled += scatter.sum(0)
         dof += int((counts[ids] - 1).sum())
         cov = scatter / (counts[ids] - 1).double()[:, None, None] + eps * eye
-        _store(blocks, bounds, ids, _inverse_cholesky(cov))
+        _store(tril, ids, _inverse_cholesky(cov))
 
     pooled = pooled / dof if dof else pooled
     few = counts < 2
     if bool(few.any()):
-        _store(blocks, bounds, torch.nonzero(few).flatten(), _inverse_cholesky((pooled + eps * eye)[None]))
+        _store(tril, torch.nonzero(few).flatten(), _inverse_cholesky((pooled + eps * eye)[None]))
         logger.info("%d empty and %d one-member SOM nodes use the pooled covariance",
                     int((counts == 0).sum()), int((counts == 1).sum()))
     means = means.float()
     if not torch.isfinite(means).all():
         raise NumericalError(NON_FINITE)
-    return NodeGaussians(means, blocks, _shifts(blocks, bounds, means), counts)
+    return NodeGaussians(means, tril, counts)
 
 
 NON_FINITE = "non-finite node statistics (NaN/Inf in the training features?); check the input images"
 
 
-def _store(blocks, bounds, ids: torch.Tensor, whiteners: torch.Tensor) -> None:
-    """Write dense whiteners ``(G or 1, D, D)`` of nodes ``ids`` into the row blocks, checking them first
-    (here, one group at a time, rather than on the full blocks: no block-sized temporaries)."""
-    whiteners = whiteners.to(blocks[0].dtype)
+def _store(tril: torch.Tensor, ids: torch.Tensor, whiteners: torch.Tensor) -> None:
+    """Write dense whiteners ``(G or 1, D, D)`` of nodes ``ids`` into the packed triangles, checking them
+    first (here, one group at a time, rather than on the whole array: no array-sized temporaries)."""
+    d = whiteners.shape[-1]
+    rows, cols = torch.tril_indices(d, d, device=whiteners.device)
+    whiteners = whiteners[:, rows, cols].to(tril.dtype)
     if not torch.isfinite(whiteners).all():
         raise NumericalError(NON_FINITE if whiteners.dtype != torch.float16 else
                              "node whiteners overflow float16; refit with factor_dtype='float32' or a larger eps")
-    for (lo, hi), b in zip(bounds, blocks):
-        b[ids] = whiteners[:, lo:hi, :hi]
+    tril[ids] = whiteners
 
 
 def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:
@@ -219,22 +219,61 @@ def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:
     return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 
-def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians, *,
-                max_elements: int = 1 << 20, max_nodes: int = 64) -> torch.Tensor:
+def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians) -> torch.Tensor:
     """Mahalanobis distances from vectors to chosen nodes.
+
+    On CPU a fused kernel (``somad.kernels.whitened_sq_norms``) whitens each node's vectors in place; on
+    other devices, batched matrix products over row blocks (:func:`mahalanobis_torch`).
 
     Parameters
     ----------
     x : tensor (N, D)
     nodes : int64 tensor (N, k), node indices per vector
     gaussians : NodeGaussians
-    max_elements, max_nodes : int
-        Work per step: at most ``max_nodes`` nodes and ``max_elements`` vector entries.
 
     Returns
     -------
     tensor (N, k) float32, ``sqrt((x - mu)^T Sigma^{-1} (x - mu))``
     """
+    if gaussians.means.device.type == "cpu":
+        return _mahalanobis_kernel(x, nodes, gaussians)
+    return mahalanobis_torch(x, nodes, gaussians)
+
+
+def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians, *, chunk: int = 256) -> torch.Tensor:
+    from . import kernels
+
+    n, k = nodes.shape
+    flat = nodes.reshape(-1).cpu()
+    if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < g.means.shape[0]:
+        raise ValueError(f"node indices must be in [0, {g.means.shape[0]}); the kernel does not bounds-check")
+    order = torch.argsort(flat, stable=True)  # pairs sorted by node: each factor is read once per call
+    counts = torch.bincount(flat, minlength=g.means.shape[0])
+    used = torch.nonzero(counts).flatten()
+    pointer = torch.zeros(used.numel() + 1, dtype=torch.int64)
+    torch.cumsum(counts[used], 0, out=pointer[1:])
+    xs = x.detach().to("cpu", torch.float32).contiguous().numpy()
+    pair_vector = (order // k).numpy()
+    out = np.empty(n * k, np.float32)
+    kernels.set_threads()
+    if g.tril.dtype == torch.float32:
+        kernels.whitened_sq_norms(xs, pair_vector, pointer.numpy(), used.numpy(), used.numpy(), g.means.numpy(),
+                                  g.tril.numpy(), out)
+    else:  # float16 (numba reads no float16): widen the triangles of a chunk of nodes at a time
+        for start in range(0, used.numel(), chunk):
+            ids = used[start:start + chunk]
+            table = g.tril[ids].float()
+            kernels.whitened_sq_norms(xs, pair_vector, pointer[start:start + chunk + 1].numpy(), ids.numpy(),
+                                      np.arange(ids.numel()), g.means.numpy(), table.numpy(), out)
+    dist = torch.empty(n * k)
+    dist[order] = torch.from_numpy(out)
+    return dist.view(n, k).clamp_min_(0.0).sqrt_()
+
+
+def mahalanobis_torch(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians, *,
+                      max_elements: int = 1 << 20, max_nodes: int = 64) -> torch.Tensor:
+    """:func:`mahalanobis` with torch ops only (any device): ``max_elements`` and ``max_nodes`` bound the
+    vector entries and nodes per step."""
     n, k = nodes.shape
     d = x.shape[1]
     g = gaussians
