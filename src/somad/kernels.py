@@ -12,12 +12,26 @@ They take NumPy views of CPU tensors and write into preallocated outputs.
 
 from __future__ import annotations
 
+import logging
+
 import numba
 import numpy as np
 import torch
 from numba import njit, prange
 
+logger = logging.getLogger(__name__)
+
 _BLOCK = 4  # vectors whitened together: each row of a node's factor is loaded once for four dot products
+
+
+def _compiled(fn):
+    """``njit`` with the on-disk cache when numba finds a writable cache directory (the package's
+    ``__pycache__``, else the user's cache), else compiled once per process."""
+    try:
+        return njit(parallel=True, fastmath=True, cache=True)(fn)
+    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
+        logger.debug("no writable numba cache directory; %s is compiled in every process", fn.__name__)
+        return njit(parallel=True, fastmath=True)(fn)
 
 
 def set_threads() -> None:
@@ -25,7 +39,7 @@ def set_threads() -> None:
     numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@_compiled
 def whitened_sq_norms(x, pair_vector, pointer, node_ids, table_rows, means, tril, out):  # pragma: no cover - compiled
     """``out[p] = ||L_i^{-1} (x[pair_vector[p]] - means[i])||^2`` for every pair ``p`` of every node ``i``.
 
@@ -67,7 +81,7 @@ def whitened_sq_norms(x, pair_vector, pointer, node_ids, table_rows, means, tril
                 out[first + 3] = s3
 
 
-@njit(parallel=True, fastmath=True, cache=True)
+@_compiled
 def probe_nearest(x, coarse, n_probe, members, weights, weights_sq, out_sq, out_index):  # pragma: no cover
     """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
 

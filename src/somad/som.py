@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SomadError
-from .node_search import make_search, nearest_nodes
+from .node_search import make_search
+from .node_search import nearest_nodes  # noqa: F401  (public here since somad 0.1)
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -132,8 +133,9 @@ class SelfOrganizingMap:
         return self
 
     def errors(self, x: torch.Tensor) -> tuple[float, float]:
-        """Quantization error (mean distance to the BMU) and topographic error of ``x`` ``(N, D)``."""
-        sq, idx = nearest_nodes(x, self.weights_, 2, chunk_size=self.chunk_size)
+        """Quantization error (mean distance to the BMU) and topographic error of ``x`` ``(N, D)``, with the
+        map's own nearest-node ``search``."""
+        sq, idx = make_search(self.weights_, self.size, self.search)(x, 2)
         qe = float(sq[:, 0].double().sqrt().mean())
         r1, c1 = idx[:, 0] // self.size, idx[:, 0] % self.size
         r2, c2 = idx[:, 1] // self.size, idx[:, 1] % self.size
