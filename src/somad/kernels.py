@@ -24,14 +24,30 @@ logger = logging.getLogger(__name__)
 _BLOCK = 4  # vectors whitened together: each row of a node's factor is loaded once for four dot products
 
 
-def _compiled(fn):
+def _compiled(fn=None, *, parallel=True):
     """``njit`` with the on-disk cache when numba finds a writable cache directory (the package's
     ``__pycache__``, else the user's cache), else compiled once per process."""
+    if fn is None:
+        return lambda f: _compiled(f, parallel=parallel)
     try:
-        return njit(parallel=True, fastmath=True, cache=True)(fn)
+        return njit(parallel=parallel, fastmath=True, cache=True)(fn)
     except RuntimeError:  # numba: "cannot cache function ...: no locator available"
         logger.debug("no writable numba cache directory; %s is compiled in every process", fn.__name__)
-        return njit(parallel=True, fastmath=True)(fn)
+        return njit(parallel=parallel, fastmath=True)(fn)
+
+
+@_compiled(parallel=False)
+def _insert(values, ids, value, index):  # pragma: no cover - compiled
+    """Insert ``(value, index)`` into the ascending ``values`` (and ``ids``) if it beats the last entry."""
+    j = values.shape[0] - 1
+    if not value < values[j]:
+        return
+    while j > 0 and values[j - 1] > value:
+        values[j] = values[j - 1]
+        ids[j] = ids[j - 1]
+        j -= 1
+    values[j] = value
+    ids[j] = index
 
 
 def set_threads() -> None:
@@ -94,19 +110,11 @@ def probe_nearest(x, coarse, n_probe, members, weights, weights_sq, out_sq, out_
     k = out_sq.shape[1]
     pad = weights.shape[0] - 1
     for q in prange(n):
-        # The n_probe smallest entries of coarse[q], by insertion (n_probe is small).
+        # The n_probe smallest entries of coarse[q], by insertion (n_probe and k are small).
         probe_val = np.full(n_probe, np.inf, np.float32)
         probe_id = np.zeros(n_probe, np.int64)
         for c in range(coarse.shape[1]):
-            v = coarse[q, c]
-            if v < probe_val[n_probe - 1]:
-                j = n_probe - 1
-                while j > 0 and probe_val[j - 1] > v:
-                    probe_val[j] = probe_val[j - 1]
-                    probe_id[j] = probe_id[j - 1]
-                    j -= 1
-                probe_val[j] = v
-                probe_id[j] = c
+            _insert(probe_val, probe_id, coarse[q, c], c)
         best = np.full(k, np.inf, np.float32)
         best_id = np.full(k, pad, np.int64)
         for p in range(n_probe):
@@ -120,15 +128,8 @@ def probe_nearest(x, coarse, n_probe, members, weights, weights_sq, out_sq, out_
                 dot = np.float32(0.0)
                 for c in range(d):
                     dot += x[q, c] * weights[node, c]
-                e -= 2.0 * dot  # ||w||^2 - 2 x.w: ||x||^2 is added at the end, it does not change the ranking
-                if e < best[k - 1]:
-                    i = k - 1
-                    while i > 0 and best[i - 1] > e:
-                        best[i] = best[i - 1]
-                        best_id[i] = best_id[i - 1]
-                        i -= 1
-                    best[i] = e
-                    best_id[i] = node
+                # ||w||^2 - 2 x.w: ||x||^2 is added at the end, it does not change the ranking
+                _insert(best, best_id, e - 2.0 * dot, node)
         norm = np.float32(0.0)
         for c in range(d):
             norm += x[q, c] * x[q, c]
