@@ -13,7 +13,7 @@ The rule for every node ``i`` with ``n_i`` members (the training patches whose n
 
 The pooled within-node covariance is ``sum_i S_i / sum_i (n_i - 1)`` over nodes with ``n_i >= 2`` (``S_i``
 the scatter matrix); zero when there are none. Each covariance is stored as the inverse of its Cholesky
-factor, ``W_i = L_i^{-1}``, so that ``d_i(x)^2 = ||W_i x - W_i mu_i||^2``.
+factor, ``W_i = L_i^{-1}`` (lower triangular, packed), so that ``d_i(x)^2 = ||W_i (x - mu_i)||^2``.
 """
 
 from __future__ import annotations
