@@ -243,11 +243,16 @@ def test_renders_in_headless_chromium(tmp_path):
         pytest.skip("no chromium binary on PATH")
     out, result, model = _fake_run(tmp_path)
     page = write_report(out, result, model=model)
+    # The thumbnails load lazily, and a headless screenshot may be taken before some have loaded (an
+    # image-less shot fails the dark-pixel check by chance). An eager copy beside the page delays the
+    # load event, and so the shot, until every image is in.
+    eager = page.with_name("eager.html")
+    eager.write_text(page.read_text().replace(' loading="lazy"', ""))
     shot = tmp_path / "shot.png"
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
            f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
-           page.resolve().as_uri()]
+           eager.resolve().as_uri()]
     try:
         subprocess.run(cmd, capture_output=True, timeout=120, check=False)
     except subprocess.TimeoutExpired:
