@@ -141,12 +141,14 @@ def test_packed_triangles_round_trip_and_give_the_row_blocks():
         NodeGaussians.from_whiteners(g.means, g.tril[:, :-1], g.counts)
 
 
-def test_scoring_rejects_node_indices_out_of_range():
+def test_scoring_rejects_node_indices_and_widths_out_of_range():
     rng = np.random.default_rng(4)
     x = torch.from_numpy(rng.normal(size=(200, 5)).astype(np.float32))
     g = fit_node_gaussians(x, torch.from_numpy(rng.integers(0, 4, size=200)), torch.zeros(4, 5), eps=0.01)
     with pytest.raises(ValueError, match="node indices must be in"):
         mahalanobis(x[:3], torch.tensor([[0], [4], [1]]), g)
+    with pytest.raises(ValueError, match="vectors have 6 features, the node Gaussians 5"):
+        mahalanobis(torch.zeros(3, 6), torch.zeros(3, 1, dtype=torch.long), g)
 
 
 def test_member_chunking_does_not_change_the_statistics():

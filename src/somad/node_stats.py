@@ -245,8 +245,11 @@ def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians, 
 
     n, k = nodes.shape
     flat = nodes.reshape(-1).cpu()
+    # The kernel does not bounds-check: bad indices or widths would read past the arrays.
+    if x.shape[1] != g.means.shape[1]:
+        raise ValueError(f"vectors have {x.shape[1]} features, the node Gaussians {g.means.shape[1]}")
     if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < g.means.shape[0]:
-        raise ValueError(f"node indices must be in [0, {g.means.shape[0]}); the kernel does not bounds-check")
+        raise ValueError(f"node indices must be in [0, {g.means.shape[0]})")
     order = torch.argsort(flat, stable=True)  # pairs sorted by node: each factor is read once per call
     counts = torch.bincount(flat, minlength=g.means.shape[0])
     used = torch.nonzero(counts).flatten()

@@ -147,7 +147,7 @@ class SOMAD(BaseDetector):
         return {
             "som_weights": self.som_.weights_,
             "node_means": g.means,
-            "node_whiteners_tril": g.tril,  # lower triangle only: half the file size
+            "node_whiteners_tril": g.tril,  # packed lower triangles, as held in memory: half the dense size
             "node_counts": g.counts,
         }
 
