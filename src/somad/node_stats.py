@@ -240,7 +240,8 @@ def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians) 
     return mahalanobis_torch(x, nodes, gaussians)
 
 
-def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians, *, chunk: int = 256) -> torch.Tensor:
+def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians, *, chunk: int | None = None
+                        ) -> torch.Tensor:
     from . import kernels
 
     n, k = nodes.shape
@@ -263,6 +264,7 @@ def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians, 
         kernels.whitened_sq_norms(xs, pair_vector, pointer.numpy(), used.numpy(), used.numpy(), g.means.numpy(),
                                   g.tril.numpy(), out)
     else:  # float16 (numba reads no float16): widen the triangles of a chunk of nodes at a time
+        chunk = chunk or max(1, min(256, (1 << 26) // g.tril.shape[1]))  # at most 256 MB of float32 triangles
         for start in range(0, used.numel(), chunk):
             ids = used[start:start + chunk]
             table = g.tril[ids].float()
