@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="working folder (default: a temporary one)")
     p.add_argument("--n-train", type=int, default=800)
     p.add_argument("--size", type=int, default=224)
-    p.add_argument("--dims", default="550", help="channels kept ('none' = all 1792)")
+    p.add_argument("--dims", default="550",
+                   help="channels kept ('none': the default, all channels up to 550; 1792: all of Wide-ResNet50-2's)")
     p.add_argument("--backbone", default="wide_resnet50_2")
     p.add_argument("--som-size", type=int, default=56)
     p.add_argument("--budget-gb", type=float, default=8.0)
