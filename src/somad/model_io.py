@@ -106,8 +106,22 @@ def save_model(path: str | os.PathLike, config: dict, arrays: dict[str, torch.Te
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": config_json,
                 "sha256": content_hash(config_json, tensors)}
     path = Path(path)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    atomic_write(path, lambda tmp: _save_file(save_file, tensors, tmp, metadata))
     return path
+
+
+def _save_file(save_file, tensors: dict, tmp: Path, metadata: dict) -> None:
+    """safetensors' ``save_file``, with its I/O failures (a full disk, a vanished folder), which it raises as
+    ``SafetensorError``, turned into the ``OSError`` that :func:`atomic_write` reports in one line."""
+    from safetensors import SafetensorError
+
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+    except SafetensorError as exc:
+        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "I/O error" not in text:
+            raise
+        raise OSError(text.split("I/O error: ", 1)[-1]) from exc
 
 
 def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
