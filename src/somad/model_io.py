@@ -98,27 +98,26 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(path: str | os.PathLike, config: dict, arrays: dict[str, torch.Tensor | np.ndarray]) -> Path:
     """Write ``arrays`` and ``config`` atomically to ``path`` (a ``.safetensors`` file)."""
-    from safetensors.torch import save_file
-
     tensors = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous())
                for k, v in arrays.items()}
     config_json = json.dumps(config, sort_keys=True)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": config_json,
                 "sha256": content_hash(config_json, tensors)}
     path = Path(path)
-    atomic_write(path, lambda tmp: _save_file(save_file, tensors, tmp, metadata))
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
     return path
 
 
-def _save_file(save_file, tensors: dict, tmp: Path, metadata: dict) -> None:
+def _save_file(tensors: dict, tmp: Path, metadata: dict) -> None:
     """safetensors' ``save_file``, with its I/O failures (a full disk, a vanished folder), which it raises as
     ``SafetensorError``, turned into the ``OSError`` that :func:`atomic_write` reports in one line."""
     from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
     try:
         save_file(tensors, str(tmp), metadata=metadata)
     except SafetensorError as exc:
-        text = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = _reason(exc)
         if "I/O error" not in text:
             raise
         raise OSError(text.split("I/O error: ", 1)[-1]) from exc

@@ -51,7 +51,7 @@ class SelfOrganizingMap:
         Train on a seeded random subset of at most this many vectors (``None``: all).
     seed : int
     chunk_size : int
-        Rows per distance matmul (bounds memory: ``chunk_size * K*K`` floats).
+        Rows per step when accumulating the epoch's node sums (bounds the float64 copy of the samples).
     search : {"exact", "fast"}, default "exact"
         How each epoch finds the best-matching units (see ``somad.node_search``).
 
