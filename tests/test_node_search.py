@@ -41,13 +41,23 @@ def assert_same_neighbours(q, w, d, i, ref_d, ref_i):
     torch.testing.assert_close(d, ref_d, rtol=1e-4, atol=1e-3)
 
 
-def test_kernel_and_torch_probing_agree(trained_map):
+def test_native_and_torch_probing_agree(trained_map, native):
     w, q = trained_map
     index = ClusteredNodeSearch(w, 32)
     coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0)
     d, i = index.search(q, 4)
     ref_d, ref_i = index._probe_torch(q, coarse, 4)
     assert_same_neighbours(q, w, d, i, ref_d, ref_i)
+
+
+@pytest.mark.parametrize("d", [3, 13])  # fewer than, and not a multiple of, the 8 SIMD lanes
+def test_native_probing_of_every_cluster_is_exact_for_any_width(native, d):
+    rng = np.random.default_rng(d)
+    w = torch.from_numpy(rng.normal(size=(1024, d)).astype(np.float32))
+    q = torch.from_numpy(rng.normal(size=(500, d)).astype(np.float32))
+    exclude = torch.from_numpy(rng.random(1024) < 0.2)
+    d_all, i_all = ClusteredNodeSearch(w, 32, exclude=exclude, n_probe=10_000).search(q, 3)
+    assert_same_neighbours(q, w, d_all, i_all, *nearest_nodes(q, w, 3, exclude=exclude))
 
 
 def test_default_probes_find_the_true_nearest_nodes(trained_map):

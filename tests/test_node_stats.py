@@ -105,24 +105,37 @@ def test_row_blocks_cover_the_rows():
         assert all(hi == lo2 for (_, hi), (lo2, _) in zip(b[:-1], b[1:]))
 
 
-@pytest.mark.parametrize("path", ["kernel", "torch"])
-def test_both_scoring_paths_equal_the_dense_whitening(path):
-    """37 dims (uneven row blocks), many nodes of varied size, nodes repeated within a row: the CPU kernel
-    and the torch row-block path both equal the dense ``||W (x - mu)||``."""
-    from somad.node_stats import mahalanobis_torch
-
-    rng = np.random.default_rng(4)
-    x = torch.from_numpy(rng.normal(size=(3000, 37)).astype(np.float32))
+def _whitening_case(d: int, seed: int = 4):
+    """Many nodes of varied size; queries whose first two nodes are the same (a node repeated within a row)."""
+    rng = np.random.default_rng(seed)
+    x = torch.from_numpy(rng.normal(size=(3000, d)).astype(np.float32))
     assign = torch.from_numpy(rng.integers(0, 90, size=3000))
-    g = fit_node_gaussians(x, assign, torch.zeros(90, 37), eps=0.01)
-    dense = g.whiteners
-    assert torch.equal(torch.triu(dense, 1), torch.zeros_like(dense))
-    q = torch.from_numpy(rng.normal(size=(700, 37)).astype(np.float32))
+    g = fit_node_gaussians(x, assign, torch.zeros(90, d), eps=0.01)
+    q = torch.from_numpy(rng.normal(size=(700, d)).astype(np.float32))
     nodes = torch.from_numpy(rng.integers(0, 90, size=(700, 5)))
     nodes[:, 1] = nodes[:, 0]
-    got = mahalanobis(q, nodes, g) if path == "kernel" else mahalanobis_torch(q, nodes, g, max_nodes=7, max_elements=500)
-    ref = torch.einsum("nkij,nkj->nki", dense[nodes].double(), (q[:, None, :] - g.means[nodes]).double()).norm(dim=-1)
-    np.testing.assert_allclose(got.numpy(), ref.numpy(), rtol=1e-4, atol=1e-4)
+    return g, q, nodes
+
+
+def _dense_reference(g, q, nodes):
+    dense = g.whiteners
+    assert torch.equal(torch.triu(dense, 1), torch.zeros_like(dense))
+    return torch.einsum("nkij,nkj->nki", dense[nodes].double(), (q[:, None, :] - g.means[nodes]).double()).norm(dim=-1)
+
+
+@pytest.mark.parametrize("d", [1, 5, 8, 24, 37])  # below, at and between multiples of the 8 SIMD lanes; odd and even
+def test_native_kernel_equals_the_dense_whitening(native, d):
+    g, q, nodes = _whitening_case(d)
+    np.testing.assert_allclose(mahalanobis(q, nodes, g).numpy(), _dense_reference(g, q, nodes).numpy(), rtol=1e-4, atol=1e-4)
+
+
+def test_torch_path_equals_the_dense_whitening():
+    """37 dims: uneven row blocks; small steps: several node groups and element chunks."""
+    from somad.node_stats import mahalanobis_torch
+
+    g, q, nodes = _whitening_case(37)
+    got = mahalanobis_torch(q, nodes, g, max_nodes=7, max_elements=500)
+    np.testing.assert_allclose(got.numpy(), _dense_reference(g, q, nodes).numpy(), rtol=1e-4, atol=1e-4)
 
 
 def test_packed_triangles_round_trip_and_give_the_row_blocks():
@@ -163,10 +176,7 @@ def test_member_chunking_does_not_change_the_statistics():
     torch.testing.assert_close(whole.means, parts.means)
 
 
-@pytest.mark.parametrize("path", ["kernel", "torch"])
-def test_float16_factors_score_like_float32_and_round_trip(path):
-    from somad.node_stats import NodeGaussians, _mahalanobis_kernel, mahalanobis_torch
-
+def _float16_case():
     rng = np.random.default_rng(6)
     x = torch.from_numpy(rng.normal(size=(3000, 21)).astype(np.float32))
     assign = torch.from_numpy(rng.integers(0, 40, size=3000))
@@ -175,10 +185,23 @@ def test_float16_factors_score_like_float32_and_round_trip(path):
     assert g16.tril.dtype == torch.float16 and all(b.dtype == torch.float16 for b in g16.blocks)
     q = torch.from_numpy(rng.normal(size=(500, 21)).astype(np.float32))
     nodes = torch.from_numpy(rng.integers(0, 40, size=(500, 3)))
-    # chunk=7 / max_nodes=5: the float16 triangles are widened a few nodes at a time
-    d16 = _mahalanobis_kernel(q, nodes, g16, chunk=7) if path == "kernel" else mahalanobis_torch(q, nodes, g16, max_nodes=5)
+    return g16, q, nodes, _dense_reference(g32, q, nodes).float()
+
+
+def test_float16_factors_score_like_float32_native(native):
+    g16, q, nodes, ref = _float16_case()
+    d16 = mahalanobis(q, nodes, g16)  # the kernel reads the float16 triangles in place
     assert d16.dtype == torch.float32
-    torch.testing.assert_close(d16, mahalanobis(q, nodes, g32), rtol=3e-3, atol=1e-3)
+    torch.testing.assert_close(d16, ref, rtol=3e-3, atol=1e-3)
+
+
+def test_float16_factors_score_like_float32_torch_and_round_trip():
+    from somad.node_stats import NodeGaussians, mahalanobis_torch
+
+    g16, q, nodes, ref = _float16_case()
+    d16 = mahalanobis_torch(q, nodes, g16, max_nodes=5)  # the float16 triangles are widened a few nodes at a time
+    assert d16.dtype == torch.float32
+    torch.testing.assert_close(d16, ref, rtol=3e-3, atol=1e-3)
     back = NodeGaussians.from_whiteners(g16.means, g16.tril, g16.counts)
     assert torch.equal(back.tril, g16.tril)
 
@@ -189,3 +212,21 @@ def test_float16_factor_overflow_is_a_clear_error():
     x = torch.tensor([[0.0, 0.0], [1e-6, 0.0], [0.0, 1e-6]])  # spread ~1e-6: factor entries ~1e6 > float16 max
     with pytest.raises(NumericalError, match="factor_dtype='float32'"):
         fit_node_gaussians(x, torch.zeros(3, dtype=torch.long), torch.zeros(1, 2), eps=1e-12, dtype=torch.float16)
+
+
+def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):
+    from somad import kernels
+
+    x, means = np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32)
+    tril, ids, one = np.zeros((2, 6), np.float32), np.array([1]), np.array([0, 2])
+    pairs = np.array([0, 3])
+    assert kernels.whitened_sq_norms(x, pairs, one, ids, ids, means, tril).shape == (2,)
+    for bad, match in [((x.astype(np.float64), pairs, one, ids, ids, means, tril), "x must be a C-contiguous float32"),
+                       ((x, np.array([0, 4]), one, ids, ids, means, tril), r"pair_vector must be in \[0, 4\)"),
+                       ((x, pairs, one, np.array([2]), ids, means, tril), r"node_ids must be in \[0, 2\)"),
+                       ((x, pairs, np.array([0, 1]), ids, ids, means, tril), "pointer must rise from 0 to 2"),
+                       ((x, pairs, one, ids, ids, means, tril[:, :5].copy()), r"tril has shape \(2, 5\), expected \(2, 6\)"),
+                       ((x, pairs, one, ids, ids, means, tril.astype(np.float64)), "tril must be float32 or float16"),
+                       ((x[:, :2], pairs, one, ids, ids, means[:, :2], tril), "x must be a C-contiguous float32 array, got a non-contiguous")]:
+        with pytest.raises(ValueError, match=match):
+            kernels.whitened_sq_norms(*bad)

@@ -1,138 +1,123 @@
-"""Fused CPU kernels (numba) for the two hot loops of SOMAD scoring.
+"""Native CPU kernels for the two hot loops of SOMAD scoring: checked entry points to ``somad._kernels``.
 
 One responsibility: the inner loops that, written as torch ops, spend their time in per-op overhead at batch
-size 1 (hundreds of small gathers and batched matrix products per image). Each kernel runs one pass over
-its data in compiled code, parallel over nodes or queries, with no temporaries. The torch implementations in
-``somad.node_stats`` and ``somad.node_search`` remain the reference (and the CUDA path); the tests compare
-the two.
+size 1 (hundreds of small gathers and batched matrix products per image). Each kernel runs one pass over its
+data in C (``_kernels.c``: AVX2 where the CPU has it, portable C otherwise; OpenMP threads), with no
+temporaries. The torch implementations in ``somad.node_stats`` and ``somad.node_search`` remain the reference,
+the CUDA path and the fallback where the extension was not built (no C compiler at install time); the tests
+compare them.
 
-Kernels are compiled on first use and cached on disk (numba ``cache=True``), so later processes start warm.
-They take NumPy views of CPU tensors and write into preallocated outputs.
+The functions here check what the C code trusts: dtypes, contiguity, shapes and index ranges.
 """
 
 from __future__ import annotations
 
 import logging
 
-import numba
 import numpy as np
 import torch
-from numba import njit, prange
 
 logger = logging.getLogger(__name__)
 
-_BLOCK = 4  # vectors whitened together: each row of a node's factor is loaded once for four dot products
+try:
+    from . import _kernels
+except ImportError:  # built without a C compiler: the torch paths are used
+    _kernels = None
+    logger.info("somad._kernels is not built; scoring on CPU uses the slower torch implementation")
+
+AVAILABLE = _kernels is not None
 
 
-def _compiled(fn=None, *, parallel=True):
-    """``njit`` with the on-disk cache when numba finds a writable cache directory (the package's
-    ``__pycache__``, else the user's cache), else compiled once per process."""
-    if fn is None:
-        return lambda f: _compiled(f, parallel=parallel)
-    try:
-        return njit(parallel=parallel, fastmath=True, cache=True)(fn)
-    except RuntimeError:  # numba: "cannot cache function ...: no locator available"
-        logger.debug("no writable numba cache directory; %s is compiled in every process", fn.__name__)
-        return njit(parallel=parallel, fastmath=True)(fn)
+def set_simd(flag: bool) -> bool:
+    """Use the AVX2 bodies when ``flag`` and the CPU has AVX2, FMA and F16C (the default); returns whether
+    they are used. ``False`` selects the portable C bodies (for tests)."""
+    return bool(_kernels.set_simd(bool(flag)))
 
 
-@_compiled(parallel=False)
-def _insert(values, ids, value, index):  # pragma: no cover - compiled
-    """Insert ``(value, index)`` into the ascending ``values`` (and ``ids``) if it beats the last entry."""
-    j = values.shape[0] - 1
-    if not value < values[j]:
-        return
-    while j > 0 and values[j - 1] > value:
-        values[j] = values[j - 1]
-        ids[j] = ids[j - 1]
-        j -= 1
-    values[j] = value
-    ids[j] = index
+def _array(a: np.ndarray, dtype, name: str, shape: tuple | None = None) -> np.ndarray:
+    if a.dtype != dtype or not a.flags.c_contiguous:
+        got = a.dtype if a.flags.c_contiguous else f"a non-contiguous {a.dtype} array"
+        raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array, got {got}")
+    if shape is not None and a.shape != shape:
+        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    return a
 
 
-def set_threads() -> None:
-    """Run the kernels on as many threads as torch uses (the benchmark's and the user's setting)."""
-    numba.set_num_threads(max(1, min(torch.get_num_threads(), numba.config.NUMBA_NUM_THREADS)))
+def _in_range(a: np.ndarray, stop: int, name: str) -> None:
+    if a.size and not (0 <= int(a.min()) and int(a.max()) < stop):
+        raise ValueError(f"{name} must be in [0, {stop})")
 
 
-@_compiled
-def whitened_sq_norms(x, pair_vector, pointer, node_ids, table_rows, means, tril, out):  # pragma: no cover - compiled
+def whitened_sq_norms(x: np.ndarray, pair_vector: np.ndarray, pointer: np.ndarray, node_ids: np.ndarray,
+                      table_rows: np.ndarray, means: np.ndarray, tril: np.ndarray) -> np.ndarray:
     """``out[p] = ||L_i^{-1} (x[pair_vector[p]] - means[i])||^2`` for every pair ``p`` of every node ``i``.
 
-    x : float32 (N, D); pair_vector : int64 (P,), pairs sorted by node; pointer : int64 (A + 1,), the pairs of
-    node ``node_ids[a]`` are ``pointer[a]:pointer[a + 1]``; table_rows : int64 (A,), its row in ``tril``;
-    means : float32 (M, D); tril : float32 (R, D*(D+1)/2), row-major packed lower triangles; out : float32 (P,).
-    """
-    d = x.shape[1]
-    for a in prange(node_ids.shape[0]):
-        node, row = node_ids[a], table_rows[a]
-        y = np.empty((_BLOCK, d), np.float32)
-        for first in range(pointer[a], pointer[a + 1], _BLOCK):
-            count = min(_BLOCK, pointer[a + 1] - first)
-            for j in range(_BLOCK):
-                v = pair_vector[first + min(j, count - 1)]  # a short last block repeats its last vector
-                for c in range(d):
-                    y[j, c] = x[v, c] - means[node, c]  # centre first: no cancellation between W x and W mu
-            s0 = s1 = s2 = s3 = np.float32(0.0)
-            start = 0
-            for r in range(d):  # row r of the triangle holds columns 0..r, at start = r(r+1)/2
-                z0 = z1 = z2 = z3 = np.float32(0.0)
-                for c in range(r + 1):
-                    w = tril[row, start + c]
-                    z0 += w * y[0, c]
-                    z1 += w * y[1, c]
-                    z2 += w * y[2, c]
-                    z3 += w * y[3, c]
-                s0 += z0 * z0
-                s1 += z1 * z1
-                s2 += z2 * z2
-                s3 += z3 * z3
-                start += r + 1
-            out[first] = s0
-            if count > 1:
-                out[first + 1] = s1
-            if count > 2:
-                out[first + 2] = s2
-            if count > 3:
-                out[first + 3] = s3
+    Parameters
+    ----------
+    x : float32 (N, D)
+    pair_vector : int64 (P,), the vector of each pair; pairs sorted by node
+    pointer : int64 (A + 1,), the pairs of node ``node_ids[a]`` are ``pointer[a]:pointer[a + 1]``
+    node_ids : int64 (A,)
+    table_rows : int64 (A,), the row of ``tril`` that holds that node's triangle
+    means : float32 (M, D)
+    tril : float32 or float16 (R, D*(D+1)/2), row-major packed lower triangles
 
-
-@_compiled
-def probe_nearest(x, coarse, n_probe, members, weights, weights_sq, out_sq, out_index):  # pragma: no cover
-    """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
-
-    x : float32 (N, D); coarse : float32 (N, C), a ranking of the clusters per query (smaller = nearer);
-    members : int64 (C, L), node ids padded with ``M``; weights : float32 (M + 1, D); weights_sq : float32
-    (M + 1,), ``||w||^2``, ``inf`` for row ``M`` and for excluded nodes; out_sq : float32 (N, k), squared
-    distances ascending; out_index : int64 (N, k).
+    Returns
+    -------
+    float32 (P,)
     """
     n, d = x.shape
-    k = out_sq.shape[1]
-    pad = weights.shape[0] - 1
-    for q in prange(n):
-        # The n_probe smallest entries of coarse[q], by insertion (n_probe and k are small).
-        probe_val = np.full(n_probe, np.inf, np.float32)
-        probe_id = np.zeros(n_probe, np.int64)
-        for c in range(coarse.shape[1]):
-            _insert(probe_val, probe_id, coarse[q, c], c)
-        best = np.full(k, np.inf, np.float32)
-        best_id = np.full(k, pad, np.int64)
-        for p in range(n_probe):
-            for j in range(members.shape[1]):
-                node = members[probe_id[p], j]
-                if node == pad:  # members are padded at the end of each row
-                    break
-                e = weights_sq[node]
-                if e == np.inf:  # an excluded node
-                    continue
-                dot = np.float32(0.0)
-                for c in range(d):
-                    dot += x[q, c] * weights[node, c]
-                # ||w||^2 - 2 x.w: ||x||^2 is added at the end, it does not change the ranking
-                _insert(best, best_id, e - 2.0 * dot, node)
-        norm = np.float32(0.0)
-        for c in range(d):
-            norm += x[q, c] * x[q, c]
-        for i in range(k):
-            out_sq[q, i] = max(best[i] + norm, np.float32(0.0))  # rounding can go below 0
-            out_index[q, i] = best_id[i]
+    a = node_ids.shape[0]
+    _array(x, np.float32, "x")
+    _array(pair_vector, np.int64, "pair_vector")
+    _array(pointer, np.int64, "pointer", (a + 1,))
+    _array(node_ids, np.int64, "node_ids")
+    _array(table_rows, np.int64, "table_rows", (a,))
+    _array(means, np.float32, "means", (means.shape[0], d))
+    if tril.dtype not in (np.float32, np.float16):
+        raise ValueError(f"tril must be float32 or float16, got {tril.dtype}")
+    _array(tril, tril.dtype, "tril", (tril.shape[0], d * (d + 1) // 2))
+    p = pair_vector.shape[0]
+    if pointer[0] != 0 or pointer[-1] != p or np.any(np.diff(pointer) < 0):
+        raise ValueError(f"pointer must rise from 0 to {p}")
+    _in_range(pair_vector, n, "pair_vector")
+    _in_range(node_ids, means.shape[0], "node_ids")
+    _in_range(table_rows, tril.shape[0], "table_rows")
+    out = np.empty(p, np.float32)
+    _kernels.whitened_sq_norms(x, pair_vector, pointer, node_ids, table_rows, means, tril, out, n, d, p, a,
+                               means.shape[0], tril.shape[0], tril.dtype == np.float16, torch.get_num_threads())
+    return out
+
+
+def probe_nearest(x: np.ndarray, coarse: np.ndarray, n_probe: int, members: np.ndarray, weights: np.ndarray,
+                  weights_sq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
+
+    Parameters
+    ----------
+    x : float32 (N, D)
+    coarse : float32 (N, C), a ranking of the clusters per query (smaller = nearer)
+    n_probe : int, in [1, C]
+    members : int64 (C, L), node ids padded at the end of each row with ``M``
+    weights : float32 (M + 1, D), row ``M`` zero
+    weights_sq : float32 (M + 1,), ``||w||^2``; ``inf`` for row ``M`` and for excluded nodes
+    k : int
+
+    Returns
+    -------
+    sq_dist : float32 (N, k), squared distances ascending (``inf`` where fewer than k candidates)
+    index : int64 (N, k)
+    """
+    n, d = x.shape
+    c = coarse.shape[1]
+    _array(x, np.float32, "x")
+    _array(coarse, np.float32, "coarse", (n, c))
+    _array(members, np.int64, "members", (c, members.shape[1]))
+    _array(weights, np.float32, "weights", (weights.shape[0], d))
+    _array(weights_sq, np.float32, "weights_sq", (weights.shape[0],))
+    _in_range(members, weights.shape[0], "members")
+    sq = np.empty((n, k), np.float32)
+    index = np.empty((n, k), np.int64)
+    _kernels.probe_nearest(x, coarse, members, weights, weights_sq, sq, index, n, d, c, int(n_probe),
+                           members.shape[1], weights.shape[0], int(k), torch.get_num_threads())
+    return sq, index

@@ -159,17 +159,13 @@ class ClusteredNodeSearch:
     def _search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         xf = x.to(self.centres_.device, torch.float32)
         coarse = torch.addmm(self._centre_sq, xf, self.centres_.T, beta=1.0, alpha=-2.0)
-        if xf.device.type != "cpu":
-            return self._probe_torch(xf, coarse, k)
         from . import kernels
 
-        xf = xf.contiguous()
-        sq = torch.empty(xf.shape[0], k)
-        index = torch.empty(xf.shape[0], k, dtype=torch.int64)
-        kernels.set_threads()
-        kernels.probe_nearest(xf.numpy(), coarse.numpy(), self.n_probe, self.members_.numpy(), self._w_pad.numpy(),
-                              self._sq_pad.numpy(), sq.numpy(), index.numpy())
-        return sq, index
+        if xf.device.type != "cpu" or not kernels.AVAILABLE:
+            return self._probe_torch(xf, coarse, k)
+        sq, index = kernels.probe_nearest(xf.contiguous().numpy(), coarse.numpy(), self.n_probe, self.members_.numpy(),
+                                          self._w_pad.numpy(), self._sq_pad.numpy(), k)
+        return torch.from_numpy(sq), torch.from_numpy(index)
 
     def _probe_torch(self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
                      ) -> tuple[torch.Tensor, torch.Tensor]:

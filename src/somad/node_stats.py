@@ -43,8 +43,8 @@ class NodeGaussians:
 
     Each whitener ``W_i = L_i^{-1}`` (``Sigma_i = L_i L_i^T``) is lower triangular and is stored packed: the
     rows of its lower triangle one after another (``torch.tril_indices`` order, the file layout), half the
-    dense bytes. On CPU, :func:`mahalanobis` reads them in place (``somad.kernels``). The torch path (CUDA)
-    uses row blocks that stop at the diagonal block, built on first use: block ``b`` holds rows ``lo:hi``
+    dense bytes. On CPU, :func:`mahalanobis` reads them in place (``somad.kernels``). The torch path (CUDA, or no
+    native kernels) uses row blocks that stop at the diagonal block, built on first use: block ``b`` holds rows ``lo:hi``
     and columns ``0:hi``, 62.5% of the dense matrix with four blocks.
 
     Attributes
@@ -222,8 +222,9 @@ def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:
 def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians) -> torch.Tensor:
     """Mahalanobis distances from vectors to chosen nodes.
 
-    On CPU a fused kernel (``somad.kernels.whitened_sq_norms``) whitens each node's vectors in place; on
-    other devices, batched matrix products over row blocks (:func:`mahalanobis_torch`).
+    On CPU a native kernel (``somad.kernels.whitened_sq_norms``) whitens each node's vectors in place; on
+    other devices, or where the kernels are not built, batched matrix products over row blocks
+    (:func:`mahalanobis_torch`).
 
     Parameters
     ----------
@@ -235,41 +236,30 @@ def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians) 
     -------
     tensor (N, k) float32, ``sqrt((x - mu)^T Sigma^{-1} (x - mu))``
     """
-    if gaussians.means.device.type == "cpu":
+    from . import kernels
+
+    if gaussians.means.device.type == "cpu" and kernels.AVAILABLE:
         return _mahalanobis_kernel(x, nodes, gaussians)
     return mahalanobis_torch(x, nodes, gaussians)
 
 
-def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians, *, chunk: int | None = None
-                        ) -> torch.Tensor:
+def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians) -> torch.Tensor:
     from . import kernels
 
     n, k = nodes.shape
-    flat = nodes.reshape(-1).cpu()
-    # The kernel does not bounds-check: bad indices or widths would read past the arrays.
     if x.shape[1] != g.means.shape[1]:
         raise ValueError(f"vectors have {x.shape[1]} features, the node Gaussians {g.means.shape[1]}")
+    flat = nodes.reshape(-1).cpu()
     if flat.numel() and not 0 <= int(flat.min()) <= int(flat.max()) < g.means.shape[0]:
         raise ValueError(f"node indices must be in [0, {g.means.shape[0]})")
-    order = torch.argsort(flat, stable=True)  # pairs sorted by node: each factor is read once per call
+    order = torch.argsort(flat, stable=True)  # pairs sorted by node: each triangle is read once per call
     counts = torch.bincount(flat, minlength=g.means.shape[0])
     used = torch.nonzero(counts).flatten()
     pointer = torch.zeros(used.numel() + 1, dtype=torch.int64)
     torch.cumsum(counts[used], 0, out=pointer[1:])
     xs = x.detach().to("cpu", torch.float32).contiguous().numpy()
-    pair_vector = (order // k).numpy()
-    out = np.empty(n * k, np.float32)
-    kernels.set_threads()
-    if g.tril.dtype == torch.float32:
-        kernels.whitened_sq_norms(xs, pair_vector, pointer.numpy(), used.numpy(), used.numpy(), g.means.numpy(),
-                                  g.tril.numpy(), out)
-    else:  # float16 (numba reads no float16): widen the triangles of a chunk of nodes at a time
-        chunk = chunk or max(1, min(256, (1 << 26) // g.tril.shape[1]))  # at most 256 MB of float32 triangles
-        for start in range(0, used.numel(), chunk):
-            ids = used[start:start + chunk]
-            table = g.tril[ids].float()
-            kernels.whitened_sq_norms(xs, pair_vector, pointer[start:start + chunk + 1].numpy(), ids.numpy(),
-                                      np.arange(ids.numel()), g.means.numpy(), table.numpy(), out)
+    out = kernels.whitened_sq_norms(xs, (order // k).numpy(), pointer.numpy(), used.numpy(), used.numpy(),
+                                    g.means.numpy(), g.tril.numpy())
     dist = torch.empty(n * k)
     dist[order] = torch.from_numpy(out)
     return dist.view(n, k).clamp_min_(0.0).sqrt_()
