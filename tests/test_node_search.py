@@ -41,12 +41,13 @@ def assert_same_neighbours(q, w, d, i, ref_d, ref_i):
     torch.testing.assert_close(d, ref_d, rtol=1e-4, atol=1e-3)
 
 
-def test_native_and_torch_probing_agree(trained_map, native):
+@pytest.mark.parametrize("n_probe, k", [(1, 1), (3, 4), (8, 4), (8, 9), (20, 5)])  # lists of at most 8 and longer
+def test_native_and_torch_probing_agree(trained_map, native, n_probe, k):
     w, q = trained_map
-    index = ClusteredNodeSearch(w, 32)
+    index = ClusteredNodeSearch(w, 32, n_probe=n_probe)
     coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0)
-    d, i = index.search(q, 4)
-    ref_d, ref_i = index._probe_torch(q, coarse, 4)
+    d, i = index.search(q, k)
+    ref_d, ref_i = index._probe_torch(q, coarse, k)
     assert_same_neighbours(q, w, d, i, ref_d, ref_i)
 
 

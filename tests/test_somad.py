@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from somad import SOMAD, load
@@ -139,6 +140,20 @@ def test_gaussian_blur_matches_scipy():
     x = torch.rand(2, 40, 33, dtype=torch.float64)
     expected = np.stack([gaussian_filter(a.numpy(), 4.0) for a in x])
     assert np.allclose(gaussian_blur(x, 4.0).numpy(), expected, atol=1e-12)
+
+
+@pytest.mark.parametrize("grid, size, sigma", [((56, 56), 224, 4.0), ((28, 40), 256, 4.0), ((5, 5), 9, 4.0),
+                                               ((14, 14), 64, 0.0), ((7, 7), 7, 2.0)])
+def test_upsample_blur_equals_interpolate_then_blur(grid, size, sigma):
+    """The precomputed matrices give what scoring did step by step: bilinear upsampling, then the blur (also
+    where the blur radius is cut at the map size, without a blur, and without upsampling)."""
+    from somad.features import upsample_blur
+
+    p = torch.rand(3, *grid, dtype=torch.float32) * 10
+    ref = gaussian_blur(F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0], sigma)
+    got = upsample_blur(p, size, sigma)
+    assert got.shape == (3, size, size)
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_original_resolution_puts_the_crop_back():

@@ -182,20 +182,44 @@ SIMD static void dots_simd(const float *a, const float *b0, const float *b1, con
     }
     _mm_storeu_ps(out, hsum4(s0, s1, s2, s3));
 }
-/* insert_all_generic, eight entries compared with the list's last entry at once: after the first few, most
- * blocks hold no winner, so the branch is predictable. */
+/* insert_all_generic for lists of at most 8 (n_probe and k are small): the list lives in two registers and an
+ * insertion is branch-free (shift the lanes above the new value up by one, put it in the first of them);
+ * eight entries at a time are compared with the list's last entry first, so most blocks are skipped. Ids
+ * travel as 32-bit lanes (node and cluster ids are far below 2^31, checked by the caller). */
 SIMD static void insert_all_simd(float *values, int64_t *ids, int64_t n, const float *v, int64_t len,
                                  const int64_t *ids_of, int64_t base) {
-    int64_t j = 0;
-    for (; j + 8 <= len; j += 8) {
-        int hits = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(v + j), _mm256_set1_ps(values[n - 1]), _CMP_LT_OQ));
-        while (hits) { /* insert() checks again: the last entry may have dropped meanwhile */
+    if (n > 8) {
+        insert_all_generic(values, ids, n, v, len, ids_of, base);
+        return;
+    }
+    float lv[8];
+    int32_t li[8];
+    for (int j = 0; j < 8; j++) lv[j] = j < n ? values[j] : INFINITY, li[j] = j < n ? (int32_t)ids[j] : 0;
+    __m256 vals = _mm256_loadu_ps(lv);
+    __m256i idv = _mm256_loadu_si256((const __m256i *)li);
+    const __m256i up = _mm256_setr_epi32(0, 0, 1, 2, 3, 4, 5, 6), last = _mm256_set1_epi32((int)(n - 1));
+    float threshold = values[n - 1];
+    for (int64_t j = 0; j < len; j += 8) {
+        int64_t m = len - j < 8 ? len - j : 8;
+        __m256 block = _mm256_maskload_ps(v + j, lane_mask(m));
+        int hits = _mm256_movemask_ps(_mm256_cmp_ps(block, _mm256_set1_ps(threshold), _CMP_LT_OQ)) & ((1 << m) - 1);
+        while (hits) {
             int b = __builtin_ctz((unsigned)hits);
             hits &= hits - 1;
-            insert(values, ids, n, v[j + b], ids_of ? ids_of[j + b] : base + j + b);
+            if (!(v[j + b] < threshold)) continue; /* the threshold may have dropped since the comparison */
+            __m256 x = _mm256_set1_ps(v[j + b]);
+            __m256 id = _mm256_castsi256_ps(_mm256_set1_epi32((int32_t)(ids_of ? ids_of[j + b] : base + j + b)));
+            __m256 moved = _mm256_cmp_ps(vals, x, _CMP_GT_OQ); /* lanes above x: a suffix (equal values stay first) */
+            __m256 first = _mm256_andnot_ps(_mm256_blend_ps(_mm256_permutevar8x32_ps(moved, up), _mm256_setzero_ps(), 1), moved);
+            vals = _mm256_blendv_ps(vals, _mm256_blendv_ps(_mm256_permutevar8x32_ps(vals, up), x, first), moved);
+            __m256 shifted = _mm256_castsi256_ps(_mm256_permutevar8x32_epi32(idv, up));
+            idv = _mm256_castps_si256(_mm256_blendv_ps(_mm256_castsi256_ps(idv), _mm256_blendv_ps(shifted, id, first), moved));
+            threshold = _mm256_cvtss_f32(_mm256_permutevar8x32_ps(vals, last));
         }
     }
-    insert_all_generic(values, ids, n, v + j, len - j, ids_of ? ids_of + j : NULL, base + j);
+    _mm256_storeu_ps(lv, vals);
+    _mm256_storeu_si256((__m256i *)li, idv);
+    for (int j = 0; j < n; j++) values[j] = lv[j], ids[j] = li[j];
 }
 #define INSERT_ALL(values, ids, n, v, len, ids_of, base)                                                   \
     (use_simd ? insert_all_simd(values, ids, n, v, len, ids_of, base) : insert_all_generic(values, ids, n, v, len, ids_of, base))
@@ -369,8 +393,10 @@ static PyObject *py_probe_nearest(PyObject *self, PyObject *args) {
                           &out_index, &n, &d, &n_clusters, &n_probe, &length, &n_weights, &k, &threads))
         return NULL;
     PyObject *result = NULL;
-    if (n_probe < 1 || n_probe > n_clusters || n_probe > 64 || k < 1 || n_weights < 1)
-        PyErr_SetString(PyExc_ValueError, "need 1 <= n_probe <= min(n_clusters, 64), k >= 1 and a padding row");
+    if (n_probe < 1 || n_probe > n_clusters || n_probe > 64 || k < 1 || n_weights < 1 || n_weights > INT32_MAX ||
+        n_clusters > INT32_MAX)
+        PyErr_SetString(PyExc_ValueError, "need 1 <= n_probe <= min(n_clusters, 64), k >= 1, a padding row and "
+                                          "fewer than 2^31 nodes and clusters");
     else if (check(&x, n * d, 4, "x") && check(&coarse, n * n_clusters, 4, "coarse") &&
              check(&members, n_clusters * length, 8, "members") && check(&weights, n_weights * d, 4, "weights") &&
              check(&weights_sq, n_weights, 4, "weights_sq") && check(&out_sq, n * k, 4, "out_sq") &&

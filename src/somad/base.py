@@ -23,12 +23,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from . import __version__
 from .errors import ImageLoadError, NotFittedError, NumericalError, SomadError
-from .features import FeatureExtractor, Geometry, gaussian_blur, resolve_device, select_channels, to_original_resolution
+from .features import FeatureExtractor, Geometry, resolve_device, select_channels, to_original_resolution, upsample_blur
 from .images import list_images, load_image
 from .model_io import load_model, save_model
 from .progress import progress_bar
@@ -354,8 +353,7 @@ class BaseDetector:
         """Features ``(B, D, h, w)`` -> maps ``(B, S, S)`` at the model input and image scores ``(B,)``."""
         patch, image_scores = self._patch_scores(feats)
         s = self.extractor_.geometry.input_size
-        maps = F.interpolate(patch[:, None].float(), size=(s, s), mode="bilinear", align_corners=False)[:, 0]
-        maps = gaussian_blur(maps, self.blur_sigma)
+        maps = upsample_blur(patch, s, self.blur_sigma)  # bilinear to the input size, then the Gaussian blur
         if not torch.isfinite(maps).all():
             raise NumericalError("NaN/Inf in anomaly maps; check the model file and the input images")
         if image_scores is None:

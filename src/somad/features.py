@@ -25,6 +25,7 @@ Two options serve other methods (the defaults give the pipeline above):
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
@@ -248,6 +249,36 @@ def to_original_resolution(maps: torch.Tensor, geometry: Geometry, sizes: Sequen
         m = F.interpolate(m, size=(int(h), int(w)), mode="bilinear", align_corners=False)
         out.append(m[0, 0].cpu().numpy().astype(np.float32))
     return out
+
+
+def upsample_blur(maps: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
+    """Bilinear upsampling of ``(N, h, w)`` maps to ``(N, size, size)``, then :func:`gaussian_blur`.
+
+    Both steps are linear and separable, so each side is one precomputed ``(size, h)`` matrix ``R`` and the
+    result is ``R_h @ maps @ R_w^T``: about ``size * h * (h + size)`` multiply-adds per map, instead of the
+    blur's ``2 * size^2 * (8 sigma + 1)`` after ``F.interpolate``. Equal to the two steps up to float rounding.
+    """
+    rows = _resize_blur_matrix(size, maps.shape[-2], float(sigma), maps.device)
+    cols = _resize_blur_matrix(size, maps.shape[-1], float(sigma), maps.device)
+    return rows @ maps.float() @ cols.T
+
+
+@functools.lru_cache(maxsize=16)
+def _resize_blur_matrix(size: int, n: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """``(size, n)``: one axis of ``gaussian_blur(F.interpolate(x, size, bilinear, align_corners=False))``."""
+    eye = torch.eye(n, dtype=torch.float64)
+    up = F.interpolate(eye[None], size=size, mode="linear", align_corners=False)[0].T  # bilinear = linear per axis
+    if sigma > 0:
+        radius = min(int(4.0 * sigma + 0.5), size - 1)  # as gaussian_blur on a (size, size) map
+        t = torch.arange(-radius, radius + 1, dtype=torch.float64)
+        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+        taps = torch.arange(size)[:, None] + torch.arange(-radius, radius + 1)[None, :]  # (size, 2r + 1)
+        taps = torch.where(taps < 0, -taps - 1, taps)  # scipy's 'reflect': d c b a | a b c d (r < size: one fold)
+        taps = torch.where(taps >= size, 2 * size - 1 - taps, taps)
+        blur = torch.zeros(size, size, dtype=torch.float64)
+        blur.scatter_add_(1, taps, (kernel / kernel.sum()).expand(size, -1).contiguous())
+        up = blur @ up
+    return up.float().to(device)
 
 
 def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
