@@ -206,12 +206,22 @@ def test_float16_factors_score_like_float32_torch_and_round_trip():
     assert torch.equal(back.tril, g16.tril)
 
 
-def test_float16_factor_overflow_is_a_clear_error():
-    from somad.errors import NumericalError
-
-    x = torch.tensor([[0.0, 0.0], [1e-6, 0.0], [0.0, 1e-6]])  # spread ~1e-6: factor entries ~1e6 > float16 max
-    with pytest.raises(NumericalError, match="factor_dtype='float32'"):
-        fit_node_gaussians(x, torch.zeros(3, dtype=torch.long), torch.zeros(1, 2), eps=1e-12, dtype=torch.float16)
+def test_float16_factor_overflow_keeps_the_factors_in_float32(caplog):
+    """Spread ~1e-6 (eps ~0): factor entries ~1e6 > float16's max. The fit keeps float32 factors, says so,
+    and scores as a float32 fit does; a single overflowing group switches the whole array."""
+    rng = np.random.default_rng(7)
+    wide = torch.from_numpy(rng.normal(size=(40, 2)).astype(np.float32))
+    narrow = torch.tensor([[0.0, 0.0], [1e-6, 0.0], [0.0, 1e-6]])
+    x = torch.cat([wide, narrow])
+    assign = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(3, dtype=torch.long)])
+    with caplog.at_level("WARNING", logger="somad.node_stats"):  # max_elements=4: one node per group
+        g = fit_node_gaussians(x, assign, torch.zeros(2, 2), eps=1e-12, dtype=torch.float16, max_elements=4)
+    assert g.tril.dtype == torch.float32 and "overflow float16" in caplog.text
+    ref = fit_node_gaussians(x, assign, torch.zeros(2, 2), eps=1e-12)
+    torch.testing.assert_close(g.tril, ref.tril, rtol=1e-3, atol=0)  # node 0 went through float16 first
+    q, nodes = x[:5], torch.tensor([[0, 1]] * 5)
+    assert torch.isfinite(mahalanobis(q, nodes, g)).all()
+    torch.testing.assert_close(mahalanobis(q, nodes, g), mahalanobis(q, nodes, ref), rtol=1e-3, atol=1e-3)
 
 
 def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):

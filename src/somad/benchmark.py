@@ -11,7 +11,8 @@ of decode + preprocess + backbone + scoring + blur, ``backbone ms`` the median o
 ``post ms`` the median of everything after it (node search, Mahalanobis, upsampling, blur).
 
 SOMAD variants (``--somad-variants fast,exact``): ``fast`` is the default model (coarse-to-fine node search,
-float16 training-feature store); ``exact`` is the unoptimised reference (exhaustive search, float32 store).
+float16 training-feature store and node factors); ``exact`` is the unoptimised reference (exhaustive search,
+float32 store and factors).
 When SOMAD, PaDiM and PatchCore ran on a category, ``results.md`` ends with the performance targets as
 ratios from the same run (:func:`target_table`).
 """
@@ -40,7 +41,8 @@ logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "au_pro"]
 COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "post_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
-VARIANTS = {"fast": {"search": "fast", "feature_dtype": "float16"}, "exact": {"search": "exact", "feature_dtype": "float32"}}
+VARIANTS = {"fast": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16"},
+            "exact": {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"}}
 
 
 def _peak_rss_gb() -> float:
@@ -390,7 +392,7 @@ def add_parser(sub, add_model_args, add_run_args) -> None:
     p.add_argument("--k-grid", dest="k_grid", default=None, help="SOMAD ablation: e.g. 1,2,3,4,5")
     p.add_argument("--som-size-grid", dest="som_size_grid", default=None, help="SOMAD ablation: e.g. 14,28,56")
     p.add_argument("--somad-variants", default=None,
-                   help="SOMAD variants: fast (default model) and/or exact (exhaustive search, float32 store), e.g. fast,exact")
+                   help="SOMAD variants: fast (default model) and/or exact (exhaustive search, float32 store and factors), e.g. fast,exact")
     p.add_argument("--threads", type=int, default=2, help="torch threads per cell (default 2)")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
     add_model_args(p)

@@ -50,9 +50,9 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
                    help="SOMAD: nearest-node search, coarse-to-fine over node clusters or exhaustive (default fast)")
     g.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"],
                    help="SOMAD: precision of the training patches held during fit (default float16)")
-    g.add_argument("--factor-dtype", default="float32", choices=["float32", "float16"],
+    g.add_argument("--factor-dtype", default="float16", choices=["float16", "float32"],
                    help="SOMAD: storage of the per-node covariance factors; float16 halves model memory and file "
-                        "(default float32)")
+                        "and the bytes read per image (default float16; float32 if fit reports an overflow)")
     g.add_argument("--coreset-ratio", type=float, default=0.1,
                    help="PatchCore: fraction of training patches kept in the memory bank (default 0.1)")
     g.add_argument("--num-neighbors", type=int, default=9,

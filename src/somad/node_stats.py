@@ -140,6 +140,7 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     eps : float, >= 0
     dtype : torch.float32 or torch.float16
         Storage of the whitener triangles (float16: half the memory and file; scoring computes in float32).
+        Factors that overflow float16 switch the whole array to float32 (logged).
     """
     m, d = prototypes.shape
     device = prototypes.device
@@ -171,12 +172,12 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         pooled += scatter.sum(0)
         dof += int((counts[ids] - 1).sum())
         cov = scatter / (counts[ids] - 1).double()[:, None, None] + eps * eye
-        _store(tril, ids, _inverse_cholesky(cov))
+        tril = _store(tril, ids, _inverse_cholesky(cov))
 
     pooled = pooled / dof if dof else pooled
     few = counts < 2
     if bool(few.any()):
-        _store(tril, torch.nonzero(few).flatten(), _inverse_cholesky((pooled + eps * eye)[None]))
+        tril = _store(tril, torch.nonzero(few).flatten(), _inverse_cholesky((pooled + eps * eye)[None]))
         logger.info("%d empty and %d one-member SOM nodes use the pooled covariance",
                     int((counts == 0).sum()), int((counts == 1).sum()))
     means = means.float()
@@ -188,16 +189,24 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
 NON_FINITE = "non-finite node statistics (NaN/Inf in the training features?); check the input images"
 
 
-def _store(tril: torch.Tensor, ids: torch.Tensor, whiteners: torch.Tensor) -> None:
+def _store(tril: torch.Tensor, ids: torch.Tensor, whiteners: torch.Tensor) -> torch.Tensor:
     """Write dense whiteners ``(G or 1, D, D)`` of nodes ``ids`` into the packed triangles, checking them
-    first (here, one group at a time, rather than on the whole array: no array-sized temporaries)."""
+    first (here, one group at a time, rather than on the whole array: no array-sized temporaries).
+
+    Returns ``tril``, or a float32 copy of it when these whiteners overflow float16 (tiny spreads, e.g.
+    ``eps=0``): the factors are then kept in float32, with a warning, rather than failing the fit.
+    """
     d = whiteners.shape[-1]
     rows, cols = torch.tril_indices(d, d, device=whiteners.device)
-    whiteners = whiteners[:, rows, cols].to(tril.dtype)
-    if not torch.isfinite(whiteners).all():
-        raise NumericalError(NON_FINITE if whiteners.dtype != torch.float16 else
-                             "node whiteners overflow float16; refit with factor_dtype='float32' or a larger eps")
-    tril[ids] = whiteners
+    packed = whiteners[:, rows, cols]
+    if not torch.isfinite(packed).all():
+        raise NumericalError(NON_FINITE)
+    if tril.dtype == torch.float16 and not torch.isfinite(packed.to(torch.float16)).all():
+        logger.warning("node covariance factors overflow float16 (largest entry %.3g; eps too small?): "
+                       "they are kept in float32", float(packed.abs().max()))
+        tril = tril.float()
+    tril[ids] = packed.to(tril.dtype)
+    return tril
 
 
 def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:
