@@ -31,7 +31,7 @@ def _timed_stages(model, path) -> list[float]:
     feats = model.extractor_(batch)
     t.append(time.perf_counter())
     b, d, h, w = feats.shape
-    x = feats.permute(0, 2, 3, 1).reshape(-1, d)
+    x = feats.permute(0, 2, 3, 1).reshape(-1, d).contiguous()
     _, nodes = model._node_search()(x, int(model.k))
     t.append(time.perf_counter())
     dist = mahalanobis(x, nodes, model.gaussians_).min(1).values.view(b, h, w)

@@ -126,7 +126,7 @@ class SOMAD(BaseDetector):
 
     def _patch_scores(self, feats):
         b, d, h, w = feats.shape
-        x = feats.permute(0, 2, 3, 1).reshape(-1, d)
+        x = feats.permute(0, 2, 3, 1).reshape(-1, d).contiguous()  # a view with strides (1, h*w): copy it once, not per step
         empty = self.gaussians_.empty
         k = min(int(self.k), int((~empty).sum()))
         _, nodes = self._node_search()(x, k)
