@@ -102,3 +102,18 @@ def test_make_search_choices():
     assert torch.equal(make_search(w, 10, "fast")(x, 2)[1], nearest_nodes(x, w, 2)[1])
     with pytest.raises(ValueError, match="choose one of: fast, exact"):
         make_search(w, 10, "approx")
+
+
+def test_native_probing_with_very_unequal_clusters(native):
+    """700 of 1024 nodes crowd one spot, so one cluster is far larger than the rest (rows are padded to it):
+    native and torch probing agree, and probing every cluster is exact."""
+    rng = np.random.default_rng(11)
+    w = np.concatenate([rng.normal(size=(700, 12)) * 0.01, rng.normal(size=(324, 12)) * 3]).astype(np.float32)
+    w = torch.from_numpy(w[rng.permutation(1024)])
+    q = torch.from_numpy(rng.normal(size=(800, 12)).astype(np.float32))
+    index = ClusteredNodeSearch(w, 32, n_probe=4)
+    assert index.members_.shape[1] > 4 * 1024 / index.n_clusters  # the widest cluster, well above the mean
+    coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0)
+    assert_same_neighbours(q, w, *index.search(q, 3), *index._probe_torch(q, coarse, 3))
+    every = ClusteredNodeSearch(w, 32, n_probe=10_000)
+    assert_same_neighbours(q, w, *every.search(q, 3), *nearest_nodes(q, w, 3))

@@ -283,20 +283,28 @@ static int whiten_all(const float *x, const int64_t *pair_vector, const int64_t 
 
 /* k nearest nodes per query among the members of its n_probe nearest clusters, in three passes:
  * 1. per query, its n_probe nearest clusters (insertion into a sorted list: n_probe is small);
- * 2. per cluster, the dot products of its members with every query that probes it: the cluster's rows stay in
+ * 2. per cluster, the distances from its members to every query that probes it: the cluster's rows stay in
  *    L1 while the queries stream past (query-major order re-read every probed row from L2/L3 for each query);
- * 3. per query, the k smallest of its candidates. */
+ * 3. per query, the k smallest of its candidates.
+ * Candidates are stored compactly, each (query, probe) pair holding its cluster's own member count: clusters
+ * can be very unequal (their rows are padded to the largest), and padding would multiply the memory. */
 static int probe_all(const float *x, int64_t n, int64_t d, const float *coarse, int64_t n_clusters, int64_t n_probe,
                      const int64_t *members, int64_t length, const float *weights, const float *weights_sq, int64_t pad,
                      int64_t k, float *out_sq, int64_t *out_index, int threads) {
     const int64_t pairs = n * n_probe;
     int64_t *probe_id = (int64_t *)malloc((size_t)pairs * sizeof(int64_t));
+    int64_t *offset = (int64_t *)malloc((size_t)(pairs + 1) * sizeof(int64_t)); /* of each pair's candidates */
+    int64_t *size = (int64_t *)malloc((size_t)n_clusters * sizeof(int64_t));
     int64_t *start = (int64_t *)calloc((size_t)(n_clusters + 1), sizeof(int64_t));
     int64_t *fill = (int64_t *)malloc((size_t)(n_clusters + 1) * sizeof(int64_t));
     int64_t *by_cluster = (int64_t *)malloc((size_t)pairs * sizeof(int64_t));
-    float *cand = (float *)malloc((size_t)(pairs * length) * sizeof(float));
-    int failed = !probe_id || !start || !fill || !by_cluster || !cand;
+    float *cand = NULL;
+    int failed = !probe_id || !offset || !size || !start || !fill || !by_cluster;
     if (!failed) {
+        for (int64_t c = 0; c < n_clusters; c++) { /* members are padded at the end of each row */
+            size[c] = 0;
+            while (size[c] < length && members[c * length + size[c]] != pad) size[c]++;
+        }
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t i = 0; i < n; i++) { /* pass 1 */
             float value[64]; /* n_probe <= 64, checked by the caller */
@@ -304,6 +312,12 @@ static int probe_all(const float *x, int64_t n, int64_t d, const float *coarse, 
             for (int64_t p = 0; p < n_probe; p++) value[p] = INFINITY, ids[p] = 0;
             INSERT_ALL(value, ids, n_probe, coarse + i * n_clusters, n_clusters, NULL, 0);
         }
+        offset[0] = 0;
+        for (int64_t e = 0; e < pairs; e++) offset[e + 1] = offset[e] + size[probe_id[e]];
+        cand = (float *)malloc((size_t)(offset[pairs] > 0 ? offset[pairs] : 1) * sizeof(float));
+        failed = !cand;
+    }
+    if (!failed) {
         /* the (query, probe) pairs of each cluster, by counting sort */
         for (int64_t e = 0; e < pairs; e++) start[probe_id[e] + 1]++;
         for (int64_t c = 0; c < n_clusters; c++) start[c + 1] += start[c];
@@ -318,15 +332,15 @@ static int probe_all(const float *x, int64_t n, int64_t d, const float *coarse, 
                 for (int b = 0; b < BLOCK; b++) e[b] = by_cluster[first + (b < count ? b : count - 1)]; /* repeat the last */
                 const float *q[BLOCK];
                 for (int b = 0; b < BLOCK; b++) q[b] = x + (e[b] / n_probe) * d;
-                for (int64_t j = 0; j < length; j++) {
+                for (int64_t j = 0; j < size[c]; j++) {
                     int64_t node = row[j];
                     float dot[BLOCK];
-                    if (node != pad && !isinf(weights_sq[node])) {
-                        DOTS4(weights + node * d, q[0], q[1], q[2], q[3], d, dot);
-                        for (int b = 0; b < count; b++) cand[e[b] * length + j] = weights_sq[node] - 2.f * dot[b];
-                    } else { /* padding (members are padded at the end of each row) or an excluded node */
-                        for (int b = 0; b < count; b++) cand[e[b] * length + j] = INFINITY;
+                    if (isinf(weights_sq[node])) { /* an excluded node: never a candidate */
+                        for (int b = 0; b < count; b++) cand[offset[e[b]] + j] = INFINITY;
+                        continue;
                     }
+                    DOTS4(weights + node * d, q[0], q[1], q[2], q[3], d, dot);
+                    for (int b = 0; b < count; b++) cand[offset[e[b]] + j] = weights_sq[node] - 2.f * dot[b];
                 }
             }
         }
@@ -335,17 +349,15 @@ static int probe_all(const float *x, int64_t n, int64_t d, const float *coarse, 
             float *best = out_sq + i * k;
             int64_t *best_id = out_index + i * k;
             for (int64_t j = 0; j < k; j++) best[j] = INFINITY, best_id[j] = pad;
-            for (int64_t p = 0; p < n_probe; p++) {
-                /* candidates are ||w||^2 - 2 x.w: ||x||^2 is added below */
-                INSERT_ALL(best, best_id, k, cand + (i * n_probe + p) * length, length, members + probe_id[i * n_probe + p] * length, 0);
-            }
+            for (int64_t e = i * n_probe; e < (i + 1) * n_probe; e++) /* candidates are ||w||^2 - 2 x.w */
+                INSERT_ALL(best, best_id, k, cand + offset[e], offset[e + 1] - offset[e], members + probe_id[e] * length, 0);
             const float *xi = x + i * d;
             float norm = 0.f;
             for (int64_t c = 0; c < d; c++) norm += xi[c] * xi[c];
-            for (int64_t j = 0; j < k; j++) best[j] = fmaxf(best[j] + norm, 0.f); /* rounding can go below 0 */
+            for (int64_t j = 0; j < k; j++) best[j] = fmaxf(best[j] + norm, 0.f); /* add ||x||^2; rounding can go below 0 */
         }
     }
-    free(probe_id), free(start), free(fill), free(by_cluster), free(cand);
+    free(probe_id), free(offset), free(size), free(start), free(fill), free(by_cluster), free(cand);
     return failed;
 }
 
