@@ -117,3 +117,18 @@ def test_native_probing_with_very_unequal_clusters(native):
     assert_same_neighbours(q, w, *index.search(q, 3), *index._probe_torch(q, coarse, 3))
     every = ClusteredNodeSearch(w, 32, n_probe=10_000)
     assert_same_neighbours(q, w, *every.search(q, 3), *nearest_nodes(q, w, 3))
+
+
+def test_search_fills_one_preallocated_result_across_chunks(trained_map, native):
+    """Chunks write into rows of one result (no per-chunk arrays to concatenate); a wrong ``out`` is refused."""
+    from somad import kernels
+
+    w, q = trained_map
+    index = ClusteredNodeSearch(w, 32)
+    d_all, i_all = index.search(q, 4)
+    d_chunked, i_chunked = index.search(q, 4, chunk_size=333)
+    assert torch.equal(i_all, i_chunked) and torch.equal(d_all, d_chunked)
+    coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0).numpy()
+    args = (q.numpy(), coarse, index.n_probe, index.members_.numpy(), index._w_pad.numpy(), index._sq_pad.numpy(), 4)
+    with pytest.raises(ValueError, match=r"out\[1\] has shape \(3000, 3\), expected \(3000, 4\)"):
+        kernels.probe_nearest(*args, out=(np.empty((3000, 4), np.float32), np.empty((3000, 3), np.int64)))

@@ -90,7 +90,8 @@ def whitened_sq_norms(x: np.ndarray, pair_vector: np.ndarray, pointer: np.ndarra
 
 
 def probe_nearest(x: np.ndarray, coarse: np.ndarray, n_probe: int, members: np.ndarray, weights: np.ndarray,
-                  weights_sq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+                  weights_sq: np.ndarray, k: int, *, out: tuple[np.ndarray, np.ndarray] | None = None
+                  ) -> tuple[np.ndarray, np.ndarray]:
     """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
 
     Parameters
@@ -102,6 +103,8 @@ def probe_nearest(x: np.ndarray, coarse: np.ndarray, n_probe: int, members: np.n
     weights : float32 (M + 1, D), row ``M`` zero
     weights_sq : float32 (M + 1,), ``||w||^2``; ``inf`` for row ``M`` and for excluded nodes
     k : int
+    out : (float32 (N, k), int64 (N, k)), optional
+        Arrays to write the result into (e.g. rows of a larger result), else new ones.
 
     Returns
     -------
@@ -116,8 +119,9 @@ def probe_nearest(x: np.ndarray, coarse: np.ndarray, n_probe: int, members: np.n
     _array(weights, np.float32, "weights", (weights.shape[0], d))
     _array(weights_sq, np.float32, "weights_sq", (weights.shape[0],))
     _in_range(members, weights.shape[0], "members")
-    sq = np.empty((n, k), np.float32)
-    index = np.empty((n, k), np.int64)
+    sq, index = out if out is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
+    _array(sq, np.float32, "out[0]", (n, k))
+    _array(index, np.int64, "out[1]", (n, k))
     _kernels.probe_nearest(x, coarse, members, weights, weights_sq, sq, index, n, d, c, int(n_probe),
                            members.shape[1], weights.shape[0], int(k), torch.get_num_threads())
     return sq, index

@@ -153,19 +153,27 @@ class ClusteredNodeSearch:
         """
         if k > self.n_probe * self.min_size_:  # the probed clusters might hold fewer than k nodes
             return nearest_nodes(x, self._weights, k, exclude=self._exclude)
-        parts = [self._search(x[s:s + chunk_size], k) for s in range(0, x.shape[0], chunk_size)]
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        # The outputs are allocated once and filled chunk by chunk: small per-chunk results kept between the
+        # chunks' large temporaries would pin them in the heap (glibc), and a large fit's RSS would creep up.
+        device = self.centres_.device
+        sq = torch.empty(x.shape[0], k, device=device)
+        index = torch.empty(x.shape[0], k, dtype=torch.int64, device=device)
+        for s in range(0, x.shape[0], chunk_size):
+            self._search(x[s:s + chunk_size], k, sq[s:s + chunk_size], index[s:s + chunk_size])
+        return sq, index
 
-    def _search(self, x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _search(self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor) -> None:
         xf = x.to(self.centres_.device, torch.float32)
         coarse = torch.addmm(self._centre_sq, xf, self.centres_.T, beta=1.0, alpha=-2.0)
         from . import kernels
 
         if xf.device.type != "cpu" or not kernels.AVAILABLE:
-            return self._probe_torch(xf, coarse, k)
-        sq, index = kernels.probe_nearest(xf.contiguous().numpy(), coarse.numpy(), self.n_probe, self.members_.numpy(),
-                                          self._w_pad.numpy(), self._sq_pad.numpy(), k)
-        return torch.from_numpy(sq), torch.from_numpy(index)
+            dk, nodes = self._probe_torch(xf, coarse, k)
+            out_sq.copy_(dk)
+            out_index.copy_(nodes)
+            return
+        kernels.probe_nearest(xf.contiguous().numpy(), coarse.numpy(), self.n_probe, self.members_.numpy(),
+                              self._w_pad.numpy(), self._sq_pad.numpy(), k, out=(out_sq.numpy(), out_index.numpy()))
 
     def _probe_torch(self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
                      ) -> tuple[torch.Tensor, torch.Tensor]:
