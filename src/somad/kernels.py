@@ -1,9 +1,9 @@
 """Native CPU kernels for the two hot loops of SOMAD scoring: checked entry points to ``somad._kernels``.
 
 One responsibility: the inner loops that, written as torch ops, spend their time in per-op overhead at batch
-size 1 (hundreds of small gathers and batched matrix products per image). Each kernel runs one pass over its
-data in C (``_kernels.c``: AVX2 where the CPU has it, portable C otherwise; OpenMP threads), with no
-temporaries. The torch implementations in ``somad.node_stats`` and ``somad.node_search`` remain the reference,
+size 1 (hundreds of small gathers and batched matrix products per image). Each kernel runs in C
+(``_kernels.c``: AVX2 where the CPU has it, portable C otherwise; OpenMP threads) over its whole input in one
+call. The torch implementations in ``somad.node_stats`` and ``somad.node_search`` remain the reference,
 the CUDA path and the fallback where the extension was not built (no C compiler at install time); the tests
 compare them.
 
