@@ -53,8 +53,8 @@ class SOMAD(BaseDetector):
     factor_dtype : {"float16", "float32"}, default "float16"
         Storage of the node covariances' inverse Cholesky factors, in memory and in the model file. float16
         halves both and the bytes scoring reads per image (it computes in float32); on the shared datasets
-        the metrics moved by at most 0.1 points (docs/benchmarks.md). With ``eps=0`` the factors can overflow
-        float16: ``fit`` then says so, and float32 is the fix.
+        the metrics were identical to 4 decimals (docs/benchmarks.md). Factors that overflow float16 (a tiny
+        ``eps``) are kept in float32, with a warning.
     **common
         See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...).
 
