@@ -425,15 +425,19 @@ static PyObject *py_probe_nearest(PyObject *self, PyObject *args) {
     return result;
 }
 
+static int cpu_has_simd(void) {
+#ifdef SOMAD_X86
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+#else
+    return 0;
+#endif
+}
+
 static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
     (void)self;
     int want = PyObject_IsTrue(arg);
     if (want < 0) return NULL;
-#ifdef SOMAD_X86
-    use_simd = want && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#else
-    use_simd = 0;
-#endif
+    use_simd = want && cpu_has_simd();
     return PyBool_FromLong(use_simd);
 }
 
@@ -451,8 +455,6 @@ static PyMethodDef methods[] = {
 static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "somad._kernels", .m_size = -1, .m_methods = methods};
 
 PyMODINIT_FUNC PyInit__kernels(void) {
-#ifdef SOMAD_X86
-    use_simd = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
-#endif
+    use_simd = cpu_has_simd();
     return PyModule_Create(&module);
 }

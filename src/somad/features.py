@@ -269,14 +269,13 @@ def _resize_blur_matrix(size: int, n: int, sigma: float, device: torch.device) -
     eye = torch.eye(n, dtype=torch.float64)
     up = F.interpolate(eye[None], size=size, mode="linear", align_corners=False)[0].T  # bilinear = linear per axis
     if sigma > 0:
-        radius = min(int(4.0 * sigma + 0.5), size - 1)  # as gaussian_blur on a (size, size) map
-        t = torch.arange(-radius, radius + 1, dtype=torch.float64)
-        kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+        kernel = _gaussian_kernel(sigma, size - 1, torch.float64, torch.device("cpu"))  # as gaussian_blur, (size, size)
+        radius = kernel.numel() // 2
         taps = torch.arange(size)[:, None] + torch.arange(-radius, radius + 1)[None, :]  # (size, 2r + 1)
         taps = torch.where(taps < 0, -taps - 1, taps)  # scipy's 'reflect': d c b a | a b c d (r < size: one fold)
         taps = torch.where(taps >= size, 2 * size - 1 - taps, taps)
         blur = torch.zeros(size, size, dtype=torch.float64)
-        blur.scatter_add_(1, taps, (kernel / kernel.sum()).expand(size, -1).contiguous())
+        blur.scatter_add_(1, taps, kernel.expand(size, -1).contiguous())
         up = blur @ up
     return up.float().to(device)
 
@@ -286,15 +285,21 @@ def gaussian_blur(maps: torch.Tensor, sigma: float = 4.0) -> torch.Tensor:
     if sigma <= 0:
         return maps
     h, w = maps.shape[-2:]
-    radius = min(int(4.0 * sigma + 0.5), h - 1, w - 1)  # truncated at 4 sigma, or at the map size if smaller
-    t = torch.arange(-radius, radius + 1, dtype=maps.dtype, device=maps.device)
-    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
-    kernel = kernel / kernel.sum()
+    kernel = _gaussian_kernel(sigma, min(h, w) - 1, maps.dtype, maps.device)
+    radius = kernel.numel() // 2
     # scipy's 'reflect' repeats the edge pixel (d c b a | a b c d); torch's 'reflect' does not, so pad by flipping.
     x = _symmetric_pad(maps[:, None], radius)
     x = F.conv2d(x, kernel.view(1, 1, -1, 1))
     x = F.conv2d(x, kernel.view(1, 1, 1, -1))
     return x[:, 0]
+
+
+def _gaussian_kernel(sigma: float, max_radius: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Normalised 1-D Gaussian taps ``(2r + 1,)``, truncated at 4 sigma, or at ``max_radius`` if smaller."""
+    radius = min(int(4.0 * sigma + 0.5), max_radius)
+    t = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    kernel = torch.exp(-0.5 * (t / sigma) ** 2)
+    return kernel / kernel.sum()
 
 
 def _symmetric_pad(x: torch.Tensor, r: int) -> torch.Tensor:

@@ -201,11 +201,12 @@ def _store(tril: torch.Tensor, ids: torch.Tensor, whiteners: torch.Tensor) -> to
     packed = whiteners[:, rows, cols]
     if not torch.isfinite(packed).all():
         raise NumericalError(NON_FINITE)
-    if tril.dtype == torch.float16 and not torch.isfinite(packed.to(torch.float16)).all():
+    stored = packed.to(tril.dtype)
+    if tril.dtype == torch.float16 and not torch.isfinite(stored).all():
         logger.warning("node covariance factors overflow float16 (largest entry %.3g; eps too small?): "
                        "they are kept in float32", float(packed.abs().max()))
-        tril = tril.float()
-    tril[ids] = packed.to(tril.dtype)
+        tril, stored = tril.float(), packed.float()
+    tril[ids] = stored
     return tril
 
 
