@@ -64,7 +64,11 @@ def test_default_feature_extractor_is_the_multiscale_concatenation():
             s4, s8, s16 = s4[:, indices[indices < 24]], s8[:, indices[(indices >= 24) & (indices < 64)] - 24], \
                 s16[:, indices[indices >= 64] - 64]
         up = lambda t: F.interpolate(t, size=s4.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
-        assert torch.equal(ex(batch), torch.cat([s4, up(s8), up(s16)], dim=1))
+        out = ex(batch)
+        torch.testing.assert_close(out, torch.cat([s4, up(s8), up(s16)], dim=1), rtol=1e-6, atol=1e-6)
+        # Channels-last: the patch vectors the scorers read, (B*h*w, D), are a view, not a copy.
+        assert out.is_contiguous(memory_format=torch.channels_last)
+        assert out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).data_ptr() == out.data_ptr()
 
 
 def test_stage_choice_indexes_the_chosen_stages_only():

@@ -176,7 +176,12 @@ class FeatureExtractor:
     # ------------------------------------------------------------------ features
     @torch.no_grad()
     def __call__(self, batch: torch.Tensor) -> torch.Tensor:
-        """Preprocessed batch ``(B, 3, S, S)`` in [0, 1] -> features ``(B, D, h, w)`` float32 on ``device``."""
+        """Preprocessed batch ``(B, 3, S, S)`` in [0, 1] -> features ``(B, D, h, w)`` float32 on ``device``.
+
+        The result is channels-last in memory (``torch.channels_last``): ``feats.permute(0, 2, 3, 1)``, the
+        patch vectors, is contiguous, as the scorers read it. Upsampling channels-last stages is also several
+        times faster on CPU than upsampling channels-first ones.
+        """
         x = (batch.to(self.device, torch.float32) - self._mean) / self._std
         # No TF32 in the GPU convolutions: full float32 keeps GPU features within float tolerance of the CPU's.
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
@@ -190,6 +195,7 @@ class FeatureExtractor:
             stage = stage.index_select(1, keep) if len(keep) < stage.shape[1] else stage
             if self.local_aggregation > 1:
                 stage = local_mean(stage, self.local_aggregation)
+            stage = stage.contiguous(memory_format=torch.channels_last)  # interpolate and cat keep the format
             if stage.shape[-2:] != size:
                 stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             parts.append(stage)
