@@ -51,7 +51,7 @@ def test_native_and_torch_probing_agree(trained_map, native, n_probe, k):
     assert_same_neighbours(q, w, d, i, ref_d, ref_i)
 
 
-@pytest.mark.parametrize("d", [3, 13])  # fewer than, and not a multiple of, the 8 SIMD lanes
+@pytest.mark.parametrize("d", [3, 13, 40])  # fewer than, not a multiple of, and a multiple of the 8 SIMD lanes
 def test_native_probing_of_every_cluster_is_exact_for_any_width(native, d):
     rng = np.random.default_rng(d)
     w = torch.from_numpy(rng.normal(size=(1024, d)).astype(np.float32))
@@ -128,7 +128,7 @@ def test_search_fills_one_preallocated_result_across_chunks(trained_map, native)
     d_all, i_all = index.search(q, 4)
     d_chunked, i_chunked = index.search(q, 4, chunk_size=333)
     assert torch.equal(i_all, i_chunked) and torch.equal(d_all, d_chunked)
-    coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0).numpy()
-    args = (q.numpy(), coarse, index.n_probe, index.members_.numpy(), index._w_pad.numpy(), index._sq_pad.numpy(), 4)
+    centres, centre_sq, panels, lane_start, lane_ids, lane_sq = index._panels
+    args = (q.numpy(), centres, centre_sq, index.n_probe, panels, lane_start, lane_ids, lane_sq, 4)
     with pytest.raises(ValueError, match=r"out\[1\] has shape \(3000, 3\), expected \(3000, 4\)"):
-        kernels.probe_nearest(*args, out=(np.empty((3000, 4), np.float32), np.empty((3000, 3), np.int64)))
+        kernels.probe_nearest(*args, pad=1024, out=(np.empty((3000, 4), np.float32), np.empty((3000, 3), np.int64)))

@@ -123,7 +123,9 @@ def _dense_reference(g, q, nodes):
     return torch.einsum("nkij,nkj->nki", dense[nodes].double(), (q[:, None, :] - g.means[nodes]).double()).norm(dim=-1)
 
 
-@pytest.mark.parametrize("d", [1, 5, 8, 24, 37])  # below, at and between multiples of the 8 SIMD lanes; odd and even
+# Around the kernel's 16-row strips (8 floats per register): one short strip, exactly one, one row more,
+# several with a short last one; ~39 vectors per node, so whitening blocks of every size 1..6 occur.
+@pytest.mark.parametrize("d", [1, 5, 8, 16, 17, 24, 37, 48])
 def test_native_kernel_equals_the_dense_whitening(native, d):
     g, q, nodes = _whitening_case(d)
     np.testing.assert_allclose(mahalanobis(q, nodes, g).numpy(), _dense_reference(g, q, nodes).numpy(), rtol=1e-4, atol=1e-4)
@@ -152,6 +154,20 @@ def test_packed_triangles_round_trip_and_give_the_row_blocks():
     assert torch.equal(back.tril, g.tril) and torch.equal(back.whiteners, dense)
     with pytest.raises(ValueError, match="expected"):
         NodeGaussians.from_whiteners(g.means, g.tril[:, :-1], g.counts)
+
+
+def test_triangles_are_packed_column_by_column_and_old_row_packing_converts():
+    from somad.node_stats import columns_from_rows, packed_rows_cols
+
+    rows, cols = packed_rows_cols(4)
+    assert rows.tolist() == [0, 1, 2, 3, 1, 2, 3, 2, 3, 3] and cols.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3]
+    g, _, _ = _whitening_case(19)
+    tr, tc = torch.tril_indices(19, 19)
+    by_rows = g.whiteners[:, tr, tc]  # the row-by-row packing of model files of format version 1
+    assert not torch.equal(by_rows, g.tril)
+    assert torch.equal(columns_from_rows(by_rows.clone(), chunk=7), g.tril)
+    with pytest.raises(ValueError, match="not a packed triangle"):
+        columns_from_rows(torch.zeros(2, 7))
 
 
 def test_scoring_rejects_node_indices_and_widths_out_of_range():
@@ -227,16 +243,17 @@ def test_float16_factor_overflow_keeps_the_factors_in_float32(caplog):
 def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):
     from somad import kernels
 
-    x, means = np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32)
-    tril, ids, one = np.zeros((2, 6), np.float32), np.array([1]), np.array([0, 2])
-    pairs = np.array([0, 3])
-    assert kernels.whitened_sq_norms(x, pairs, one, ids, ids, means, tril).shape == (2,)
-    for bad, match in [((x.astype(np.float64), pairs, one, ids, ids, means, tril), "x must be a C-contiguous float32"),
-                       ((x, np.array([0, 4]), one, ids, ids, means, tril), r"pair_vector must be in \[0, 4\)"),
-                       ((x, pairs, one, np.array([2]), ids, means, tril), r"node_ids must be in \[0, 2\)"),
-                       ((x, pairs, np.array([0, 1]), ids, ids, means, tril), "pointer must rise from 0 to 2"),
-                       ((x, pairs, one, ids, ids, means, tril[:, :5].copy()), r"tril has shape \(2, 5\), expected \(2, 6\)"),
-                       ((x, pairs, one, ids, ids, means, tril.astype(np.float64)), "tril must be float32 or float16"),
-                       ((x[:, :2], pairs, one, ids, ids, means[:, :2], tril), "x must be a C-contiguous float32 array, got a non-contiguous")]:
+    x, means, tril = np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32), np.zeros((2, 6), np.float32)
+    nodes = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])
+    assert kernels.whitened_sq_norms(x, nodes, means, tril).shape == (4, 2)
+    for bad, match in [((x.astype(np.float64), nodes, means, tril), "x must be a C-contiguous float32"),
+                       ((x, nodes[:3], means, tril), r"nodes has shape \(3, 2\), expected \(4, any\)"),
+                       ((x, nodes.astype(np.int32), means, tril), "nodes must be a C-contiguous int64"),
+                       ((x, nodes + 1, means, tril), r"node indices must be in \[0, 2\)"),
+                       ((x, nodes - 1, means, tril), r"node indices must be in \[0, 2\)"),
+                       ((x, nodes, means[:1], tril), r"tril has shape \(2, 6\), expected \(1, 6\)"),
+                       ((x, nodes, means, tril[:, :5].copy()), r"tril has shape \(2, 5\), expected \(2, 6\)"),
+                       ((x, nodes, means, tril.astype(np.float64)), "tril must be float32 or float16"),
+                       ((x[:, :2], nodes, means[:, :2], tril), "x must be a C-contiguous float32 array, got a non-contiguous")]:
         with pytest.raises(ValueError, match=match):
             kernels.whitened_sq_norms(*bad)

@@ -197,3 +197,23 @@ def test_a_model_file_from_before_the_search_option_keeps_the_exact_search(image
     old = load(tmp_path / "old.safetensors")
     assert (old.search, old.feature_dtype) == ("exact", "float32")
     np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])
+
+
+def test_a_model_file_of_format_version_1_loads_with_the_same_scores(images, tmp_path, monkeypatch):
+    """Format version 1 (somad <= 0.4) packed each whitener triangle row by row under another name; such
+    files are repacked column by column on load."""
+    from somad import model_io
+
+    path = SOMAD(**TINY).fit(images).save(tmp_path / "m.safetensors")
+    config, arrays = model_io.load_model(path)
+    g = load(path).gaussians_
+    rows, cols = torch.tril_indices(g.means.shape[1], g.means.shape[1])
+    arrays["node_whiteners_tril"] = g.whiteners[:, rows, cols]
+    del arrays["node_whitener_columns"]
+    monkeypatch.setattr(model_io, "FORMAT_VERSION", 1)
+    model_io.save_model(tmp_path / "v1.safetensors", config, arrays)
+    monkeypatch.undo()
+    assert model_io.load_model(tmp_path / "v1.safetensors")  # readable as written
+    old = load(tmp_path / "v1.safetensors")
+    assert torch.equal(old.gaussians_.tril, g.tril)
+    np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])

@@ -1,8 +1,11 @@
 /* Native CPU kernels for the two hot loops of SOMAD scoring (see somad/kernels.py, the only caller).
  *
- * whitened_sq_norms: out[p] = ||L_i^{-1} (x[v_p] - mu_i)||^2 for the pairs p of every node i, pairs grouped by
- *     node so that each node's packed triangle is read once per call. Triangles are float32 or float16.
- * probe_nearest: per query, the k nearest nodes among the members of its n_probe nearest clusters.
+ * whitened_sq_norms: out[v, j] = ||L_i^{-1} (x[v] - mu_i)||^2 with i = nodes[v, j]; the pairs are grouped by node
+ *     (a counting sort) so that each node's packed triangle is read once per call. Triangles are float32 or float16, packed
+ *     column by column from the diagonal down: column c holds rows c..d-1 and starts at c*d - c*(c-1)/2.
+ * probe_nearest: per query, the k nearest nodes among the members of its n_probe nearest clusters. Centres and
+ *     members are held as panels: the vectors of a group side by side, dimension by dimension (d rows of
+ *     `width` floats), so that 8 or 16 of them are compared with a query in vector registers.
  *
  * Each kernel has an AVX2/FMA/F16C body, chosen at run time when the CPU has those instructions, and a
  * portable C body. The caller validates shapes, dtypes and index ranges; the kernels check only buffer sizes.
@@ -20,7 +23,8 @@
 #include <immintrin.h>
 #endif
 
-#define BLOCK 4 /* vectors whitened together: each row of a triangle is loaded once for four dot products */
+#define WBLOCK 6 /* vectors processed together: each 16-float strip of a column is loaded once for six vectors */
+#define TILE 16 /* rows of a strip (two 8-float registers per vector) */
 
 static int use_simd = 0; /* set at import: the CPU has AVX2, FMA and F16C */
 
@@ -36,19 +40,19 @@ static inline float half_to_float(uint16_t h) {
 }
 
 /* -------------------------------------------------------------------------- portable C bodies */
-/* Squared norms of W (y_j) for `count` centred vectors y (rows of length d) and one packed triangle. */
+/* Squared norms of W y_j for `count` centred vectors y (rows of length d, `stride` apart) and one triangle
+ * packed column by column; z is scratch for d floats. Column c adds y_j[c] times its entries to z[c:]. */
 #define DEFINE_WHITEN_GENERIC(NAME, WTYPE, LOADW)                                                      \
-    static void NAME(const WTYPE *t, const float *y, int64_t d, int64_t stride, int count, float *s) { \
-        for (int j = 0; j < count; j++) s[j] = 0.f;                                                    \
-        int64_t start = 0;                                                                             \
-        for (int64_t r = 0; r < d; r++) {                                                              \
-            for (int j = 0; j < count; j++) {                                                          \
-                const float *yj = y + j * stride;                                                      \
-                float z = 0.f;                                                                         \
-                for (int64_t c = 0; c <= r; c++) z += LOADW(t[start + c]) * yj[c];                     \
-                s[j] += z * z;                                                                         \
-            }                                                                                          \
-            start += r + 1;                                                                            \
+    static void NAME(const WTYPE *t, const float *y, int64_t d, int64_t stride, int count, float *s, float *z) { \
+        for (int j = 0; j < count; j++) {                                                              \
+            const float *yj = y + j * stride;                                                          \
+            const WTYPE *p = t;                                                                        \
+            for (int64_t r = 0; r < d; r++) z[r] = 0.f;                                                \
+            for (int64_t c = 0; c < d; c++)                                                            \
+                for (int64_t r = c; r < d; r++) z[r] += LOADW(*p++) * yj[c];                           \
+            float sum = 0.f;                                                                           \
+            for (int64_t r = 0; r < d; r++) sum += z[r] * z[r];                                        \
+            s[j] = sum;                                                                                \
         }                                                                                              \
     }
 #define LOAD_F32(v) (v)
@@ -56,12 +60,16 @@ static inline float half_to_float(uint16_t h) {
 DEFINE_WHITEN_GENERIC(whiten_generic_f32, float, LOAD_F32)
 DEFINE_WHITEN_GENERIC(whiten_generic_f16, uint16_t, LOAD_F16)
 
-/* Dot products of one row a with four rows b0..b3, all of length d. */
-static void dots_generic(const float *a, const float *b0, const float *b1, const float *b2, const float *b3, int64_t d,
-                         float *out) {
-    float s0 = 0.f, s1 = 0.f, s2 = 0.f, s3 = 0.f;
-    for (int64_t c = 0; c < d; c++) s0 += a[c] * b0[c], s1 += a[c] * b1[c], s2 += a[c] * b2[c], s3 += a[c] * b3[c];
-    out[0] = s0, out[1] = s1, out[2] = s2, out[3] = s3;
+/* out[j * width + l] = sum_c panel[c * width + l] * q[j][c] for the nv vectors q[j]. */
+static void panel_dots_generic(const float *panel, int64_t width, int64_t d, const float *const *q, int nv, float *out) {
+    for (int j = 0; j < nv; j++) {
+        float *o = out + j * width;
+        for (int64_t l = 0; l < width; l++) o[l] = 0.f;
+        for (int64_t c = 0; c < d; c++) {
+            const float v = q[j][c], *row = panel + c * width;
+            for (int64_t l = 0; l < width; l++) o[l] += row[l] * v;
+        }
+    }
 }
 
 /* Insert (value, id) into the ascending list of n if it beats the last entry. */
@@ -100,88 +108,148 @@ SIMD static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) { /* (su
 }
 
 SIMD static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
-SIMD static inline __m256 tail8_f32(const float *p, int64_t n, const float *end) {
-    (void)end; /* masked lanes are not read */
-    return _mm256_maskload_ps(p, lane_mask(n));
-}
 SIMD static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
-SIMD static inline __m256 tail8_f16(const uint16_t *p, int64_t n, const uint16_t *end) {
-    if (p + 8 <= end) /* 8 entries readable: load them all, zero the lanes past n */
-        return _mm256_and_ps(load8_f16(p), _mm256_castsi256_ps(lane_mask(n)));
-    uint16_t tmp[8] = {0}; /* the end of the triangle: copy, never read past it */
-    memcpy(tmp, p, (size_t)(n > 8 ? 8 : n) * sizeof(uint16_t));
-    return load8_f16(tmp);
+
+/* Lanes lo <= l < hi of a 16-lane strip, as two masks: MASK_TABLE16 + 16 - lo has -1 from lane lo on. */
+static const int32_t MASK_TABLE16[32] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+                                         -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
+SIMD static inline void strip_mask(int64_t lo, int64_t hi, __m256 *m0, __m256 *m1) {
+    const int32_t *from = MASK_TABLE16 + 16 - lo, *below = MASK_TABLE16 + 16 - hi; /* lanes >= lo, lanes >= hi */
+    *m0 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_loadu_si256((const __m256i *)below),
+                                                  _mm256_loadu_si256((const __m256i *)from)));
+    *m1 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_loadu_si256((const __m256i *)(below + 8)),
+                                                  _mm256_loadu_si256((const __m256i *)(from + 8))));
 }
 
-#define FMA4(w, acc0, acc1, acc2, acc3, c)                   \
-    acc0 = _mm256_fmadd_ps(w, _mm256_loadu_ps(y0 + c), acc0); \
-    acc1 = _mm256_fmadd_ps(w, _mm256_loadu_ps(y1 + c), acc1); \
-    acc2 = _mm256_fmadd_ps(w, _mm256_loadu_ps(y2 + c), acc2); \
-    acc3 = _mm256_fmadd_ps(w, _mm256_loadu_ps(y3 + c), acc3);
-
-/* Four centred vectors (rows of y, `stride` >= d + 8 floats, zero past d) against one packed triangle.
- * Rows r and r+1 go together (two rows x four vectors = eight accumulators): each load of y feeds two FMAs.
- * `next`, if not NULL, is the triangle processed next: its lines are prefetched at the pace of this one's. */
-#define DEFINE_WHITEN_SIMD(NAME, WTYPE, LOAD8, TAIL8)                                                            \
-    SIMD static void NAME(const WTYPE *t, const float *y, int64_t d, int64_t stride, float *s, const WTYPE *next) { \
-        const float *y0 = y, *y1 = y + stride, *y2 = y + 2 * stride, *y3 = y + 3 * stride;                       \
-        const int64_t line = 64 / (int64_t)sizeof(WTYPE);                                                        \
-        const WTYPE *end = t + d * (d + 1) / 2;                                                                   \
-        __m128 total = _mm_setzero_ps();                                                                          \
-        int64_t start = 0, r = 0;                                                                                 \
-        for (; r + 1 < d; r += 2) {                                                                               \
-            const WTYPE *wa = t + start, *wb = wa + r + 1; /* rows r (r + 1 entries) and r + 1 (r + 2) */         \
-            if (next)                                                                                             \
-                for (int64_t o = 0; o < 2 * r + 3; o += line) _mm_prefetch((const char *)(next + start + o), _MM_HINT_T1); \
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;      \
-            int64_t c = 0;                                                                                        \
-            for (; c + 8 <= r + 1; c += 8) {                                                                      \
-                __m256 u = LOAD8(wa + c), v = LOAD8(wb + c);                                                      \
-                FMA4(u, a0, a1, a2, a3, c) FMA4(v, b0, b1, b2, b3, c)                                             \
-            }                                                                                                     \
-            /* tail: r + 1 - c (0..7) entries of row r, one more of row r + 1; y is zero past d */                \
-            __m256 u = TAIL8(wa + c, r + 1 - c, end), v = TAIL8(wb + c, r + 2 - c, end);                                    \
-            FMA4(u, a0, a1, a2, a3, c) FMA4(v, b0, b1, b2, b3, c)                                                 \
-            __m128 za = hsum4(a0, a1, a2, a3), zb = hsum4(b0, b1, b2, b3);                                        \
-            total = _mm_fmadd_ps(za, za, _mm_fmadd_ps(zb, zb, total));                                            \
-            start += 2 * r + 3;                                                                                   \
-        }                                                                                                         \
-        if (r < d) { /* odd d: the last row alone */                                                              \
-            const WTYPE *wa = t + start;                                                                          \
-            __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                           \
-            for (int64_t c = 0; c <= r; c += 8) {                                                                 \
-                __m256 u = TAIL8(wa + c, r + 1 - c, end);                                                              \
-                FMA4(u, a0, a1, a2, a3, c)                                                                        \
-            }                                                                                                     \
-            __m128 za = hsum4(a0, a1, a2, a3);                                                                    \
-            total = _mm_fmadd_ps(za, za, total);                                                                  \
-        }                                                                                                         \
-        _mm_storeu_ps(s, total);                                                                                  \
+/* 16 consecutive entries at p as two float32 registers; near `end` (the array's end) through a zeroed copy. */
+SIMD static inline void load16_f32(const float *p, const float *end, __m256 *w0, __m256 *w1) {
+    if (p + 16 <= end) {
+        *w0 = _mm256_loadu_ps(p), *w1 = _mm256_loadu_ps(p + 8);
+        return;
     }
-DEFINE_WHITEN_SIMD(whiten_simd_f32, float, load8_f32, tail8_f32)
-DEFINE_WHITEN_SIMD(whiten_simd_f16, uint16_t, load8_f16, tail8_f16)
-
-SIMD static void dots_simd(const float *a, const float *b0, const float *b1, const float *b2, const float *b3, int64_t d,
-                          float *out) {
-    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-    int64_t c = 0;
-    for (; c + 8 <= d; c += 8) {
-        __m256 v = _mm256_loadu_ps(a + c);
-        s0 = _mm256_fmadd_ps(v, _mm256_loadu_ps(b0 + c), s0);
-        s1 = _mm256_fmadd_ps(v, _mm256_loadu_ps(b1 + c), s1);
-        s2 = _mm256_fmadd_ps(v, _mm256_loadu_ps(b2 + c), s2);
-        s3 = _mm256_fmadd_ps(v, _mm256_loadu_ps(b3 + c), s3);
-    }
-    if (c < d) { /* masked lanes are not read */
-        __m256i m = lane_mask(d - c);
-        __m256 v = _mm256_maskload_ps(a + c, m);
-        s0 = _mm256_fmadd_ps(v, _mm256_maskload_ps(b0 + c, m), s0);
-        s1 = _mm256_fmadd_ps(v, _mm256_maskload_ps(b1 + c, m), s1);
-        s2 = _mm256_fmadd_ps(v, _mm256_maskload_ps(b2 + c, m), s2);
-        s3 = _mm256_fmadd_ps(v, _mm256_maskload_ps(b3 + c, m), s3);
-    }
-    _mm_storeu_ps(out, hsum4(s0, s1, s2, s3));
+    float tmp[16] = {0};
+    memcpy(tmp, p, (size_t)(end - p) * sizeof(float));
+    *w0 = _mm256_loadu_ps(tmp), *w1 = _mm256_loadu_ps(tmp + 8);
 }
+SIMD static inline void load16_f16(const uint16_t *p, const uint16_t *end, __m256 *w0, __m256 *w1) {
+    if (p + 16 <= end) {
+        *w0 = load8_f16(p), *w1 = load8_f16(p + 8);
+        return;
+    }
+    uint16_t tmp[16] = {0};
+    memcpy(tmp, p, (size_t)(end - p) * sizeof(uint16_t));
+    *w0 = load8_f16(tmp), *w1 = load8_f16(tmp + 8);
+}
+
+/* (a0, a1)[j] += (w0, w1) * v_j[c] for the nv vectors v_j = VECTOR(j) (only a0 when halves is 1): the
+ * independent accumulators hide the FMA latency. */
+#define STRIP_FMA(nv, halves)                                                        \
+    _Pragma("GCC unroll 6") for (int j = 0; j < (nv); j++) {                         \
+        __m256 b = _mm256_broadcast_ss(VECTOR(j) + c);                               \
+        a0[j] = _mm256_fmadd_ps(w0, b, a0[j]);                                       \
+        if ((halves) == 2) a1[j] = _mm256_fmadd_ps(w1, b, a1[j]);                    \
+    }
+
+/* Squared norms of W y_j for nv <= WBLOCK centred vectors and one triangle packed column by column. Rows are
+ * taken 16 at a time: strip r0 accumulates, over columns c <= r0 + 15, the 16 entries of column c from row r0
+ * (contiguous in this packing) times y_j[c] for every vector, so no horizontal sums are needed until the strip
+ * is squared. Columns of the diagonal block mask the lanes above the diagonal (they hold the previous column's
+ * last entries) and past d. `next`, if not NULL, is the triangle processed next: each strip prefetches its
+ * share of it. Always inlined with a constant nv, so the accumulators stay in registers. */
+#define VECTOR(j) (y + (j) * stride)
+#define DEFINE_WHITEN_SIMD(NAME, WTYPE, LOAD8, LOAD16)                                                               \
+    SIMD static inline __attribute__((always_inline)) void NAME##_nv(const WTYPE *t, const WTYPE *end, const float *y, \
+                                                                    int64_t d, int64_t stride, float *s,              \
+                                                                    const WTYPE *next, const int nv) {                \
+        const int64_t tri = d * (d + 1) / 2, strips = (d + TILE - 1) / TILE, line = 64 / (int64_t)sizeof(WTYPE);       \
+        for (int j = 0; j < nv; j++) s[j] = 0.f;                                                                      \
+        for (int64_t r0 = 0; r0 < d; r0 += TILE) {                                                                    \
+            const int64_t h = d - r0 < TILE ? d - r0 : TILE; /* rows in this strip */                                  \
+            if (next) {                                                                                               \
+                int64_t k = r0 / TILE;                                                                                \
+                for (int64_t o = tri * k / strips; o < tri * (k + 1) / strips; o += line)                             \
+                    _mm_prefetch((const char *)(next + o), _MM_HINT_T1);                                              \
+            }                                                                                                         \
+            __m256 a0[WBLOCK], a1[WBLOCK];                                                                            \
+            for (int j = 0; j < WBLOCK; j++) a0[j] = a1[j] = _mm256_setzero_ps();                                     \
+            const WTYPE *p = t + r0; /* column c's entry of row r0 */                                                 \
+            int64_t step = d - 1, c = 0; /* from column c to c + 1 at the same row: d - c - 1 entries on */         \
+            if (h == TILE)                                                                                            \
+                for (; c < r0; c++, p += step--) { /* whole columns: all 16 rows below the diagonal */               \
+                    __m256 w0 = LOAD8(p), w1 = LOAD8(p + 8);                                                          \
+                    STRIP_FMA(nv, 2)                                                                                  \
+                }                                                                                                     \
+            __m256 m0, m1;                                                                                            \
+            strip_mask(0, h, &m0, &m1);                                                                               \
+            for (; c < r0; c++, p += step--) { /* a short last strip: lanes past d read the next column */           \
+                __m256 w0, w1;                                                                                        \
+                LOAD16(p, end, &w0, &w1);                                                                             \
+                w0 = _mm256_and_ps(w0, m0), w1 = _mm256_and_ps(w1, m1);                                               \
+                STRIP_FMA(nv, 2)                                                                                      \
+            }                                                                                                         \
+            for (; c < r0 + h; c++, p += step--) { /* the diagonal block: rows c..r0+h-1 of column c */               \
+                __m256 w0, w1;                                                                                        \
+                LOAD16(p, end, &w0, &w1);                                                                             \
+                strip_mask(c - r0, h, &m0, &m1);                                                                      \
+                w0 = _mm256_and_ps(w0, m0), w1 = _mm256_and_ps(w1, m1);                                               \
+                STRIP_FMA(nv, 2)                                                                                      \
+            }                                                                                                         \
+            for (int j = 0; j < nv; j++) {                                                                            \
+                __m256 q = _mm256_fmadd_ps(a0[j], a0[j], _mm256_mul_ps(a1[j], a1[j]));                                \
+                __m128 v = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));                        \
+                v = _mm_hadd_ps(v, v);                                                                                \
+                s[j] += _mm_cvtss_f32(_mm_hadd_ps(v, v));                                                             \
+            }                                                                                                         \
+        }                                                                                                             \
+    }                                                                                                                 \
+    SIMD static void NAME(const WTYPE *t, const WTYPE *end, const float *y, int64_t d, int64_t stride, int nv,       \
+                          float *s, const WTYPE *next) {                                                              \
+        switch (nv) { /* one specialised body per block size */                                                      \
+        case 1: NAME##_nv(t, end, y, d, stride, s, next, 1); break;                                                   \
+        case 2: NAME##_nv(t, end, y, d, stride, s, next, 2); break;                                                   \
+        case 3: NAME##_nv(t, end, y, d, stride, s, next, 3); break;                                                   \
+        case 4: NAME##_nv(t, end, y, d, stride, s, next, 4); break;                                                   \
+        case 5: NAME##_nv(t, end, y, d, stride, s, next, 5); break;                                                   \
+        default: NAME##_nv(t, end, y, d, stride, s, next, WBLOCK); break;                                             \
+        }                                                                                                             \
+    }
+DEFINE_WHITEN_SIMD(whiten_simd_f32, float, load8_f32, load16_f32)
+DEFINE_WHITEN_SIMD(whiten_simd_f16, uint16_t, load8_f16, load16_f16)
+#undef VECTOR
+
+/* panel_dots_generic with strips of 16 lanes (and a last one of 8): per dimension c, one or two loads of
+ * the panel and nv broadcasts of y_j[c] feed up to 2 x nv FMAs. */
+#define VECTOR(j) (q[j])
+SIMD static inline __attribute__((always_inline)) void panel_strip_nv(const float *panel, int64_t width, int64_t d,
+                                                                      const float *const *q, float *out, const int nv,
+                                                                      const int halves) {
+    __m256 a0[WBLOCK], a1[WBLOCK];
+    for (int j = 0; j < WBLOCK; j++) a0[j] = a1[j] = _mm256_setzero_ps();
+    for (int64_t c = 0; c < d; c++) {
+        const float *row = panel + c * width;
+        __m256 w0 = _mm256_loadu_ps(row), w1 = halves == 2 ? _mm256_loadu_ps(row + 8) : w0;
+        STRIP_FMA(nv, halves)
+    }
+    for (int j = 0; j < nv; j++) {
+        _mm256_storeu_ps(out + j * width, a0[j]);
+        if (halves == 2) _mm256_storeu_ps(out + j * width + 8, a1[j]);
+    }
+}
+#define PANEL_CASE(n)                                                                                    \
+    case n:                                                                                              \
+        if (halves == 2) panel_strip_nv(panel + l, width, d, q, out + l, n, 2);                          \
+        else panel_strip_nv(panel + l, width, d, q, out + l, n, 1);                                      \
+        break;
+SIMD static void panel_dots_simd(const float *panel, int64_t width, int64_t d, const float *const *q, int nv,
+                                 float *out) { /* width is a multiple of 8 */
+    for (int64_t l = 0; l < width; l += TILE) {
+        const int halves = width - l >= TILE ? 2 : 1;
+        switch (nv) { /* one specialised body per block size */
+            PANEL_CASE(1) PANEL_CASE(2) PANEL_CASE(3) PANEL_CASE(4) PANEL_CASE(5) default: PANEL_CASE(WBLOCK)
+        }
+    }
+}
+#undef VECTOR
 /* insert_all_generic for lists of at most 8 (n_probe and k are small): the list lives in two registers and an
  * insertion is branch-free (shift the lanes above the new value up by one, put it in the first of them);
  * eight entries at a time are compared with the list's last entry first, so most blocks are skipped. Ids
@@ -223,97 +291,148 @@ SIMD static void insert_all_simd(float *values, int64_t *ids, int64_t n, const f
 }
 #define INSERT_ALL(values, ids, n, v, len, ids_of, base)                                                   \
     (use_simd ? insert_all_simd(values, ids, n, v, len, ids_of, base) : insert_all_generic(values, ids, n, v, len, ids_of, base))
-#define DOTS4(a, b0, b1, b2, b3, d, out) \
-    (use_simd ? dots_simd(a, b0, b1, b2, b3, d, out) : dots_generic(a, b0, b1, b2, b3, d, out))
+#define PANEL_DOTS(panel, width, d, q, nv, out) \
+    (use_simd ? panel_dots_simd(panel, width, d, q, nv, out) : panel_dots_generic(panel, width, d, q, nv, out))
 #else
-#define DOTS4(a, b0, b1, b2, b3, d, out) dots_generic(a, b0, b1, b2, b3, d, out)
+#define PANEL_DOTS panel_dots_generic
 #define INSERT_ALL insert_all_generic
 #endif
 
 /* --------------------------------------------------------------------------------- the loops */
-static inline int64_t padded(int64_t d) { return (d + 7) / 8 * 8 + 8; } /* row stride: tail loads stay inside */
 
-static int whiten_all(const float *x, const int64_t *pair_vector, const int64_t *pointer, const int64_t *node_ids,
-                      const int64_t *table_rows, int64_t n_nodes, const float *means, const void *tril, int half,
-                      int64_t d, float *out, int threads) {
-    const int64_t tri = d * (d + 1) / 2, stride = padded(d);
-    int failed = 0;
+/* The pairs (v, j) of each node, by counting sort: order[pointer[a]:pointer[a + 1]] are the pairs of node
+ * used[a], in increasing pair order. Returns -1 if a node id is out of [0, n_means), 1 if out of memory. */
+static int group_by_node(const int64_t *nodes, int64_t n_pairs, int64_t n_means, int64_t **order, int64_t **pointer,
+                         int64_t **used, int64_t *n_used) {
+    int64_t *count = (int64_t *)calloc((size_t)n_means + 1, sizeof(int64_t));
+    *order = (int64_t *)malloc((size_t)(n_pairs > 0 ? n_pairs : 1) * sizeof(int64_t));
+    *pointer = *used = NULL;
+    if (!count || !*order) return free(count), 1;
+    for (int64_t p = 0; p < n_pairs; p++) {
+        if (nodes[p] < 0 || nodes[p] >= n_means) return free(count), -1;
+        count[nodes[p] + 1]++;
+    }
+    int64_t a = 0;
+    for (int64_t i = 0; i < n_means; i++) a += count[i + 1] > 0;
+    *pointer = (int64_t *)malloc((size_t)(a + 1) * sizeof(int64_t));
+    *used = (int64_t *)malloc((size_t)(a > 0 ? a : 1) * sizeof(int64_t));
+    if (!*pointer || !*used) return free(count), 1;
+    *n_used = a;
+    a = 0;
+    (*pointer)[0] = 0;
+    for (int64_t i = 0; i < n_means; i++) {
+        if (count[i + 1] > 0) (*used)[a] = i, (*pointer)[a + 1] = (*pointer)[a] + count[i + 1], a++;
+        count[i + 1] += count[i]; /* now count[i] is where node i's pairs start */
+    }
+    for (int64_t p = 0; p < n_pairs; p++) (*order)[count[nodes[p]]++] = p;
+    free(count);
+    return 0;
+}
+
+static int whiten_all(const float *x, const int64_t *nodes, int64_t n_pairs, int64_t k, const float *means,
+                      int64_t n_means, const void *tril, int half, int64_t d, float *out, int threads) {
+    const int64_t tri = d * (d + 1) / 2;
+    int64_t *order, *pointer, *used, n_used = 0;
+    int failed = group_by_node(nodes, n_pairs, n_means, &order, &pointer, &used, &n_used);
+    if (failed) {
+        free(order), free(pointer), free(used);
+        return failed;
+    }
 #pragma omp parallel num_threads(threads)
     {
-        float *y = (float *)calloc((size_t)(BLOCK * stride), sizeof(float)); /* zero past d, forever */
+        float *y = (float *)malloc((size_t)((WBLOCK + 1) * d) * sizeof(float)); /* WBLOCK vectors + scratch */
         if (!y) {
 #pragma omp atomic write
             failed = 1;
         }
 #pragma omp for schedule(dynamic, 8)
-        for (int64_t a = 0; a < n_nodes; a++) {
+        for (int64_t a = 0; a < n_used; a++) {
             if (!y) continue;
-            const float *mu = means + node_ids[a] * d;
-            const size_t offset = (size_t)(table_rows[a] * tri), next_offset = a + 1 < n_nodes ? (size_t)(table_rows[a + 1] * tri) : 0;
-            for (int64_t first = pointer[a]; first < pointer[a + 1]; first += BLOCK) {
-                int count = (int)(pointer[a + 1] - first < BLOCK ? pointer[a + 1] - first : BLOCK);
-                for (int j = 0; j < BLOCK; j++) {
-                    /* a short last block repeats its last vector (its result is dropped) */
-                    const float *xv = x + pair_vector[first + (j < count ? j : count - 1)] * d;
-                    float *yj = y + j * stride;
+            const float *mu = means + used[a] * d;
+            const size_t offset = (size_t)(used[a] * tri), next_offset = a + 1 < n_used ? (size_t)(used[a + 1] * tri) : 0;
+            for (int64_t first = pointer[a]; first < pointer[a + 1]; first += WBLOCK) {
+                int count = (int)(pointer[a + 1] - first < WBLOCK ? pointer[a + 1] - first : WBLOCK);
+                for (int j = 0; j < count; j++) {
+                    const float *xv = x + (order[first + j] / k) * d; /* pair p = v * k + j belongs to vector v */
+                    float *yj = y + j * d;
                     for (int64_t c = 0; c < d; c++) yj[c] = xv[c] - mu[c]; /* centre first: no cancellation */
                 }
-                float s[BLOCK];
-                int prefetch = first == pointer[a] && a + 1 < n_nodes;
+                float s[WBLOCK];
+                int prefetch = first == pointer[a] && a + 1 < n_used;
 #ifdef SOMAD_X86
-                if (use_simd && half)
-                    whiten_simd_f16((const uint16_t *)tril + offset, y, d, stride, s, prefetch ? (const uint16_t *)tril + next_offset : NULL);
-                else if (use_simd)
-                    whiten_simd_f32((const float *)tril + offset, y, d, stride, s, prefetch ? (const float *)tril + next_offset : NULL);
-                else
+                if (use_simd && half) {
+                    const uint16_t *t = (const uint16_t *)tril;
+                    whiten_simd_f16(t + offset, t + n_means * tri, y, d, d, count, s, prefetch ? t + next_offset : NULL);
+                } else if (use_simd) {
+                    const float *t = (const float *)tril;
+                    whiten_simd_f32(t + offset, t + n_means * tri, y, d, d, count, s, prefetch ? t + next_offset : NULL);
+                } else
 #endif
                 if (half)
-                    whiten_generic_f16((const uint16_t *)tril + offset, y, d, stride, count, s);
+                    whiten_generic_f16((const uint16_t *)tril + offset, y, d, d, count, s, y + WBLOCK * d);
                 else
-                    whiten_generic_f32((const float *)tril + offset, y, d, stride, count, s);
+                    whiten_generic_f32((const float *)tril + offset, y, d, d, count, s, y + WBLOCK * d);
                 (void)prefetch;
                 (void)next_offset;
-                for (int j = 0; j < count; j++) out[first + j] = s[j];
+                for (int j = 0; j < count; j++) out[order[first + j]] = s[j];
             }
         }
         free(y);
     }
+    free(order), free(pointer), free(used);
     return failed;
 }
 
 /* k nearest nodes per query among the members of its n_probe nearest clusters, in three passes:
- * 1. per query, its n_probe nearest clusters (insertion into a sorted list: n_probe is small);
- * 2. per cluster, the distances from its members to every query that probes it: the cluster's rows stay in
- *    L1 while the queries stream past (query-major order re-read every probed row from L2/L3 for each query);
+ * 1. per block of queries, the distances to every cluster centre (one panel), kept as each query's n_probe
+ *    nearest (insertion into a sorted list: n_probe is small);
+ * 2. per cluster, the distances from its members (its panel) to every query that probes it, in blocks of
+ *    queries: the panel stays in L1 while the queries stream past;
  * 3. per query, the k smallest of its candidates.
- * Candidates are stored compactly, each (query, probe) pair holding its cluster's own member count: clusters
- * can be very unequal (their rows are padded to the largest), and padding would multiply the memory. */
-static int probe_all(const float *x, int64_t n, int64_t d, const float *coarse, int64_t n_clusters, int64_t n_probe,
-                     const int64_t *members, int64_t length, const float *weights, const float *weights_sq, int64_t pad,
-                     int64_t k, float *out_sq, int64_t *out_index, int threads) {
+ * Distances are ||w||^2 - 2 x.w until the end, where ||x||^2 is added. Lanes past a group's size have
+ * ||w||^2 = inf and are never candidates. Each (query, probe) pair holds its cluster's own panel width of
+ * candidates: clusters can be very unequal, and padding to the largest would multiply the memory. */
+static int probe_all(const float *x, int64_t n, int64_t d, const float *centres, const float *centre_sq, int64_t c_width,
+                     int64_t n_probe, const float *panels, const int64_t *lane_start, int64_t n_clusters,
+                     const int64_t *lane_ids, const float *lane_sq, int64_t pad, int64_t k, float *out_sq,
+                     int64_t *out_index, int threads) {
     const int64_t pairs = n * n_probe;
-    int64_t *probe_id = (int64_t *)malloc((size_t)pairs * sizeof(int64_t));
+    int64_t *probe_id = (int64_t *)malloc((size_t)(pairs > 0 ? pairs : 1) * sizeof(int64_t));
     int64_t *offset = (int64_t *)malloc((size_t)(pairs + 1) * sizeof(int64_t)); /* of each pair's candidates */
-    int64_t *size = (int64_t *)malloc((size_t)n_clusters * sizeof(int64_t));
     int64_t *start = (int64_t *)calloc((size_t)(n_clusters + 1), sizeof(int64_t));
     int64_t *fill = (int64_t *)malloc((size_t)(n_clusters + 1) * sizeof(int64_t));
-    int64_t *by_cluster = (int64_t *)malloc((size_t)pairs * sizeof(int64_t));
+    int64_t *by_cluster = (int64_t *)malloc((size_t)(pairs > 0 ? pairs : 1) * sizeof(int64_t));
     float *cand = NULL;
-    int failed = !probe_id || !offset || !size || !start || !fill || !by_cluster;
+    int failed = !probe_id || !offset || !start || !fill || !by_cluster;
     if (!failed) {
-        for (int64_t c = 0; c < n_clusters; c++) { /* members are padded at the end of each row */
-            size[c] = 0;
-            while (size[c] < length && members[c * length + size[c]] != pad) size[c]++;
+#pragma omp parallel num_threads(threads)
+        {
+            float *dots = (float *)malloc((size_t)(WBLOCK * c_width) * sizeof(float));
+            if (!dots) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(static)
+            for (int64_t first = 0; first < n; first += WBLOCK) { /* pass 1 */
+                if (!dots) continue;
+                int count = (int)(n - first < WBLOCK ? n - first : WBLOCK);
+                const float *q[WBLOCK];
+                for (int j = 0; j < count; j++) q[j] = x + (first + j) * d;
+                PANEL_DOTS(centres, c_width, d, q, count, dots);
+                for (int j = 0; j < count; j++) {
+                    float value[64], *v = dots + j * c_width; /* n_probe <= 64, checked by the caller */
+                    int64_t *ids = probe_id + (first + j) * n_probe;
+                    for (int64_t l = 0; l < c_width; l++) v[l] = centre_sq[l] - 2.f * v[l];
+                    for (int64_t p = 0; p < n_probe; p++) value[p] = INFINITY, ids[p] = 0;
+                    INSERT_ALL(value, ids, n_probe, v, c_width, NULL, 0);
+                }
+            }
+            free(dots);
         }
-#pragma omp parallel for num_threads(threads) schedule(static)
-        for (int64_t i = 0; i < n; i++) { /* pass 1 */
-            float value[64]; /* n_probe <= 64, checked by the caller */
-            int64_t *ids = probe_id + i * n_probe;
-            for (int64_t p = 0; p < n_probe; p++) value[p] = INFINITY, ids[p] = 0;
-            INSERT_ALL(value, ids, n_probe, coarse + i * n_clusters, n_clusters, NULL, 0);
-        }
+    }
+    if (!failed) {
         offset[0] = 0;
-        for (int64_t e = 0; e < pairs; e++) offset[e + 1] = offset[e] + size[probe_id[e]];
+        for (int64_t e = 0; e < pairs; e++) offset[e + 1] = offset[e] + lane_start[probe_id[e] + 1] - lane_start[probe_id[e]];
         cand = (float *)malloc((size_t)(offset[pairs] > 0 ? offset[pairs] : 1) * sizeof(float));
         failed = !cand;
     }
@@ -323,41 +442,50 @@ static int probe_all(const float *x, int64_t n, int64_t d, const float *coarse, 
         for (int64_t c = 0; c < n_clusters; c++) start[c + 1] += start[c];
         memcpy(fill, start, (size_t)(n_clusters + 1) * sizeof(int64_t));
         for (int64_t e = 0; e < pairs; e++) by_cluster[fill[probe_id[e]]++] = e;
-#pragma omp parallel for num_threads(threads) schedule(dynamic, 1)
-        for (int64_t c = 0; c < n_clusters; c++) { /* pass 2 */
-            const int64_t *row = members + c * length;
-            for (int64_t first = start[c]; first < start[c + 1]; first += BLOCK) {
-                int64_t e[BLOCK];
-                int count = (int)(start[c + 1] - first < BLOCK ? start[c + 1] - first : BLOCK);
-                for (int b = 0; b < BLOCK; b++) e[b] = by_cluster[first + (b < count ? b : count - 1)]; /* repeat the last */
-                const float *q[BLOCK];
-                for (int b = 0; b < BLOCK; b++) q[b] = x + (e[b] / n_probe) * d;
-                for (int64_t j = 0; j < size[c]; j++) {
-                    int64_t node = row[j];
-                    float dot[BLOCK];
-                    if (isinf(weights_sq[node])) { /* an excluded node: never a candidate */
-                        for (int b = 0; b < count; b++) cand[offset[e[b]] + j] = INFINITY;
-                        continue;
+#pragma omp parallel num_threads(threads)
+        {
+            int64_t max_width = 8;
+            for (int64_t c = 0; c < n_clusters; c++)
+                if (lane_start[c + 1] - lane_start[c] > max_width) max_width = lane_start[c + 1] - lane_start[c];
+            float *dots = (float *)malloc((size_t)(WBLOCK * max_width) * sizeof(float));
+            if (!dots) {
+#pragma omp atomic write
+                failed = 1;
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (int64_t c = 0; c < n_clusters; c++) { /* pass 2 */
+                if (!dots) continue;
+                const int64_t width = lane_start[c + 1] - lane_start[c];
+                const float *panel = panels + lane_start[c] * d, *sq = lane_sq + lane_start[c];
+                for (int64_t first = start[c]; first < start[c + 1]; first += WBLOCK) {
+                    int count = (int)(start[c + 1] - first < WBLOCK ? start[c + 1] - first : WBLOCK);
+                    const float *q[WBLOCK];
+                    for (int j = 0; j < count; j++) q[j] = x + (by_cluster[first + j] / n_probe) * d;
+                    PANEL_DOTS(panel, width, d, q, count, dots);
+                    for (int j = 0; j < count; j++) {
+                        float *to = cand + offset[by_cluster[first + j]];
+                        for (int64_t l = 0; l < width; l++) to[l] = sq[l] - 2.f * dots[j * width + l];
                     }
-                    DOTS4(weights + node * d, q[0], q[1], q[2], q[3], d, dot);
-                    for (int b = 0; b < count; b++) cand[offset[e[b]] + j] = weights_sq[node] - 2.f * dot[b];
                 }
             }
+            free(dots);
         }
+    }
+    if (!failed) {
 #pragma omp parallel for num_threads(threads) schedule(static)
         for (int64_t i = 0; i < n; i++) { /* pass 3 */
             float *best = out_sq + i * k;
             int64_t *best_id = out_index + i * k;
             for (int64_t j = 0; j < k; j++) best[j] = INFINITY, best_id[j] = pad;
-            for (int64_t e = i * n_probe; e < (i + 1) * n_probe; e++) /* candidates are ||w||^2 - 2 x.w */
-                INSERT_ALL(best, best_id, k, cand + offset[e], offset[e + 1] - offset[e], members + probe_id[e] * length, 0);
+            for (int64_t e = i * n_probe; e < (i + 1) * n_probe; e++)
+                INSERT_ALL(best, best_id, k, cand + offset[e], offset[e + 1] - offset[e], lane_ids + lane_start[probe_id[e]], 0);
             const float *xi = x + i * d;
             float norm = 0.f;
             for (int64_t c = 0; c < d; c++) norm += xi[c] * xi[c];
             for (int64_t j = 0; j < k; j++) best[j] = fmaxf(best[j] + norm, 0.f); /* add ||x||^2; rounding can go below 0 */
         }
     }
-    free(probe_id), free(offset), free(size), free(start), free(fill), free(by_cluster), free(cand);
+    free(probe_id), free(offset), free(start), free(fill), free(by_cluster), free(cand);
     return failed;
 }
 
@@ -372,56 +500,69 @@ static int check(Py_buffer *b, Py_ssize_t items, Py_ssize_t itemsize, const char
 
 static PyObject *py_whitened_sq_norms(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer x, pv, ptr, ids, rows, means, tril, out;
-    Py_ssize_t n, d, n_pairs, n_nodes, n_means, n_tril;
+    Py_buffer x, nodes, means, tril, out;
+    Py_ssize_t n, d, k, n_means;
     int half, threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*w*nnnnnnpi", &x, &pv, &ptr, &ids, &rows, &means, &tril, &out, &n, &d,
-                          &n_pairs, &n_nodes, &n_means, &n_tril, &half, &threads))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnnpi", &x, &nodes, &means, &tril, &out, &n, &d, &k, &n_means, &half,
+                          &threads))
         return NULL;
     PyObject *result = NULL;
     Py_ssize_t tri = d * (d + 1) / 2;
-    if (check(&x, n * d, 4, "x") && check(&pv, n_pairs, 8, "pair_vector") && check(&ptr, n_nodes + 1, 8, "pointer") &&
-        check(&ids, n_nodes, 8, "node_ids") && check(&rows, n_nodes, 8, "table_rows") &&
-        check(&means, n_means * d, 4, "means") && check(&tril, n_tril * tri, half ? 2 : 4, "tril") &&
-        check(&out, n_pairs, 4, "out")) {
+    if (k < 1)
+        PyErr_SetString(PyExc_ValueError, "need k >= 1");
+    else if (check(&x, n * d, 4, "x") && check(&nodes, n * k, 8, "nodes") && check(&means, n_means * d, 4, "means") &&
+             check(&tril, n_means * tri, half ? 2 : 4, "tril") && check(&out, n * k, 4, "out")) {
         int failed;
         Py_BEGIN_ALLOW_THREADS
-        failed = whiten_all(x.buf, pv.buf, ptr.buf, ids.buf, rows.buf, n_nodes, means.buf, tril.buf, half, d, out.buf,
+        failed = whiten_all(x.buf, nodes.buf, n * k, k, means.buf, n_means, tril.buf, half, d, out.buf,
                             threads < 1 ? 1 : threads);
         Py_END_ALLOW_THREADS
-        result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
+        if (failed < 0)
+            PyErr_Format(PyExc_ValueError, "node indices must be in [0, %zd)", n_means);
+        else
+            result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
     }
-    PyBuffer_Release(&x), PyBuffer_Release(&pv), PyBuffer_Release(&ptr), PyBuffer_Release(&ids);
-    PyBuffer_Release(&rows), PyBuffer_Release(&means), PyBuffer_Release(&tril), PyBuffer_Release(&out);
+    PyBuffer_Release(&x), PyBuffer_Release(&nodes), PyBuffer_Release(&means), PyBuffer_Release(&tril);
+    PyBuffer_Release(&out);
     return result;
 }
 
 static PyObject *py_probe_nearest(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer x, coarse, members, weights, weights_sq, out_sq, out_index;
-    Py_ssize_t n, d, n_clusters, n_probe, length, n_weights, k;
+    Py_buffer x, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, out_sq, out_index;
+    Py_ssize_t n, d, c_width, n_probe, n_clusters, n_lanes, pad, k;
     int threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*w*w*nnnnnnni", &x, &coarse, &members, &weights, &weights_sq, &out_sq,
-                          &out_index, &n, &d, &n_clusters, &n_probe, &length, &n_weights, &k, &threads))
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*w*w*nnnnnnnni", &x, &centres, &centre_sq, &panels, &lane_start,
+                          &lane_ids, &lane_sq, &out_sq, &out_index, &n, &d, &c_width, &n_probe, &n_clusters, &n_lanes,
+                          &pad, &k, &threads))
         return NULL;
     PyObject *result = NULL;
-    if (n_probe < 1 || n_probe > n_clusters || n_probe > 64 || k < 1 || n_weights < 1 || n_weights > INT32_MAX ||
-        n_clusters > INT32_MAX)
-        PyErr_SetString(PyExc_ValueError, "need 1 <= n_probe <= min(n_clusters, 64), k >= 1, a padding row and "
-                                          "fewer than 2^31 nodes and clusters");
-    else if (check(&x, n * d, 4, "x") && check(&coarse, n * n_clusters, 4, "coarse") &&
-             check(&members, n_clusters * length, 8, "members") && check(&weights, n_weights * d, 4, "weights") &&
-             check(&weights_sq, n_weights, 4, "weights_sq") && check(&out_sq, n * k, 4, "out_sq") &&
+    if (n_probe < 1 || n_probe > n_clusters || n_probe > 64 || k < 1 || c_width < n_clusters || c_width % 8 ||
+        pad > INT32_MAX || n_clusters > INT32_MAX)
+        PyErr_SetString(PyExc_ValueError, "need 1 <= n_probe <= min(n_clusters, 64), k >= 1, a centre panel width "
+                                          "that is a multiple of 8 and fewer than 2^31 nodes and clusters");
+    else if (check(&x, n * d, 4, "x") && check(&centres, d * c_width, 4, "centres") &&
+             check(&centre_sq, c_width, 4, "centre_sq") && check(&panels, d * n_lanes, 4, "panels") &&
+             check(&lane_start, n_clusters + 1, 8, "lane_start") && check(&lane_ids, n_lanes, 8, "lane_ids") &&
+             check(&lane_sq, n_lanes, 4, "lane_sq") && check(&out_sq, n * k, 4, "out_sq") &&
              check(&out_index, n * k, 8, "out_index")) {
-        int failed;
-        Py_BEGIN_ALLOW_THREADS
-        failed = probe_all(x.buf, n, d, coarse.buf, n_clusters, n_probe, members.buf, length, weights.buf,
-                           weights_sq.buf, n_weights - 1, k, out_sq.buf, out_index.buf, threads < 1 ? 1 : threads);
-        Py_END_ALLOW_THREADS
-        result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
+        const int64_t *ls = lane_start.buf;
+        int ok = ls[0] == 0 && ls[n_clusters] == n_lanes;
+        for (Py_ssize_t c = 0; ok && c < n_clusters; c++) ok = ls[c + 1] > ls[c] && (ls[c + 1] - ls[c]) % 8 == 0;
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "lane_start must rise from 0 to the lane count in steps that are multiples of 8");
+        } else {
+            int failed;
+            Py_BEGIN_ALLOW_THREADS
+            failed = probe_all(x.buf, n, d, centres.buf, centre_sq.buf, c_width, n_probe, panels.buf, ls, n_clusters,
+                               lane_ids.buf, lane_sq.buf, pad, k, out_sq.buf, out_index.buf, threads < 1 ? 1 : threads);
+            Py_END_ALLOW_THREADS
+            result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
+        }
     }
-    PyBuffer_Release(&x), PyBuffer_Release(&coarse), PyBuffer_Release(&members), PyBuffer_Release(&weights);
-    PyBuffer_Release(&weights_sq), PyBuffer_Release(&out_sq), PyBuffer_Release(&out_index);
+    PyBuffer_Release(&x), PyBuffer_Release(&centres), PyBuffer_Release(&centre_sq), PyBuffer_Release(&panels);
+    PyBuffer_Release(&lane_start), PyBuffer_Release(&lane_ids), PyBuffer_Release(&lane_sq);
+    PyBuffer_Release(&out_sq), PyBuffer_Release(&out_index);
     return result;
 }
 
@@ -443,11 +584,10 @@ static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"whitened_sq_norms", py_whitened_sq_norms, METH_VARARGS,
-     "whitened_sq_norms(x, pair_vector, pointer, node_ids, table_rows, means, tril, out, n, d, n_pairs, n_nodes, "
-     "n_means, n_tril, half, threads)"},
+     "whitened_sq_norms(x, nodes, means, tril, out, n, d, k, n_means, half, threads)"},
     {"probe_nearest", py_probe_nearest, METH_VARARGS,
-     "probe_nearest(x, coarse, members, weights, weights_sq, out_sq, out_index, n, d, n_clusters, n_probe, length, "
-     "n_weights, k, threads)"},
+     "probe_nearest(x, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, out_sq, out_index, n, d, c_width, "
+     "n_probe, n_clusters, n_lanes, pad, k, threads)"},
     {"set_simd", py_set_simd, METH_O, "set_simd(flag) -> bool: use the AVX2 bodies if flag and the CPU has them"},
     {NULL, NULL, 0, NULL},
 };

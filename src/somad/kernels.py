@@ -35,74 +35,69 @@ def set_simd(flag: bool) -> bool:
 
 
 def _array(a: np.ndarray, dtype, name: str, shape: tuple | None = None) -> np.ndarray:
+    """Check dtype, C-contiguity and (where given; ``None`` = any size) the shape of ``a``."""
     if a.dtype != dtype or not a.flags.c_contiguous:
         got = a.dtype if a.flags.c_contiguous else f"a non-contiguous {a.dtype} array"
         raise ValueError(f"{name} must be a C-contiguous {np.dtype(dtype)} array, got {got}")
-    if shape is not None and a.shape != shape:
-        raise ValueError(f"{name} has shape {a.shape}, expected {shape}")
+    if shape is not None and (a.ndim != len(shape) or any(e is not None and g != e for g, e in zip(a.shape, shape))):
+        expected = ", ".join("any" if e is None else str(e) for e in shape)
+        raise ValueError(f"{name} has shape {a.shape}, expected ({expected})")
     return a
 
 
-def _in_range(a: np.ndarray, stop: int, name: str) -> None:
-    if a.size and not (0 <= int(a.min()) and int(a.max()) < stop):
-        raise ValueError(f"{name} must be in [0, {stop})")
+def whitened_sq_norms(x: np.ndarray, nodes: np.ndarray, means: np.ndarray, tril: np.ndarray) -> np.ndarray:
+    """``out[v, j] = ||L_i^{-1} (x[v] - means[i])||^2`` with ``i = nodes[v, j]``.
 
-
-def whitened_sq_norms(x: np.ndarray, pair_vector: np.ndarray, pointer: np.ndarray, node_ids: np.ndarray,
-                      table_rows: np.ndarray, means: np.ndarray, tril: np.ndarray) -> np.ndarray:
-    """``out[p] = ||L_i^{-1} (x[pair_vector[p]] - means[i])||^2`` for every pair ``p`` of every node ``i``.
+    The pairs are grouped by node in C (a counting sort), so each node's triangle is read once per call.
 
     Parameters
     ----------
     x : float32 (N, D)
-    pair_vector : int64 (P,), the vector of each pair; pairs sorted by node
-    pointer : int64 (A + 1,), the pairs of node ``node_ids[a]`` are ``pointer[a]:pointer[a + 1]``
-    node_ids : int64 (A,)
-    table_rows : int64 (A,), the row of ``tril`` that holds that node's triangle
+    nodes : int64 (N, k), in ``[0, M)`` (checked in C: ``ValueError`` otherwise)
     means : float32 (M, D)
-    tril : float32 or float16 (R, D*(D+1)/2), row-major packed lower triangles
+    tril : float32 or float16 (M, D*(D+1)/2), lower triangles packed column by column
+        (``somad.node_stats.packed_rows_cols``)
 
     Returns
     -------
-    float32 (P,)
+    float32 (N, k)
     """
     n, d = x.shape
-    a = node_ids.shape[0]
     _array(x, np.float32, "x")
-    _array(pair_vector, np.int64, "pair_vector")
-    _array(pointer, np.int64, "pointer", (a + 1,))
-    _array(node_ids, np.int64, "node_ids")
-    _array(table_rows, np.int64, "table_rows", (a,))
-    _array(means, np.float32, "means", (means.shape[0], d))
+    _array(nodes, np.int64, "nodes", (n, None))
+    m = means.shape[0]
+    _array(means, np.float32, "means", (m, d))
     if tril.dtype not in (np.float32, np.float16):
         raise ValueError(f"tril must be float32 or float16, got {tril.dtype}")
-    _array(tril, tril.dtype, "tril", (tril.shape[0], d * (d + 1) // 2))
-    p = pair_vector.shape[0]
-    if pointer[0] != 0 or pointer[-1] != p or np.any(np.diff(pointer) < 0):
-        raise ValueError(f"pointer must rise from 0 to {p}")
-    _in_range(pair_vector, n, "pair_vector")
-    _in_range(node_ids, means.shape[0], "node_ids")
-    _in_range(table_rows, tril.shape[0], "table_rows")
-    out = np.empty(p, np.float32)
-    _kernels.whitened_sq_norms(x, pair_vector, pointer, node_ids, table_rows, means, tril, out, n, d, p, a,
-                               means.shape[0], tril.shape[0], tril.dtype == np.float16, torch.get_num_threads())
+    _array(tril, tril.dtype, "tril", (m, d * (d + 1) // 2))
+    k = nodes.shape[1]
+    out = np.empty((n, k), np.float32)
+    _kernels.whitened_sq_norms(x, nodes, means, tril, out, n, d, k, m, tril.dtype == np.float16,
+                               torch.get_num_threads())
     return out
 
 
-def probe_nearest(x: np.ndarray, coarse: np.ndarray, n_probe: int, members: np.ndarray, weights: np.ndarray,
-                  weights_sq: np.ndarray, k: int, *, out: tuple[np.ndarray, np.ndarray] | None = None
-                  ) -> tuple[np.ndarray, np.ndarray]:
+def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_probe: int, panels: np.ndarray,
+                  lane_start: np.ndarray, lane_ids: np.ndarray, lane_sq: np.ndarray, k: int, *, pad: int,
+                  out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
+
+    Vectors are held as *panels*: a group's vectors side by side, dimension by dimension (``(D, width)``,
+    ``width`` a multiple of 8, padding columns zero), so that the C code compares 8 or 16 of them with a query
+    in vector registers.
 
     Parameters
     ----------
     x : float32 (N, D)
-    coarse : float32 (N, C), a ranking of the clusters per query (smaller = nearer)
-    n_probe : int, in [1, C]
-    members : int64 (C, L), node ids padded at the end of each row with ``M``
-    weights : float32 (M + 1, D), row ``M`` zero
-    weights_sq : float32 (M + 1,), ``||w||^2``; ``inf`` for row ``M`` and for excluded nodes
+    centres : float32 (D, Cw), the C cluster centres as one panel (``Cw >= C``)
+    centre_sq : float32 (Cw,), ``||centre||^2``; ``inf`` past C
+    n_probe : int, in [1, min(C, 64)]
+    panels : float32 (D * W,), cluster c's members as a ``(D, width_c)`` panel from ``D * lane_start[c]``
+    lane_start : int64 (C + 1,), from 0 to W in steps ``width_c`` that are positive multiples of 8
+    lane_ids : int64 (W,), the node id of each lane
+    lane_sq : float32 (W,), ``||w||^2``; ``inf`` for padding lanes (never returned)
     k : int
+    pad : int, the id returned where a query has fewer than k candidates
     out : (float32 (N, k), int64 (N, k)), optional
         Arrays to write the result into (e.g. rows of a larger result), else new ones.
 
@@ -112,16 +107,18 @@ def probe_nearest(x: np.ndarray, coarse: np.ndarray, n_probe: int, members: np.n
     index : int64 (N, k)
     """
     n, d = x.shape
-    c = coarse.shape[1]
     _array(x, np.float32, "x")
-    _array(coarse, np.float32, "coarse", (n, c))
-    _array(members, np.int64, "members", (c, members.shape[1]))
-    _array(weights, np.float32, "weights", (weights.shape[0], d))
-    _array(weights_sq, np.float32, "weights_sq", (weights.shape[0],))
-    _in_range(members, weights.shape[0], "members")
+    _array(centres, np.float32, "centres", (d, None))
+    _array(centre_sq, np.float32, "centre_sq", (centres.shape[1],))
+    _array(lane_start, np.int64, "lane_start")
+    w = lane_ids.shape[0]
+    _array(lane_ids, np.int64, "lane_ids", (w,))
+    _array(lane_sq, np.float32, "lane_sq", (w,))
+    _array(panels, np.float32, "panels", (d * w,))
     sq, index = out if out is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
     _array(sq, np.float32, "out[0]", (n, k))
     _array(index, np.int64, "out[1]", (n, k))
-    _kernels.probe_nearest(x, coarse, members, weights, weights_sq, sq, index, n, d, c, int(n_probe),
-                           members.shape[1], weights.shape[0], int(k), torch.get_num_threads())
+    _kernels.probe_nearest(x, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, sq, index, n, d,
+                           centres.shape[1], int(n_probe), lane_start.shape[0] - 1, w, int(pad), int(k),
+                           torch.get_num_threads())
     return sq, index

@@ -133,6 +133,7 @@ class ClusteredNodeSearch:
         self._member_weights = self._w_pad[self.members_]  # (C, L, D): each cluster's nodes, contiguous for bmm
         self._member_sq = self._sq_pad[self.members_]  # (C, L)
         self._centre_sq = (self.centres_ * self.centres_).sum(1)
+        self._panels = _panels(self.members_, w, counts, self.centres_) if w.device.type == "cpu" else None
 
     @property
     def n_clusters(self) -> int:
@@ -163,17 +164,17 @@ class ClusteredNodeSearch:
         return sq, index
 
     def _search(self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor) -> None:
-        xf = x.to(self.centres_.device, torch.float32)
-        coarse = torch.addmm(self._centre_sq, xf, self.centres_.T, beta=1.0, alpha=-2.0)
         from . import kernels
 
-        if xf.device.type != "cpu" or not kernels.AVAILABLE:
-            dk, nodes = self._probe_torch(xf, coarse, k)
-            out_sq.copy_(dk)
-            out_index.copy_(nodes)
+        xf = x.to(self.centres_.device, torch.float32)
+        if self._panels is not None and kernels.AVAILABLE:
+            kernels.probe_nearest(xf.contiguous().numpy(), *self._panels[:2], self.n_probe, *self._panels[2:], k,
+                                  pad=self._weights.shape[0], out=(out_sq.numpy(), out_index.numpy()))
             return
-        kernels.probe_nearest(xf.contiguous().numpy(), coarse.numpy(), self.n_probe, self.members_.numpy(),
-                              self._w_pad.numpy(), self._sq_pad.numpy(), k, out=(out_sq.numpy(), out_index.numpy()))
+        coarse = torch.addmm(self._centre_sq, xf, self.centres_.T, beta=1.0, alpha=-2.0)
+        dk, nodes = self._probe_torch(xf, coarse, k)
+        out_sq.copy_(dk)
+        out_index.copy_(nodes)
 
     def _probe_torch(self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,6 +196,38 @@ class ClusteredNodeSearch:
         nodes = self.members_[probes].reshape(n, p * length).gather(1, pos)
         dk = (dk + (xf * xf).sum(1, keepdim=True)).clamp_min_(0.0)  # rounding can go below 0
         return dk, nodes
+
+
+def _panels(members: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor) -> tuple:
+    """The arrays of :func:`somad.kernels.probe_nearest`: the centres ``(C, D)`` and each cluster's members
+    (``members`` ``(C, L)``: the first ``counts[i]`` entries of row i index ``weights`` ``(M, D)``) as panels:
+    ``(D, width)``, vectors side by side, the width rounded up to 8 with zero columns whose squared norm is inf.
+
+    Returns ``(centres (D, Cw), centre_sq (Cw,), panels (D * W,), lane_start (C + 1,), lane_ids (W,),
+    lane_sq (W,))`` as numpy arrays; padding lanes have id M.
+    """
+    c, d = centres.shape
+    m = weights.shape[0]
+    cw = -(-c // 8) * 8
+    centre_panel = torch.zeros(d, cw)
+    centre_panel[:, :c] = centres.T
+    centre_sq = torch.full((cw,), float("inf"))
+    centre_sq[:c] = (centres * centres).sum(1)
+    widths = (counts + 7) // 8 * 8
+    lane_start = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(widths, 0)])
+    lanes = int(lane_start[-1])
+    panels = torch.zeros(d * lanes)
+    lane_ids = torch.full((lanes,), m, dtype=torch.int64)
+    lane_sq = torch.full((lanes,), float("inf"))
+    for i in range(c):
+        n, lo, width = int(counts[i]), int(lane_start[i]), int(widths[i])
+        nodes = members[i, :n]
+        block = torch.zeros(d, width)
+        block[:, :n] = weights[nodes].T
+        panels[lo * d:(lo + width) * d] = block.reshape(-1)
+        lane_ids[lo:lo + n] = nodes
+        lane_sq[lo:lo + n] = (weights[nodes] * weights[nodes]).sum(1)
+    return tuple(a.contiguous().numpy() for a in (centre_panel, centre_sq, panels, lane_start, lane_ids, lane_sq))
 
 
 def _kmeans(x: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:

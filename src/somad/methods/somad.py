@@ -21,7 +21,7 @@ import torch
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
 from ..node_search import SEARCH_CHOICES, make_search
-from ..node_stats import NodeGaussians, fit_node_gaussians, mahalanobis
+from ..node_stats import NodeGaussians, columns_from_rows, fit_node_gaussians, mahalanobis
 from ..som import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
@@ -126,7 +126,7 @@ class SOMAD(BaseDetector):
 
     def _patch_scores(self, feats):
         b, d, h, w = feats.shape
-        x = feats.permute(0, 2, 3, 1).reshape(-1, d).contiguous()  # a view with strides (1, h*w): copy it once, not per step
+        x = feats.permute(0, 2, 3, 1).reshape(-1, d).contiguous()  # a view of channels-last features: no copy
         empty = self.gaussians_.empty
         k = min(int(self.k), int((~empty).sum()))
         _, nodes = self._node_search()(x, k)
@@ -149,7 +149,7 @@ class SOMAD(BaseDetector):
         return {
             "som_weights": self.som_.weights_,
             "node_means": g.means,
-            "node_whiteners_tril": g.tril,  # packed lower triangles, as held in memory: half the dense size
+            "node_whitener_columns": g.tril,  # packed lower triangles, as held in memory: half the dense size
             "node_counts": g.counts,
         }
 
@@ -162,7 +162,11 @@ class SOMAD(BaseDetector):
         m, d = weights.shape
         if m != int(self.som_size) ** 2:
             raise ValueError(f"som_weights has {m} nodes, config says {self.som_size}x{self.som_size}")
-        g = NodeGaussians.from_whiteners(arrays["node_means"], arrays["node_whiteners_tril"], arrays["node_counts"])
+        if "node_whitener_columns" in arrays:
+            tril = arrays["node_whitener_columns"]
+        else:  # format version 1 (somad <= 0.4) packed the triangles row by row
+            tril = columns_from_rows(arrays["node_whiteners_tril"])
+        g = NodeGaussians.from_whiteners(arrays["node_means"], tril, arrays["node_counts"])
         self.gaussians_ = g.to(self.device_)
         self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
         self.som_.weights_ = weights.to(self.device_)
