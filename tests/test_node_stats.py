@@ -150,24 +150,33 @@ def test_packed_triangles_round_trip_and_give_the_row_blocks():
     for (lo, hi), block in zip(g.bounds, g.blocks):
         assert torch.equal(block, dense[:, lo:hi, :hi])
     torch.testing.assert_close(g.shifts, torch.einsum("mij,mj->mi", dense, g.means))
-    back = NodeGaussians.from_whiteners(g.means, g.tril, g.counts)
-    assert torch.equal(back.tril, g.tril) and torch.equal(back.whiteners, dense)
+    back = NodeGaussians.from_arrays(g.means, g.packed, g.counts)
+    assert torch.equal(back.packed, g.packed) and torch.equal(back.whiteners, dense)
     with pytest.raises(ValueError, match="expected"):
-        NodeGaussians.from_whiteners(g.means, g.tril[:, :-1], g.counts)
+        NodeGaussians.from_arrays(g.means, g.packed[:, :-1], g.counts)
 
 
-def test_triangles_are_packed_column_by_column_and_old_row_packing_converts():
-    from somad.node_stats import columns_from_rows, packed_rows_cols
+def test_whiteners_are_packed_in_strips_and_old_row_packing_converts():
+    from somad.node_stats import packed_size, strip_layout, strips_from_rows
 
-    rows, cols = packed_rows_cols(4)
-    assert rows.tolist() == [0, 1, 2, 3, 1, 2, 3, 2, 3, 3] and cols.tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 3]
+    rows, cols, pos = strip_layout(18)  # two strips: rows 0-15 (columns 0-15), rows 16-17 (columns 0-17)
+    assert packed_size(18) == 16 * 16 + 16 * 18 == int(pos.max()) + 1 + 14  # the last column's rows 18-31 are padding
+    assert pos[(rows == 0) & (cols == 0)].item() == 0 and pos[(rows == 15) & (cols == 0)].item() == 15
+    assert pos[(rows == 1) & (cols == 1)].item() == 17 and pos[(rows == 16) & (cols == 0)].item() == 256
+    assert pos[(rows == 17) & (cols == 17)].item() == 256 + 17 * 16 + 1
+    assert len(set(pos.tolist())) == 18 * 19 // 2
     g, _, _ = _whitening_case(19)
+    dense = g.whiteners
+    rows, cols, pos = strip_layout(19)
+    assert torch.equal(g.packed[:, pos], dense[:, rows, cols])
+    padding = torch.ones(packed_size(19), dtype=torch.bool)
+    padding[pos] = False
+    assert not g.packed[:, padding].any()  # above the diagonal and past the last row: zeros
     tr, tc = torch.tril_indices(19, 19)
-    by_rows = g.whiteners[:, tr, tc]  # the row-by-row packing of model files of format version 1
-    assert not torch.equal(by_rows, g.tril)
-    assert torch.equal(columns_from_rows(by_rows.clone(), chunk=7), g.tril)
+    by_rows = dense[:, tr, tc]  # the row-by-row packing of model files of format version 1
+    assert torch.equal(strips_from_rows(by_rows, chunk=7), g.packed)
     with pytest.raises(ValueError, match="not a packed triangle"):
-        columns_from_rows(torch.zeros(2, 7))
+        strips_from_rows(torch.zeros(2, 7))
 
 
 def test_scoring_rejects_node_indices_and_widths_out_of_range():
@@ -188,7 +197,7 @@ def test_member_chunking_does_not_change_the_statistics():
     whole = fit_node_gaussians(x, assign, torch.zeros(6, 9), eps=0.01)
     parts = fit_node_gaussians(x, assign, torch.zeros(6, 9), eps=0.01, max_elements=9 * 50)
     assert int(whole.counts[0]) > 1500
-    torch.testing.assert_close(whole.tril, parts.tril, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole.packed, parts.packed, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(whole.means, parts.means)
 
 
@@ -198,7 +207,7 @@ def _float16_case():
     assign = torch.from_numpy(rng.integers(0, 40, size=3000))
     g32 = fit_node_gaussians(x, assign, torch.zeros(40, 21), eps=0.01)
     g16 = fit_node_gaussians(x, assign, torch.zeros(40, 21), eps=0.01, dtype=torch.float16)
-    assert g16.tril.dtype == torch.float16 and all(b.dtype == torch.float16 for b in g16.blocks)
+    assert g16.packed.dtype == torch.float16 and all(b.dtype == torch.float16 for b in g16.blocks)
     q = torch.from_numpy(rng.normal(size=(500, 21)).astype(np.float32))
     nodes = torch.from_numpy(rng.integers(0, 40, size=(500, 3)))
     return g16, q, nodes, _dense_reference(g32, q, nodes).float()
@@ -218,8 +227,8 @@ def test_float16_factors_score_like_float32_torch_and_round_trip():
     d16 = mahalanobis_torch(q, nodes, g16, max_nodes=5)  # the float16 triangles are widened a few nodes at a time
     assert d16.dtype == torch.float32
     torch.testing.assert_close(d16, ref, rtol=3e-3, atol=1e-3)
-    back = NodeGaussians.from_whiteners(g16.means, g16.tril, g16.counts)
-    assert torch.equal(back.tril, g16.tril)
+    back = NodeGaussians.from_arrays(g16.means, g16.packed, g16.counts)
+    assert torch.equal(back.packed, g16.packed)
 
 
 def test_float16_factor_overflow_keeps_the_factors_in_float32(caplog):
@@ -232,9 +241,9 @@ def test_float16_factor_overflow_keeps_the_factors_in_float32(caplog):
     assign = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(3, dtype=torch.long)])
     with caplog.at_level("WARNING", logger="somad.node_stats"):  # max_elements=4: one node per group
         g = fit_node_gaussians(x, assign, torch.zeros(2, 2), eps=1e-12, dtype=torch.float16, max_elements=4)
-    assert g.tril.dtype == torch.float32 and "overflow float16" in caplog.text
+    assert g.packed.dtype == torch.float32 and "overflow float16" in caplog.text
     ref = fit_node_gaussians(x, assign, torch.zeros(2, 2), eps=1e-12)
-    torch.testing.assert_close(g.tril, ref.tril, rtol=1e-3, atol=0)  # node 0 went through float16 first
+    torch.testing.assert_close(g.packed, ref.packed, rtol=1e-3, atol=0)  # node 0 went through float16 first
     q, nodes = x[:5], torch.tensor([[0, 1]] * 5)
     assert torch.isfinite(mahalanobis(q, nodes, g)).all()
     torch.testing.assert_close(mahalanobis(q, nodes, g), mahalanobis(q, nodes, ref), rtol=1e-3, atol=1e-3)
@@ -243,17 +252,17 @@ def test_float16_factor_overflow_keeps_the_factors_in_float32(caplog):
 def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):
     from somad import kernels
 
-    x, means, tril = np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32), np.zeros((2, 6), np.float32)
+    x, means, packed = np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32), np.zeros((2, 48), np.float32)
     nodes = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])
-    assert kernels.whitened_sq_norms(x, nodes, means, tril).shape == (4, 2)
-    for bad, match in [((x.astype(np.float64), nodes, means, tril), "x must be a C-contiguous float32"),
-                       ((x, nodes[:3], means, tril), r"nodes has shape \(3, 2\), expected \(4, any\)"),
-                       ((x, nodes.astype(np.int32), means, tril), "nodes must be a C-contiguous int64"),
-                       ((x, nodes + 1, means, tril), r"node indices must be in \[0, 2\)"),
-                       ((x, nodes - 1, means, tril), r"node indices must be in \[0, 2\)"),
-                       ((x, nodes, means[:1], tril), r"tril has shape \(2, 6\), expected \(1, 6\)"),
-                       ((x, nodes, means, tril[:, :5].copy()), r"tril has shape \(2, 5\), expected \(2, 6\)"),
-                       ((x, nodes, means, tril.astype(np.float64)), "tril must be float32 or float16"),
-                       ((x[:, :2], nodes, means[:, :2], tril), "x must be a C-contiguous float32 array, got a non-contiguous")]:
+    assert kernels.whitened_sq_norms(x, nodes, means, packed).shape == (4, 2)
+    for bad, match in [((x.astype(np.float64), nodes, means, packed), "x must be a C-contiguous float32"),
+                       ((x, nodes[:3], means, packed), r"nodes has shape \(3, 2\), expected \(4, any\)"),
+                       ((x, nodes.astype(np.int32), means, packed), "nodes must be a C-contiguous int64"),
+                       ((x, nodes + 1, means, packed), r"node indices must be in \[0, 2\)"),
+                       ((x, nodes - 1, means, packed), r"node indices must be in \[0, 2\)"),
+                       ((x, nodes, means[:1], packed), r"packed has shape \(2, 48\), expected \(1, 48\)"),
+                       ((x, nodes, means, packed[:, :6].copy()), r"packed has shape \(2, 6\), expected \(2, 48\)"),
+                       ((x, nodes, means, packed.astype(np.float64)), "packed must be float32 or float16"),
+                       ((x[:, :2], nodes, means[:, :2], packed), "x must be a C-contiguous float32 array, got a non-contiguous")]:
         with pytest.raises(ValueError, match=match):
             kernels.whitened_sq_norms(*bad)

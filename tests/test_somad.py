@@ -100,7 +100,7 @@ def test_float16_factors_halve_the_file_and_keep_the_scores(images, tmp_path):
     pa, pb = a.save(tmp_path / "a.safetensors"), b.save(tmp_path / "b.safetensors")
     assert pb.stat().st_size < 0.6 * pa.stat().st_size
     loaded = load(pb)
-    assert loaded.factor_dtype == "float16" and loaded.gaussians_.tril.dtype == torch.float16
+    assert loaded.factor_dtype == "float16" and loaded.gaussians_.packed.dtype == torch.float16
     np.testing.assert_allclose(loaded.predict(images)[0], a.predict(images)[0], rtol=5e-3)
 
 
@@ -201,7 +201,7 @@ def test_a_model_file_from_before_the_search_option_keeps_the_exact_search(image
 
 def test_a_model_file_of_format_version_1_loads_with_the_same_scores(images, tmp_path, monkeypatch):
     """Format version 1 (somad <= 0.4) packed each whitener triangle row by row under another name; such
-    files are repacked column by column on load."""
+    files are repacked in strips on load."""
     from somad import model_io
 
     path = SOMAD(**TINY).fit(images).save(tmp_path / "m.safetensors")
@@ -209,11 +209,11 @@ def test_a_model_file_of_format_version_1_loads_with_the_same_scores(images, tmp
     g = load(path).gaussians_
     rows, cols = torch.tril_indices(g.means.shape[1], g.means.shape[1])
     arrays["node_whiteners_tril"] = g.whiteners[:, rows, cols]
-    del arrays["node_whitener_columns"]
+    del arrays["node_whitener_strips"]
     monkeypatch.setattr(model_io, "FORMAT_VERSION", 1)
     model_io.save_model(tmp_path / "v1.safetensors", config, arrays)
     monkeypatch.undo()
     assert model_io.load_model(tmp_path / "v1.safetensors")  # readable as written
     old = load(tmp_path / "v1.safetensors")
-    assert torch.equal(old.gaussians_.tril, g.tril)
+    assert torch.equal(old.gaussians_.packed, g.packed)
     np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])

@@ -1,8 +1,9 @@
 /* Native CPU kernels for the two hot loops of SOMAD scoring (see somad/kernels.py, the only caller).
  *
  * whitened_sq_norms: out[v, j] = ||L_i^{-1} (x[v] - mu_i)||^2 with i = nodes[v, j]; the pairs are grouped by node
- *     (a counting sort) so that each node's packed triangle is read once per call. Triangles are float32 or float16, packed
- *     column by column from the diagonal down: column c holds rows c..d-1 and starts at c*d - c*(c-1)/2.
+ *     (a counting sort) so that each node's whitener is read once per call. Whiteners are float32 or float16,
+ *     packed in strips of 16 rows (somad/node_stats.py, strip_layout): strip r0 holds columns
+ *     0..min(r0 + 16, d) - 1 of rows r0..r0+15, 16 entries per column, zeros above the diagonal and past d.
  * probe_nearest: per query, the k nearest nodes among the members of its n_probe nearest clusters. Centres and
  *     members are held as panels: the vectors of a group side by side, dimension by dimension (d rows of
  *     `width` floats), so that 8 or 16 of them are compared with a query in vector registers.
@@ -40,18 +41,29 @@ static inline float half_to_float(uint16_t h) {
 }
 
 /* -------------------------------------------------------------------------- portable C bodies */
-/* Squared norms of W y_j for `count` centred vectors y (rows of length d, `stride` apart) and one triangle
- * packed column by column; z is scratch for d floats. Column c adds y_j[c] times its entries to z[c:]. */
+static inline int64_t strip_columns(int64_t r0, int64_t d) { return r0 + TILE < d ? r0 + TILE : d; }
+
+/* Entries per packed whitener: 16 per column of every strip. */
+static int64_t packed_size(int64_t d) {
+    int64_t size = 0;
+    for (int64_t r0 = 0; r0 < d; r0 += TILE) size += TILE * strip_columns(r0, d);
+    return size;
+}
+
+/* Squared norms of W y_j for `count` centred vectors y (rows of length d, `stride` apart) and one packed
+ * whitener: per strip, z[0:16] = sum over its columns c of column c's 16 entries times y_j[c]. */
 #define DEFINE_WHITEN_GENERIC(NAME, WTYPE, LOADW)                                                      \
-    static void NAME(const WTYPE *t, const float *y, int64_t d, int64_t stride, int count, float *s, float *z) { \
+    static void NAME(const WTYPE *t, const float *y, int64_t d, int64_t stride, int count, float *s) { \
         for (int j = 0; j < count; j++) {                                                              \
             const float *yj = y + j * stride;                                                          \
             const WTYPE *p = t;                                                                        \
-            for (int64_t r = 0; r < d; r++) z[r] = 0.f;                                                \
-            for (int64_t c = 0; c < d; c++)                                                            \
-                for (int64_t r = c; r < d; r++) z[r] += LOADW(*p++) * yj[c];                           \
             float sum = 0.f;                                                                           \
-            for (int64_t r = 0; r < d; r++) sum += z[r] * z[r];                                        \
+            for (int64_t r0 = 0; r0 < d; r0 += TILE) {                                                 \
+                float z[TILE] = {0.f};                                                                 \
+                for (int64_t c = 0; c < strip_columns(r0, d); c++, p += TILE)                          \
+                    for (int l = 0; l < TILE; l++) z[l] += LOADW(p[l]) * yj[c];                        \
+                for (int l = 0; l < TILE; l++) sum += z[l] * z[l];                                     \
+            }                                                                                          \
             s[j] = sum;                                                                                \
         }                                                                                              \
     }
@@ -110,91 +122,56 @@ SIMD static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) { /* (su
 SIMD static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
 SIMD static inline __m256 load8_f16(const uint16_t *p) { return _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)p)); }
 
-/* Lanes lo <= l < hi of a 16-lane strip, as two masks: MASK_TABLE16 + 16 - lo has -1 from lane lo on. */
-static const int32_t MASK_TABLE16[32] = {0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
-                                         -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1, -1};
-SIMD static inline void strip_mask(int64_t lo, int64_t hi, __m256 *m0, __m256 *m1) {
-    const int32_t *from = MASK_TABLE16 + 16 - lo, *below = MASK_TABLE16 + 16 - hi; /* lanes >= lo, lanes >= hi */
-    *m0 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_loadu_si256((const __m256i *)below),
-                                                  _mm256_loadu_si256((const __m256i *)from)));
-    *m1 = _mm256_castsi256_ps(_mm256_andnot_si256(_mm256_loadu_si256((const __m256i *)(below + 8)),
-                                                  _mm256_loadu_si256((const __m256i *)(from + 8))));
-}
-
-/* 16 consecutive entries at p as two float32 registers; near `end` (the array's end) through a zeroed copy. */
-SIMD static inline void load16_f32(const float *p, const float *end, __m256 *w0, __m256 *w1) {
-    if (p + 16 <= end) {
-        *w0 = _mm256_loadu_ps(p), *w1 = _mm256_loadu_ps(p + 8);
-        return;
-    }
-    float tmp[16] = {0};
-    memcpy(tmp, p, (size_t)(end - p) * sizeof(float));
-    *w0 = _mm256_loadu_ps(tmp), *w1 = _mm256_loadu_ps(tmp + 8);
-}
-SIMD static inline void load16_f16(const uint16_t *p, const uint16_t *end, __m256 *w0, __m256 *w1) {
-    if (p + 16 <= end) {
-        *w0 = load8_f16(p), *w1 = load8_f16(p + 8);
-        return;
-    }
-    uint16_t tmp[16] = {0};
-    memcpy(tmp, p, (size_t)(end - p) * sizeof(uint16_t));
-    *w0 = load8_f16(tmp), *w1 = load8_f16(tmp + 8);
-}
-
-/* (a0, a1)[j] += (w0, w1) * v_j[c] for the nv vectors v_j = VECTOR(j) (only a0 when halves is 1): the
- * independent accumulators hide the FMA latency. */
-#define STRIP_FMA(nv, halves)                                                        \
+/* (a0, a1)[set + j] += (w0, w1) * v_j[col] for the nv vectors v_j = VECTOR(j) (only a0 when halves is 1):
+ * the independent accumulators hide the FMA latency. */
+#define STRIP_FMA_SET(nv, halves, col, set)                                          \
     _Pragma("GCC unroll 6") for (int j = 0; j < (nv); j++) {                         \
-        __m256 b = _mm256_broadcast_ss(VECTOR(j) + c);                               \
-        a0[j] = _mm256_fmadd_ps(w0, b, a0[j]);                                       \
-        if ((halves) == 2) a1[j] = _mm256_fmadd_ps(w1, b, a1[j]);                    \
+        __m256 b = _mm256_broadcast_ss(VECTOR(j) + (col));                           \
+        a0[(set) + j] = _mm256_fmadd_ps(w0, b, a0[(set) + j]);                       \
+        if ((halves) == 2) a1[(set) + j] = _mm256_fmadd_ps(w1, b, a1[(set) + j]);    \
     }
+#define STRIP_FMA(nv, halves, col) STRIP_FMA_SET(nv, halves, col, 0)
 
-/* Squared norms of W y_j for nv <= WBLOCK centred vectors and one triangle packed column by column. Rows are
- * taken 16 at a time: strip r0 accumulates, over columns c <= r0 + 15, the 16 entries of column c from row r0
- * (contiguous in this packing) times y_j[c] for every vector, so no horizontal sums are needed until the strip
- * is squared. Columns of the diagonal block mask the lanes above the diagonal (they hold the previous column's
- * last entries) and past d. `next`, if not NULL, is the triangle processed next: each strip prefetches its
- * share of it. Always inlined with a constant nv, so the accumulators stay in registers. */
 #define VECTOR(j) (y + (j) * stride)
-#define DEFINE_WHITEN_SIMD(NAME, WTYPE, LOAD8, LOAD16)                                                               \
-    SIMD static inline __attribute__((always_inline)) void NAME##_nv(const WTYPE *t, const WTYPE *end, const float *y, \
-                                                                    int64_t d, int64_t stride, float *s,              \
-                                                                    const WTYPE *next, const int nv) {                \
-        const int64_t tri = d * (d + 1) / 2, strips = (d + TILE - 1) / TILE, line = 64 / (int64_t)sizeof(WTYPE);       \
+#define PREFETCH_BYTES 4096 /* how far ahead of the columns being read the memory is requested */
+
+/* Squared norms of W y_j for nv <= WBLOCK centred vectors and one packed whitener. Strip r0 accumulates, over
+ * its columns, the column's 16 entries times y_j[c] for every vector, so no horizontal sums are needed until
+ * the strip is squared. The whitener is one sequential stream; `next`, if not NULL, is the whitener processed
+ * next: the lines PREFETCH_BYTES ahead are requested every four columns, running on into `next` (the hardware
+ * prefetcher stops at each 4 KB page). Always inlined with a constant nv, so the accumulators stay in registers. */
+#define DEFINE_WHITEN_SIMD(NAME, WTYPE, LOAD8)                                                                        \
+    SIMD static inline __attribute__((always_inline)) void NAME##_nv(const WTYPE *t, const float *y, int64_t d,        \
+                                                                    int64_t stride, float *s, const WTYPE *next,     \
+                                                                    const int nv) {                                   \
+        const int64_t size = packed_size(d), ahead = PREFETCH_BYTES / (int64_t)sizeof(WTYPE);                          \
+        const int64_t line = 64 / (int64_t)sizeof(WTYPE);                                                            \
+        int64_t read = 0; /* entries read so far */                                                                  \
         for (int j = 0; j < nv; j++) s[j] = 0.f;                                                                      \
         for (int64_t r0 = 0; r0 < d; r0 += TILE) {                                                                    \
-            const int64_t h = d - r0 < TILE ? d - r0 : TILE; /* rows in this strip */                                  \
-            if (next) {                                                                                               \
-                int64_t k = r0 / TILE;                                                                                \
-                for (int64_t o = tri * k / strips; o < tri * (k + 1) / strips; o += line)                             \
-                    _mm_prefetch((const char *)(next + o), _MM_HINT_T1);                                              \
-            }                                                                                                         \
+            const int64_t cols = strip_columns(r0, d);                                                                \
             __m256 a0[WBLOCK], a1[WBLOCK];                                                                            \
             for (int j = 0; j < WBLOCK; j++) a0[j] = a1[j] = _mm256_setzero_ps();                                     \
-            const WTYPE *p = t + r0; /* column c's entry of row r0 */                                                 \
-            int64_t step = d - 1, c = 0; /* from column c to c + 1 at the same row: d - c - 1 entries on */         \
-            if (h == TILE)                                                                                            \
-                for (; c < r0; c++, p += step--) { /* whole columns: all 16 rows below the diagonal */               \
-                    __m256 w0 = LOAD8(p), w1 = LOAD8(p + 8);                                                          \
-                    STRIP_FMA(nv, 2)                                                                                  \
+            int64_t c = 0;                                                                                            \
+            for (; c + 4 <= cols; c += 4, t += 4 * TILE, read += 4 * TILE) {                                          \
+                if (next) {                                                                                           \
+                    const WTYPE *q = read + ahead < size ? t + ahead : next + (read + ahead - size);                  \
+                    for (int64_t o = 0; o < 4 * TILE; o += line) _mm_prefetch((const char *)(q + o), _MM_HINT_T0);   \
                 }                                                                                                     \
-            __m256 m0, m1;                                                                                            \
-            strip_mask(0, h, &m0, &m1);                                                                               \
-            for (; c < r0; c++, p += step--) { /* a short last strip: lanes past d read the next column */           \
-                __m256 w0, w1;                                                                                        \
-                LOAD16(p, end, &w0, &w1);                                                                             \
-                w0 = _mm256_and_ps(w0, m0), w1 = _mm256_and_ps(w1, m1);                                               \
-                STRIP_FMA(nv, 2)                                                                                      \
+                _Pragma("GCC unroll 4") for (int u = 0; u < 4; u++) {                                                 \
+                    __m256 w0 = LOAD8(t + u * TILE), w1 = LOAD8(t + u * TILE + 8);                                    \
+                    const int64_t cu = c + u;                                                                         \
+                    /* up to 3 vectors: odd columns use a second set of accumulators (more chains in flight) */      \
+                    STRIP_FMA_SET(nv, 2, cu, nv <= WBLOCK / 2 && (u & 1) ? WBLOCK / 2 : 0)                            \
+                }                                                                                                     \
             }                                                                                                         \
-            for (; c < r0 + h; c++, p += step--) { /* the diagonal block: rows c..r0+h-1 of column c */               \
-                __m256 w0, w1;                                                                                        \
-                LOAD16(p, end, &w0, &w1);                                                                             \
-                strip_mask(c - r0, h, &m0, &m1);                                                                      \
-                w0 = _mm256_and_ps(w0, m0), w1 = _mm256_and_ps(w1, m1);                                               \
-                STRIP_FMA(nv, 2)                                                                                      \
+            for (; c < cols; c++, t += TILE, read += TILE) {                                                          \
+                __m256 w0 = LOAD8(t), w1 = LOAD8(t + 8);                                                              \
+                STRIP_FMA(nv, 2, c)                                                                                   \
             }                                                                                                         \
             for (int j = 0; j < nv; j++) {                                                                            \
+                if (nv <= WBLOCK / 2)                                                                                 \
+                    a0[j] = _mm256_add_ps(a0[j], a0[j + WBLOCK / 2]), a1[j] = _mm256_add_ps(a1[j], a1[j + WBLOCK / 2]); \
                 __m256 q = _mm256_fmadd_ps(a0[j], a0[j], _mm256_mul_ps(a1[j], a1[j]));                                \
                 __m128 v = _mm_add_ps(_mm256_castps256_ps128(q), _mm256_extractf128_ps(q, 1));                        \
                 v = _mm_hadd_ps(v, v);                                                                                \
@@ -202,19 +179,19 @@ SIMD static inline void load16_f16(const uint16_t *p, const uint16_t *end, __m25
             }                                                                                                         \
         }                                                                                                             \
     }                                                                                                                 \
-    SIMD static void NAME(const WTYPE *t, const WTYPE *end, const float *y, int64_t d, int64_t stride, int nv,       \
-                          float *s, const WTYPE *next) {                                                              \
+    SIMD static void NAME(const WTYPE *t, const float *y, int64_t d, int64_t stride, int nv, float *s,                \
+                          const WTYPE *next) {                                                                        \
         switch (nv) { /* one specialised body per block size */                                                      \
-        case 1: NAME##_nv(t, end, y, d, stride, s, next, 1); break;                                                   \
-        case 2: NAME##_nv(t, end, y, d, stride, s, next, 2); break;                                                   \
-        case 3: NAME##_nv(t, end, y, d, stride, s, next, 3); break;                                                   \
-        case 4: NAME##_nv(t, end, y, d, stride, s, next, 4); break;                                                   \
-        case 5: NAME##_nv(t, end, y, d, stride, s, next, 5); break;                                                   \
-        default: NAME##_nv(t, end, y, d, stride, s, next, WBLOCK); break;                                             \
+        case 1: NAME##_nv(t, y, d, stride, s, next, 1); break;                                                        \
+        case 2: NAME##_nv(t, y, d, stride, s, next, 2); break;                                                        \
+        case 3: NAME##_nv(t, y, d, stride, s, next, 3); break;                                                        \
+        case 4: NAME##_nv(t, y, d, stride, s, next, 4); break;                                                        \
+        case 5: NAME##_nv(t, y, d, stride, s, next, 5); break;                                                        \
+        default: NAME##_nv(t, y, d, stride, s, next, WBLOCK); break;                                                  \
         }                                                                                                             \
     }
-DEFINE_WHITEN_SIMD(whiten_simd_f32, float, load8_f32, load16_f32)
-DEFINE_WHITEN_SIMD(whiten_simd_f16, uint16_t, load8_f16, load16_f16)
+DEFINE_WHITEN_SIMD(whiten_simd_f32, float, load8_f32)
+DEFINE_WHITEN_SIMD(whiten_simd_f16, uint16_t, load8_f16)
 #undef VECTOR
 
 /* panel_dots_generic with strips of 16 lanes (and a last one of 8): per dimension c, one or two loads of
@@ -228,7 +205,7 @@ SIMD static inline __attribute__((always_inline)) void panel_strip_nv(const floa
     for (int64_t c = 0; c < d; c++) {
         const float *row = panel + c * width;
         __m256 w0 = _mm256_loadu_ps(row), w1 = halves == 2 ? _mm256_loadu_ps(row + 8) : w0;
-        STRIP_FMA(nv, halves)
+        STRIP_FMA(nv, halves, c)
     }
     for (int j = 0; j < nv; j++) {
         _mm256_storeu_ps(out + j * width, a0[j]);
@@ -330,8 +307,8 @@ static int group_by_node(const int64_t *nodes, int64_t n_pairs, int64_t n_means,
 }
 
 static int whiten_all(const float *x, const int64_t *nodes, int64_t n_pairs, int64_t k, const float *means,
-                      int64_t n_means, const void *tril, int half, int64_t d, float *out, int threads) {
-    const int64_t tri = d * (d + 1) / 2;
+                      int64_t n_means, const void *packed, int half, int64_t d, float *out, int threads) {
+    const int64_t size = packed_size(d);
     int64_t *order, *pointer, *used, n_used = 0;
     int failed = group_by_node(nodes, n_pairs, n_means, &order, &pointer, &used, &n_used);
     if (failed) {
@@ -340,7 +317,7 @@ static int whiten_all(const float *x, const int64_t *nodes, int64_t n_pairs, int
     }
 #pragma omp parallel num_threads(threads)
     {
-        float *y = (float *)malloc((size_t)((WBLOCK + 1) * d) * sizeof(float)); /* WBLOCK vectors + scratch */
+        float *y = (float *)malloc((size_t)(WBLOCK * d) * sizeof(float));
         if (!y) {
 #pragma omp atomic write
             failed = 1;
@@ -349,9 +326,12 @@ static int whiten_all(const float *x, const int64_t *nodes, int64_t n_pairs, int
         for (int64_t a = 0; a < n_used; a++) {
             if (!y) continue;
             const float *mu = means + used[a] * d;
-            const size_t offset = (size_t)(used[a] * tri), next_offset = a + 1 < n_used ? (size_t)(used[a + 1] * tri) : 0;
-            for (int64_t first = pointer[a]; first < pointer[a + 1]; first += WBLOCK) {
-                int count = (int)(pointer[a + 1] - first < WBLOCK ? pointer[a + 1] - first : WBLOCK);
+            const size_t offset = (size_t)(used[a] * size), next_offset = a + 1 < n_used ? (size_t)(used[a + 1] * size) : 0;
+            /* blocks of at most WBLOCK vectors, of nearly equal size: 7 pairs go as 4 + 3, not 6 + 1 (a block of
+             * one vector keeps only two FMA chains busy) */
+            const int64_t total = pointer[a + 1] - pointer[a], blocks = (total + WBLOCK - 1) / WBLOCK;
+            for (int64_t b = 0, first = pointer[a], count; b < blocks; b++, first += count) {
+                count = total / blocks + (b < total % blocks);
                 for (int j = 0; j < count; j++) {
                     const float *xv = x + (order[first + j] / k) * d; /* pair p = v * k + j belongs to vector v */
                     float *yj = y + j * d;
@@ -361,17 +341,17 @@ static int whiten_all(const float *x, const int64_t *nodes, int64_t n_pairs, int
                 int prefetch = first == pointer[a] && a + 1 < n_used;
 #ifdef SOMAD_X86
                 if (use_simd && half) {
-                    const uint16_t *t = (const uint16_t *)tril;
-                    whiten_simd_f16(t + offset, t + n_means * tri, y, d, d, count, s, prefetch ? t + next_offset : NULL);
+                    const uint16_t *t = (const uint16_t *)packed;
+                    whiten_simd_f16(t + offset, y, d, d, (int)count, s, prefetch ? t + next_offset : NULL);
                 } else if (use_simd) {
-                    const float *t = (const float *)tril;
-                    whiten_simd_f32(t + offset, t + n_means * tri, y, d, d, count, s, prefetch ? t + next_offset : NULL);
+                    const float *t = (const float *)packed;
+                    whiten_simd_f32(t + offset, y, d, d, (int)count, s, prefetch ? t + next_offset : NULL);
                 } else
 #endif
                 if (half)
-                    whiten_generic_f16((const uint16_t *)tril + offset, y, d, d, count, s, y + WBLOCK * d);
+                    whiten_generic_f16((const uint16_t *)packed + offset, y, d, d, (int)count, s);
                 else
-                    whiten_generic_f32((const float *)tril + offset, y, d, d, count, s, y + WBLOCK * d);
+                    whiten_generic_f32((const float *)packed + offset, y, d, d, (int)count, s);
                 (void)prefetch;
                 (void)next_offset;
                 for (int j = 0; j < count; j++) out[order[first + j]] = s[j];
@@ -480,8 +460,12 @@ static int probe_all(const float *x, int64_t n, int64_t d, const float *centres,
             for (int64_t e = i * n_probe; e < (i + 1) * n_probe; e++)
                 INSERT_ALL(best, best_id, k, cand + offset[e], offset[e + 1] - offset[e], lane_ids + lane_start[probe_id[e]], 0);
             const float *xi = x + i * d;
-            float norm = 0.f;
-            for (int64_t c = 0; c < d; c++) norm += xi[c] * xi[c];
+            float part[8] = {0.f}, norm = 0.f; /* eight partial sums: no chain of d dependent additions */
+            int64_t c = 0;
+            for (; c + 8 <= d; c += 8)
+                for (int l = 0; l < 8; l++) part[l] += xi[c + l] * xi[c + l];
+            for (; c < d; c++) part[0] += xi[c] * xi[c];
+            for (int l = 0; l < 8; l++) norm += part[l];
             for (int64_t j = 0; j < k; j++) best[j] = fmaxf(best[j] + norm, 0.f); /* add ||x||^2; rounding can go below 0 */
         }
     }
@@ -500,21 +484,20 @@ static int check(Py_buffer *b, Py_ssize_t items, Py_ssize_t itemsize, const char
 
 static PyObject *py_whitened_sq_norms(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer x, nodes, means, tril, out;
+    Py_buffer x, nodes, means, packed, out;
     Py_ssize_t n, d, k, n_means;
     int half, threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnnpi", &x, &nodes, &means, &tril, &out, &n, &d, &k, &n_means, &half,
+    if (!PyArg_ParseTuple(args, "y*y*y*y*w*nnnnpi", &x, &nodes, &means, &packed, &out, &n, &d, &k, &n_means, &half,
                           &threads))
         return NULL;
     PyObject *result = NULL;
-    Py_ssize_t tri = d * (d + 1) / 2;
     if (k < 1)
         PyErr_SetString(PyExc_ValueError, "need k >= 1");
     else if (check(&x, n * d, 4, "x") && check(&nodes, n * k, 8, "nodes") && check(&means, n_means * d, 4, "means") &&
-             check(&tril, n_means * tri, half ? 2 : 4, "tril") && check(&out, n * k, 4, "out")) {
+             check(&packed, n_means * packed_size(d), half ? 2 : 4, "packed") && check(&out, n * k, 4, "out")) {
         int failed;
         Py_BEGIN_ALLOW_THREADS
-        failed = whiten_all(x.buf, nodes.buf, n * k, k, means.buf, n_means, tril.buf, half, d, out.buf,
+        failed = whiten_all(x.buf, nodes.buf, n * k, k, means.buf, n_means, packed.buf, half, d, out.buf,
                             threads < 1 ? 1 : threads);
         Py_END_ALLOW_THREADS
         if (failed < 0)
@@ -522,7 +505,7 @@ static PyObject *py_whitened_sq_norms(PyObject *self, PyObject *args) {
         else
             result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
     }
-    PyBuffer_Release(&x), PyBuffer_Release(&nodes), PyBuffer_Release(&means), PyBuffer_Release(&tril);
+    PyBuffer_Release(&x), PyBuffer_Release(&nodes), PyBuffer_Release(&means), PyBuffer_Release(&packed);
     PyBuffer_Release(&out);
     return result;
 }
@@ -584,7 +567,7 @@ static PyObject *py_set_simd(PyObject *self, PyObject *arg) {
 
 static PyMethodDef methods[] = {
     {"whitened_sq_norms", py_whitened_sq_norms, METH_VARARGS,
-     "whitened_sq_norms(x, nodes, means, tril, out, n, d, k, n_means, half, threads)"},
+     "whitened_sq_norms(x, nodes, means, packed, out, n, d, k, n_means, half, threads)"},
     {"probe_nearest", py_probe_nearest, METH_VARARGS,
      "probe_nearest(x, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, out_sq, out_index, n, d, c_width, "
      "n_probe, n_clusters, n_lanes, pad, k, threads)"},

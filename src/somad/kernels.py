@@ -45,34 +45,36 @@ def _array(a: np.ndarray, dtype, name: str, shape: tuple | None = None) -> np.nd
     return a
 
 
-def whitened_sq_norms(x: np.ndarray, nodes: np.ndarray, means: np.ndarray, tril: np.ndarray) -> np.ndarray:
+def whitened_sq_norms(x: np.ndarray, nodes: np.ndarray, means: np.ndarray, packed: np.ndarray) -> np.ndarray:
     """``out[v, j] = ||L_i^{-1} (x[v] - means[i])||^2`` with ``i = nodes[v, j]``.
 
-    The pairs are grouped by node in C (a counting sort), so each node's triangle is read once per call.
+    The pairs are grouped by node in C (a counting sort), so each node's whitener is read once per call.
 
     Parameters
     ----------
     x : float32 (N, D)
     nodes : int64 (N, k), in ``[0, M)`` (checked in C: ``ValueError`` otherwise)
     means : float32 (M, D)
-    tril : float32 or float16 (M, D*(D+1)/2), lower triangles packed column by column
-        (``somad.node_stats.packed_rows_cols``)
+    packed : float32 or float16 (M, packed_size(D)), the whiteners ``L_i^{-1}`` packed in 16-row strips
+        (``somad.node_stats.strip_layout``)
 
     Returns
     -------
     float32 (N, k)
     """
+    from .node_stats import packed_size
+
     n, d = x.shape
     _array(x, np.float32, "x")
     _array(nodes, np.int64, "nodes", (n, None))
     m = means.shape[0]
     _array(means, np.float32, "means", (m, d))
-    if tril.dtype not in (np.float32, np.float16):
-        raise ValueError(f"tril must be float32 or float16, got {tril.dtype}")
-    _array(tril, tril.dtype, "tril", (m, d * (d + 1) // 2))
+    if packed.dtype not in (np.float32, np.float16):
+        raise ValueError(f"packed must be float32 or float16, got {packed.dtype}")
+    _array(packed, packed.dtype, "packed", (m, packed_size(d)))
     k = nodes.shape[1]
     out = np.empty((n, k), np.float32)
-    _kernels.whitened_sq_norms(x, nodes, means, tril, out, n, d, k, m, tril.dtype == np.float16,
+    _kernels.whitened_sq_norms(x, nodes, means, packed, out, n, d, k, m, packed.dtype == np.float16,
                                torch.get_num_threads())
     return out
 

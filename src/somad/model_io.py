@@ -27,7 +27,7 @@ import torch
 from .errors import ModelFileError, SomadError
 
 FORMAT = "somad"
-FORMAT_VERSION = 2  # 2 (somad 0.5): SOMAD whiteners packed column by column; version 1 files still load
+FORMAT_VERSION = 2  # 2 (somad 0.5): SOMAD whiteners packed in 16-row strips; version 1 files still load
 
 
 def content_hash(config_json: str, arrays: dict[str, torch.Tensor]) -> str:

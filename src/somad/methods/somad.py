@@ -21,7 +21,7 @@ import torch
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
 from ..node_search import SEARCH_CHOICES, make_search
-from ..node_stats import NodeGaussians, columns_from_rows, fit_node_gaussians, mahalanobis
+from ..node_stats import NodeGaussians, fit_node_gaussians, mahalanobis, strips_from_rows
 from ..som import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
@@ -149,7 +149,7 @@ class SOMAD(BaseDetector):
         return {
             "som_weights": self.som_.weights_,
             "node_means": g.means,
-            "node_whitener_columns": g.tril,  # packed lower triangles, as held in memory: half the dense size
+            "node_whitener_strips": g.packed,  # packed whiteners, as held in memory (node_stats.strip_layout)
             "node_counts": g.counts,
         }
 
@@ -162,11 +162,11 @@ class SOMAD(BaseDetector):
         m, d = weights.shape
         if m != int(self.som_size) ** 2:
             raise ValueError(f"som_weights has {m} nodes, config says {self.som_size}x{self.som_size}")
-        if "node_whitener_columns" in arrays:
-            tril = arrays["node_whitener_columns"]
+        if "node_whitener_strips" in arrays:
+            packed = arrays["node_whitener_strips"]
         else:  # format version 1 (somad <= 0.4) packed the triangles row by row
-            tril = columns_from_rows(arrays["node_whiteners_tril"])
-        g = NodeGaussians.from_whiteners(arrays["node_means"], tril, arrays["node_counts"])
+            packed = strips_from_rows(arrays["node_whiteners_tril"])
+        g = NodeGaussians.from_arrays(arrays["node_means"], packed, arrays["node_counts"])
         self.gaussians_ = g.to(self.device_)
         self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
         self.som_.weights_ = weights.to(self.device_)
