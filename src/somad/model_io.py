@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -24,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import hugepages
 from .errors import ModelFileError, SomadError
 
 FORMAT = "somad"
@@ -123,6 +125,26 @@ def _save_file(tensors: dict, tmp: Path, metadata: dict) -> None:
         raise OSError(text.split("I/O error: ", 1)[-1]) from exc
 
 
+_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
+           "BOOL": torch.bool}
+
+
+def _read_array(f, name: str, chunk_bytes: int = 1 << 26) -> torch.Tensor:
+    """One array of an open safetensors file. Arrays of 2 MB and more are read into memory that may use huge
+    pages (:mod:`somad.hugepages`; scoring reads them repeatedly), a block of rows at a time, so no second
+    full copy is held."""
+    view = f.get_slice(name)
+    shape, dtype = tuple(view.get_shape()), _DTYPES.get(view.get_dtype())
+    if dtype is None or not shape or math.prod(shape) * torch.empty((), dtype=dtype).element_size() < hugepages.HUGE_PAGE:
+        return f.get_tensor(name)
+    out = hugepages.empty(shape, dtype)
+    rows = max(1, chunk_bytes // max(1, out[0].numel() * out.element_size()))
+    for start in range(0, shape[0], rows):
+        out[start:start + rows] = view[start:start + rows]
+    return out
+
+
 def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and verify a model file; every failure is a one-line :class:`ModelFileError`."""
     from safetensors import safe_open
@@ -135,7 +157,7 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            arrays = {k: f.get_tensor(k) for k in f.keys()}
+            arrays = {k: _read_array(f, k) for k in f.keys()}
     except Exception as exc:
         raise ModelFileError(f"{path}: not a readable somad model file ({_reason(exc)}); re-run `somad fit`") from None
     if metadata.get("format") != FORMAT:
