@@ -41,11 +41,14 @@ def assert_same_neighbours(q, w, d, i, ref_d, ref_i):
     torch.testing.assert_close(d, ref_d, rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("n_probe, k", [(1, 1), (3, 4), (8, 4), (8, 9), (20, 5)])  # lists of at most 8 and longer
-def test_native_and_torch_probing_agree(trained_map, native, n_probe, k):
+# Lists of at most 8 and longer; clusters ranked in full (24 dims) and on 6 principal axes.
+@pytest.mark.parametrize("n_probe, k, coarse_dims", [(1, 1, None), (3, 4, 6), (8, 4, None), (8, 4, 6), (8, 9, 6),
+                                                    (20, 5, None)])
+def test_native_and_torch_probing_agree(trained_map, native, n_probe, k, coarse_dims):
     w, q = trained_map
-    index = ClusteredNodeSearch(w, 32, n_probe=n_probe)
-    coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0)
+    index = ClusteredNodeSearch(w, 32, n_probe=n_probe, coarse_dims=coarse_dims)
+    assert index.coarse_dims == coarse_dims
+    coarse = index.coarse(q)
     d, i = index.search(q, k)
     ref_d, ref_i = index._probe_torch(q, coarse, k)
     assert_same_neighbours(q, w, d, i, ref_d, ref_i)
@@ -57,13 +60,15 @@ def test_native_probing_of_every_cluster_is_exact_for_any_width(native, d):
     w = torch.from_numpy(rng.normal(size=(1024, d)).astype(np.float32))
     q = torch.from_numpy(rng.normal(size=(500, d)).astype(np.float32))
     exclude = torch.from_numpy(rng.random(1024) < 0.2)
-    d_all, i_all = ClusteredNodeSearch(w, 32, exclude=exclude, n_probe=10_000).search(q, 3)
-    assert_same_neighbours(q, w, d_all, i_all, *nearest_nodes(q, w, 3, exclude=exclude))
+    for coarse_dims in (None, 2):  # probing every cluster is exact however they are ranked
+        d_all, i_all = ClusteredNodeSearch(w, 32, exclude=exclude, n_probe=10_000, coarse_dims=coarse_dims).search(q, 3)
+        assert_same_neighbours(q, w, d_all, i_all, *nearest_nodes(q, w, 3, exclude=exclude))
 
 
-def test_default_probes_find_the_true_nearest_nodes(trained_map):
+@pytest.mark.parametrize("coarse_dims", [None, 6])  # the map lies on a 6-d subspace: 6 axes rank the clusters as well
+def test_default_probes_find_the_true_nearest_nodes(trained_map, coarse_dims):
     w, q = trained_map
-    index = ClusteredNodeSearch(w, 32)
+    index = ClusteredNodeSearch(w, 32, coarse_dims=coarse_dims)
     assert 40 <= index.n_clusters <= 64  # about one cluster per 4x4 block of the grid
     assert index.members_.shape[0] == index.n_clusters
     d, i = index.search(q, 4, chunk_size=700)
@@ -113,7 +118,7 @@ def test_native_probing_with_very_unequal_clusters(native):
     q = torch.from_numpy(rng.normal(size=(800, 12)).astype(np.float32))
     index = ClusteredNodeSearch(w, 32, n_probe=4)
     assert index.members_.shape[1] > 4 * 1024 / index.n_clusters  # the widest cluster, well above the mean
-    coarse = torch.addmm(index._centre_sq, q, index.centres_.T, beta=1.0, alpha=-2.0)
+    coarse = index.coarse(q)
     assert_same_neighbours(q, w, *index.search(q, 3), *index._probe_torch(q, coarse, 3))
     every = ClusteredNodeSearch(w, 32, n_probe=10_000)
     assert_same_neighbours(q, w, *every.search(q, 3), *nearest_nodes(q, w, 3))
@@ -128,7 +133,7 @@ def test_search_fills_one_preallocated_result_across_chunks(trained_map, native)
     d_all, i_all = index.search(q, 4)
     d_chunked, i_chunked = index.search(q, 4, chunk_size=333)
     assert torch.equal(i_all, i_chunked) and torch.equal(d_all, d_chunked)
-    centres, centre_sq, panels, lane_start, lane_ids, lane_sq = index._panels
+    centres, centre_sq, panels, lane_start, lane_ids, lane_sq, _ = index._panels
     args = (q.numpy(), centres, centre_sq, index.n_probe, panels, lane_start, lane_ids, lane_sq, 4)
     with pytest.raises(ValueError, match=r"out\[1\] has shape \(3000, 3\), expected \(3000, 4\)"):
         kernels.probe_nearest(*args, pad=1024, out=(np.empty((3000, 4), np.float32), np.empty((3000, 3), np.int64)))

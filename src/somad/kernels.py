@@ -81,6 +81,7 @@ def whitened_sq_norms(x: np.ndarray, nodes: np.ndarray, means: np.ndarray, packe
 
 def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_probe: int, panels: np.ndarray,
                   lane_start: np.ndarray, lane_ids: np.ndarray, lane_sq: np.ndarray, k: int, *, pad: int,
+                  projection: tuple[np.ndarray, np.ndarray] | None = None,
                   out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
 
@@ -91,7 +92,8 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     Parameters
     ----------
     x : float32 (N, D)
-    centres : float32 (D, Cw), the C cluster centres as one panel (``Cw >= C``)
+    centres : float32 (R, Cw), the C cluster centres as one panel (``Cw >= C``), in the space of the
+        projection (``R`` dims), else of ``x`` (``R = D``)
     centre_sq : float32 (Cw,), ``||centre||^2``; ``inf`` past C
     n_probe : int, in [1, min(C, 64)]
     panels : float32 (D * W,), cluster c's members as a ``(D, width_c)`` panel from ``D * lane_start[c]``
@@ -100,6 +102,9 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     lane_sq : float32 (W,), ``||w||^2``; ``inf`` for padding lanes (never returned)
     k : int
     pad : int, the id returned where a query has fewer than k candidates
+    projection : (float32 (D, Aw), float32 (Aw,)), optional
+        ``(axes, shift)``: queries are compared with the centres as ``x @ axes + shift`` (its first R columns;
+        ``Aw`` a multiple of 8 and at least R), computed in C a block of queries at a time.
     out : (float32 (N, k), int64 (N, k)), optional
         Arrays to write the result into (e.g. rows of a larger result), else new ones.
 
@@ -110,7 +115,10 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     """
     n, d = x.shape
     _array(x, np.float32, "x")
-    _array(centres, np.float32, "centres", (d, None))
+    axes, shift = projection if projection is not None else (np.zeros((d, 0), np.float32), np.zeros(0, np.float32))
+    _array(axes, np.float32, "axes", (d, None))
+    _array(shift, np.float32, "shift", (axes.shape[1],))
+    _array(centres, np.float32, "centres", (None, None))
     _array(centre_sq, np.float32, "centre_sq", (centres.shape[1],))
     _array(lane_start, np.int64, "lane_start")
     w = lane_ids.shape[0]
@@ -120,7 +128,7 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     sq, index = out if out is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
     _array(sq, np.float32, "out[0]", (n, k))
     _array(index, np.int64, "out[1]", (n, k))
-    _kernels.probe_nearest(x, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, sq, index, n, d,
-                           centres.shape[1], int(n_probe), lane_start.shape[0] - 1, w, int(pad), int(k),
+    _kernels.probe_nearest(x, axes, shift, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, sq, index, n,
+                           d, axes.shape[1], centres.shape[0], centres.shape[1], int(n_probe), lane_start.shape[0] - 1, w, int(pad), int(k),
                            torch.get_num_threads())
     return sq, index

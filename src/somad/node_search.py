@@ -6,10 +6,11 @@ One responsibility: given node vectors, return the k nearest nodes (Euclidean) o
 * :class:`ClusteredNodeSearch` is the fast, approximate route. The nodes are grouped into about ``M / 16``
   clusters by k-means, initialised with the means of 4 x 4 blocks of the SOM grid (so the clusters start as
   topological neighbourhoods and the result is deterministic). A query is compared with the cluster
-  centres, then exhaustively with the nodes of its ``n_probe`` nearest clusters: ``N * (C + n_probe * M/C) * D``
-  multiply-adds instead of ``N * M * D``. It can miss a true neighbour that lies in an unprobed cluster;
-  ``tests/test_node_search.py`` and docs/benchmarks.md measure how often, and ``n_probe = n_clusters``
-  makes it exact.
+  centres, in the ``R``-dimensional principal subspace of the node vectors (default R = 48), then
+  exhaustively, in full, with the nodes of its ``n_probe`` nearest clusters: ``N * (D * R + C * R +
+  n_probe * M/C * D)`` multiply-adds instead of ``N * M * D``. It can miss a true neighbour that lies in an
+  unprobed cluster; ``tests/test_node_search.py`` and docs/benchmarks.md measure how often, and
+  ``n_probe = n_clusters`` makes it exact.
 """
 
 from __future__ import annotations
@@ -95,6 +96,11 @@ class ClusteredNodeSearch:
         Side of the grid blocks whose means initialise the clusters (about ``block**2`` nodes per cluster).
     iterations : int, default 10
         k-means iterations on the node vectors.
+    coarse_dims : int or None, default 48
+        Queries are ranked against the cluster centres after projecting both on this many principal axes of
+        the node vectors (48 of EfficientNet-Lite0's 176 dims hold 98-99% of the nodes' variance on the shared
+        data; the ranking then halves its cost and picks the same clusters for all but ~0.2% of queries).
+        ``None``, or at least D: no projection.
 
     Attributes
     ----------
@@ -103,7 +109,7 @@ class ClusteredNodeSearch:
     """
 
     def __init__(self, weights: torch.Tensor, size: int, *, n_probe: int = 8, exclude: torch.Tensor | None = None,
-                 block: int = 4, iterations: int = 10):
+                 block: int = 4, iterations: int = 10, coarse_dims: int | None = 48):
         w = weights.float()
         m, d = w.shape
         keep = torch.ones(m, dtype=torch.bool, device=w.device) if exclude is None else ~exclude.to(w.device)
@@ -132,8 +138,18 @@ class ClusteredNodeSearch:
         self._sq_pad = torch.cat([(w * w).sum(1), torch.tensor([float("inf")], device=w.device)])  # padding never wins
         self._member_weights = self._w_pad[self.members_]  # (C, L, D): each cluster's nodes, contiguous for bmm
         self._member_sq = self._sq_pad[self.members_]  # (C, L)
-        self._centre_sq = (self.centres_ * self.centres_).sum(1)
-        self._panels = _panels(self.members_, w, counts, self.centres_) if w.device.type == "cpu" else None
+        self.coarse_dims = None if coarse_dims is None or int(coarse_dims) >= d else max(1, int(coarse_dims))
+        if self.coarse_dims:
+            kept = w[ids].double()
+            mean = kept.mean(0)
+            axes = torch.linalg.svd(kept - mean, full_matrices=False).Vh[: self.coarse_dims]  # (R, D) principal axes
+            self._projection = (axes.T.float().contiguous(), (-(mean @ axes.T)).float())  # x @ A^T - mean @ A^T
+            self._coarse_centres = ((self.centres_.double() - mean) @ axes.T).float()
+        else:
+            self._projection, self._coarse_centres = None, self.centres_
+        self._coarse_sq = (self._coarse_centres * self._coarse_centres).sum(1)
+        self._panels = _panels(self.members_, w, counts, self._coarse_centres, self._projection) \
+            if w.device.type == "cpu" else None
 
     @property
     def n_clusters(self) -> int:
@@ -166,15 +182,28 @@ class ClusteredNodeSearch:
     def _search(self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor) -> None:
         from . import kernels
 
-        xf = x.to(self.centres_.device, torch.float32)
+        xf = x.to(self.centres_.device, torch.float32).contiguous()
         if self._panels is not None and kernels.AVAILABLE:
-            kernels.probe_nearest(xf.contiguous().numpy(), *self._panels[:2], self.n_probe, *self._panels[2:], k,
-                                  pad=self._weights.shape[0], out=(out_sq.numpy(), out_index.numpy()))
+            centres, centre_sq, panels, lane_start, lane_ids, lane_sq, projection = self._panels
+            kernels.probe_nearest(xf.numpy(), centres, centre_sq, self.n_probe, panels, lane_start, lane_ids, lane_sq, k,
+                                  pad=self._weights.shape[0], projection=projection,
+                                  out=(out_sq.numpy(), out_index.numpy()))
             return
-        coarse = torch.addmm(self._centre_sq, xf, self.centres_.T, beta=1.0, alpha=-2.0)
-        dk, nodes = self._probe_torch(xf, coarse, k)
+        dk, nodes = self._probe_torch(xf, self.coarse(xf), k)
         out_sq.copy_(dk)
         out_index.copy_(nodes)
+
+    def _coarse_vectors(self, x: torch.Tensor) -> torch.Tensor:
+        """Queries as compared with the cluster centres: ``(N, R)`` projected, or ``x`` itself."""
+        if self._projection is None:
+            return x
+        axes_t, shift = self._projection
+        return torch.addmm(shift, x, axes_t)
+
+    def coarse(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranking of the clusters for each query: ``(N, C)``, squared distances to the centres (projected
+        on ``coarse_dims`` axes) up to a per-query constant; smaller = nearer."""
+        return torch.addmm(self._coarse_sq, self._coarse_vectors(x), self._coarse_centres.T, beta=1.0, alpha=-2.0)
 
     def _probe_torch(self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -198,18 +227,20 @@ class ClusteredNodeSearch:
         return dk, nodes
 
 
-def _panels(members: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor) -> tuple:
-    """The arrays of :func:`somad.kernels.probe_nearest`: the centres ``(C, D)`` and each cluster's members
-    (``members`` ``(C, L)``: the first ``counts[i]`` entries of row i index ``weights`` ``(M, D)``) as panels:
-    ``(D, width)``, vectors side by side, the width rounded up to 8 with zero columns whose squared norm is inf.
+def _panels(members: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor,
+            projection: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+    """The arrays of :func:`somad.kernels.probe_nearest`: the (coarse) centres ``(C, R)`` and each cluster's
+    members (``members`` ``(C, L)``: the first ``counts[i]`` entries of row i index ``weights`` ``(M, D)``) as
+    panels: ``(R or D, width)``, vectors side by side, the width rounded up to 8 with zero columns whose
+    squared norm is inf; the projection ``(axes (D, R), shift (R,))`` with its width rounded up to 8 likewise.
 
-    Returns ``(centres (D, Cw), centre_sq (Cw,), panels (D * W,), lane_start (C + 1,), lane_ids (W,),
-    lane_sq (W,))`` as numpy arrays; padding lanes have id M.
+    Returns ``(centres (R, Cw), centre_sq (Cw,), panels (D * W,), lane_start (C + 1,), lane_ids (W,),
+    lane_sq (W,), projection (axes (D, Rw), shift (Rw,)) or None)`` as numpy arrays; padding lanes have id M.
     """
-    c, d = centres.shape
-    m = weights.shape[0]
+    c, r = centres.shape
+    m, d = weights.shape
     cw = -(-c // 8) * 8
-    centre_panel = torch.zeros(d, cw)
+    centre_panel = torch.zeros(r, cw)
     centre_panel[:, :c] = centres.T
     centre_sq = torch.full((cw,), float("inf"))
     centre_sq[:c] = (centres * centres).sum(1)
@@ -227,7 +258,14 @@ def _panels(members: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, 
         panels[lo * d:(lo + width) * d] = block.reshape(-1)
         lane_ids[lo:lo + n] = nodes
         lane_sq[lo:lo + n] = (weights[nodes] * weights[nodes]).sum(1)
-    return tuple(a.contiguous().numpy() for a in (centre_panel, centre_sq, panels, lane_start, lane_ids, lane_sq))
+    if projection is not None:
+        axes, shift = projection
+        rw = -(-r // 8) * 8
+        axes_panel, shift_panel = torch.zeros(d, rw), torch.zeros(rw)
+        axes_panel[:, :r], shift_panel[:r] = axes, shift
+        projection = (axes_panel.numpy(), shift_panel.numpy())
+    arrays = (centre_panel, centre_sq, panels, lane_start, lane_ids, lane_sq)
+    return tuple(a.contiguous().numpy() for a in arrays) + (projection,)
 
 
 def _kmeans(x: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
