@@ -71,6 +71,18 @@ def test_default_feature_extractor_is_the_multiscale_concatenation():
         assert out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).data_ptr() == out.data_ptr()
 
 
+def test_cpu_batches_go_through_the_backbone_in_small_groups_with_the_same_features():
+    from somad.features import CPU_GROUP
+
+    torch.manual_seed(3)
+    batch = torch.rand(2 * CPU_GROUP + 1, 3, 64, 64)
+    ex = FeatureExtractor("efficientnet_lite0", weights="none", image_size=64, crop_size=None)
+    out = ex(batch)
+    assert out.shape == (2 * CPU_GROUP + 1, 176, 16, 16) and out.is_contiguous(memory_format=torch.channels_last)
+    one_by_one = torch.cat([ex(image[None]) for image in batch])
+    torch.testing.assert_close(out, one_by_one, rtol=1e-4, atol=1e-4)
+
+
 def test_stage_choice_indexes_the_chosen_stages_only():
     torch.manual_seed(1)
     batch = torch.rand(2, 3, 64, 64)

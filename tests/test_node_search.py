@@ -137,3 +137,21 @@ def test_search_fills_one_preallocated_result_across_chunks(trained_map, native)
     args = (q.numpy(), centres, centre_sq, index.n_probe, panels, lane_start, lane_ids, lane_sq, 4)
     with pytest.raises(ValueError, match=r"out\[1\] has shape \(3000, 3\), expected \(3000, 4\)"):
         kernels.probe_nearest(*args, pad=1024, out=(np.empty((3000, 4), np.float32), np.empty((3000, 3), np.int64)))
+
+
+def test_warm_start_reuses_the_previous_clusters_and_axes(trained_map):
+    """The SOM's epochs build each index from the previous one: two k-means steps refresh its clusters, the
+    principal axes are kept, and the search is as good as a fresh index's."""
+    w, q = trained_map
+    cold = ClusteredNodeSearch(w, 32, coarse_dims=6)
+    moved = w + 0.02 * torch.randn(w.shape, generator=torch.Generator().manual_seed(3))
+    warm = ClusteredNodeSearch(moved, 32, coarse_dims=6, warm_start=cold)
+    assert warm._axes is cold._axes  # no new SVD
+    assert int((warm.labels_ != cold.labels_).sum()) < 100  # refreshed, not rebuilt
+    ref_i = nearest_nodes(q, moved, 1)[1]
+    assert float((warm.search(q, 1)[1] == ref_i).double().mean()) >= 0.97
+    # An index over other nodes (another exclusion) cannot start this one: it is ignored.
+    exclude = torch.zeros(1024, dtype=torch.bool)
+    exclude[:10] = True
+    other = ClusteredNodeSearch(moved, 32, coarse_dims=6, exclude=exclude, warm_start=cold)
+    assert other._axes is not cold._axes and other.labels_.shape == (1014,)

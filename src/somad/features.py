@@ -64,6 +64,9 @@ class Geometry:
         return (self.image_size - self.input_size) // 2
 
 
+CPU_GROUP = 4  # images per backbone pass on CPU (see FeatureExtractor.__call__)
+
+
 def select_channels(total: int, dims: int | None, seed: int) -> np.ndarray:
     """Seeded random channel subset, sorted (the order does not matter for the Gaussian statistics).
 
@@ -181,7 +184,13 @@ class FeatureExtractor:
         The result is channels-last in memory (``torch.channels_last``): ``feats.permute(0, 2, 3, 1)``, the
         patch vectors, is contiguous, as the scorers read it. Upsampling channels-last stages is also several
         times faster on CPU than upsampling channels-first ones.
+
+        On CPU the images go through in groups of :data:`CPU_GROUP`: per image, larger batches are slower there
+        (their activations no longer fit in cache; EfficientNet-Lite0 at 256 px: about 24 ms per image in
+        groups of 4, 45 ms in batches of 16).
         """
+        if self.device.type == "cpu" and batch.shape[0] > CPU_GROUP:
+            return torch.cat([self(group) for group in batch.split(CPU_GROUP)])
         x = (batch.to(self.device, torch.float32) - self._mean) / self._std
         # No TF32 in the GPU convolutions: full float32 keeps GPU features within float tolerance of the CPU's.
         with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):

@@ -101,29 +101,39 @@ class ClusteredNodeSearch:
         the node vectors (48 of EfficientNet-Lite0's 176 dims hold 98-99% of the nodes' variance on the shared
         data; the ranking then halves its cost and picks the same clusters for all but ~0.2% of queries).
         ``None``, or at least D: no projection.
+    warm_start : ClusteredNodeSearch, optional
+        An index of a slightly different version of the same nodes (the SOM's previous epoch): its clusters
+        are refreshed by two k-means steps instead of being recomputed, and its principal axes are kept (no SVD).
 
     Attributes
     ----------
     centres_ : tensor (C, D) float32
     members_ : int64 tensor (C, L): node ids of each cluster, padded with ``M`` (a node at infinity)
+    labels_ : int64 tensor (M',): the cluster of each searched node (the nodes not excluded, in order)
     """
 
     def __init__(self, weights: torch.Tensor, size: int, *, n_probe: int = 8, exclude: torch.Tensor | None = None,
-                 block: int = 4, iterations: int = 10, coarse_dims: int | None = 48):
+                 block: int = 4, iterations: int = 10, coarse_dims: int | None = 48,
+                 warm_start: "ClusteredNodeSearch | None" = None):
         w = weights.float()
         m, d = w.shape
         keep = torch.ones(m, dtype=torch.bool, device=w.device) if exclude is None else ~exclude.to(w.device)
         ids = torch.nonzero(keep).flatten()
         if ids.numel() == 0:
             raise ValueError("every node is excluded; nothing to search")
-        rows, cols = ids // size, ids % size
-        nb = -(-size // block)  # ceil: blocks per grid side
-        cell = (rows // block) * nb + cols // block
-        labels = _kmeans(w[ids].double(), cell, iterations)
-        self._weights, self._exclude = w, ~keep
+        warm = warm_start if warm_start is not None and torch.equal(warm_start._ids, ids) else None
+        if warm is not None:  # two Lloyd steps refresh the previous partition; it need not settle to be searched
+            start, iterations = warm.labels_, min(iterations, 1)
+        else:
+            rows, cols = ids // size, ids % size
+            nb = -(-size // block)  # ceil: blocks per grid side
+            start = (rows // block) * nb + cols // block
+        labels = _kmeans(w[ids], start, iterations)
+        self._weights, self._exclude, self._ids = w, ~keep, ids
         counts = torch.bincount(labels)
         used = torch.nonzero(counts).flatten()
         labels = torch.searchsorted(used, labels)  # renumber the non-empty clusters 0..C-1
+        self.labels_ = labels
         counts = counts[used]
         c = used.numel()
         # One padded block holding every cluster: rows index ``ids``, padding points at node M (at infinity).
@@ -139,10 +149,16 @@ class ClusteredNodeSearch:
         self._member_weights = self._w_pad[self.members_]  # (C, L, D): each cluster's nodes, contiguous for bmm
         self._member_sq = self._sq_pad[self.members_]  # (C, L)
         self.coarse_dims = None if coarse_dims is None or int(coarse_dims) >= d else max(1, int(coarse_dims))
-        if self.coarse_dims:
+        if warm is not None and warm.coarse_dims == self.coarse_dims:
+            self._axes = warm._axes
+        elif self.coarse_dims:
             kept = w[ids].double()
             mean = kept.mean(0)
-            axes = torch.linalg.svd(kept - mean, full_matrices=False).Vh[: self.coarse_dims]  # (R, D) principal axes
+            self._axes = (torch.linalg.svd(kept - mean, full_matrices=False).Vh[: self.coarse_dims], mean)  # (R, D), (D,)
+        else:
+            self._axes = None
+        if self._axes is not None:
+            axes, mean = self._axes
             self._projection = (axes.T.float().contiguous(), (-(mean @ axes.T)).float())  # x @ A^T - mean @ A^T
             self._coarse_centres = ((self.centres_.double() - mean) @ axes.T).float()
         else:
@@ -154,6 +170,9 @@ class ClusteredNodeSearch:
     @property
     def n_clusters(self) -> int:
         return self.centres_.shape[0]
+
+    def __call__(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.search(x, k)
 
     def search(self, x: torch.Tensor, k: int = 1, *, chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate k nearest nodes.
@@ -247,17 +266,19 @@ def _panels(members: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, 
     widths = (counts + 7) // 8 * 8
     lane_start = torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum(widths, 0)])
     lanes = int(lane_start[-1])
-    panels = torch.zeros(d * lanes)
+    valid = torch.arange(members.shape[1])[None, :] < counts[:, None]  # (C, L): members sit first in each row
+    cluster, slot = torch.nonzero(valid, as_tuple=True)
+    nodes = members[cluster, slot]
+    lane = lane_start[cluster] + slot
     lane_ids = torch.full((lanes,), m, dtype=torch.int64)
+    lane_ids[lane] = nodes
     lane_sq = torch.full((lanes,), float("inf"))
-    for i in range(c):
-        n, lo, width = int(counts[i]), int(lane_start[i]), int(widths[i])
-        nodes = members[i, :n]
-        block = torch.zeros(d, width)
-        block[:, :n] = weights[nodes].T
-        panels[lo * d:(lo + width) * d] = block.reshape(-1)
-        lane_ids[lo:lo + n] = nodes
-        lane_sq[lo:lo + n] = (weights[nodes] * weights[nodes]).sum(1)
+    lane_sq[lane] = (weights[nodes] * weights[nodes]).sum(1)
+    # Cluster i's panel is (D, width_i) from D * lane_start[i]: dimension j of its member in slot s sits at
+    # D * lane_start[i] + j * width_i + s.
+    panels = torch.zeros(d * lanes)
+    where = (d * lane_start[cluster])[:, None] + torch.arange(d)[None, :] * widths[cluster][:, None] + slot[:, None]
+    panels[where.reshape(-1)] = weights[nodes].reshape(-1)
     if projection is not None:
         axes, shift = projection
         rw = -(-r // 8) * 8
@@ -269,10 +290,11 @@ def _panels(members: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, 
 
 
 def _kmeans(x: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Tensor:
-    """Lloyd's k-means from the initial partition ``labels``; returns the final labels (N,)."""
+    """Lloyd's k-means from the initial partition ``labels`` (``iterations + 1`` steps at most); returns the
+    final labels (N,)."""
     for _ in range(iterations + 1):
         c = int(labels.max()) + 1
-        counts = torch.bincount(labels, minlength=c).double()
+        counts = torch.bincount(labels, minlength=c).to(x.dtype)
         centres = torch.zeros(c, x.shape[1], dtype=x.dtype, device=x.device).index_add_(0, labels, x)
         centres = centres / counts.clamp_min(1)[:, None]
         sq = (centres * centres).sum(1).masked_fill(counts == 0, float("inf"))  # an emptied cluster stays empty
@@ -284,15 +306,16 @@ def _kmeans(x: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Ten
 
 
 def make_search(weights: torch.Tensor, size: int, search: str, *, exclude: torch.Tensor | None = None,
-                n_probe: int = 8):
+                n_probe: int = 8, warm_start=None):
     """A ``search(x, k) -> (sq_dist, index)`` callable for ``search`` in :data:`SEARCH_CHOICES`.
 
-    ``"fast"`` uses :class:`ClusteredNodeSearch` when the map has at least 1024 nodes (below that the
-    exhaustive search is already cheap); ``"exact"`` is always exhaustive.
+    ``"fast"`` uses :class:`ClusteredNodeSearch` (the callable itself; ``warm_start`` may be the previous
+    one, see there) when the map has at least 1024 nodes (below that the exhaustive search is already
+    cheap); ``"exact"`` is always exhaustive.
     """
     if search not in SEARCH_CHOICES:
         raise ValueError(f"search={search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
     if search == "fast" and weights.shape[0] >= 1024:
-        index = ClusteredNodeSearch(weights, size, n_probe=n_probe, exclude=exclude)
-        return index.search
+        warm = warm_start if isinstance(warm_start, ClusteredNodeSearch) else None
+        return ClusteredNodeSearch(weights, size, n_probe=n_probe, exclude=exclude, warm_start=warm)
     return lambda x, k: nearest_nodes(x, weights, k, exclude=exclude)

@@ -207,17 +207,19 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         if not bool(many.any()):
             continue
         ids, rows, valid = ids[many], rows[many], valid[many]
-        scatter = torch.zeros(ids.numel(), d, d, dtype=torch.float64, device=device)
+        scatter = torch.empty(ids.numel(), d, d, dtype=torch.float64, device=device)
         centre = means[ids][:, None, :]
         step = max(1, max_elements // (ids.numel() * d))  # members per pass: a huge node never needs a huge copy
         for c in range(0, rows.shape[1], step):
             # Padding entries point one past the end: clamp them to a real row, then zero them with the mask.
             members = x[rows[:, c:c + step].clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
             members.sub_(centre).mul_(valid[:, c:c + step, None])
-            scatter.baddbmm_(members.transpose(1, 2), members)  # += outer products of the centred members
+            # (+)= outer products of the centred members; the first pass writes, so no zero-filled buffer
+            scatter.baddbmm_(members.transpose(1, 2), members, beta=1.0 if c else 0.0)
         pooled += scatter.sum(0)
         dof += int((counts[ids] - 1).sum())
-        cov = scatter / (counts[ids] - 1).double()[:, None, None] + eps * eye
+        cov = scatter.div_((counts[ids] - 1).double()[:, None, None])  # in place: these are the group's largest arrays
+        cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         packed = _store(packed, ids, _inverse_cholesky(cov))
 
     pooled = pooled / dof if dof else pooled
@@ -242,19 +244,29 @@ def _store(packed: torch.Tensor, ids: torch.Tensor, whiteners: torch.Tensor) -> 
     Returns ``packed``, or a float32 copy of it when these whiteners overflow float16 (tiny spreads, e.g.
     ``eps=0``): the factors are then kept in float32, with a warning, rather than failing the fit.
     """
-    rows, cols, positions = strip_layout(whiteners.shape[-1], whiteners.device)
-    entries = whiteners[:, rows, cols]
-    if not torch.isfinite(entries).all():
+    if not torch.isfinite(whiteners.sum()):  # NaN or inf anywhere makes the sum non-finite: one pass
         raise NumericalError(NON_FINITE)
-    stored = entries.to(packed.dtype)
-    if packed.dtype == torch.float16 and not torch.isfinite(stored).all():
+    group = _pack(whiteners, packed.dtype)
+    if packed.dtype == torch.float16 and not torch.isfinite(group.sum(dtype=torch.float32)):
         logger.warning("node covariance factors overflow float16 (largest entry %.3g; eps too small?): "
-                       "they are kept in float32", float(entries.abs().max()))
-        packed, stored = packed.float(), entries.float()
-    group = torch.zeros(whiteners.shape[0], packed.shape[1], dtype=packed.dtype, device=packed.device)
-    group[:, positions] = stored
+                       "they are kept in float32", float(whiteners.abs().max()))
+        packed, group = packed.float(), _pack(whiteners, torch.float32)
     packed[ids] = group
     return packed
+
+
+def _pack(whiteners: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dense lower-triangular whiteners ``(G, D, D)`` -> packed ``(G, packed_size(D))`` (:func:`strip_layout`),
+    a strided copy per strip. The entries above the diagonal are those of the dense matrices: zeros."""
+    g, d, _ = whiteners.shape
+    out = torch.zeros(g, packed_size(d), dtype=dtype, device=whiteners.device)
+    start = 0
+    for r0 in range(0, d, STRIP):
+        rows, cols = min(STRIP, d - r0), min(r0 + STRIP, d)
+        out[:, start:start + STRIP * cols].view(g, cols, STRIP)[:, :, :rows] = \
+            whiteners[:, r0:r0 + rows, :cols].transpose(1, 2)  # column c's 16 entries are contiguous
+        start += STRIP * cols
+    return out
 
 
 def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:

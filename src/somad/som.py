@@ -114,9 +114,12 @@ class SelfOrganizingMap:
         radii = radius_schedule(self.size, self.rough_epochs, self.fine_epochs)
         offsets = torch.arange(self.size, device=device, dtype=torch.float32)
         sq_grid = (offsets[:, None] - offsets[None, :]) ** 2
+        search = None
         for epoch, r in enumerate(progress_bar(radii, desc="SOM epochs", unit="epoch")):
             # 4 probes, not scoring's 8: a missed BMU is a near node and only nudges a neighbourhood average.
-            _, bmu = make_search(weights, self.size, self.search, n_probe=4)(x, 1)
+            # Each epoch's index starts from the previous one's clusters: the prototypes move little per epoch.
+            search = make_search(weights, self.size, self.search, n_probe=4, warm_start=search)
+            _, bmu = search(x, 1)
             sums, counts = self._accumulate(x, bmu[:, 0], m, weights.shape[1], device)
             # The Gaussian neighbourhood on a grid is separable: smooth rows, then columns (K^3 D, not K^4 D).
             h1 = torch.exp(-sq_grid / (2.0 * float(r) ** 2)).double()
