@@ -114,7 +114,7 @@ class ClusteredNodeSearch:
 
     def __init__(self, weights: torch.Tensor, size: int, *, n_probe: int = 8, exclude: torch.Tensor | None = None,
                  block: int = 4, iterations: int = 10, coarse_dims: int | None = 48,
-                 warm_start: "ClusteredNodeSearch | None" = None):
+                 warm_start: ClusteredNodeSearch | None = None):
         w = weights.float()
         m, d = w.shape
         keep = torch.ones(m, dtype=torch.bool, device=w.device) if exclude is None else ~exclude.to(w.device)

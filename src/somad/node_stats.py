@@ -61,7 +61,7 @@ def strip_layout(d: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch
 def strips_from_rows(tril: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     """Repack triangles packed row by row (``torch.tril_indices`` order, ``(M, D*(D+1)/2)``: model files of
     format version 1) into the strips of :func:`strip_layout`, ``(M, packed_size(D))``, a chunk of nodes at a time."""
-    d = int(round(((8 * tril.shape[1] + 1) ** 0.5 - 1) / 2))
+    d = round(((8 * tril.shape[1] + 1) ** 0.5 - 1) / 2)
     if d * (d + 1) // 2 != tril.shape[1]:
         raise ValueError(f"{tril.shape[1]} entries per node is not a packed triangle")
     positions = strip_layout(d, tril.device)[2]

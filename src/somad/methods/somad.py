@@ -21,7 +21,12 @@ import torch
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
 from ..node_search import SEARCH_CHOICES, make_search
-from ..node_stats import NodeGaussians, fit_node_gaussians, mahalanobis, strips_from_rows
+from ..node_stats import (
+    NodeGaussians,
+    fit_node_gaussians,
+    mahalanobis,
+    strips_from_rows,
+)
 from ..som import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
