@@ -155,3 +155,19 @@ def test_warm_start_reuses_the_previous_clusters_and_axes(trained_map):
     exclude[:10] = True
     other = ClusteredNodeSearch(moved, 32, coarse_dims=6, exclude=exclude, warm_start=cold)
     assert other._axes is not cold._axes and other.labels_.shape == (1014,)
+
+
+def test_queries_projected_once_serve_later_warm_started_indices(trained_map):
+    """The SOM projects its samples once; every epoch's index (warm-started, the same axes) takes them. A
+    projection on other axes is ignored rather than misused."""
+    w, q = trained_map
+    first = ClusteredNodeSearch(w, 32, coarse_dims=6)
+    projected = first.project(q)
+    moved = w + 0.02 * torch.randn(w.shape, generator=torch.Generator().manual_seed(5))
+    later = ClusteredNodeSearch(moved, 32, coarse_dims=6, warm_start=first)
+    _, given = later.search(q, 2, projected=projected, chunk_size=700)
+    _, computed = later.search(q, 2)
+    assert float((given == computed).all(1).double().mean()) >= 0.99  # equal up to the rounding of the projection
+    fresh = ClusteredNodeSearch(moved, 32, coarse_dims=6)  # its own axes: the projection does not apply
+    assert torch.equal(fresh.search(q, 2, projected=projected)[1], fresh.search(q, 2)[1])
+    assert ClusteredNodeSearch(w, 32, coarse_dims=None).project(q) is None

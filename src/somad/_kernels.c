@@ -364,17 +364,18 @@ static int whiten_all(const float *x, const int64_t *nodes, int64_t n_pairs, int
 }
 
 /* k nearest nodes per query among the members of its n_probe nearest clusters, in three passes:
- * 1. per block of queries, their projections x A^T + shift on dc principal axes (the panel `axes`, d x a_width;
- *    or, with a_width 0, x itself), then the distances from those to every cluster centre (one panel), kept
- *    as each query's n_probe nearest (insertion into a sorted list: n_probe is small);
+ * 1. per block of queries, their projections on dc principal axes (given as `xc`, n x dc; else computed as
+ *    x A^T + shift with the panel `axes`, d x a_width; or, with neither, x itself), then the distances from
+ *    those to every cluster centre (one panel), kept as each query's n_probe nearest (insertion into a sorted
+ *    list: n_probe is small);
  * 2. per cluster, the distances from its members (its panel) to every query that probes it, in blocks of
  *    queries: the panel stays in L1 while the queries stream past;
  * 3. per query, the k smallest of its candidates.
  * Distances are ||w||^2 - 2 x.w until the end, where ||x||^2 is added. Lanes past a group's size have
  * ||w||^2 = inf and are never candidates. Each (query, probe) pair holds its cluster's own panel width of
  * candidates: clusters can be very unequal, and padding to the largest would multiply the memory. */
-static int probe_all(const float *x, int64_t n, int64_t d, const float *axes, const float *shift, int64_t a_width,
-                     int64_t dc, const float *centres, const float *centre_sq, int64_t c_width, int64_t n_probe, const float *panels, const int64_t *lane_start, int64_t n_clusters,
+static int probe_all(const float *x, int64_t n, int64_t d, const float *xc, const float *axes, const float *shift,
+                     int64_t a_width, int64_t dc, const float *centres, const float *centre_sq, int64_t c_width, int64_t n_probe, const float *panels, const int64_t *lane_start, int64_t n_clusters,
                      const int64_t *lane_ids, const float *lane_sq, int64_t pad, int64_t k, float *out_sq,
                      int64_t *out_index, int threads) {
     const int64_t pairs = n * n_probe;
@@ -399,8 +400,8 @@ static int probe_all(const float *x, int64_t n, int64_t d, const float *axes, co
                 if (!dots || !projected) continue;
                 int count = (int)(n - first < WBLOCK ? n - first : WBLOCK);
                 const float *q[WBLOCK];
-                for (int j = 0; j < count; j++) q[j] = x + (first + j) * d;
-                if (a_width > 0) { /* the block's projections, then compare those */
+                for (int j = 0; j < count; j++) q[j] = xc ? xc + (first + j) * dc : x + (first + j) * d;
+                if (!xc && a_width > 0) { /* the block's projections, then compare those */
                     PANEL_DOTS(axes, a_width, d, q, count, projected);
                     for (int j = 0; j < count; j++) {
                         for (int64_t l = 0; l < dc; l++) projected[j * a_width + l] += shift[l];
@@ -521,20 +522,21 @@ static PyObject *py_whitened_sq_norms(PyObject *self, PyObject *args) {
 
 static PyObject *py_probe_nearest(PyObject *self, PyObject *args) {
     (void)self;
-    Py_buffer x, axes, shift, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, out_sq, out_index;
+    Py_buffer x, xc, axes, shift, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, out_sq, out_index;
     Py_ssize_t n, d, a_width, dc, c_width, n_probe, n_clusters, n_lanes, pad, k;
-    int threads;
-    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*w*w*nnnnnnnnnni", &x, &axes, &shift, &centres, &centre_sq, &panels,
-                          &lane_start, &lane_ids, &lane_sq, &out_sq, &out_index, &n, &d, &a_width, &dc, &c_width,
-                          &n_probe, &n_clusters, &n_lanes, &pad, &k, &threads))
+    int threads, given;
+    if (!PyArg_ParseTuple(args, "y*y*y*y*y*y*y*y*y*y*w*w*nnnnnnnnnnpi", &x, &xc, &axes, &shift, &centres, &centre_sq,
+                          &panels, &lane_start, &lane_ids, &lane_sq, &out_sq, &out_index, &n, &d, &a_width, &dc,
+                          &c_width, &n_probe, &n_clusters, &n_lanes, &pad, &k, &given, &threads))
         return NULL;
     PyObject *result = NULL;
     if (n_probe < 1 || n_probe > n_clusters || n_probe > 64 || k < 1 || c_width < n_clusters || c_width % 8 ||
-        pad > INT32_MAX || n_clusters > INT32_MAX || a_width % 8 || (a_width ? dc > a_width : dc != d))
+        pad > INT32_MAX || n_clusters > INT32_MAX || a_width % 8 || (!given && (a_width ? dc > a_width : dc != d)))
         PyErr_SetString(PyExc_ValueError, "need 1 <= n_probe <= min(n_clusters, 64), k >= 1, panel widths that are "
-                                          "multiples of 8, dc <= the axes' width (or dc = d without axes) and fewer "
-                                          "than 2^31 nodes and clusters");
-    else if (check(&x, n * d, 4, "x") && check(&axes, d * a_width, 4, "axes") && check(&shift, a_width, 4, "shift") &&
+                                          "multiples of 8, dc <= the axes' width (or dc = d without axes or xc) and "
+                                          "fewer than 2^31 nodes and clusters");
+    else if (check(&x, n * d, 4, "x") && check(&xc, given ? n * dc : 0, 4, "xc") &&
+             check(&axes, d * a_width, 4, "axes") && check(&shift, a_width, 4, "shift") &&
              check(&centres, dc * c_width, 4, "centres") &&
              check(&centre_sq, c_width, 4, "centre_sq") && check(&panels, d * n_lanes, 4, "panels") &&
              check(&lane_start, n_clusters + 1, 8, "lane_start") && check(&lane_ids, n_lanes, 8, "lane_ids") &&
@@ -548,14 +550,15 @@ static PyObject *py_probe_nearest(PyObject *self, PyObject *args) {
         } else {
             int failed;
             Py_BEGIN_ALLOW_THREADS
-            failed = probe_all(x.buf, n, d, axes.buf, shift.buf, a_width, dc, centres.buf, centre_sq.buf, c_width, n_probe,
-                               panels.buf, ls, n_clusters,
-                               lane_ids.buf, lane_sq.buf, pad, k, out_sq.buf, out_index.buf, threads < 1 ? 1 : threads);
+            failed = probe_all(x.buf, n, d, given ? xc.buf : NULL, axes.buf, shift.buf, a_width, dc, centres.buf,
+                               centre_sq.buf, c_width, n_probe, panels.buf, ls, n_clusters, lane_ids.buf, lane_sq.buf,
+                               pad, k, out_sq.buf, out_index.buf, threads < 1 ? 1 : threads);
             Py_END_ALLOW_THREADS
             result = failed ? PyErr_NoMemory() : Py_NewRef(Py_None);
         }
     }
-    PyBuffer_Release(&x), PyBuffer_Release(&axes), PyBuffer_Release(&shift), PyBuffer_Release(&centres);
+    PyBuffer_Release(&x), PyBuffer_Release(&xc), PyBuffer_Release(&axes), PyBuffer_Release(&shift);
+    PyBuffer_Release(&centres);
     PyBuffer_Release(&centre_sq), PyBuffer_Release(&panels);
     PyBuffer_Release(&lane_start), PyBuffer_Release(&lane_ids), PyBuffer_Release(&lane_sq);
     PyBuffer_Release(&out_sq), PyBuffer_Release(&out_index);
@@ -582,8 +585,8 @@ static PyMethodDef methods[] = {
     {"whitened_sq_norms", py_whitened_sq_norms, METH_VARARGS,
      "whitened_sq_norms(x, nodes, means, packed, out, n, d, k, n_means, half, threads)"},
     {"probe_nearest", py_probe_nearest, METH_VARARGS,
-     "probe_nearest(x, axes, shift, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, out_sq, out_index, n, d, "
-     "a_width, dc, c_width, n_probe, n_clusters, n_lanes, pad, k, threads)"},
+     "probe_nearest(x, xc, axes, shift, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, out_sq, out_index, n, "
+     "d, a_width, dc, c_width, n_probe, n_clusters, n_lanes, pad, k, xc_given, threads)"},
     {"set_simd", py_set_simd, METH_O, "set_simd(flag) -> bool: use the AVX2 bodies if flag and the CPU has them"},
     {NULL, NULL, 0, NULL},
 };

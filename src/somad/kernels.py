@@ -81,7 +81,7 @@ def whitened_sq_norms(x: np.ndarray, nodes: np.ndarray, means: np.ndarray, packe
 
 def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_probe: int, panels: np.ndarray,
                   lane_start: np.ndarray, lane_ids: np.ndarray, lane_sq: np.ndarray, k: int, *, pad: int,
-                  projection: tuple[np.ndarray, np.ndarray] | None = None,
+                  projection: tuple[np.ndarray, np.ndarray] | None = None, projected: np.ndarray | None = None,
                   out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
     """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
 
@@ -105,6 +105,8 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     projection : (float32 (D, Aw), float32 (Aw,)), optional
         ``(axes, shift)``: queries are compared with the centres as ``x @ axes + shift`` (its first R columns;
         ``Aw`` a multiple of 8 and at least R), computed in C a block of queries at a time.
+    projected : float32 (N, R), optional
+        The queries already projected (e.g. once for all the epochs of a SOM); ``projection`` is then unused.
     out : (float32 (N, k), int64 (N, k)), optional
         Arrays to write the result into (e.g. rows of a larger result), else new ones.
 
@@ -119,6 +121,8 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     _array(axes, np.float32, "axes", (d, None))
     _array(shift, np.float32, "shift", (axes.shape[1],))
     _array(centres, np.float32, "centres", (None, None))
+    if projected is not None:
+        _array(projected, np.float32, "projected", (n, centres.shape[0]))
     _array(centre_sq, np.float32, "centre_sq", (centres.shape[1],))
     _array(lane_start, np.int64, "lane_start")
     w = lane_ids.shape[0]
@@ -128,7 +132,8 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     sq, index = out if out is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
     _array(sq, np.float32, "out[0]", (n, k))
     _array(index, np.int64, "out[1]", (n, k))
-    _kernels.probe_nearest(x, axes, shift, centres, centre_sq, panels, lane_start, lane_ids, lane_sq, sq, index, n,
-                           d, axes.shape[1], centres.shape[0], centres.shape[1], int(n_probe), lane_start.shape[0] - 1, w, int(pad), int(k),
-                           torch.get_num_threads())
+    _kernels.probe_nearest(x, projected if projected is not None else np.zeros(0, np.float32), axes, shift, centres,
+                           centre_sq, panels, lane_start, lane_ids, lane_sq, sq, index, n, d, axes.shape[1],
+                           centres.shape[0], centres.shape[1], int(n_probe), lane_start.shape[0] - 1, w, int(pad), int(k),
+                           projected is not None, torch.get_num_threads())
     return sq, index

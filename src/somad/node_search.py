@@ -174,13 +174,17 @@ class ClusteredNodeSearch:
     def __call__(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         return self.search(x, k)
 
-    def search(self, x: torch.Tensor, k: int = 1, *, chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(self, x: torch.Tensor, k: int = 1, *, chunk_size: int = 8192, projected=None
+               ) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate k nearest nodes.
 
         Parameters
         ----------
         x : tensor (N, D)
         k : int, at most ``n_probe`` times the smallest cluster (else the search is exhaustive)
+        projected : optional
+            ``project(x)`` of this index or of one it was warm-started from (the same principal axes): the
+            queries' projections are then not recomputed. Ignored if the axes differ.
 
         Returns
         -------
@@ -194,11 +198,21 @@ class ClusteredNodeSearch:
         device = self.centres_.device
         sq = torch.empty(x.shape[0], k, device=device)
         index = torch.empty(x.shape[0], k, dtype=torch.int64, device=device)
+        xc = projected[1] if projected is not None and projected[0] is self._axes else None
         for s in range(0, x.shape[0], chunk_size):
-            self._search(x[s:s + chunk_size], k, sq[s:s + chunk_size], index[s:s + chunk_size])
+            self._search(x[s:s + chunk_size], k, sq[s:s + chunk_size], index[s:s + chunk_size],
+                         None if xc is None else xc[s:s + chunk_size])
         return sq, index
 
-    def _search(self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor) -> None:
+    def project(self, x: torch.Tensor):
+        """``x`` ``(N, D)`` projected on this index's principal axes, tagged with them, for :meth:`search`
+        (of this index or of later ones warm-started from it); ``None`` without a projection."""
+        if self._axes is None:
+            return None
+        return self._axes, self._coarse_vectors(x.to(self.centres_.device, torch.float32))
+
+    def _search(self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor,
+                xc: torch.Tensor | None = None) -> None:
         from . import kernels
 
         xf = x.to(self.centres_.device, torch.float32).contiguous()
@@ -206,9 +220,12 @@ class ClusteredNodeSearch:
             centres, centre_sq, panels, lane_start, lane_ids, lane_sq, projection = self._panels
             kernels.probe_nearest(xf.numpy(), centres, centre_sq, self.n_probe, panels, lane_start, lane_ids, lane_sq, k,
                                   pad=self._weights.shape[0], projection=projection,
+                                  projected=None if xc is None else xc.contiguous().numpy(),
                                   out=(out_sq.numpy(), out_index.numpy()))
             return
-        dk, nodes = self._probe_torch(xf, self.coarse(xf), k)
+        coarse = self.coarse(xf) if xc is None else \
+            torch.addmm(self._coarse_sq, xc, self._coarse_centres.T, beta=1.0, alpha=-2.0)
+        dk, nodes = self._probe_torch(xf, coarse, k)
         out_sq.copy_(dk)
         out_index.copy_(nodes)
 

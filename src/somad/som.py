@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SomadError
-from .node_search import make_search
+from .node_search import ClusteredNodeSearch, make_search
 from .node_search import nearest_nodes  # noqa: F401  (public here since somad 0.1)
 from .progress import progress_bar
 
@@ -114,12 +114,17 @@ class SelfOrganizingMap:
         radii = radius_schedule(self.size, self.rough_epochs, self.fine_epochs)
         offsets = torch.arange(self.size, device=device, dtype=torch.float32)
         sq_grid = (offsets[:, None] - offsets[None, :]) ** 2
-        search = None
+        search = projected = None
         for epoch, r in enumerate(progress_bar(radii, desc="SOM epochs", unit="epoch")):
             # 4 probes, not scoring's 8: a missed BMU is a near node and only nudges a neighbourhood average.
             # Each epoch's index starts from the previous one's clusters: the prototypes move little per epoch.
             search = make_search(weights, self.size, self.search, n_probe=4, warm_start=search)
-            _, bmu = search(x, 1)
+            if isinstance(search, ClusteredNodeSearch):
+                # The warm-started indices keep the first one's principal axes: project the samples once.
+                projected = projected if projected is not None and projected[0] is search._axes else search.project(x)
+                _, bmu = search.search(x, 1, projected=projected)
+            else:
+                _, bmu = search(x, 1)
             sums, counts = self._accumulate(x, bmu[:, 0], m, weights.shape[1], device)
             # The Gaussian neighbourhood on a grid is separable: smooth rows, then columns (K^3 D, not K^4 D).
             h1 = torch.exp(-sq_grid / (2.0 * float(r) ** 2)).double()
