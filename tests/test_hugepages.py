@@ -26,3 +26,21 @@ def test_large_arrays_are_aligned_writable_and_outlive_their_mapping_objects(dty
 def test_small_arrays_are_ordinary_tensors():
     t = hugepages.empty((3, 4), torch.float32)
     assert t.shape == (3, 4) and t.dtype == torch.float32
+
+
+def test_model_files_read_large_arrays_into_aligned_memory_with_the_same_bytes(tmp_path):
+    from safetensors.torch import load_file
+
+    from somad.model_io import load_model, save_model
+
+    big = torch.randn(600, 1000).to(torch.float16)  # 1.2 MB: ordinary
+    bigger = torch.randn(700, 1000)  # 2.8 MB: read into its own mapping
+    small = torch.arange(10)
+    path = save_model(tmp_path / "m.safetensors", {"x": 1}, {"big": big, "bigger": bigger, "small": small})
+    config, arrays = load_model(path)
+    reference = load_file(str(path))
+    assert config == {"x": 1} and set(arrays) == set(reference)
+    for name, t in arrays.items():
+        assert t.dtype == reference[name].dtype and torch.equal(t, reference[name])
+    if sys.platform.startswith("linux"):
+        assert arrays["bigger"].data_ptr() % hugepages.HUGE_PAGE == 0

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import struct
 import tempfile
 from pathlib import Path
 
@@ -125,24 +125,37 @@ def _save_file(tensors: dict, tmp: Path, metadata: dict) -> None:
         raise OSError(text.split("I/O error: ", 1)[-1]) from exc
 
 
-_DTYPES = {"F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
-           "I8": torch.int8, "U8": torch.uint8, "I16": torch.int16, "I32": torch.int32, "I64": torch.int64,
-           "BOOL": torch.bool}
+def _read_large_arrays(path: Path, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Replace the arrays of 2 MB and more by copies in memory that may use huge pages (:mod:`somad.hugepages`:
+    scoring reads them repeatedly), read from the file with ``readinto``.
 
-
-def _read_array(f, name: str, chunk_bytes: int = 1 << 26) -> torch.Tensor:
-    """One array of an open safetensors file. Arrays of 2 MB and more are read into memory that may use huge
-    pages (:mod:`somad.hugepages`; scoring reads them repeatedly), a block of rows at a time, so no second
-    full copy is held."""
-    view = f.get_slice(name)
-    shape, dtype = tuple(view.get_shape()), _DTYPES.get(view.get_dtype())
-    if dtype is None or not shape or math.prod(shape) * torch.empty((), dtype=dtype).element_size() < hugepages.HUGE_PAGE:
-        return f.get_tensor(name)
-    out = hugepages.empty(shape, dtype)
-    rows = max(1, chunk_bytes // max(1, out[0].numel() * out.element_size()))
-    for start in range(0, shape[0], rows):
-        out[start:start + rows] = view[start:start + rows]
-    return out
+    safetensors' own tensors are views of its memory map of the file: reading them page by page would count
+    the file's pages in this process's memory next to the copy. Read directly, the copy is the only one held.
+    The offsets come from the file's header (8-byte little-endian length, then JSON), which ``safe_open`` has
+    already parsed and checked.
+    """
+    large = {k for k, t in arrays.items() if t.numel() * t.element_size() >= hugepages.HUGE_PAGE}
+    if not large:
+        return arrays
+    with open(path, "rb") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        for name in large:
+            source = arrays[name]
+            start, end = header[name]["data_offsets"]
+            copy = hugepages.empty(tuple(source.shape), source.dtype)
+            view = memoryview(copy.view(torch.uint8).reshape(-1).numpy())
+            if end - start != len(view):
+                raise ValueError(f"array {name}: {end - start} bytes in the header, {len(view)} expected")
+            f.seek(8 + length + start)
+            done = 0
+            while done < len(view):  # readinto may return less than asked
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(f"array {name}: the file ends early")
+                done += got
+            arrays[name] = copy
+    return arrays
 
 
 def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -157,7 +170,8 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
-            arrays = {k: _read_array(f, k) for k in f.keys()}
+            arrays = {k: f.get_tensor(k) for k in f.keys()}
+        arrays = _read_large_arrays(path, arrays)
     except Exception as exc:
         raise ModelFileError(f"{path}: not a readable somad model file ({_reason(exc)}); re-run `somad fit`") from None
     if metadata.get("format") != FORMAT:
