@@ -6,7 +6,7 @@
 >>> model.save("bottle.safetensors"); model = load("bottle.safetensors")
 """
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 from .base import load  # noqa: E402
 from .methods import METHODS, SOMAD, PaDiM, PatchCore  # noqa: E402
