@@ -9,7 +9,8 @@
  *     `width` floats), so that 8 or 16 of them are compared with a query in vector registers.
  *
  * Each kernel has an AVX2/FMA/F16C body, chosen at run time when the CPU has those instructions, and a
- * portable C body. The caller validates shapes, dtypes and index ranges; the kernels check only buffer sizes.
+ * portable C body. The caller validates shapes and dtypes; the kernels check buffer sizes, and
+ * whitened_sq_norms the node range (in its counting sort).
  * Both release the GIL and run on OpenMP threads.
  */
 #define PY_SSIZE_T_CLEAN
@@ -112,11 +113,6 @@ static const int32_t MASK_TABLE[16] = {-1, -1, -1, -1, -1, -1, -1, -1, 0, 0, 0, 
 
 SIMD static inline __m256i lane_mask(int64_t n) { /* the first min(n, 8) lanes */
     return _mm256_loadu_si256((const __m256i *)(MASK_TABLE + 8 - (n > 8 ? 8 : n)));
-}
-
-SIMD static inline __m128 hsum4(__m256 a, __m256 b, __m256 c, __m256 d) { /* (sum a, sum b, sum c, sum d) */
-    __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(a, b), _mm256_hadd_ps(c, d));
-    return _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
 }
 
 SIMD static inline __m256 load8_f32(const float *p) { return _mm256_loadu_ps(p); }
@@ -227,6 +223,7 @@ SIMD static void panel_dots_simd(const float *panel, int64_t width, int64_t d, c
     }
 }
 #undef VECTOR
+
 /* insert_all_generic for lists of at most 8 (n_probe and k are small): the list lives in two registers and an
  * insertion is branch-free (shift the lanes above the new value up by one, put it in the first of them);
  * eight entries at a time are compared with the list's last entry first, so most blocks are skipped. Ids
@@ -375,7 +372,8 @@ static int whiten_all(const float *x, const int64_t *nodes, int64_t n_pairs, int
  * ||w||^2 = inf and are never candidates. Each (query, probe) pair holds its cluster's own panel width of
  * candidates: clusters can be very unequal, and padding to the largest would multiply the memory. */
 static int probe_all(const float *x, int64_t n, int64_t d, const float *xc, const float *axes, const float *shift,
-                     int64_t a_width, int64_t dc, const float *centres, const float *centre_sq, int64_t c_width, int64_t n_probe, const float *panels, const int64_t *lane_start, int64_t n_clusters,
+                     int64_t a_width, int64_t dc, const float *centres, const float *centre_sq, int64_t c_width,
+                     int64_t n_probe, const float *panels, const int64_t *lane_start, int64_t n_clusters,
                      const int64_t *lane_ids, const float *lane_sq, int64_t pad, int64_t k, float *out_sq,
                      int64_t *out_index, int threads) {
     const int64_t pairs = n * n_probe;

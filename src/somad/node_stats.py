@@ -86,9 +86,10 @@ class NodeGaussians:
 
     Each whitener ``W_i = L_i^{-1}`` (``Sigma_i = L_i L_i^T``) is lower triangular and is stored packed in
     strips of 16 rows, each strip column by column (:func:`strip_layout`; the file layout): 54% of the dense
-    bytes at D = 176. The CPU kernel multiplies a strip's 16 rows at a time with vector instructions. On CPU, :func:`mahalanobis` reads them in place (``somad.kernels``). The torch path (CUDA, or no
-    native kernels) uses row blocks that stop at the diagonal block, built on first use: block ``b`` holds rows ``lo:hi``
-    and columns ``0:hi``, 62.5% of the dense matrix with four blocks.
+    bytes at D = 176. On CPU, :func:`mahalanobis` reads them in place (``somad.kernels``), 16 rows at a time
+    with vector instructions. The torch path (CUDA, or no native kernels) uses row blocks that stop at the
+    diagonal block, built on first use: block ``b`` holds rows ``lo:hi`` and columns ``0:hi``, 62.5% of the
+    dense matrix with four blocks.
 
     Attributes
     ----------

@@ -121,7 +121,7 @@ class SelfOrganizingMap:
             search = make_search(weights, self.size, self.search, n_probe=4, warm_start=search)
             if isinstance(search, ClusteredNodeSearch):
                 # The warm-started indices keep the first one's principal axes: project the samples once.
-                projected = projected if projected is not None and projected[0] is search._axes else search.project(x)
+                projected = search.project(x, reuse=projected)
                 _, bmu = search.search(x, 1, projected=projected)
             else:
                 _, bmu = search(x, 1)
