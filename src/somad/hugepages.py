@@ -39,3 +39,10 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
     raw = np.frombuffer(region, np.uint8)  # keeps the mapping alive as long as the tensor
     start = (-raw.ctypes.data) % HUGE_PAGE  # huge pages need 2 MB-aligned addresses
     return torch.from_numpy(raw[start:start + nbytes]).view(dtype).view(shape)
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:
+    """A zero-filled tensor: :func:`empty` on CPU, an ordinary ``torch.zeros`` on any other device."""
+    if torch.device(device).type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    return empty(shape, dtype).zero_()

@@ -144,10 +144,7 @@ class ClusteredNodeSearch:
             0, labels, w[ids].double()).div_(counts[:, None]).float()
         self.min_size_ = int(counts.min())
         self.n_probe = max(1, min(int(n_probe), c))
-        self._w_pad = torch.cat([w, torch.zeros(1, d, device=w.device)])
-        self._sq_pad = torch.cat([(w * w).sum(1), torch.tensor([float("inf")], device=w.device)])  # padding never wins
-        self._member_weights = self._w_pad[self.members_]  # (C, L, D): each cluster's nodes, contiguous for bmm
-        self._member_sq = self._sq_pad[self.members_]  # (C, L)
+        self._torch_members = None  # (C, L, D) weights and (C, L) squared norms, built by the torch path only
         self.coarse_dims = None if coarse_dims is None or int(coarse_dims) >= d else max(1, int(coarse_dims))
         if warm is not None and warm.coarse_dims == self.coarse_dims:
             self._axes = warm._axes
@@ -226,9 +223,7 @@ class ClusteredNodeSearch:
                                   projected=None if xc is None else xc.contiguous().numpy(),
                                   out=(out_sq.numpy(), out_index.numpy()))
             return
-        coarse = self.coarse(xf) if xc is None else \
-            torch.addmm(self._coarse_sq, xc, self._coarse_centres.T, beta=1.0, alpha=-2.0)
-        dk, nodes = self._probe_torch(xf, coarse, k)
+        dk, nodes = self._probe_torch(xf, self._rank(self._coarse_vectors(xf) if xc is None else xc), k)
         out_sq.copy_(dk)
         out_index.copy_(nodes)
 
@@ -242,7 +237,11 @@ class ClusteredNodeSearch:
     def coarse(self, x: torch.Tensor) -> torch.Tensor:
         """The ranking of the clusters for each query: ``(N, C)``, squared distances to the centres (projected
         on ``coarse_dims`` axes) up to a per-query constant; smaller = nearer."""
-        return torch.addmm(self._coarse_sq, self._coarse_vectors(x), self._coarse_centres.T, beta=1.0, alpha=-2.0)
+        return self._rank(self._coarse_vectors(x))
+
+    def _rank(self, xc: torch.Tensor) -> torch.Tensor:
+        """:meth:`coarse` of queries already projected (``_coarse_vectors``)."""
+        return torch.addmm(self._coarse_sq, xc, self._coarse_centres.T, beta=1.0, alpha=-2.0)
 
     def _probe_torch(self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
                      ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -254,12 +253,18 @@ class ClusteredNodeSearch:
         cand_sq = torch.empty(n * p, length, device=device)
         x_pad = torch.cat([xf, torch.zeros(1, xf.shape[1], device=device)])
         query = torch.cat([torch.arange(n * p, device=device) // p, torch.tensor([n], device=device)])
+        if self._torch_members is None:
+            w = self._weights
+            w_pad = torch.cat([w, torch.zeros(1, w.shape[1], device=device)])
+            sq_pad = torch.cat([(w * w).sum(1), torch.tensor([float("inf")], device=device)])  # padding never wins
+            self._torch_members = (w_pad[self.members_], sq_pad[self.members_])  # each cluster's nodes, for bmm
+        member_weights, member_sq = self._torch_members
         # Group the (query, probed cluster) pairs by cluster: one bmm per block of clusters, no per-query gather.
         groups = padded_groups(probes.reshape(-1), self.n_clusters, max_elements=max(1, max_elements // max(length, xf.shape[1])))
         for ids, rows, valid in groups:
             # (nodes x dims) @ (dims x queries) runs ~1.5x faster than the transposed product for these shapes.
-            dot = torch.bmm(self._member_weights[ids], x_pad[query[rows]].transpose(1, 2)).transpose(1, 2)
-            cand_sq[rows[valid]] = (self._member_sq[ids][:, None, :] - 2.0 * dot)[valid]
+            dot = torch.bmm(member_weights[ids], x_pad[query[rows]].transpose(1, 2)).transpose(1, 2)
+            cand_sq[rows[valid]] = (member_sq[ids][:, None, :] - 2.0 * dot)[valid]
         dk, pos = smallest(cand_sq.view(n, p * length), k)
         nodes = self.members_[probes].reshape(n, p * length).gather(1, pos)
         dk = (dk + (xf * xf).sum(1, keepdim=True)).clamp_min_(0.0)  # rounding can go below 0

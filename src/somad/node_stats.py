@@ -65,9 +65,7 @@ def strips_from_rows(tril: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     if d * (d + 1) // 2 != tril.shape[1]:
         raise ValueError(f"{tril.shape[1]} entries per node is not a packed triangle")
     positions = strip_layout(d, tril.device)[2]
-    shape = (tril.shape[0], packed_size(d))
-    out = hugepages.empty(shape, tril.dtype).zero_() if tril.device.type == "cpu" else \
-        torch.zeros(shape, dtype=tril.dtype, device=tril.device)
+    out = hugepages.zeros((tril.shape[0], packed_size(d)), tril.dtype, tril.device)
     for start in range(0, tril.shape[0], chunk):
         out[start:start + chunk, positions] = tril[start:start + chunk]
     return out
@@ -197,8 +195,7 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], prototypes.double())
 
     # On CPU the whiteners may sit on huge pages (scoring reads them all, in a new order, for every image).
-    packed = hugepages.empty((m, packed_size(d)), dtype).zero_() if device.type == "cpu" else \
-        torch.zeros(m, packed_size(d), dtype=dtype, device=device)
+    packed = hugepages.zeros((m, packed_size(d)), dtype, device)
     pooled = torch.zeros(d, d, dtype=torch.float64, device=device)
     dof = 0
     eye = torch.eye(d, dtype=torch.float64, device=device)
