@@ -99,17 +99,25 @@ def test_16bit_scaled_by_dtype_range(tmp_path, ext):
 
 
 def test_16bit_dark_image_not_stretched(tmp_path):
-    arr = np.array([[1000, 2000]], dtype=np.uint16)  # dark image: no min-max normalisation
+    arr = np.array([[1000, 20000]], dtype=np.uint16)  # dark 16-bit image: no min-max normalisation
     out = _rgb(_save(Image.fromarray(arr), tmp_path / "dark.png"))
-    np.testing.assert_array_equal(out[0, :, 0], [4, 8])  # round(1000/257), round(2000/257)
+    np.testing.assert_array_equal(out[0, :, 0], [4, 78])  # round(1000/257), round(20000/257)
+
+
+@pytest.mark.parametrize("bits", [10, 12, 14])
+def test_camera_bit_depth_in_16bit_png_keeps_its_brightness(tmp_path, bits):
+    white = 2 ** bits - 1
+    arr = np.array([[0, white, white // 2 + 1]], dtype=np.uint16)
+    out = _rgb(_save(Image.fromarray(arr), tmp_path / f"cam{bits}.png"))
+    np.testing.assert_array_equal(out[0, :, 0], [0, 255, 128])  # not 0, 16, 8 as a 16-bit scale would give
 
 
 def test_16bit_big_endian_mode():
-    from somad.images import _to_rgb
+    from somad.images import to_rgb
 
     arr = np.array([[0, 65535, 32896]], dtype=">u2")
     img = Image.frombytes("I;16B", (3, 1), arr.tobytes())
-    out = np.asarray(_to_rgb(img, "mem"))
+    out = np.asarray(to_rgb(img, "mem"))
     np.testing.assert_array_equal(out[0, :, 2], [0, 255, 128])
 
 

@@ -252,10 +252,44 @@ def test_f1_perfect_separation():
 def test_accuracy_at_threshold():
     labels = [0, 0, 1, 1, 1]
     scores = [0.1, 0.5, 0.5, 0.9, 0.2]
-    # >= 0.5 is anomalous: predictions 0,1,1,1,0 -> 3 of 5 correct
+    # > 0.5 is anomalous (the one decision rule): predictions 0,0,0,1,0 -> 3 of 5 correct
     assert accuracy_at_threshold(labels, scores, 0.5) == pytest.approx(0.6)
+    # > 0.4999: 0,1,1,1,0 -> 3 of 5; > 0.0: all anomalous -> 3 of 5; > 1.0: none -> 2 of 5
+    assert accuracy_at_threshold(labels, scores, 0.4999) == pytest.approx(0.6)
     assert accuracy_at_threshold(labels, scores, 0.0) == pytest.approx(0.6)
     assert accuracy_at_threshold(labels, scores, 1.0) == pytest.approx(0.4)
+
+
+def test_balanced_accuracy_and_its_best_over_thresholds():
+    from somad.metrics import balanced_accuracy, best_balanced_accuracy
+
+    labels = np.array([0, 0, 0, 0, 1, 1])
+    scores = np.array([0.1, 0.2, 0.3, 0.8, 0.7, 0.9])
+    assert balanced_accuracy(labels, scores > 0.75) == pytest.approx((0.5 + 0.75) / 2)
+    # brute force over every cut: flag the scores above each distinct value (and above -inf)
+    brute = max(balanced_accuracy(labels, scores > t) for t in np.r_[scores, -np.inf])
+    assert best_balanced_accuracy(labels, scores) == pytest.approx(brute) == pytest.approx((1 + 0.75) / 2)
+    # ties: two images with one score are flagged together, never one of them alone
+    assert best_balanced_accuracy([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+
+
+def test_mask_metrics_f1_region_overlap_and_good_false_positives():
+    from somad.metrics import mask_metrics
+
+    gt = np.zeros((10, 10), bool)
+    gt[0:2, 0:2] = True  # region A: 4 px
+    gt[5:10, 5:10] = True  # region B: 25 px
+    pred = np.zeros((10, 10), bool)
+    pred[0:2, 0:2] = True  # covers A exactly
+    pred[5:10, 5:7] = True  # 10 of B's 25 px
+    good_pred = np.zeros((4, 5), bool)
+    good_pred[0, :2] = True
+    m = mask_metrics([gt, np.zeros((4, 5), bool)], [pred, good_pred])
+    tp, fp, fn = 14, 2, 15
+    assert m["pixel_f1"] == pytest.approx(2 * tp / (2 * tp + fp + fn))
+    # IoU with the whole predicted mask of the image: A 4/(4+10), B 10/(25+4)
+    assert m["region_overlap"] == pytest.approx((4 / 14 + 10 / 29) / 2)
+    assert m["good_fp_rate"] == pytest.approx(2 / 20)
 
 
 # ------------------------------------------------------------------------------------------

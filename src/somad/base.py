@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -28,9 +29,10 @@ from PIL import Image
 from . import __version__
 from .errors import ImageLoadError, NotFittedError, NumericalError, SomadError
 from .features import FeatureExtractor, Geometry, resolve_device, select_channels, to_original_resolution, upsample_blur
-from .images import list_images, load_image
+from .images import list_images, load_image, to_rgb
 from .model_io import load_model, save_model
 from .progress import progress_bar
+from .verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +69,30 @@ class Prediction:
     map: torch.Tensor
     original_size: tuple[int, int]
     image: Image.Image | None = None
+    status: str = OK  # or "invalid_input: <reason>" (somad.verdicts.check_frame)
+
+    @property
+    def valid(self) -> bool:
+        return self.status == OK
 
 
 def as_items(images, *, train: bool = False) -> list[ImageItem]:
     """Normalise the accepted image inputs to a list of :class:`ImageItem`.
 
     Accepts a folder (an MVTec category when ``train``: its ``train/good``), an image path, a sequence of
-    paths / folders / PIL images / ImageItems, or a uint8 array ``(N, H, W)`` or ``(N, H, W, 3)``.
+    paths / folders / PIL images / ImageItems, or a uint8 array: one colour image ``(H, W, 3)``, or a batch
+    ``(N, H, W)`` or ``(N, H, W, 3)``. PIL images are decoded by the same rules as files
+    (``images.to_rgb``).
     """
     from .datasets import resolve_train_dir
 
     if isinstance(images, np.ndarray):
-        if images.ndim not in (3, 4) or images.dtype != np.uint8:
-            raise SomadError(f"image arrays must be uint8 of shape (N, H, W) or (N, H, W, 3), got {images.dtype} {images.shape}")
+        if images.ndim == 3 and images.shape[-1] == 3:  # one (H, W, 3) colour image, not H images of W x 3
+            images = images[None]
+        if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[-1] != 3) \
+                or 0 in images.shape[1:3]:
+            raise SomadError(f"image arrays must be uint8 of shape (H, W, 3), (N, H, W) or (N, H, W, 3), "
+                             f"got {images.dtype} {images.shape}")
         return [ImageItem(f"array_{i:05d}", image=Image.fromarray(a).convert("RGB")) for i, a in enumerate(images)]
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
@@ -89,7 +102,7 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
             items.append(entry)
             continue
         if isinstance(entry, Image.Image):
-            items.append(ImageItem(f"image_{len(items):05d}", image=entry.convert("RGB")))
+            items.append(ImageItem(f"image_{len(items):05d}", image=to_rgb(entry, f"image_{len(items):05d}")))
             continue
         path = Path(entry)
         if path.is_dir() or (train and not path.exists()):  # a missing training folder: a DataError naming it
@@ -113,14 +126,21 @@ class BaseDetector:
     weights : str, default "default"
         ``"default"`` (ImageNet), a local state-dict path, or ``"none"`` (random init: tests only).
     image_size : int, default 256
-    crop_size : int or None, default 224
+    crop_size : int or None, default None
+        Center-crop side after the resize; ``None`` (default) scores every pixel of the frame (the paper
+        crops 224: ``preset="paper"``).
     dims : int or None, default None
         Random channel subset size; ``None`` keeps all channels up to 550.
     blur_sigma : float, default 4.0
     val_fraction : float, default 0.1
-        Fraction of the good training images held out to set the thresholds.
+        Fraction of the good training images held out to set the thresholds. An MVTec category with a
+        ``validation/good`` folder (MVTec 3D-AD) holds out those images instead, and trains on all of
+        ``train/good``.
     threshold_quantile : float, default 0.99
-        Quantile of the held-out images' scores used as the decision threshold.
+        Quantile of the held-out images' scores used as the image threshold (expected false-alarm rate:
+        one minus it).
+    pixel_threshold_quantile : float, default 0.99
+        Quantile of all held-out map pixels used as the pixel threshold (see ``somad.verdicts``).
     batch_size : int, default 16
     device : {"auto", "cpu", "cuda"}, default "auto"
     seed : int, default 0
@@ -134,11 +154,11 @@ class BaseDetector:
     _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
     _absent_in_old_files: dict = {}  # values of parameters added later, for files written before them
     _common = ("backbone", "weights", "image_size", "crop_size", "dims", "blur_sigma", "val_fraction",
-               "threshold_quantile", "batch_size", "device", "seed", "on_error")
+               "threshold_quantile", "pixel_threshold_quantile", "batch_size", "device", "seed", "on_error")
 
-    def __init__(self, *, backbone="efficientnet_lite0", weights="default", image_size=256, crop_size=224, dims=None,
-                 blur_sigma=4.0, val_fraction=0.1, threshold_quantile=0.99, batch_size=16, device="auto", seed=0,
-                 on_error="fail"):
+    def __init__(self, *, backbone="efficientnet_lite0", weights="default", image_size=256, crop_size=None, dims=None,
+                 blur_sigma=4.0, val_fraction=0.1, threshold_quantile=0.99, pixel_threshold_quantile=0.99,
+                 batch_size=16, device="auto", seed=0, on_error="fail"):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -147,6 +167,7 @@ class BaseDetector:
         self.blur_sigma = blur_sigma
         self.val_fraction = val_fraction
         self.threshold_quantile = threshold_quantile
+        self.pixel_threshold_quantile = pixel_threshold_quantile
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
@@ -162,8 +183,9 @@ class BaseDetector:
             raise SomadError(f"on_error={self.on_error!r} is invalid; choose one of: {', '.join(ON_ERROR_CHOICES)}")
         if not 0.0 <= float(self.val_fraction) < 1.0:
             raise SomadError(f"val_fraction={self.val_fraction} must be in [0, 1)")
-        if not 0.0 < float(self.threshold_quantile) <= 1.0:
-            raise SomadError(f"threshold_quantile={self.threshold_quantile} must be in (0, 1]")
+        for name in ("threshold_quantile", "pixel_threshold_quantile"):
+            if not 0.0 < float(getattr(self, name)) <= 1.0:
+                raise SomadError(f"{name}={getattr(self, name)} must be in (0, 1]")
         if self.blur_sigma < 0:
             raise SomadError(f"blur_sigma={self.blur_sigma} must be >= 0")
         if int(self.batch_size) < 1:
@@ -183,6 +205,10 @@ class BaseDetector:
         torch.manual_seed(self.seed)
         items = as_items(images, train=True)
         train, val = self._split(items)
+        _warn_defect_folders(items)
+        held_out = validation_items(images) if self.val_fraction else []
+        if held_out:  # the data set's own validation split (MVTec 3D-AD): train on every training image
+            train, val = items, held_out
         self.device_ = resolve_device(self.device)
         total = sum(_channels(self.backbone)[s] for s in self._stages)
         self.channel_indices_ = select_channels(total, self.dims, self.seed)
@@ -194,9 +220,24 @@ class BaseDetector:
         self.n_train_images_ = len(train) - len(self.skipped_)
         self.image_threshold_ = self.pixel_threshold_ = self.display_range_ = None
         self.n_val_images_ = 0
+        self.threshold_info_ = None
         if val:
-            self._set_thresholds(val)
+            self._set_thresholds(val, source="fit")
         self.fit_seconds_ = time.perf_counter() - t0
+        return self
+
+    def calibrate(self, images) -> "BaseDetector":
+        """Re-estimate the image and pixel thresholds from good images, without refitting.
+
+        The same estimate as ``fit`` makes from its held-out images (``threshold_quantile``,
+        ``pixel_threshold_quantile``; see ``somad.verdicts.estimate_thresholds``): calibrating on the images a fit
+        held out gives that fit's thresholds. Unreadable images are skipped (logged); frames refused by the
+        input gate are left out.
+        """
+        self._check_fitted()
+        self._validate_params()
+        if not self._set_thresholds(as_items(images, train=True), source="calibrate"):
+            raise SomadError("no usable good image to calibrate on (all unreadable or refused by the input gate)")
         return self
 
     def _split(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
@@ -216,8 +257,10 @@ class BaseDetector:
                                 crop_size=self.crop_size, channel_indices=self.channel_indices_, device=self.device_,
                                 seed=self.seed, stages=self._stages, local_aggregation=self._local_aggregation)
 
-    def _decoded(self, items: list[ImageItem], on_error: str) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image]]:
-        """Decode and preprocess images one at a time (never all held at full size)."""
+    def _decoded(self, items: list[ImageItem], on_error: str,
+                 skipped: list[str]) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image]]:
+        """Decode and preprocess images one at a time (never all held at full size); unreadable ones are
+        raised (``on_error="fail"``) or logged and appended to ``skipped``."""
         for item in items:
             try:
                 image = item.load()
@@ -225,7 +268,7 @@ class BaseDetector:
                 if on_error == "fail":
                     raise
                 logger.warning("skipped %s", exc)
-                self.skipped_.append(str(exc))
+                skipped.append(str(exc))
                 continue
             yield item, self.extractor_.preprocess(image), image
 
@@ -234,7 +277,12 @@ class BaseDetector:
         pending, names = [], []
         bar = progress_bar(total=len(items), desc="features", unit="img")
         try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
-            for item, tensor, _ in self._decoded(items, self.on_error):
+            for item, tensor, image in self._decoded(items, self.on_error, self.skipped_):
+                status = check_frame(image)
+                if status != OK:
+                    logger.warning("%s: left out of training, %s; check the training folder", item.name, status)
+                    self.skipped_.append(f"{item.name}: {status}")
+                    continue
                 pending.append(tensor)
                 names.append(item)
                 if len(pending) == self.batch_size:
@@ -260,23 +308,31 @@ class BaseDetector:
             raise NumericalError(f"the backbone produced NaN/Inf features{where}; check the images and the weights file")
         return feats
 
-    def _set_thresholds(self, val: list[ImageItem]) -> None:
-        preds = [(p.score, float(p.map.max()), float(p.map.median())) for p in self.predict_iter(val, on_error="skip")]
-        if not preds:
-            return
-        scores = np.array([p[0] for p in preds], dtype=np.float64)
-        q = float(self.threshold_quantile)
-        # An image is anomalous when its score exceeds the q-quantile of held-out good scores; a pixel when its
-        # value exceeds the q-quantile of the held-out maps' maxima. When the image score is the map maximum
-        # (SOMAD, PaDiM) both thresholds are equal, so a predicted mask is non-empty exactly when the image is
-        # flagged; a method with its own image score (PatchCore) gets a pixel threshold on the map's scale.
-        self.image_threshold_ = float(np.quantile(scores, q))
-        self.pixel_threshold_ = float(np.quantile(np.array([p[1] for p in preds], dtype=np.float64), q))
-        self.n_val_images_ = int(scores.size)
-        # Fixed colour scale for heatmaps: a typical good pixel (median) to twice the distance to the threshold.
-        floor = float(np.median([p[2] for p in preds]))
+    def _set_thresholds(self, val: list[ImageItem], *, source: str) -> bool:
+        """Thresholds from good images ``val`` (``somad.verdicts.estimate_thresholds``); False if none is usable."""
+        scores, maps, names = [], [], []
+        for p in self.predict_iter(val, on_error="skip"):
+            if p.valid:
+                scores.append(p.score)
+                maps.append(p.map.cpu().numpy())
+                names.append(p.item.name)
+        if not scores:
+            return False
+        t = estimate_thresholds(scores, maps, float(self.threshold_quantile), float(self.pixel_threshold_quantile))
+        self._apply_thresholds(t, source)
+        # Fixed colour scale for heatmaps: a typical good pixel (median) to twice the distance to the pixel threshold.
+        floor = float(np.median([np.median(m) for m in maps]))
         self.display_range_ = (floor, floor + 2.0 * max(self.pixel_threshold_ - floor, 1e-6))
-        logger.info("threshold %.4f = %.3f-quantile of %d held-out good images", self.image_threshold_, q, scores.size)
+        _warn_outliers(np.asarray(scores), names)
+        logger.info("image threshold %.4f = %.3f-quantile of %d good images' scores (expected false alarms %.1f%%); "
+                    "pixel threshold %.4f", t.image, t.quantile, t.n_images, 100 * t.expected_false_alarm_rate, t.pixel)
+        return True
+
+    def _apply_thresholds(self, t: Thresholds, source: str) -> None:
+        self.image_threshold_, self.pixel_threshold_, self.n_val_images_ = t.image, t.pixel, t.n_images
+        self.threshold_info_ = {"source": source, "n_images": t.n_images, "quantile": t.quantile,
+                                "pixel_quantile": t.pixel_quantile,
+                                "expected_false_alarm_rate": t.expected_false_alarm_rate}
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:
@@ -284,20 +340,23 @@ class BaseDetector:
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load a model file")
 
     @torch.no_grad()
-    def predict_iter(self, images, *, on_error: str = "fail", batch_size: int | None = None) -> Iterator[Prediction]:
+    def predict_iter(self, images, *, on_error: str = "fail", batch_size: int | None = None,
+                     skipped: list[str] | None = None) -> Iterator[Prediction]:
         """Score images one batch at a time, yielding a :class:`Prediction` per readable image.
 
-        Unreadable images raise :class:`ImageLoadError` (``on_error="fail"``) or are logged, listed in
-        ``skipped_`` and left out (``"skip"``).
+        Unreadable images raise :class:`ImageLoadError` (``on_error="fail"``) or are logged, appended to
+        ``skipped`` (one message each) and left out (``"skip"``). Frames refused by the input gate
+        (``somad.verdicts.check_frame``) are scored but carry their reason in ``Prediction.status``. The model
+        is not changed.
         """
         self._check_fitted()
         if on_error not in ON_ERROR_CHOICES:
             raise SomadError(f"on_error={on_error!r} is invalid; choose one of: {', '.join(ON_ERROR_CHOICES)}")
         items = as_items(images)
         batch_size = batch_size or self.batch_size
-        self.skipped_ = []
+        skipped = [] if skipped is None else skipped
         pending: list[tuple[ImageItem, torch.Tensor, Image.Image]] = []
-        for entry in self._decoded(items, on_error):
+        for entry in self._decoded(items, on_error, skipped):
             pending.append(entry)
             if len(pending) == batch_size:
                 yield from self._predict_batch(pending)
@@ -309,7 +368,7 @@ class BaseDetector:
         feats = self._checked_features(torch.stack([p[1] for p in pending]), [p[0] for p in pending])
         maps, scores = self._anomaly_maps(feats)
         for (item, _, image), m, s in zip(pending, maps, scores):
-            yield Prediction(item, float(s), m, (image.height, image.width), image)
+            yield Prediction(item, float(s), m, (image.height, image.width), image, check_frame(image))
 
     def predict(self, images, *, resolution: str = "input", on_error: str = "fail"):
         """Anomaly scores and maps.
@@ -349,6 +408,17 @@ class BaseDetector:
             raise SomadError("this model has no threshold (fitted with val_fraction=0 or a single image); refit with --val-fraction > 0")
         return np.asarray(scores) > self.image_threshold_
 
+    def verdict(self, prediction: Prediction) -> bool | None:
+        """Is this image anomalous? Frames refused by the input gate always are; ``None`` without a threshold."""
+        if self.image_threshold_ is None:
+            return None
+        return True if not prediction.valid else is_anomalous(prediction.score, self.image_threshold_)
+
+    def mask(self, prediction: Prediction, anomaly_map: np.ndarray) -> np.ndarray | None:
+        """The predicted defect mask of ``anomaly_map`` (this prediction's map at any resolution): non-empty
+        exactly when :meth:`verdict` is True (``somad.verdicts.predicted_mask``); ``None`` without a threshold."""
+        return predicted_mask(anomaly_map, self.verdict(prediction), self.pixel_threshold_, valid=prediction.valid)
+
     def _anomaly_maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Features ``(B, D, h, w)`` -> maps ``(B, S, S)`` at the model input and image scores ``(B,)``."""
         patch, image_scores = self._patch_scores(feats)
@@ -386,7 +456,8 @@ class BaseDetector:
         state = {
             "image_threshold": self.image_threshold_, "pixel_threshold": self.pixel_threshold_,
             "n_train_images": self.n_train_images_, "n_val_images": self.n_val_images_,
-            "fit_seconds": self.fit_seconds_, "display_range": self.display_range_, **self._state_info(),
+            "fit_seconds": self.fit_seconds_, "display_range": self.display_range_,
+            "threshold_info": self.threshold_info_, **self._state_info(),
         }
         config = {"method": self.method, "somad_version": __version__, "params": self.get_params(), "state": state}
         return save_model(path, config, arrays)
@@ -433,6 +504,7 @@ class BaseDetector:
         model.n_val_images_ = state["n_val_images"]
         model.fit_seconds_ = state["fit_seconds"]
         model.display_range_ = tuple(state["display_range"]) if state.get("display_range") else None
+        model.threshold_info_ = state.get("threshold_info")
         try:
             model._set_state(arrays, state)
         except (KeyError, RuntimeError, ValueError) as exc:
@@ -441,6 +513,42 @@ class BaseDetector:
             raise ModelFileError(f"{path}: arrays do not match the config ({type(exc).__name__}: {str(exc)[:80]}); re-run `somad fit`") from None
         model.extractor_ = model._make_extractor()
         return model
+
+
+def validation_items(images) -> list[ImageItem]:
+    """The good images of an MVTec category's ``validation/good`` folder (MVTec 3D-AD), else none."""
+    if not isinstance(images, (str, os.PathLike)):
+        return []
+    folder = Path(images) / "validation" / "good"
+    if not (folder.is_dir() and (Path(images) / "train" / "good").is_dir()):
+        return []
+    return [ImageItem(str(p.relative_to(folder)), path=p) for p in list_images(folder)]
+
+
+#: Folder names that suggest defective images in a training folder (matched per path component).
+_DEFECT_WORDS = re.compile(r"(^|[^a-z])(test|defects?|defective|bad|ng|nok|anomal\w*|reject\w*|fail\w*|crack\w*|"
+                           r"scratch\w*|broken|damage\w*)([^a-z]|$)", re.IGNORECASE)
+
+
+def _warn_defect_folders(items: list[ImageItem]) -> None:
+    """Warn when training images sit in sub-folders named like defects (``test/``, ``bad/``, ``crack/``...)."""
+    folders = sorted({str(PurePath(it.name).parent) for it in items if it.path is not None} - {"."})
+    suspicious = [f for f in folders if any(_DEFECT_WORDS.search(part) for part in PurePath(f).parts)]
+    if suspicious:
+        logger.warning("the training folder has sub-folder(s) named like defects (%s): somad trains on good images "
+                       "only; move defective images out of it", ", ".join(suspicious[:5]))
+
+
+def _warn_outliers(scores: np.ndarray, names: list[str]) -> None:
+    """Warn about held-out good images that score far above the rest: a defect in the training folder?"""
+    if scores.size < 5:
+        return
+    med = float(np.median(scores))
+    spread = 1.4826 * float(np.median(np.abs(scores - med)))
+    far = [n for n, s in zip(names, scores) if spread > 0 and s > med + 10 * spread]
+    if far:
+        logger.warning("held-out good image(s) %s score far above the others (over 10 robust deviations): do they "
+                       "show defects? Good training folders should hold good parts only", ", ".join(far[:5]))
 
 
 def _channels(backbone: str) -> tuple[int, ...]:

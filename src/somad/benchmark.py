@@ -34,15 +34,22 @@ from pathlib import Path
 
 import numpy as np
 
+from .base import Prediction
 from .errors import DataError, SomadError
+from .methods.somad import PRESETS
 from .model_io import atomic_write_text
+from .verdicts import check_frame
 
 logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "au_pro"]
+#: At the model's saved thresholds (``somad.verdicts``), next to the best balanced accuracy over all thresholds.
+DECISION_COLUMNS = ["balanced_accuracy", "best_balanced_accuracy", "pixel_f1", "pixel_f1_max", "region_overlap",
+                    "good_fp_rate"]
 COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "post_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
 VARIANTS = {"fast": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16"},
-            "exact": {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"}}
+            "exact": {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"},
+            "paper": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16", **PRESETS["paper"]}}
 
 
 def _peak_rss_gb() -> float:
@@ -75,7 +82,7 @@ def _run_fit(cell: dict) -> dict:
     import torch
 
     torch.set_num_threads(cell["threads"])
-    model = METHODS[cell["method"]](**cell["common"], **cell["params"])
+    model = METHODS[cell["method"]](**{**cell["common"], **cell["params"]})  # a variant may set common ones (crop)
     t0 = time.perf_counter()
     model.fit(cell["category"])
     fit_s = time.perf_counter() - t0
@@ -85,7 +92,8 @@ def _run_fit(cell: dict) -> dict:
 
 
 def _timed_prediction(model, path):
-    """Predict one image at batch size 1: (image, map, score, (total, backbone, after-backbone) seconds)."""
+    """Predict one image at batch size 1: (prediction, (total, backbone, after-backbone) seconds)."""
+    from .base import ImageItem
     from .images import load_image
 
     t0 = time.perf_counter()
@@ -96,7 +104,9 @@ def _timed_prediction(model, path):
     t2 = time.perf_counter()
     amap, score = model._anomaly_maps(feats)
     t3 = time.perf_counter()
-    return image, amap, score, (t3 - t0, t2 - t1, t3 - t2)
+    pred = Prediction(ImageItem(Path(path).name, path=Path(path)), float(score[0]), amap[0], (image.height, image.width),
+                      image, check_frame(image))
+    return pred, (t3 - t0, t2 - t1, t3 - t2)
 
 
 def _run_latency(spec: dict) -> dict:
@@ -116,7 +126,7 @@ def _run_latency(spec: dict) -> dict:
         for i, s in enumerate(samples):
             order = labels[i % len(labels):] + labels[: i % len(labels)]
             for label in order:
-                t = _timed_prediction(models[label], s.path)[3]
+                t = _timed_prediction(models[label], s.path)[1]
                 if i:  # the first image warms every model up
                     times[label].append(t)
     out = {}
@@ -138,21 +148,28 @@ def _run_predict(cell: dict) -> dict:
     torch.set_num_threads(cell["threads"])
     model = load(cell["model"])
     samples = mvtec_test_samples(cell["category"])
-    total, backbone, post, scores, maps, masks = [], [], [], [], [], []
+    total, backbone, post, scores, maps, masks, flags, predicted = [], [], [], [], [], [], [], []
     with torch.no_grad():
         for i, s in enumerate(samples):
-            image, amap, score, times = _timed_prediction(model, s.path)
+            pred, times = _timed_prediction(model, s.path)
             if i:  # the first image warms up the allocator and the kernels
                 total.append(times[0])
                 backbone.append(times[1])
                 post.append(times[2])
-            full = to_original_resolution(amap, model.extractor_.geometry, [(image.height, image.width)])[0]
-            scores.append(float(score[0]))
+            full = to_original_resolution(pred.map[None], model.extractor_.geometry, [pred.original_size])[0]
+            scores.append(pred.score)
             maps.append(full)
             masks.append(load_mask(s.mask_path, shape=full.shape) if s.mask_path else np.zeros(full.shape, bool))
+            flags.append(model.verdict(pred))
+            predicted.append(model.mask(pred, full))
     labels = np.array([s.label for s in samples])
     m = metrics.evaluate_predictions(labels, np.array(scores), masks, maps)
-    return {**{k: m[k] for k in METRIC_COLUMNS}, "predict_ms": 1000 * statistics.median(total),
+    m["best_balanced_accuracy"] = metrics.best_balanced_accuracy(labels, np.array(scores))
+    if flags and flags[0] is not None:
+        m["balanced_accuracy"] = metrics.balanced_accuracy(labels, np.array(flags, dtype=bool))
+        m.update(metrics.mask_metrics(masks, predicted))
+    return {**{k: m[k] for k in METRIC_COLUMNS}, **{k: m.get(k) for k in DECISION_COLUMNS},
+            "predict_ms": 1000 * statistics.median(total),
             "backbone_ms": 1000 * statistics.median(backbone), "post_ms": 1000 * statistics.median(post),
             "predict_rss_gb": _peak_rss_gb(), "n_test": len(samples)}
 
@@ -288,7 +305,8 @@ def _all_cells(out: Path) -> list[dict]:
 
 def write_tables(out: Path, rows: list[dict]) -> None:
     """``results.csv`` (every cell) and ``results.md`` (per category and mean, like the paper's tables)."""
-    keys = ["method", "variant", "k", "som_size", "category"] + METRIC_COLUMNS + COST_COLUMNS + ["n_train", "n_test"]
+    keys = (["method", "variant", "k", "som_size", "category"] + METRIC_COLUMNS + DECISION_COLUMNS + COST_COLUMNS
+            + ["n_train", "n_test"])
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(keys)
@@ -315,7 +333,12 @@ def markdown_table(rows: list[dict], latency: dict | None = None) -> str:
     labels = list(dict.fromkeys(_label(r) for r in rows))
     by = {(_label(r), r["category"]): r for r in rows}
     lines = []
-    for metric, title in [("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("au_pro", "AU-PRO (FPR 0.3)")]:
+    for metric, title in [("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("au_pro", "AU-PRO (FPR 0.3)"),
+                          ("balanced_accuracy", "Balanced accuracy at the saved threshold"),
+                          ("best_balanced_accuracy", "Best balanced accuracy over all thresholds (oracle)"),
+                          ("pixel_f1", "Pixel F1 of the saved masks"), ("pixel_f1_max", "Pixel F1-max (oracle)"),
+                          ("region_overlap", "Mean IoU of each ground-truth region with the saved mask"),
+                          ("good_fp_rate", "False-positive pixel rate on good test images")]:
         lines += [f"### {title}", "", "| method | " + " | ".join(cats) + " | mean |", "|---" * (len(cats) + 2) + "|"]
         for lab in labels:
             vals = [by.get((lab, c), {}).get(metric) for c in cats]
@@ -398,7 +421,7 @@ def add_parser(sub, add_model_args, add_run_args) -> None:
     add_model_args(p)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
     p.add_argument("--batch-size", type=int, default=16)
-    p.set_defaults(func=cmd_benchmark)
+    p.set_defaults(func=cmd_benchmark, parser=p)
 
 
 def cmd_benchmark(args) -> int:
@@ -408,10 +431,10 @@ def cmd_benchmark(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SomadError(f"unknown method {bad[0]!r}; choose from: {', '.join(METHODS)}")
-    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop,
+    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop_size,
                   dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
-                  threshold_quantile=args.threshold_quantile, batch_size=args.batch_size, device=args.device,
-                  seed=args.seed)
+                  threshold_quantile=args.threshold_quantile, pixel_threshold_quantile=args.pixel_threshold_quantile,
+                  batch_size=args.batch_size, device=args.device, seed=args.seed)
     somad_grid = {"k": _int_list(args.k_grid) if args.k_grid else [args.k],
                   "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size]}
     if args.somad_variants:

@@ -25,18 +25,21 @@ def _none_or_int(text: str):
 
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     from .backbones import BACKBONES
-    from .methods import METHODS
+    from .methods import METHODS, PRESETS
 
     g = p.add_argument_group("model")
     g.add_argument("--method", default="somad", choices=sorted(METHODS), help="detector (default: somad)")
+    g.add_argument("--preset", default="default", choices=list(PRESETS),
+                   help="named configuration: 'paper' = the SOMAD paper's pipeline (crop 224, no local aggregation) as "
+                        "somad 0.5.0 ran it; flags given explicitly override it (default: default)")
     g.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
                    help="feature extractor (default: efficientnet_lite0, ImageNet weights shipped offline)")
     g.add_argument("--weights", default="default",
                    help="'default' = ImageNet weights; a path = local state-dict file; "
                         "'none' = random initialisation, FOR TESTS ONLY (meaningless features)")
     g.add_argument("--image-size", type=int, default=256, help="resize side in pixels (default 256)")
-    g.add_argument("--crop", type=_none_or_int, default=224,
-                   help="center-crop side (default 224); 'none' scores every pixel of the resized image")
+    g.add_argument("--crop", dest="crop_size", type=_none_or_int, default=None,
+                   help="center-crop side after the resize; 'none' (default) scores every pixel of the frame")
     g.add_argument("--dims", type=_none_or_int, default=None,
                    help="keep a seeded random subset of this many feature channels (default: all, at most 550)")
     g.add_argument("--som-size", type=int, default=56, help="SOMAD: SOM grid side K, K*K nodes (default 56)")
@@ -53,6 +56,8 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--factor-dtype", default="float16", choices=["float16", "float32"],
                    help="SOMAD: storage of the per-node covariance factors; float16 halves model memory and file "
                         "and the bytes read per image (default float16; float32 if fit reports an overflow)")
+    g.add_argument("--local-aggregation", type=int, default=3,
+                   help="SOMAD: average each backbone stage over a KxK neighbourhood, 1 = none (default 3)")
     g.add_argument("--coreset-ratio", type=float, default=0.1,
                    help="PatchCore: fraction of training patches kept in the memory bank (default 0.1)")
     g.add_argument("--num-neighbors", type=int, default=9,
@@ -63,31 +68,72 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--val-fraction", type=float, default=0.1,
                    help="fraction of good training images held out to set the threshold (default 0.1)")
     g.add_argument("--threshold-quantile", type=float, default=0.99,
-                   help="threshold = this quantile of the held-out good scores (default 0.99)")
+                   help="image threshold = this quantile of the held-out good scores (default 0.99: about 1%% false alarms)")
+    g.add_argument("--pixel-threshold-quantile", type=float, default=0.99,
+                   help="pixel threshold = this quantile of the held-out good maps' pixels (default 0.99)")
     g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
 
 
 def _add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: bool = False) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
-    if scoring:  # predict and evaluate: overrides of a loaded model's scoring
+    if scoring:  # predict and evaluate: overrides of a loaded model's scoring and decisions
         p.add_argument("--search", default=None, choices=["fast", "exact"],
                        help="SOMAD: override the model's nearest-node search (default: as fitted)")
+        p.add_argument("--threshold", type=_finite_float, default=None, metavar="VALUE",
+                       help="image threshold: score > VALUE is anomalous (default: the model's)")
+        p.add_argument("--pixel-threshold", type=_finite_float, default=None, metavar="VALUE",
+                       help="pixel threshold of the masks of flagged images (default: the model's)")
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
     p.add_argument("--on-error", default=on_error_default, choices=["fail", "skip"],
                    help=f"unreadable images: stop, or skip and list them (default {on_error_default})")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
 
 
 def model_from_args(args) -> "object":
     """Build an unfitted detector from parsed CLI options."""
     from .methods import METHODS
 
-    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop,
+    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop_size,
                   dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
-                  threshold_quantile=args.threshold_quantile, batch_size=args.batch_size, device=args.device,
-                  seed=args.seed, on_error=args.on_error)
+                  threshold_quantile=args.threshold_quantile, pixel_threshold_quantile=args.pixel_threshold_quantile,
+                  batch_size=args.batch_size, device=args.device, seed=args.seed, on_error=args.on_error)
     cls = METHODS[args.method]
     own = {name: getattr(args, name) for name in getattr(cls, "_own", ()) if hasattr(args, name)}
     return cls(**common, **own)
+
+
+def apply_preset(args, argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """Set the values of ``args.preset`` on ``args``, except those whose flag was given in ``argv``."""
+    from .methods import PRESETS
+
+    values = PRESETS.get(getattr(args, "preset", "default"), {})
+    given = set()
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--"):  # argparse accepts unique prefixes of long options
+            given |= {a.dest for opt, a in parser._option_string_actions.items() if opt.startswith(flag)}
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+def override_thresholds(model, args) -> None:
+    """``--threshold`` / ``--pixel-threshold`` of predict and evaluate replace the model's thresholds."""
+    for flag, name in (("threshold", "image_threshold_"), ("pixel_threshold", "pixel_threshold_")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(model, name, float(value))
+    if args.threshold is not None or args.pixel_threshold is not None:
+        if model.image_threshold_ is None or model.pixel_threshold_ is None:
+            raise SomadError(f"{args.model}: the model has no threshold to complete; give both --threshold and "
+                             "--pixel-threshold, or run `somad calibrate` first")
+        model.threshold_info_ = {"source": "command line", "n_images": None}
 
 
 # ----------------------------------------------------------------------------------------- commands
@@ -141,6 +187,7 @@ def cmd_predict(args) -> int:
 
     model = load(args.model, device=args.device, search=args.search)
     model.batch_size = args.batch_size
+    override_thresholds(model, args)
     items = _input_items(args.inputs)
     with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
         rows, skipped = write_predictions(model, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
@@ -149,10 +196,36 @@ def cmd_predict(args) -> int:
             raise SomadError(f"none of the {len(skipped)} input images could be read (first: {first}); "
                              "pass readable image files or folders")
     n_flag = sum(1 for r in rows if r[2] == 1)
+    n_invalid = sum(1 for r in rows if r[3] != "ok")
     tail = f"; {n_flag} flagged anomalous" if model.image_threshold_ is not None else ""
+    tail += f" ({n_invalid} refused as invalid input, see the status column)" if n_invalid else ""
     print(f"scored {len(rows)} images{tail}; wrote {args.output}/scores.csv")
     if skipped:
         print(f"skipped {len(skipped)} unreadable image(s), listed in {args.output}/skipped.csv", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    from .base import load
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
+    if out.exists() and not args.overwrite:
+        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    model = load(args.model, device=args.device)
+    model.batch_size = args.batch_size
+    for name in ("threshold_quantile", "pixel_threshold_quantile"):
+        if getattr(args, name) is not None:
+            setattr(model, name, getattr(args, name))
+    model.calibrate(args.good_dir)
+    model.save(out)
+    info = model.threshold_info_
+    print(f"image threshold {model.image_threshold_:.4f} = {info['quantile']:g}-quantile of the scores of "
+          f"{info['n_images']} good images: expected false-alarm rate {100 * info['expected_false_alarm_rate']:.1f}%"
+          + (" (few images: the estimate is rough; 100 or more give a steadier one)" if info["n_images"] < 20 else ""))
+    print(f"pixel threshold {model.pixel_threshold_:.4f} = {info['pixel_quantile']:g}-quantile of their map pixels")
+    print(f"wrote {out}")
     return 0
 
 
@@ -182,7 +255,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     _add_common_model_args(p)
     _add_run_args(p, "fail")
-    p.set_defaults(func=cmd_fit)
+    p.set_defaults(func=cmd_fit, parser=p)
 
     p = sub.add_parser("predict", help="score images and write heatmaps",
                        description="Score images: OUT/scores.csv, OUT/heatmaps/, OUT/masks/ and (--save-maps) OUT/maps/.")
@@ -193,6 +266,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     _add_run_args(p, "skip", scoring=True)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("calibrate", help="re-estimate the thresholds from good images, without refitting",
+                       description="Re-estimate a model's image and pixel thresholds from a folder of good images "
+                                   "(the same estimate fit makes from its held-out images) and write a new model file.")
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("good_dir", metavar="GOOD_DIR", help="folder of good images (or an MVTec category: train/good)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL2", help="model file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    p.add_argument("--threshold-quantile", type=float, default=None,
+                   help="image threshold quantile (default: the model's, normally 0.99)")
+    p.add_argument("--pixel-threshold-quantile", type=float, default=None,
+                   help="pixel threshold quantile (default: the model's, normally 0.99)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("demo", help="fit and score a generated synthetic inspection set (offline)",
                        description="Generate a synthetic inspection set, fit SOMAD on its good images, "
@@ -227,7 +315,10 @@ def _raise_interrupt(signum, frame):
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parser.parse_args(argv)
+    if getattr(args, "parser", None) is not None:
+        apply_preset(args, argv, args.parser)
     level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
     logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     if args.quiet:

@@ -70,21 +70,23 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
         raise SomadError(f"eval_resolution={eval_resolution!r} is invalid; choose one of: {', '.join(EVAL_RESOLUTIONS)}")
     by_name = {str(s.relpath): s for s in samples}
     items = [ImageItem(str(s.relpath), path=s.path) for s in samples]
-    kept: dict[str, tuple[float, np.ndarray]] = {}
+    kept: dict[str, tuple[float, np.ndarray, bool | None, np.ndarray | None, str]] = {}
     original_sizes: dict[str, tuple[int, int]] = {}
+    skipped: list[str] = []
 
-    def keep(pred, full):
+    def keep(pred, full, flagged):
         m = pred.map.cpu().numpy().astype(np.float32) if eval_resolution == "model" else full
-        kept[pred.item.name] = (pred.score, m)
+        kept[pred.item.name] = (pred.score, m, flagged, model.mask(pred, m), pred.status)
         original_sizes[pred.item.name] = pred.original_size
 
     t0 = time.perf_counter()
     if out is not None:
-        write_predictions(model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep)
+        skipped = write_predictions(model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep)[1]
     else:
         geometry = model.extractor_.geometry
-        for p in model.predict_iter(items, on_error=on_error):
-            keep(p, None if eval_resolution == "model" else to_original_resolution(p.map[None], geometry, [p.original_size])[0])
+        for p in model.predict_iter(items, on_error=on_error, skipped=skipped):
+            full = None if eval_resolution == "model" else to_original_resolution(p.map[None], geometry, [p.original_size])[0]
+            keep(p, full, model.verdict(p))
     seconds = time.perf_counter() - t0
     names = [n for n in by_name if n in kept]
     if not names:
@@ -104,46 +106,56 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
             masks.append(_model_resolution_mask(load_mask(s.mask_path, shape=original_sizes[n]), model))
         else:
             masks.append(load_mask(s.mask_path, shape=shape))
-    result = {"overall": _metrics(labels, scores, masks, maps, model), "per_defect_type": {}}
+    flags = [kept[n][2] for n in names]
+    predicted = [kept[n][3] for n in names]
+    result = {"overall": _metrics(labels, scores, masks, maps, flags, predicted), "per_defect_type": {}}
     types = sorted({by_name[n].defect_type for n in names} - {"good"})
     for t in types:
         sel = [i for i, n in enumerate(names) if by_name[n].defect_type in (t, "good")]
         result["per_defect_type"][t] = _metrics(labels[sel], scores[sel], [masks[i] for i in sel],
-                                                [maps[i] for i in sel], model)
-    threshold = model.image_threshold_
+                                                [maps[i] for i in sel], [flags[i] for i in sel],
+                                                [predicted[i] for i in sel])
     result["records"] = [
         {"name": n, "path": str(by_name[n].path), "mask_path": str(by_name[n].mask_path or ""),
          "label": int(by_name[n].label), "defect_type": by_name[n].defect_type, "score": float(kept[n][0]),
-         "is_anomalous": None if threshold is None else bool(kept[n][0] > threshold)}
+         "is_anomalous": kept[n][2], "status": kept[n][4]}
         for n in names
     ]
     known = [i for i, m in enumerate(masks) if m is not None]
     result["curves"] = _curves(labels, scores, [masks[i] for i in known], [maps[i] for i in known])
     result["n_images"] = {"total": len(names), "good": int((labels == 0).sum()), "defective": int((labels == 1).sum()),
-                          "skipped": len(model.skipped_)}
-    result["skipped"] = list(model.skipped_)
+                          "skipped": len(skipped)}
+    result["skipped"] = list(skipped)
     result["timing"] = {"predict_seconds": seconds, "predict_ms_per_image": 1000.0 * seconds / len(names)}
     result["eval_resolution"] = eval_resolution
     result["threshold"] = {"image": model.image_threshold_, "pixel": model.pixel_threshold_,
-                           "quantile": model.threshold_quantile, "n_val_images": model.n_val_images_}
+                           "quantile": model.threshold_quantile, "n_val_images": model.n_val_images_,
+                           "info": getattr(model, "threshold_info_", None)}
     return result
 
 
-def _metrics(labels, scores, masks, maps, model) -> dict:
-    """Image metrics over every image; pixel metrics over the images with a known mask (``masks[i]`` not None)."""
+def _metrics(labels, scores, masks, maps, flags, predicted) -> dict:
+    """Image metrics over every image; pixel metrics over the images with a known mask (``masks[i]`` not None).
+
+    ``flags`` and ``predicted`` are the model's verdicts and predicted masks (None without a threshold): the
+    metrics "at the saved threshold" are computed from them, so they are exactly what the outputs show.
+    """
     out = {"n_images": int(len(labels))}
-    if len(set(labels.tolist())) == 2:
+    both = len(set(labels.tolist())) == 2
+    if both:
         out.update(metrics.evaluate_predictions(labels, scores, None, None))
+        out["best_balanced_accuracy"] = metrics.best_balanced_accuracy(labels, scores)
     known = [i for i, m in enumerate(masks) if m is not None]
-    masks, maps = [masks[i] for i in known], [maps[i] for i in known]
     out["n_images_pixel"] = len(known)
     if known:
-        out.update(metrics.pixel_metrics(masks, maps))
-    if model.image_threshold_ is not None:
-        out["image_accuracy"] = metrics.accuracy_at_threshold(labels, scores, model.image_threshold_)
+        out.update(metrics.pixel_metrics([masks[i] for i in known], [maps[i] for i in known]))
+    if flags and flags[0] is not None:
+        decided = np.array(flags, dtype=bool)
+        out["image_accuracy"] = float(np.mean(decided == labels.astype(bool)))
+        if both:
+            out["balanced_accuracy"] = metrics.balanced_accuracy(labels, decided)
         if known:
-            hits = sum(int(((m > model.pixel_threshold_) == k).sum()) for m, k in zip(maps, masks))
-            out["pixel_accuracy"] = hits / float(sum(m.size for m in maps))
+            out.update(metrics.mask_metrics([masks[i] for i in known], [predicted[i] for i in known]))
     return out
 
 
@@ -194,8 +206,11 @@ def cmd_evaluate(args) -> int:
         raise SomadError("give either CATEGORY_DIR or --good-dir/--defect-dir/--mask-dir, not both")
     if not args.category and not (args.good_dir or args.defect_dir):
         raise SomadError("no test data: give an MVTec CATEGORY_DIR or --good-dir/--defect-dir")
+    from .cli import override_thresholds
+
     model = load(args.model, device=args.device, search=args.search)
     model.batch_size = args.batch_size
+    override_thresholds(model, args)
     samples = load_test_samples(Path(args.category) if args.category else None, good_dir=args.good_dir,
                            defect_dirs=args.defect_dir, mask_dir=args.mask_dir)
     with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
@@ -213,14 +228,16 @@ def cmd_evaluate(args) -> int:
 
 def format_metrics_table(result: dict) -> str:
     """Plain-text table of the overall and per-type metrics."""
-    keys = ["image_auroc", "pixel_auroc", "au_pro", "image_f1_max", "pixel_f1_max", "image_accuracy", "pixel_accuracy"]
+    keys = {"image_auroc": "img AUROC", "pixel_auroc": "pix AUROC", "au_pro": "AU-PRO", "balanced_accuracy": "bal acc",
+            "best_balanced_accuracy": "best bal acc", "pixel_f1": "pix F1", "pixel_f1_max": "pix F1-max",
+            "region_overlap": "region IoU", "good_fp_rate": "good FP px"}
     rows = [("overall", result["overall"])] + sorted(result["per_defect_type"].items())
-    lines = [f"{'':<14}" + "".join(f"{k:>15}" for k in keys)]
+    lines = [f"{'':<14}" + "".join(f"{h:>13}" for h in keys.values())]
     for name, m in rows:
         cells = []
         for k in keys:
             v = m.get(k)
             v = v.get("f1") if isinstance(v, dict) else v
-            cells.append(f"{v:>15.4f}" if isinstance(v, (int, float)) else f"{'-':>15}")
+            cells.append(f"{v:>13.4f}" if isinstance(v, (int, float)) else f"{'-':>13}")
         lines.append(f"{name:<14}" + "".join(cells))
     return "\n".join(lines)

@@ -23,12 +23,17 @@ Conversion rules (applied after the orientation):
 * Integer grey images are scaled by the range of their *storage type*, never by the
   per-image minimum and maximum (so that a dark image stays dark):
 
-  - ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` (unsigned 16-bit): ``round(v / 257)``,
-    so 65535 becomes 255.
+  - ``I;16`` / ``I;16B`` / ``I;16L`` / ``I;16N`` (unsigned 16-bit): the bit depth is detected from the
+    image's largest value, as the smallest of 8, 10, 12, 14 and 16 bits that holds it, and the values are
+    scaled by that depth's white level (``2**bits - 1``). A 12-bit camera image stored in a 16-bit PNG (largest
+    value at most 4095) therefore keeps its real brightness instead of decoding nearly black; an image whose
+    largest value is 16384 or more is scaled by 65535. (A true 16-bit image that is dark everywhere is
+    brightened by this rule; PNG's optional ``sBIT`` chunk is not read.)
   - ``I;16S`` (signed 16-bit): negative values clip to 0, then ``v / 32767 * 255``.
   - ``I`` (signed 32-bit): if every value lies in ``[0, 65535]`` the image is treated as
     16-bit data (this is how many writers store 16-bit grey in a 32-bit container);
-    otherwise negative values clip to 0 and the result is ``v / (2**31 - 1) * 255``.
+    otherwise negative values clip to 0 and the result is ``v / (2**31 - 1) * 255``. 16-bit data in this
+    container gets the same bit-depth detection.
 * ``F`` (32-bit float, e.g. float TIFF): NaN becomes 0; if the largest finite value is
   ``<= 1`` the data is assumed to be in ``[0, 1]`` (clipped there and multiplied by 255),
   otherwise it is assumed to be in ``[0, 255]`` and clipped to that range.
@@ -51,6 +56,7 @@ from PIL import ExifTags, Image, ImageOps, UnidentifiedImageError
 from somad.errors import DataError, ImageLoadError
 
 __all__ = [
+    "to_rgb",
     "IMAGE_EXTENSIONS",
     "load_image",
     "image_size",
@@ -218,16 +224,29 @@ def _unit_gray(img: Image.Image, path: Path) -> np.ndarray:
         if top <= 1.0:
             return np.clip(data, 0.0, 1.0)
         return np.clip(data, 0.0, 255.0) / 255.0
+    if kind == "u" and arr.dtype.itemsize == 2:
+        return arr.astype(np.float64) / _full_scale(arr)
     if kind == "u":
         return arr.astype(np.float64) / float(np.iinfo(arr.dtype).max)
     if kind == "i":
         data = arr.astype(np.float64)
         if arr.dtype.itemsize >= 4 and (arr.size == 0 or (arr.min() >= 0 and arr.max() <= 65535)):
-            return data / 65535.0
+            return data / _full_scale(arr)
         return np.clip(data, 0.0, None) / float(np.iinfo(arr.dtype).max)
     if kind == "b":
         return arr.astype(np.float64)
     raise _fail(path, f"unsupported image mode {img.mode}", "convert it to an 8-bit RGB PNG")
+
+
+#: Sample depths a 16-bit container is taken to hold (see the module docstring): cameras write 10, 12 or 14 bits.
+BIT_DEPTHS = (8, 10, 12, 14, 16)
+
+
+def _full_scale(arr: np.ndarray) -> float:
+    """White level of 16-bit data: ``2**b - 1`` for the smallest of :data:`BIT_DEPTHS` that holds its maximum."""
+    top = int(arr.max()) if arr.size else 0
+    bits = next(b for b in BIT_DEPTHS if top < 2 ** b)
+    return float(2 ** bits - 1)
 
 
 def _to_uint8(unit: np.ndarray) -> np.ndarray:
@@ -235,7 +254,7 @@ def _to_uint8(unit: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(unit, 0.0, 1.0) * 255.0).astype(np.uint8)
 
 
-def _to_rgb(img: Image.Image, path: Path) -> Image.Image:
+def to_rgb(img: Image.Image, path: Path) -> Image.Image:
     """Convert a decoded image of any supported mode into mode ``"RGB"``."""
     mode = img.mode
     if mode == "RGB":
@@ -266,7 +285,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """Load an image file as an 8-bit RGB PIL image.
 
     The EXIF orientation is applied, and every Pillow mode is converted as described in
-    the module docstring (alpha dropped, 16-bit scaled by 257, float assumed in ``[0, 1]``
+    the module docstring (alpha dropped, 16-bit scaled by its detected bit depth, float assumed in ``[0, 1]``
     or ``[0, 255]``).
 
     Parameters
@@ -288,7 +307,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     """
     path = Path(path)
     img = _open(path, load=True)
-    return _to_rgb(img, path)
+    return to_rgb(img, path)
 
 
 def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
@@ -423,7 +442,7 @@ def load_mask(path: str | os.PathLike[str], shape: tuple[int, int] | None = None
         elif mode == "L":
             mask = np.asarray(img) > 127
         else:
-            rgb = np.asarray(_to_rgb(img, path))
+            rgb = np.asarray(to_rgb(img, path))
             mask = rgb.max(axis=2) > 127
     except ImageLoadError:
         raise

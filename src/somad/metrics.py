@@ -50,6 +50,9 @@ __all__ = [
     "pixel_roc_curve_points",
     "downsample_curve",
     "accuracy_at_threshold",
+    "balanced_accuracy",
+    "best_balanced_accuracy",
+    "mask_metrics",
     "evaluate_predictions",
 ]
 
@@ -444,7 +447,8 @@ def image_f1_max(labels, scores) -> dict:
 
 
 def accuracy_at_threshold(labels, scores, threshold: float) -> float:
-    """Fraction of correctly classified samples when ``score >= threshold`` means anomalous.
+    """Fraction of correctly classified samples when ``score > threshold`` means anomalous (the decision rule
+    of ``somad.verdicts``).
 
     Parameters
     ----------
@@ -463,7 +467,64 @@ def accuracy_at_threshold(labels, scores, threshold: float) -> float:
     s = _as_scores(scores, y.shape[0])
     if y.size == 0:
         raise MetricInputError("accuracy is undefined for zero samples")
-    return float(np.mean((s >= threshold) == y))
+    return float(np.mean((s > threshold) == y))
+
+
+def balanced_accuracy(labels, decisions) -> float:
+    """Mean of the true-positive and true-negative rates of boolean ``decisions`` (True = anomalous)."""
+    y = _as_labels(labels)
+    d = np.asarray(decisions, dtype=bool).reshape(-1)
+    if d.shape != y.shape:
+        raise MetricInputError(f"decisions has {d.size} values but labels has {y.size}")
+    _require_both_classes(y, "balanced accuracy")
+    return float((d[y == 1].mean() + (~d[y == 0]).mean()) / 2.0)
+
+
+def best_balanced_accuracy(labels, scores) -> float:
+    """The highest balanced accuracy over all thresholds ``score > t`` (an oracle, as F1-max is)."""
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.shape[0])
+    _require_both_classes(y, "balanced accuracy")
+    order = np.argsort(-s, kind="stable")
+    s_sorted, y_sorted = s[order], y[order]
+    # flag the top j images (j = 0..N); only cuts between distinct scores are realisable thresholds
+    tp = np.concatenate([[0], np.cumsum(y_sorted)])
+    fp = np.concatenate([[0], np.cumsum(1 - y_sorted)])
+    cut = np.concatenate([[True], s_sorted[1:] < s_sorted[:-1], [True]])
+    bacc = (tp / y.sum() + 1.0 - fp / (y.size - y.sum())) / 2.0
+    return float(bacc[cut].max())
+
+
+def mask_metrics(masks: Sequence, predicted: Sequence) -> dict:
+    """Quality of binary predicted masks against ground-truth masks (pooled over images).
+
+    Returns ``pixel_f1`` (F1 of all pooled pixels), ``region_overlap`` (the mean, over every 8-connected
+    ground-truth region, of its IoU with the predicted mask of its image) and ``good_fp_rate`` (the fraction
+    of pixels of defect-free images that are predicted defective; ``None`` without such an image).
+    """
+    from scipy import ndimage
+
+    tp = fp = fn = good_fp = good_n = 0
+    ious = []
+    for gt, pm in zip(masks, predicted):
+        gt = np.asarray(gt, dtype=bool)
+        pm = np.asarray(pm, dtype=bool)
+        if gt.shape != pm.shape:
+            raise MetricInputError(f"predicted mask {pm.shape} and ground truth {gt.shape} differ in size")
+        tp += int((gt & pm).sum())
+        fp += int((~gt & pm).sum())
+        fn += int((gt & ~pm).sum())
+        if not gt.any():
+            good_fp += int(pm.sum())
+            good_n += pm.size
+            continue
+        labels, n = ndimage.label(gt, structure=np.ones((3, 3), dtype=bool))
+        for i in range(1, n + 1):
+            region = labels == i
+            ious.append(float((region & pm).sum()) / float((region | pm).sum()))
+    return {"pixel_f1": 2.0 * tp / max(2 * tp + fp + fn, 1),
+            "region_overlap": float(np.mean(ious)) if ious else None,
+            "good_fp_rate": good_fp / good_n if good_n else None}
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ from PIL import Image
 from .errors import SomadError
 from .model_io import atomic_write, current_umask
 from .progress import progress_bar
+from .verdicts import REGION_COLUMNS
 
 
 @contextlib.contextmanager
@@ -90,9 +91,9 @@ def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vm
     return Image.fromarray(np.uint8(np.round(255 * ((1 - alpha) * base + alpha * colour))))
 
 
-def mask_image(anomaly_map: np.ndarray, threshold: float) -> Image.Image:
-    """Binary mask PNG: 255 where the map exceeds ``threshold``."""
-    return Image.fromarray(np.where(anomaly_map > threshold, 255, 0).astype(np.uint8), mode="L")
+def mask_image(mask: np.ndarray) -> Image.Image:
+    """Binary mask PNG: 255 on the predicted defect pixels."""
+    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
 
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -107,24 +108,32 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     atomic_write(path, write)
 
 
+SCORE_COLUMNS = ["path", "score", "is_anomalous", "status"]
+REGION_FILE_COLUMNS = ["path", "region"] + REGION_COLUMNS
+
+
 def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str, on_map=None):
     """Score ``items`` with a fitted ``model`` and write its result files into ``out``.
 
-    Writes ``scores.csv`` (path, score, is_anomalous), ``heatmaps/<relpath>.png`` (colour overlay),
-    ``masks/<relpath>.png`` (binary, when the model has a threshold), ``maps/<relpath>.npy`` (``save_maps``:
-    float32 map at the original resolution) and ``skipped.csv`` (unreadable inputs).
+    Writes ``scores.csv`` (path, score, is_anomalous, status), ``regions.csv`` (one row per connected
+    predicted defect region of each flagged image: area in pixels, bounding box ``x0, y0, x1, y1`` with
+    exclusive ends, peak and mean map value, at the original resolution), ``heatmaps/<relpath>.png`` (colour
+    overlay), ``masks/<relpath>.png`` (binary, when the model has a threshold), ``maps/<relpath>.npy``
+    (``save_maps``: float32 map at the original resolution) and ``skipped.csv`` (unreadable inputs).
+    Decisions and masks follow ``somad.verdicts``: a mask is non-empty exactly when the image is flagged.
 
     Parameters
     ----------
-    on_map : callable(prediction, full_map), optional
-        Called with each prediction and its map at the original resolution (used by evaluation).
+    on_map : callable(prediction, full_map, is_anomalous), optional
+        Called with each prediction, its map at the original resolution and its verdict (used by evaluation).
 
     Returns
     -------
-    rows : list of [name, score, is_anomalous]
+    rows : list of [name, score, is_anomalous, status]
     skipped : list of str, one message per unreadable input
     """
     from .features import to_original_resolution
+    from .verdicts import regions
 
     seen: dict[PurePath, str] = {}
     for item in items:
@@ -132,27 +141,30 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
         if rel in seen:
             raise SomadError(f"{item.name} and {seen[rel]} would write the same output files; rename one of them")
         seen[rel] = item.name
-    rows = []
+    rows, region_rows, skipped = [], [], []
     geometry = model.extractor_.geometry
-    threshold = model.image_threshold_
     bar = progress_bar(total=len(items), desc="predict", unit="img")
     try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
-        for pred in model.predict_iter(items, on_error=on_error):
+        for pred in model.predict_iter(items, on_error=on_error, skipped=skipped):
             full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]
             lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
             save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
-            if threshold is not None:
-                save_png(mask_image(full, model.pixel_threshold_), out / "masks" / output_relpath(pred.item.name, ".png"))
+            flagged = model.verdict(pred)
+            mask = model.mask(pred, full)
+            if mask is not None:
+                save_png(mask_image(mask), out / "masks" / output_relpath(pred.item.name, ".png"))
+                region_rows.extend([pred.item.name, i] + r.as_row() for i, r in enumerate(regions(mask, full), 1))
             if save_maps:
                 save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
             if on_map is not None:
-                on_map(pred, full)
-            rows.append([pred.item.name, f"{pred.score:.6f}", "" if threshold is None else int(pred.score > threshold)])
+                on_map(pred, full, flagged)
+            rows.append([pred.item.name, f"{pred.score:.6f}", "" if flagged is None else int(flagged), pred.status])
             bar.update(1)
     finally:
         bar.close()
-    write_csv(out / "scores.csv", ["path", "score", "is_anomalous"], rows)
-    skipped = list(model.skipped_)
+    write_csv(out / "scores.csv", SCORE_COLUMNS, rows)
+    if model.image_threshold_ is not None:
+        write_csv(out / "regions.csv", REGION_FILE_COLUMNS, region_rows)
     if skipped:
         write_csv(out / "skipped.csv", ["error"], [[m] for m in skipped])
     return rows, skipped

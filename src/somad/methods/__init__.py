@@ -2,8 +2,8 @@
 
 from .padim import PaDiM
 from .patchcore import PatchCore
-from .somad import SOMAD
+from .somad import PRESETS, SOMAD
 
 METHODS = {"somad": SOMAD, "padim": PaDiM, "patchcore": PatchCore}
 
-__all__ = ["METHODS", "SOMAD", "PaDiM", "PatchCore"]
+__all__ = ["METHODS", "PRESETS", "SOMAD", "PaDiM", "PatchCore"]

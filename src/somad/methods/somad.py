@@ -34,6 +34,12 @@ logger = logging.getLogger(__name__)
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
 
 
+#: Named configurations. ``paper``: the ICIP 2021 paper's pipeline as somad 0.5.0 ran it by default (resize 256,
+#: center crop 224, no local aggregation; with this library's backbones). The defaults depart from it in these
+#: values only, for the reasons measured in docs/benchmarks.md.
+PRESETS = {"default": {}, "paper": {"crop_size": 224, "local_aggregation": 1}}
+
+
 class SOMAD(BaseDetector):
     """SOMAD anomaly detector.
 
@@ -55,6 +61,10 @@ class SOMAD(BaseDetector):
         exhaustive (see ``somad.node_search`` and docs/benchmarks.md for the measured difference).
     feature_dtype : {"float16", "float32"}, default "float16"
         Precision of the training patches held between the SOM and the node statistics.
+    local_aggregation : int, default 3
+        Each backbone stage is averaged over a ``k x k`` neighbourhood of its own grid before upsampling
+        (PatchCore's locally aware patch features; 1 = none, as in the paper). See docs/benchmarks.md for the
+        measurement behind the default.
     factor_dtype : {"float16", "float32"}, default "float16"
         Storage of the node covariances' inverse Cholesky factors, in memory and in the model file. float16
         halves both and the bytes scoring reads per image (it computes in float32); on the shared datasets
@@ -71,13 +81,16 @@ class SOMAD(BaseDetector):
 
     method = "somad"
     _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype",
-            "factor_dtype")
+            "factor_dtype", "local_aggregation")
     _scoring = ("k", "search")
-    _absent_in_old_files = {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"}  # somad 0.1.0 files: as they were fitted
+    # Files written before a parameter existed were fitted as it then was: search etc. (0.1.0), no aggregation (0.5.0)
+    _absent_in_old_files = {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32",
+                            "local_aggregation": 1}
 
     def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000,
-                 search="fast", feature_dtype="float16", factor_dtype="float16", **common):
+                 search="fast", feature_dtype="float16", factor_dtype="float16", local_aggregation=3, **common):
         super().__init__(**common)
+        self.local_aggregation = local_aggregation
         self.som_size = som_size
         self.k = k
         self.eps = eps
@@ -87,6 +100,10 @@ class SOMAD(BaseDetector):
         self.search = search
         self.feature_dtype = feature_dtype
         self.factor_dtype = factor_dtype
+
+    @property
+    def _local_aggregation(self) -> int:  # the extractor's neighbourhood mean (a class constant in the baselines)
+        return self.local_aggregation
 
     def _validate_params(self) -> None:
         super()._validate_params()
