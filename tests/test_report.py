@@ -20,9 +20,10 @@ from somad.report import THUMB_SIZE, write_report
 # Distinctive metric values, so that their presence in the page can be checked.
 OVERALL = {"image_auroc": 0.9123, "pixel_auroc": 0.9456, "au_pro": 0.8012,
            "image_f1_max": {"f1": 0.8877, "threshold": 1.5}, "pixel_f1_max": 0.5566,
-           "image_accuracy": 0.7333, "pixel_accuracy": 0.9911, "n_images": 6}
+           "balanced_accuracy": 0.7333, "best_balanced_accuracy": 0.9167, "pixel_f1": 0.4411, "region_overlap": 0.3921,
+           "good_fp_rate": 0.0012, "n_images": 6}
 CRACK = {"image_auroc": 0.8641, "pixel_auroc": 0.9302, "au_pro": 0.7719, "image_f1_max": 0.8421,
-         "pixel_f1_max": 0.5012, "image_accuracy": 0.7001, "pixel_accuracy": 0.9899, "n_images": 4}
+         "pixel_f1_max": 0.5012, "balanced_accuracy": 0.7001, "pixel_f1": 0.4102, "n_images": 4}
 ODD = {"image_auroc": 0.9555, "pixel_auroc": None, "n_images": 3}  # some metrics missing or None
 
 WEIRD_TYPE = "cut & 'tear'"
@@ -52,7 +53,7 @@ def _fake_run(tmp_path: Path, *, threshold: bool = True):
     records = []
     for name, label, dtype, score in specs:
         h, w = (300, 400) if "crack/000" in name else (64, 64)  # one non-square image larger than a thumbnail
-        image = rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        image = rng.integers(60, 190, (h, w, 3), dtype=np.uint8)  # no pixel near the outline's magenta
         path = src / name
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image).save(path)
@@ -62,9 +63,12 @@ def _fake_run(tmp_path: Path, *, threshold: bool = True):
             mask[h // 4:h // 2, w // 4:w // 4 + 1] = 255  # a one-pixel-wide defect must survive the thumbnail
             mask_path = str(_png(src / "ground_truth" / output_relpath(name, ".png"), mask))
         rel = output_relpath(name, ".png")
-        _png(out / "heatmaps" / rel, rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
-        if threshold:
-            _png(out / "masks" / rel, np.where(rng.random((h, w)) > 0.9, 255, 0).astype(np.uint8))
+        _png(out / "heatmaps" / rel, rng.integers(60, 190, (h, w, 3), dtype=np.uint8))
+        if threshold:  # a flagged image's predicted mask: one block
+            predicted = np.zeros((h, w), np.uint8)
+            if score > 1.5:
+                predicted[h // 8:h // 2, w // 8:w // 2] = 255
+            _png(out / "masks" / rel, predicted)
         records.append({"name": name, "path": str(path), "mask_path": mask_path, "label": label,
                         "defect_type": dtype, "score": score,
                         "is_anomalous": (score > 1.5) if threshold else None})
@@ -166,7 +170,7 @@ def test_report_structure_links_and_order(tmp_path):
         rel = output_relpath(name, ".png").as_posix()
         assert f"report_files/originals/{rel}" in srcs
         assert f"report_files/heatmaps/{rel}" in srcs and f"heatmaps/{rel}" in srcs
-        assert f"report_files/masks/{rel}" in srcs and f"masks/{rel}" in srcs
+        assert f"report_files/outlines/{rel}" in srcs and f"masks/{rel}" in srcs
 
     # metric values, thresholds, settings, skipped files
     for metrics in (OVERALL, CRACK):
@@ -251,7 +255,7 @@ def test_renders_in_headless_chromium(tmp_path):
     shot = tmp_path / "shot.png"
     cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
            "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,1600",
+           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3200",
            eager.resolve().as_uri()]
     try:
         subprocess.run(cmd, capture_output=True, timeout=120, check=False)
@@ -259,8 +263,14 @@ def test_renders_in_headless_chromium(tmp_path):
         pytest.skip("chromium did not finish within 120 s")
     assert shot.is_file(), "chromium wrote no screenshot"
     image = np.asarray(Image.open(shot).convert("RGB"))
-    assert image.shape[:2] == (1600, 1200)
+    assert image.shape[:2] == (3200, 1200)
     colours = np.unique(image.reshape(-1, 3), axis=0)
     assert len(colours) > 200  # text, plots and thumbnails, not a blank or error page
     dark = (image.mean(axis=2) < 60).mean()
-    assert dark > 0.01  # the black mask cells and text are drawn
+    assert dark > 0.01  # the black ground-truth cells and text are drawn
+    # The predicted masks are drawn as magenta outlines on the images (no source pixel is near that colour).
+    r, g, b = (image[..., i].astype(int) for i in range(3))
+    outline = (r > 200) & (g < 80) & (b > 200)
+    assert outline.sum() > 200, "no predicted-mask outline is drawn"
+    rows, cols = np.nonzero(outline)
+    assert cols.max() > 0.6 * image.shape[1]  # in the last column of the image grid

@@ -8,7 +8,8 @@ system: no JavaScript, no network, no external style sheets. It holds
   chosen;
 * a table of the overall and per-defect-type metrics;
 * ROC (image, pixel) and PRO curves and a score distribution, drawn here as inline SVG;
-* every test image, highest score first: original, ground truth, heatmap overlay and predicted mask,
+* every test image, highest score first: original, ground truth, heatmap overlay and the predicted mask's
+  outline drawn on the image,
   with its score and decision;
 * the unreadable (skipped) files.
 
@@ -51,8 +52,11 @@ _METRIC_COLUMNS = [
     ("au_pro", "AU-PRO@0.3", "normalised area under the per-region-overlap curve up to FPR 0.3"),
     ("image_f1_max", "F1-max image", "best F1 over all image-score thresholds (an oracle threshold)"),
     ("pixel_f1_max", "F1-max pixel", "best F1 over all pixel thresholds (an oracle threshold)"),
-    ("image_accuracy", "Accuracy image", "fraction of images classified correctly at the model threshold"),
-    ("pixel_accuracy", "Accuracy pixel", "fraction of pixels classified correctly at the model threshold"),
+    ("balanced_accuracy", "Balanced acc.", "mean of the true-positive and true-negative rates at the model threshold"),
+    ("best_balanced_accuracy", "Best bal. acc.", "best balanced accuracy over all thresholds (an oracle threshold)"),
+    ("pixel_f1", "Pixel F1", "F1 of the predicted masks (at the model thresholds) against the ground truth"),
+    ("region_overlap", "Region IoU", "mean IoU of each ground-truth region with its image's predicted mask"),
+    ("good_fp_rate", "Good FP px", "fraction of the pixels of good test images inside a predicted mask"),
 ]
 
 # Stops of matplotlib's "jet" colour map, for the colour-scale bar.
@@ -150,11 +154,31 @@ def _thumb_mask(mask: np.ndarray) -> Image.Image:
     return image
 
 
-def _make_thumb(source: Path, target: Path, kind: str) -> bool:
-    """Write a thumbnail of ``source`` to ``target``; ``kind`` is "image" or "mask". False on failure."""
+#: Colour of the predicted-mask outline drawn on the image.
+OUTLINE_RGB = (255, 0, 255)
+
+
+def _thumb_outline(image: Image.Image, mask: np.ndarray) -> Image.Image:
+    """Thumbnail of ``image`` with the outline of the predicted ``mask`` (any size) drawn on it, 2 px wide."""
+    from scipy import ndimage
+
+    thumb = _thumb_rgb(image)
+    small = np.asarray(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+                       .resize(thumb.size, Image.BOX)) > 0  # a thumbnail pixel is inside when any source pixel is
+    edge = ndimage.binary_dilation(small & ~ndimage.binary_erosion(small, border_value=0))
+    pixels = np.asarray(thumb).copy()
+    pixels[edge] = OUTLINE_RGB
+    return Image.fromarray(pixels)
+
+
+def _make_thumb(source: Path, target: Path, kind: str, mask: Path | None = None) -> bool:
+    """Write a thumbnail of ``source`` to ``target``; ``kind`` is "image", "mask" or "outline" (the image with
+    the outline of ``mask`` drawn on it). False on failure."""
     try:
         if kind == "mask":
             save_png(_thumb_mask(load_mask(source)), target)
+        elif kind == "outline":
+            save_png(_thumb_outline(load_image(source), load_mask(mask)), target)
         else:
             save_png(_thumb_rgb(load_image(source)), target)
         return True
@@ -193,13 +217,18 @@ def _image_row(out: Path, rank: int, rec: dict) -> str:
         _figure(original, None, f"{name}: image", "image not readable"),
         _figure(truth, None, f"{name}: ground truth", truth_note),
     ]
-    for folder, label, missing in (("heatmaps", "heatmap", "no heatmap"),
-                                   ("masks", "predicted mask", "no threshold: no mask")):
-        full = out / folder / rel
-        thumb = None
-        if full.is_file() and _make_thumb(full, out / files / folder / rel, "mask" if folder == "masks" else "image"):
-            thumb = files / folder / rel
-        cells.append(_figure(thumb, PurePath(folder) / rel if thumb else None, f"{name}: {label}", missing))
+    heatmap = out / "heatmaps" / rel
+    thumb = files / "heatmaps" / rel if heatmap.is_file() and _make_thumb(heatmap, out / files / "heatmaps" / rel,
+                                                                          "image") else None
+    cells.append(_figure(thumb, PurePath("heatmaps") / rel if thumb else None, f"{name}: heatmap", "no heatmap"))
+    # The predicted mask as an outline on the image (what an operator looks at); it links to the binary mask.
+    mask = out / "masks" / rel
+    thumb = None
+    if mask.is_file() and rec.get("path") and _make_thumb(Path(rec["path"]), out / files / "outlines" / rel,
+                                                          "outline", mask):
+        thumb = files / "outlines" / rel
+    missing = "no threshold: no mask" if rec.get("is_anomalous") is None else "mask not readable"
+    cells.append(_figure(thumb, PurePath("masks") / rel if thumb else None, f"{name}: predicted mask outline", missing))
 
     label = rec.get("label")
     truth_text = "defective" if label == 1 else "good" if label == 0 else "unknown"
@@ -221,6 +250,7 @@ def _image_row(out: Path, rank: int, rec: dict) -> str:
         f'<div class="name" title="{_e(name)}">{_e(name)}</div>'
         f'<div>type <b>{_e(rec.get("defect_type", ""))}</b> · label {truth_text}</div>'
         f'<div>score <b class="score">{_fmt_score(rec.get("score"))}</b></div>'
+        + (f'<div class="warn">{_e(rec["status"])}</div>' if rec.get("status", "ok") != "ok" else "") +
         f"<div>{verdict} {outcome}</div></div>"
     )
     score = _number(rec.get("score"))
@@ -371,11 +401,22 @@ def _threshold_text(result: dict, model) -> str:
                 "<code>val_fraction=0</code>), so the images are ranked but not classified and no masks are "
                 "predicted.</p>")
     q, n_val = thr.get("quantile"), thr.get("n_val_images")
+    info = thr.get("info") or {}
+    if info.get("source") == "command line":
+        origin = "set on the command line (<code>--threshold</code>, <code>--pixel-threshold</code>)."
+        n_val = None
+    else:
+        where = "given to <code>somad calibrate</code>" if info.get("source") == "calibrate" else "held out from fitting"
+        pq = info.get("pixel_quantile")
+        origin = (f"the {_e(q)}-quantile of the scores of <b>{_e(n_val)}</b> good images {where} (expected false-alarm "
+                  f"rate {_e(_fmt(1 - q if isinstance(q, (int, float)) else None, 3))})"
+                  + (f", and the {_e(pq)}-quantile of their map pixels." if pq is not None else "."))
     text = (f"<p>Image threshold <b>{_fmt_score(image_t)}</b>, pixel threshold <b>{_fmt_score(thr.get('pixel'))}</b>: "
-            f"the {_e(q)}-quantile of the scores of <b>{_e(n_val)}</b> good training images held out from fitting. "
-            "An image is <i>anomalous</i> when its score exceeds the image threshold; a pixel when its map value "
-            "exceeds the pixel threshold. The test set was <b>not</b> used to choose the threshold (the F1-max "
-            "columns, in contrast, use the best threshold found on the test set itself).</p>")
+            f"{origin} An image is <i>anomalous</i> when its score exceeds the image threshold, or when the input "
+            "gate refuses it (a blank, saturated or mostly blank frame); a flagged image's mask is every pixel whose "
+            "map value exceeds the pixel threshold, plus its peak. The test set was <b>not</b> used to choose the "
+            "thresholds (the F1-max and best balanced accuracy columns, in contrast, use the best threshold found on "
+            "the test set itself).</p>")
     if isinstance(n_val, int) and n_val < 10:
         text += (f'<p class="warn">Only {n_val} held-out image{"s" if n_val != 1 else ""}: the threshold is a '
                  "rough estimate; fit on more good images or a larger validation fraction.</p>")
@@ -563,10 +604,11 @@ def _page(result: dict, model, records: list[dict], rows: list[str]) -> str:
 <h2>Curves</h2>
 {_plots(result, records)}
 <h2>Test images, highest score first</h2>
-<p class="note">Left border: green = decision correct, red = incorrect, grey = no threshold. Click a heatmap or a
-predicted mask to open it at full size.</p>
+<p class="note">Left border: green = decision correct, red = incorrect, grey = no threshold. The last column draws
+the predicted defect mask's outline (magenta) on the image: a flagged image's mask is every pixel above the pixel
+threshold, and always holds the map's peak. Click a heatmap or an outline to open the full-size file.</p>
 <div class="grid-head"><div>image</div><div>original</div><div>ground truth</div><div>heatmap overlay</div>
-<div>predicted mask</div></div>
+<div>predicted mask outline</div></div>
 <div class="grid">{grid}</div>
 <h2>Skipped files</h2>
 {_skipped(result)}
