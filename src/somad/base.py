@@ -28,8 +28,16 @@ from PIL import Image
 
 from . import __version__
 from .errors import ImageLoadError, NotFittedError, NumericalError, SomadError
-from .features import FeatureExtractor, Geometry, resolve_device, select_channels, to_original_resolution, upsample_blur
-from .images import list_images, load_image, to_rgb
+from .features import (
+    FeatureExtractor,
+    Geometry,
+    TileLayout,
+    resolve_device,
+    select_channels,
+    to_original_resolution,
+    upsample_blur,
+)
+from .images import image_size, list_images, load_image, to_rgb
 from .model_io import load_model, save_model
 from .progress import progress_bar
 from .verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
@@ -141,6 +149,13 @@ class BaseDetector:
         one minus it).
     pixel_threshold_quantile : float, default 0.99
         Quantile of all held-out map pixels used as the pixel threshold (see ``somad.verdicts``).
+    tile_size : int or None, default None
+        Tiling for large or elongated images: the image is resized with its aspect ratio kept (shorter side
+        ``image_size``) and covered by square tiles of this side (a multiple of 16), overlapping by
+        ``tile_overlap``; the tiles' patch scores are stitched (averaged where they overlap) into one map of the
+        whole frame. ``None``: every image is resized to ``image_size`` square. Needs ``crop_size=None``.
+    tile_overlap : float, default 0.25
+        Fraction of a tile shared with its neighbour (at least; tiles are spread evenly over the frame).
     batch_size : int, default 16
     device : {"auto", "cpu", "cuda"}, default "auto"
     seed : int, default 0
@@ -154,11 +169,12 @@ class BaseDetector:
     _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
     _absent_in_old_files: dict = {}  # values of parameters added later, for files written before them
     _common = ("backbone", "weights", "image_size", "crop_size", "dims", "blur_sigma", "val_fraction",
-               "threshold_quantile", "pixel_threshold_quantile", "batch_size", "device", "seed", "on_error")
+               "threshold_quantile", "pixel_threshold_quantile", "tile_size", "tile_overlap", "batch_size", "device",
+               "seed", "on_error")
 
     def __init__(self, *, backbone="efficientnet_lite0", weights="default", image_size=256, crop_size=None, dims=None,
                  blur_sigma=4.0, val_fraction=0.1, threshold_quantile=0.99, pixel_threshold_quantile=0.99,
-                 batch_size=16, device="auto", seed=0, on_error="fail"):
+                 tile_size=None, tile_overlap=0.25, batch_size=16, device="auto", seed=0, on_error="fail"):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -168,6 +184,8 @@ class BaseDetector:
         self.val_fraction = val_fraction
         self.threshold_quantile = threshold_quantile
         self.pixel_threshold_quantile = pixel_threshold_quantile
+        self.tile_size = tile_size
+        self.tile_overlap = tile_overlap
         self.batch_size = batch_size
         self.device = device
         self.seed = seed
@@ -216,7 +234,7 @@ class BaseDetector:
         self.skipped_ = []
         logger.info("fitting %s on %d images (%d held out), %d features per patch", self.method, len(train),
                     len(val), self.extractor_.dims)
-        self._fit_features(self._feature_batches(train), len(train))
+        self._fit_features(self._feature_batches(train), self._count_inputs(train))
         self.n_train_images_ = len(train) - len(self.skipped_)
         self.image_threshold_ = self.pixel_threshold_ = self.display_range_ = None
         self.n_val_images_ = 0
@@ -255,12 +273,27 @@ class BaseDetector:
     def _make_extractor(self) -> FeatureExtractor:
         return FeatureExtractor(self.backbone, weights=self.weights, image_size=self.image_size,
                                 crop_size=self.crop_size, channel_indices=self.channel_indices_, device=self.device_,
-                                seed=self.seed, stages=self._stages, local_aggregation=self._local_aggregation)
+                                seed=self.seed, stages=self._stages, local_aggregation=self._local_aggregation,
+                                tile_size=self.tile_size, tile_overlap=self.tile_overlap)
+
+    def _count_inputs(self, items: list[ImageItem]) -> int:
+        """How many model inputs ``items`` make: one per image, or each image's tiles (read from the headers)."""
+        g = self.extractor_.geometry
+        if g.tile_size is None:
+            return len(items)
+        total = 0
+        for it in items:
+            try:
+                h, w = (it.image.height, it.image.width) if it.image is not None else image_size(it.path)
+            except ImageLoadError:
+                continue  # counted when it is decoded (and skipped, or raised, there)
+            total += len(g.layout(h, w).offsets)
+        return total
 
     def _decoded(self, items: list[ImageItem], on_error: str,
-                 skipped: list[str]) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image]]:
-        """Decode and preprocess images one at a time (never all held at full size); unreadable ones are
-        raised (``on_error="fail"``) or logged and appended to ``skipped``."""
+                 skipped: list[str]) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image, TileLayout]]:
+        """Decode and preprocess images one at a time (never all held at full size) into their model inputs and
+        layout; unreadable ones are raised (``on_error="fail"``) or logged and appended to ``skipped``."""
         for item in items:
             try:
                 image = item.load()
@@ -270,28 +303,28 @@ class BaseDetector:
                 logger.warning("skipped %s", exc)
                 skipped.append(str(exc))
                 continue
-            yield item, self.extractor_.preprocess(image), image
+            inputs, layout = self.extractor_.tiles(image)  # (K, 3, S, S): K = 1 without tiles
+            yield item, inputs, image, layout
 
     def _feature_batches(self, items: list[ImageItem]) -> Iterator[torch.Tensor]:
         """Features ``(b, D, h, w)`` of the training images, ``batch_size`` at a time, with a progress bar."""
         pending, names = [], []
         bar = progress_bar(total=len(items), desc="features", unit="img")
         try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
-            for item, tensor, image in self._decoded(items, self.on_error, self.skipped_):
+            for item, inputs, image, _ in self._decoded(items, self.on_error, self.skipped_):
                 status = check_frame(image)
                 if status != OK:
                     logger.warning("%s: left out of training, %s; check the training folder", item.name, status)
                     self.skipped_.append(f"{item.name}: {status}")
                     continue
-                pending.append(tensor)
-                names.append(item)
-                if len(pending) == self.batch_size:
-                    yield self._checked_features(torch.stack(pending), names)
-                    bar.update(len(pending))
-                    pending, names = [], []
+                pending.extend(inputs)
+                names.extend([item] * len(inputs))
+                bar.update(1)
+                while len(pending) >= self.batch_size:
+                    yield self._checked_features(torch.stack(pending[:self.batch_size]), names[:self.batch_size])
+                    pending, names = pending[self.batch_size:], names[self.batch_size:]
             if pending:
                 yield self._checked_features(torch.stack(pending), names)
-                bar.update(len(pending))
         finally:
             bar.close()
         if len(self.skipped_) == len(items):
@@ -355,7 +388,7 @@ class BaseDetector:
         items = as_items(images)
         batch_size = batch_size or self.batch_size
         skipped = [] if skipped is None else skipped
-        pending: list[tuple[ImageItem, torch.Tensor, Image.Image]] = []
+        pending: list[tuple[ImageItem, torch.Tensor, Image.Image, TileLayout]] = []
         for entry in self._decoded(items, on_error, skipped):
             pending.append(entry)
             if len(pending) == batch_size:
@@ -365,9 +398,10 @@ class BaseDetector:
             yield from self._predict_batch(pending)
 
     def _predict_batch(self, pending) -> Iterator[Prediction]:
-        feats = self._checked_features(torch.stack([p[1] for p in pending]), [p[0] for p in pending])
-        maps, scores = self._anomaly_maps(feats)
-        for (item, _, image), m, s in zip(pending, maps, scores):
+        inputs = torch.cat([p[1] for p in pending])
+        feats = self._checked_features(inputs, [p[0] for p in pending for _ in range(len(p[1]))])
+        maps, scores = self._anomaly_maps(feats, [p[3] for p in pending])
+        for (item, _, image, _), m, s in zip(pending, maps, scores):
             yield Prediction(item, float(s), m, (image.height, image.width), image, check_frame(image))
 
     def predict(self, images, *, resolution: str = "input", on_error: str = "fail"):
@@ -383,7 +417,8 @@ class BaseDetector:
         Returns
         -------
         scores : ndarray (N,) float32, higher = more anomalous
-        maps : ndarray (N, S, S) float32, or a list of (H_i, W_i) arrays
+        maps : ndarray (N, S, S) float32, or a list of (H_i, W_i) arrays (``"original"``, or tiled frames of
+            different sizes)
         """
         if resolution not in ("input", "original"):
             raise SomadError(f"resolution={resolution!r} is invalid; choose one of: input, original")
@@ -395,7 +430,8 @@ class BaseDetector:
             else:
                 maps.extend(to_original_resolution(p.map[None], self.extractor_.geometry, [p.original_size]))
         scores = np.asarray(scores, dtype=np.float32)
-        return scores, (np.stack(maps) if resolution == "input" and maps else maps)
+        same = resolution == "input" and maps and len({m.shape for m in maps}) == 1  # tiled frames may differ
+        return scores, (np.stack(maps) if same else maps)
 
     def score_samples(self, images) -> np.ndarray:
         """Image scores ``(N,)`` only (higher = more anomalous)."""
@@ -419,16 +455,36 @@ class BaseDetector:
         exactly when :meth:`verdict` is True (``somad.verdicts.predicted_mask``); ``None`` without a threshold."""
         return predicted_mask(anomaly_map, self.verdict(prediction), self.pixel_threshold_, valid=prediction.valid)
 
-    def _anomaly_maps(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Features ``(B, D, h, w)`` -> maps ``(B, S, S)`` at the model input and image scores ``(B,)``."""
-        patch, image_scores = self._patch_scores(feats)
-        s = self.extractor_.geometry.input_size
-        maps = upsample_blur(patch, s, self.blur_sigma)  # bilinear to the input size, then the Gaussian blur
-        if not torch.isfinite(maps).all():
-            raise NumericalError("NaN/Inf in anomaly maps; check the model file and the input images")
-        if image_scores is None:
-            image_scores = maps.flatten(1).max(1).values
-        return maps, image_scores
+    def _anomaly_maps(self, feats: torch.Tensor, layouts: Sequence[TileLayout] | None = None):
+        """Features ``(B, D, h, w)`` of the model inputs -> one map per image and image scores ``(N,)``.
+
+        Without tiles (``layouts`` None or one input per image): maps ``(B, S, S)`` at the model input. With
+        tiles: each image's tiles' patch scores are placed in its frame's patch grid, averaged where tiles
+        overlap, and the stitched grid is upsampled and blurred to the frame (a list of ``(H, W)`` maps); the
+        image score is the map maximum, or the largest of its tiles' own image scores (PatchCore).
+        """
+        patch, tile_scores = self._patch_scores(feats)
+        if self.extractor_.geometry.tile_size is None:
+            s = self.extractor_.geometry.input_size
+            maps = upsample_blur(patch, s, self.blur_sigma)  # bilinear to the input size, then the Gaussian blur
+            _check_finite(maps)
+            return maps, (maps.flatten(1).max(1).values if tile_scores is None else tile_scores)
+        stride = self.extractor_.stride
+        maps, scores, first = [], [], 0
+        for layout in layouts:
+            grids = patch[first:first + len(layout.offsets)]
+            (th, tw), (fh, fw) = grids.shape[-2:], layout.size
+            total = grids.new_zeros(fh // stride, fw // stride)
+            count = grids.new_zeros(fh // stride, fw // stride)
+            for (y, x), grid in zip(layout.offsets, grids):
+                total[y // stride:y // stride + th, x // stride:x // stride + tw] += grid
+                count[y // stride:y // stride + th, x // stride:x // stride + tw] += 1
+            m = upsample_blur((total / count)[None], layout.size, self.blur_sigma)[0]
+            _check_finite(m)
+            maps.append(m)
+            scores.append(m.max() if tile_scores is None else tile_scores[first:first + len(layout.offsets)].max())
+            first += len(layout.offsets)
+        return maps, torch.stack(scores)
 
     # ------------------------------------------------------------------ subclass hooks
     def _fit_features(self, batches: Iterable[torch.Tensor], n_images: int) -> None:
@@ -513,6 +569,11 @@ class BaseDetector:
             raise ModelFileError(f"{path}: arrays do not match the config ({type(exc).__name__}: {str(exc)[:80]}); re-run `somad fit`") from None
         model.extractor_ = model._make_extractor()
         return model
+
+
+def _check_finite(maps: torch.Tensor) -> None:
+    if not torch.isfinite(maps).all():
+        raise NumericalError("NaN/Inf in anomaly maps; check the model file and the input images")
 
 
 def validation_items(images) -> list[ImageItem]:

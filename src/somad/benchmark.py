@@ -98,13 +98,13 @@ def _timed_prediction(model, path):
 
     t0 = time.perf_counter()
     image = load_image(path)
-    batch = model.extractor_.preprocess(image)[None]
+    inputs, layout = model.extractor_.tiles(image)
     t1 = time.perf_counter()
-    feats = model.extractor_(batch)
+    feats = model.extractor_(inputs)
     t2 = time.perf_counter()
-    amap, score = model._anomaly_maps(feats)
+    maps, scores = model._anomaly_maps(feats, [layout])
     t3 = time.perf_counter()
-    pred = Prediction(ImageItem(Path(path).name, path=Path(path)), float(score[0]), amap[0], (image.height, image.width),
+    pred = Prediction(ImageItem(Path(path).name, path=Path(path)), float(scores[0]), maps[0], (image.height, image.width),
                       image, check_frame(image))
     return pred, (t3 - t0, t2 - t1, t3 - t2)
 
@@ -434,7 +434,8 @@ def cmd_benchmark(args) -> int:
     common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop_size,
                   dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
                   threshold_quantile=args.threshold_quantile, pixel_threshold_quantile=args.pixel_threshold_quantile,
-                  batch_size=args.batch_size, device=args.device, seed=args.seed)
+                  tile_size=args.tile_size, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                  device=args.device, seed=args.seed)
     somad_grid = {"k": _int_list(args.k_grid) if args.k_grid else [args.k],
                   "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size]}
     if args.somad_variants:

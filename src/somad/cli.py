@@ -40,6 +40,11 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-size", type=int, default=256, help="resize side in pixels (default 256)")
     g.add_argument("--crop", dest="crop_size", type=_none_or_int, default=None,
                    help="center-crop side after the resize; 'none' (default) scores every pixel of the frame")
+    g.add_argument("--tile", dest="tile_size", type=_none_or_int, default=None, metavar="SIDE",
+                   help="tiling for large or elongated images: keep the aspect ratio (shorter side --image-size) and "
+                        "score overlapping SIDE x SIDE tiles, stitched into one map (a multiple of 16; needs --crop "
+                        "none; default: none)")
+    g.add_argument("--tile-overlap", type=float, default=0.25, help="fraction shared by neighbouring tiles (default 0.25)")
     g.add_argument("--dims", type=_none_or_int, default=None,
                    help="keep a seeded random subset of this many feature channels (default: all, at most 550)")
     g.add_argument("--som-size", type=int, default=56, help="SOMAD: SOM grid side K, K*K nodes (default 56)")
@@ -102,7 +107,8 @@ def model_from_args(args) -> "object":
     common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop_size,
                   dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
                   threshold_quantile=args.threshold_quantile, pixel_threshold_quantile=args.pixel_threshold_quantile,
-                  batch_size=args.batch_size, device=args.device, seed=args.seed, on_error=args.on_error)
+                  tile_size=args.tile_size, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
+                  device=args.device, seed=args.seed, on_error=args.on_error)
     cls = METHODS[args.method]
     own = {name: getattr(args, name) for name in getattr(cls, "_own", ()) if hasattr(args, name)}
     return cls(**common, **own)

@@ -43,8 +43,11 @@ def load_test_samples(category: Path | None = None, *, good_dir=None, defect_dir
     return folder_test_samples(good_dir, defect_dirs, mask_dir)
 
 
-def _model_resolution_mask(mask: np.ndarray, model: BaseDetector) -> np.ndarray:
+def _model_resolution_mask(mask: np.ndarray, model: BaseDetector, shape: tuple[int, int]) -> np.ndarray:
+    """The ground truth as the model saw the image: resized (nearest) and cropped like it, ``shape`` = the map's."""
     g = model.extractor_.geometry
+    if g.tile_size is not None:  # tiled: the map covers the whole frame, resized with its aspect ratio
+        return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST)) > 127
     resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((g.image_size, g.image_size), Image.NEAREST))
     o, s = g.crop_offset, g.input_size
     return resized[o:o + s, o:o + s] > 127
@@ -103,7 +106,7 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
             masks.append(np.zeros(shape, dtype=bool) if s.label == 0 else None)
             continue
         if eval_resolution == "model":
-            masks.append(_model_resolution_mask(load_mask(s.mask_path, shape=original_sizes[n]), model))
+            masks.append(_model_resolution_mask(load_mask(s.mask_path, shape=original_sizes[n]), model, shape))
         else:
             masks.append(load_mask(s.mask_path, shape=shape))
     flags = [kept[n][2] for n in names]

@@ -48,20 +48,59 @@ DEFAULT_MAX_DIMS = 550
 class Geometry:
     """Where the model input sits in the original image.
 
-    The model sees ``image_size x image_size`` (the original resized, aspect ratio not kept), of which the
-    central ``crop_size`` square is kept. ``input_size`` is the side of the model input.
+    Without tiles, the model sees ``image_size x image_size`` (the original resized, aspect ratio not kept), of
+    which the central ``crop_size`` square is kept; ``input_size`` is the side of the model input and a map
+    covers it. With tiles (``tile_size``), the original is resized with its aspect ratio kept (shorter side
+    ``image_size``, both sides multiples of 16; :meth:`frame_size`) and covered by overlapping square tiles of
+    side ``tile_size``, each a model input (:meth:`layout`); a map covers the whole resized frame.
     """
 
     image_size: int
     crop_size: int | None
+    tile_size: int | None = None
+    tile_overlap: float = 0.25
 
     @property
     def input_size(self) -> int:
+        if self.tile_size is not None:
+            return self.tile_size
         return self.crop_size if self.crop_size is not None else self.image_size
 
     @property
     def crop_offset(self) -> int:
-        return (self.image_size - self.input_size) // 2
+        return 0 if self.tile_size is not None else (self.image_size - self.input_size) // 2
+
+    def frame_size(self, height: int, width: int) -> tuple[int, int]:
+        """Tiles: the ``(height, width)`` the original is resized to (aspect kept, at most :data:`MAX_ASPECT`)."""
+        scale = self.image_size / min(height, width)
+        side = lambda n: max(self.image_size, min(MAX_ASPECT * self.image_size, int(round(n * scale / 16)) * 16))  # noqa: E731
+        return side(height), side(width)
+
+    def layout(self, height: int, width: int) -> "TileLayout":
+        """Where each model input lies in the resized frame of an original ``height x width`` image."""
+        if self.tile_size is None:
+            s = self.input_size
+            return TileLayout((s, s), ((0, 0),))
+        fh, fw = self.frame_size(height, width)
+        step = self.tile_size * (1.0 - self.tile_overlap)
+
+        def starts(n: int) -> list[int]:
+            count = 1 if n <= self.tile_size else int(np.ceil((n - self.tile_size) / step)) + 1
+            return sorted({int(round(v / 16)) * 16 for v in np.linspace(0, n - self.tile_size, count)})
+
+        return TileLayout((fh, fw), tuple((y, x) for y in starts(fh) for x in starts(fw)))
+
+
+@dataclass(frozen=True)
+class TileLayout:
+    """The model inputs of one image: the ``(height, width)`` its map covers and each input's top-left corner."""
+
+    size: tuple[int, int]
+    offsets: tuple[tuple[int, int], ...]
+
+
+#: Tiles: the longer side of the resized frame is at most this many times the shorter one.
+MAX_ASPECT = 8
 
 
 CPU_GROUP = 4  # images per backbone pass on CPU (see FeatureExtractor.__call__)
@@ -119,18 +158,27 @@ class FeatureExtractor:
 
     def __init__(self, backbone: str, *, weights: str = "default", image_size: int = 256, crop_size: int | None = 224,
                  channel_indices: np.ndarray | None = None, device: torch.device = torch.device("cpu"), seed: int = 0,
-                 stages: Sequence[int] = (0, 1, 2), local_aggregation: int = 1):
+                 stages: Sequence[int] = (0, 1, 2), local_aggregation: int = 1, tile_size: int | None = None,
+                 tile_overlap: float = 0.25):
         self.spec = backbone_spec(backbone)
         if crop_size is not None and crop_size > image_size:
             raise SomadError(f"crop_size={crop_size} is larger than image_size={image_size}; use a crop <= the resize")
         if image_size < 32:
             raise SomadError(f"image_size={image_size} is too small; use at least 32 pixels")
+        if tile_size is not None:
+            if crop_size is not None:
+                raise SomadError("tiles cover the whole frame: use --crop none with --tile")
+            if not (32 <= tile_size <= image_size and tile_size % 16 == 0) or image_size % 16:
+                raise SomadError(f"tile_size={tile_size} must be a multiple of 16 between 32 and image_size "
+                                 f"({image_size}, itself a multiple of 16)")
+            if not 0.0 <= tile_overlap < 1.0:
+                raise SomadError(f"tile_overlap={tile_overlap} must be in [0, 1)")
         self.stages = check_stages(stages, len(self.spec.channels))
         local_aggregation = int(local_aggregation)
         if local_aggregation < 1 or local_aggregation % 2 == 0:
             raise SomadError(f"local_aggregation={local_aggregation} must be an odd kernel size >= 1 (1 = none)")
         self.local_aggregation = local_aggregation
-        self.geometry = Geometry(image_size, crop_size)
+        self.geometry = Geometry(image_size, crop_size, tile_size, tile_overlap)
         self.device = device
         stage_channels = tuple(self.spec.channels[s] for s in self.stages)
         total = sum(stage_channels)
@@ -161,15 +209,31 @@ class FeatureExtractor:
         return -(-self.geometry.input_size // self.stride)
 
     # ------------------------------------------------------------------ preprocessing
-    def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float tensor ``(3, S, S)`` in [0, 1], resized and cropped (not yet normalised)."""
+    def tiles(self, image: Image.Image) -> tuple[torch.Tensor, TileLayout]:
+        """RGB PIL image -> model inputs ``(K, 3, S, S)`` in [0, 1] and their layout (``K = 1`` without tiles)."""
         g = self.geometry
-        if min(image.size) < g.input_size:
+        layout = g.layout(image.height, image.width)
+        if g.tile_size is None:
+            return self.preprocess(image)[None], layout
+        fh, fw = layout.size
+        self._warn_if_small(image, min(fh, fw))
+        frame = np.asarray(image.resize((fw, fh), Image.BILINEAR), dtype=np.float32) / 255.0
+        t = g.tile_size
+        stack = np.stack([frame[y:y + t, x:x + t] for y, x in layout.offsets]).transpose(0, 3, 1, 2)
+        return torch.from_numpy(np.ascontiguousarray(stack)), layout
+
+    def _warn_if_small(self, image: Image.Image, side: int) -> None:
+        if min(image.size) < side:
             # Warn once per extractor: a dataset of small images would otherwise flood the log.
             log = logger.debug if getattr(self, "_warned_small", False) else logger.warning
             log("image of size %dx%d is smaller than the model input %d; it is upscaled (further such images "
-                "are logged at debug level)", image.size[0], image.size[1], g.input_size)
+                "are logged at debug level)", image.size[0], image.size[1], side)
             self._warned_small = True
+
+    def preprocess(self, image: Image.Image) -> torch.Tensor:
+        """RGB PIL image -> float tensor ``(3, S, S)`` in [0, 1], resized and cropped (not yet normalised)."""
+        g = self.geometry
+        self._warn_if_small(image, g.input_size)
         resized = image.resize((g.image_size, g.image_size), Image.BILINEAR)
         array = np.asarray(resized, dtype=np.float32) / 255.0
         o, s = g.crop_offset, g.input_size
@@ -246,7 +310,8 @@ def to_original_resolution(maps: torch.Tensor, geometry: Geometry, sizes: Sequen
 
     The crop is put back where it came from in the resized image; pixels outside the crop (never seen by
     the model) take the value of the nearest scored pixel (edge replication). The result is then resized
-    (bilinear) to the original ``(height, width)``.
+    (bilinear) to the original ``(height, width)``. Maps of tiled models cover the whole resized frame: they
+    are only resized.
 
     Parameters
     ----------
@@ -256,7 +321,7 @@ def to_original_resolution(maps: torch.Tensor, geometry: Geometry, sizes: Sequen
     """
     out = []
     pad = geometry.crop_offset
-    far = geometry.image_size - geometry.input_size - pad
+    far = 0 if geometry.tile_size is not None else geometry.image_size - geometry.input_size - pad
     for m, (h, w) in zip(maps, sizes):
         m = m[None, None].float()
         if pad or far:
@@ -266,19 +331,20 @@ def to_original_resolution(maps: torch.Tensor, geometry: Geometry, sizes: Sequen
     return out
 
 
-def upsample_blur(maps: torch.Tensor, size: int, sigma: float = 4.0) -> torch.Tensor:
-    """Bilinear upsampling of ``(N, h, w)`` maps to ``(N, size, size)``, then :func:`gaussian_blur`.
+def upsample_blur(maps: torch.Tensor, size: int | tuple[int, int], sigma: float = 4.0) -> torch.Tensor:
+    """Bilinear upsampling of ``(N, h, w)`` maps to ``(N, size, size)`` (or ``(N, *size)``), then :func:`gaussian_blur`.
 
     Both steps are linear and separable, so each side is one precomputed ``(size, h)`` matrix ``R`` and the
     result is ``R_h @ maps @ R_w^T``: about ``size * h * (h + size)`` multiply-adds per map, instead of the
     blur's ``2 * size^2 * (8 sigma + 1)`` after ``F.interpolate``. Equal to the two steps up to float rounding.
     """
-    rows = _resize_blur_matrix(size, maps.shape[-2], float(sigma), maps.device)
-    cols = _resize_blur_matrix(size, maps.shape[-1], float(sigma), maps.device)
+    height, width = (size, size) if isinstance(size, int) else size
+    rows = _resize_blur_matrix(int(height), maps.shape[-2], float(sigma), maps.device)
+    cols = _resize_blur_matrix(int(width), maps.shape[-1], float(sigma), maps.device)
     return rows @ maps.float() @ cols.T
 
 
-@functools.lru_cache(maxsize=16)
+@functools.lru_cache(maxsize=64)  # tiled frames of many aspect ratios use many sizes
 def _resize_blur_matrix(size: int, n: int, sigma: float, device: torch.device) -> torch.Tensor:
     """``(size, n)``: one axis of ``gaussian_blur(F.interpolate(x, size, bilinear, align_corners=False))``."""
     eye = torch.eye(n, dtype=torch.float64)

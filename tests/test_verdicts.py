@@ -1,0 +1,259 @@
+"""Verdicts: the decision rule, masks that agree with it at every resolution, regions, thresholds from good
+images only (fit, calibrate, command-line overrides) and the input gate."""
+
+import csv
+import logging
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from somad import SOMAD, load
+from somad.base import as_items
+from somad.cli import main
+from somad.features import to_original_resolution
+from somad.verdicts import OK, check_frame, estimate_thresholds, predicted_mask, regions
+
+TINY = dict(weights="none", image_size=64, som_size=4, k=2, rough_epochs=2, fine_epochs=1, device="cpu",
+            batch_size=4, local_aggregation=1)
+
+
+def _texture(seed: int, size=(80, 100)) -> np.ndarray:
+    """A smooth colour pattern plus noise, (H, W, 3) uint8 (not square: maps are resized back)."""
+    h, w = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([100 + 60 * np.sin(x / 7.0), 120 + 50 * np.cos(y / 5.0), 90 + 0.5 * (x + y)], -1)
+    return np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def category(tmp_path_factory):
+    """An MVTec-style category: 12 good training images, good and defective test images."""
+    root = tmp_path_factory.mktemp("verdicts") / "part"
+    for i in range(12):
+        path = root / "train" / "good" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_texture(i)).save(path)
+    for i in range(4):
+        good = root / "test" / "good" / f"{i:03d}.png"
+        good.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(_texture(100 + i)).save(good)
+        bad = _texture(200 + i)
+        bad[20 + 5 * i:40 + 5 * i, 30:55] = (255, 20, 200)  # a painted defect
+        path = root / "test" / "paint" / f"{i:03d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(bad).save(path)
+    return root
+
+
+@pytest.fixture(scope="module")
+def model(category):
+    return SOMAD(val_fraction=0.25, **TINY).fit(category)
+
+
+def _rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ------------------------------------------------------------------------------------------ rule and masks
+def test_mask_is_non_empty_exactly_when_flagged_at_model_and_original_resolution(category):
+    model = SOMAD(val_fraction=0.25, **TINY).fit(category)  # its own: the thresholds are changed below
+    preds = list(model.predict_iter(sorted((category / "test").rglob("*.png"))))
+    scores = sorted(p.score for p in preds)
+    checked = 0
+    # Thresholds between every pair of scores, and a hair below each score: the resized map's peak is then
+    # often below the threshold while the model-resolution peak is above it.
+    candidates = [(a + b) / 2 for a, b in zip(scores, scores[1:])] + [s - 1e-4 for s in scores]
+    for t in candidates:
+        model.image_threshold_ = t
+        for p in preds:
+            flagged = model.verdict(p)
+            assert flagged == (p.score > t)
+            full = to_original_resolution(p.map[None], model.extractor_.geometry, [p.original_size])[0]
+            for amap in (p.map.numpy(), full):
+                mask = model.mask(p, amap)
+                assert mask.shape == amap.shape
+                assert bool(mask.any()) == flagged
+                if flagged:
+                    assert mask.flat[int(np.argmax(amap))]  # the peak is always in the mask
+                checked += 1
+    assert checked > 100
+
+
+def test_one_comparison_everywhere_strict_greater():
+    amap = np.array([[1.0, 2.0], [3.0, 3.0]])
+    assert predicted_mask(amap, False, 0.0).sum() == 0
+    mask = predicted_mask(amap, True, 2.0)
+    assert mask.tolist() == [[False, False], [True, True]]  # 2.0 is not above 2.0
+    assert predicted_mask(amap, None, 2.0) is None
+
+
+def test_regions_match_the_mask():
+    rng = np.random.default_rng(0)
+    amap = rng.random((50, 60))
+    mask = amap > 0.8
+    found = regions(mask, amap)
+    assert sum(r.area for r in found) == int(mask.sum())
+    assert found == sorted(found, key=lambda r: -r.area)
+    for r in found:
+        assert r.x0 < r.x1 <= 60 and r.y0 < r.y1 <= 50
+        assert 0.8 < r.mean <= r.peak <= amap.max()
+
+
+def test_predict_writes_regions_that_add_up_to_the_masks(model, category, tmp_path):
+    out = tmp_path / "out"
+    assert main(["-q", "predict", str(model.save(tmp_path / "m.safetensors")), str(category / "test"), "-o", str(out)]) == 0
+    scores = _rows(out / "scores.csv")
+    assert {r["status"] for r in scores} == {OK}
+    areas = {}
+    for r in _rows(out / "regions.csv"):
+        areas[r["path"]] = areas.get(r["path"], 0) + int(r["area"])
+    for r in scores:
+        mask = np.asarray(Image.open(out / "masks" / r["path"])) > 0
+        assert bool(mask.any()) == (r["is_anomalous"] == "1")
+        assert areas.get(r["path"], 0) == int(mask.sum())
+
+
+# ------------------------------------------------------------------------------------------ thresholds
+def test_thresholds_come_from_held_out_good_images_only(model, category):
+    _, val = model._split(as_items(category, train=True))
+    scores, maps = model.predict([it.path for it in val])
+    expected = estimate_thresholds(scores, maps, 0.99, 0.99)
+    assert (model.image_threshold_, model.pixel_threshold_) == (expected.image, expected.pixel)
+    assert model.n_val_images_ == len(val) == 3
+    # the pixel threshold is the 0.99-quantile of their pixels (every second row and column)
+    assert expected.pixel == pytest.approx(float(np.quantile(np.stack(maps)[:, ::2, ::2], 0.99)), rel=1e-6)
+    # the same fit next to a different test set (defective images added, good ones removed) changes nothing
+    other = SOMAD(val_fraction=0.25, **TINY).fit(category / "train" / "good")
+    assert (other.image_threshold_, other.pixel_threshold_) == (model.image_threshold_, model.pixel_threshold_)
+
+
+def test_calibrate_equals_the_fit_whose_held_out_set_is_the_same_images(model, category, tmp_path):
+    _, val = model._split(as_items(category, train=True))
+    folder = tmp_path / "good"
+    folder.mkdir()
+    for it in val:
+        (folder / it.path.name).write_bytes(it.path.read_bytes())
+    path = model.save(tmp_path / "m.safetensors")
+    again = load(path)
+    again.image_threshold_ = again.pixel_threshold_ = None
+    again.calibrate(folder)
+    assert (again.image_threshold_, again.pixel_threshold_) == (model.image_threshold_, model.pixel_threshold_)
+    assert again.threshold_info_["source"] == "calibrate" and again.threshold_info_["n_images"] == 3
+    # the CLI writes a new model file with those thresholds, and reports the expected false-alarm rate
+    out = tmp_path / "m2.safetensors"
+    assert main(["-q", "calibrate", str(path), str(folder), "-o", str(out), "--threshold-quantile", "0.5"]) == 0
+    calibrated = load(out)
+    assert calibrated.image_threshold_ == pytest.approx(float(np.quantile(model.predict(folder)[0], 0.5)))
+    assert calibrated.threshold_info_["expected_false_alarm_rate"] == pytest.approx(0.5)
+    assert load(path).image_threshold_ == model.image_threshold_  # the input model is untouched
+
+
+def test_threshold_flags_override_the_model(model, category, tmp_path, capsys):
+    path = model.save(tmp_path / "m.safetensors")
+    out = tmp_path / "none"
+    assert main(["-q", "predict", str(path), str(category / "test"), "-o", str(out), "--threshold", "1e30"]) == 0
+    assert all(r["is_anomalous"] == "0" for r in _rows(out / "scores.csv"))
+    assert _rows(out / "regions.csv") == []
+    out = tmp_path / "all"
+    assert main(["-q", "predict", str(path), str(category / "test"), "-o", str(out), "--threshold=-1e30",
+                 "--pixel-threshold=-1e30"]) == 0
+    for r in _rows(out / "scores.csv"):
+        assert r["is_anomalous"] == "1"
+        assert (np.asarray(Image.open(out / "masks" / r["path"])) > 0).all()
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["-q", "predict", str(path), str(category / "test"), "-o", str(tmp_path / "x"), "--threshold", "nan"])
+    assert exc.value.code == 2 and "not a finite number" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------ the input gate
+def _gate_cases():
+    rng = np.random.default_rng(1)
+    fixture = _texture(5, (240, 320)).copy()
+    fixture[:, 40:] = (128, 128, 128)  # the part is missing: a blank fixture over most of the frame
+    return {
+        "black": (np.zeros((120, 160, 3), np.uint8), "blank frame (black)"),
+        "white": (np.full((120, 160, 3), 255, np.uint8), "blank frame (white)"),
+        "grey": (np.full((120, 160, 3), 97, np.uint8), "blank frame (constant grey 97)"),
+        "saturated": (np.where(rng.random((120, 160, 1)) > 0.5, 255, 0).repeat(3, 2).astype(np.uint8), "saturated"),
+        "empty fixture": (fixture, "mostly blank frame"),
+        "noise": (rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), None),
+        "part": (_texture(3, (240, 320)), None),
+    }
+
+
+@pytest.mark.parametrize("case", list(_gate_cases()))
+def test_input_gate(case):
+    array, reason = _gate_cases()[case]
+    status = check_frame(Image.fromarray(array))
+    if reason is None:
+        assert status == OK
+    else:
+        assert status.startswith("invalid_input: ") and reason in status
+
+
+def test_invalid_frames_are_flagged_never_passed_as_good(model, tmp_path):
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    for name, (array, _) in _gate_cases().items():
+        Image.fromarray(array).save(folder / f"{name.replace(' ', '_')}.png")
+    out = tmp_path / "out"
+    assert main(["-q", "predict", str(model.save(tmp_path / "m.safetensors")), str(folder), "-o", str(out)]) == 0
+    rows = {r["path"]: r for r in _rows(out / "scores.csv")}
+    for name in ("black", "white", "grey", "saturated", "empty_fixture"):
+        row = rows[f"{name}.png"]
+        assert row["status"].startswith("invalid_input: ") and row["is_anomalous"] == "1", row
+        assert (np.asarray(Image.open(out / "masks" / f"{name}.png")) > 0).all()  # the whole frame is suspect
+    assert rows["part.png"]["status"] == OK
+
+
+def test_12bit_image_in_16bit_png_scores_like_its_8bit_version(model, tmp_path):
+    rgb = _texture(7)
+    grey8 = np.asarray(Image.fromarray(rgb).convert("L"))
+    Image.fromarray(grey8).save(tmp_path / "eight.png")
+    twelve = np.round(grey8.astype(np.float64) * 4095 / 255).astype(np.uint16)  # 12-bit camera data
+    Image.fromarray(twelve).save(tmp_path / "twelve.png")
+    assert Image.open(tmp_path / "twelve.png").mode == "I;16"
+    s8, s12 = model.predict([tmp_path / "eight.png", tmp_path / "twelve.png"])[0]
+    assert s12 == pytest.approx(s8, rel=0.02)
+    assert check_frame(Image.open(tmp_path / "twelve.png").convert("RGB")) != OK  # read naively, near-black
+
+
+# ------------------------------------------------------------------------------------------ inputs and fit
+def test_one_colour_array_is_one_image(model):
+    scores, maps = model.predict(_texture(1, (64, 64)))
+    assert scores.shape == (1,) and maps.shape == (1, 64, 64)
+
+
+def test_pil_images_follow_the_file_decoding_rules(model, tmp_path):
+    grey = np.asarray(Image.fromarray(_texture(2)).convert("L"))
+    Image.fromarray((grey.astype(np.uint16) * 257)).save(tmp_path / "g16.png")
+    by_path = model.predict(tmp_path / "g16.png")[0]
+    by_pil = model.predict([Image.open(tmp_path / "g16.png")])[0]
+    assert by_pil == pytest.approx(by_path)
+
+
+def test_fit_warns_about_defect_named_training_folders(tmp_path, caplog):
+    for sub in ("ok", "crack"):
+        for i in range(3):
+            path = tmp_path / "train" / sub / f"{i}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(_texture(i + (10 if sub == "crack" else 0))).save(path)
+    with caplog.at_level(logging.WARNING, logger="somad"):
+        SOMAD(val_fraction=0.0, **TINY).fit(tmp_path / "train")
+    assert any("named like defects (crack)" in r.getMessage() for r in caplog.records)
+
+
+def test_fit_keeps_its_skipped_images_when_it_sets_thresholds(category, tmp_path):
+    """predict (run by fit for the thresholds) must not reset the record of unreadable training images."""
+    train = tmp_path / "train"
+    train.mkdir()
+    for p in sorted((category / "train" / "good").glob("*.png")):
+        (train / p.name).write_bytes(p.read_bytes())
+    (train / "broken.png").write_bytes(b"not a png")
+    model = SOMAD(val_fraction=0.25, on_error="skip", **TINY).fit(train)
+    assert model.image_threshold_ is not None
+    assert len(model.skipped_) == 1 and "broken.png" in model.skipped_[0]
