@@ -266,3 +266,29 @@ def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):
                        ((x[:, :2], nodes, means[:, :2], packed), "x must be a C-contiguous float32 array, got a non-contiguous")]:
         with pytest.raises(ValueError, match=match):
             kernels.whitened_sq_norms(*bad)
+
+
+def test_shrinkage_toward_the_pooled_within_node_covariance():
+    """shrinkage a: cov_i = (1 - a) cov(G_i) + a P + eps I, with P the pooled within-node covariance."""
+    from somad.node_stats import _pooled_covariance, fit_node_gaussians
+
+    gen = torch.Generator().manual_seed(3)
+    d, m = 6, 5
+    x = torch.randn(400, d, generator=gen) * torch.linspace(0.5, 3, d) + 7
+    assignment = torch.randint(0, m, (400,), generator=gen)
+    assignment[assignment == 4] = 3  # node 4 empty
+    members = [x[assignment == i].double() for i in range(m)]
+    scatter = [(g - g.mean(0)).T @ (g - g.mean(0)) for g in members if len(g)]
+    pooled = sum(scatter) / sum(len(g) - 1 for g in members if len(g))
+    counts = torch.bincount(assignment, minlength=m)
+    means = torch.stack([g.mean(0) if len(g) else torch.zeros(d, dtype=torch.float64) for g in members])
+    assert torch.allclose(_pooled_covariance(x, counts, means), pooled, rtol=1e-5, atol=1e-5)
+    a, eps = 0.3, 0.01
+    g = fit_node_gaussians(x, assignment, torch.zeros(m, d), eps, shrinkage=a)
+    probe = torch.randn(4, d, generator=gen) + 7
+    for i in range(4):
+        cov = (1 - a) * torch.cov(members[i].T) + a * pooled + eps * torch.eye(d, dtype=torch.float64)
+        diff = probe.double() - members[i].mean(0)
+        expected = (diff @ torch.linalg.solve(cov, diff.T)).diagonal().sqrt()
+        got = mahalanobis(probe, torch.full((4, 1), i), g)[:, 0]
+        assert torch.allclose(got.double(), expected, rtol=1e-4), i

@@ -50,6 +50,8 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--som-size", type=int, default=56, help="SOMAD: SOM grid side K, K*K nodes (default 56)")
     g.add_argument("--k", type=int, default=4, help="SOMAD: nearest nodes searched per patch (default 4)")
     g.add_argument("--eps", type=float, default=0.01, help="SOMAD, PaDiM: covariance ridge eps*I (default 0.01)")
+    g.add_argument("--shrinkage", type=float, default=0.0,
+                   help="SOMAD: weight of the pooled within-node covariance in each node's covariance (default 0)")
     g.add_argument("--rough-epochs", type=int, default=20, help="SOMAD: rough-phase epochs (default 20)")
     g.add_argument("--fine-epochs", type=int, default=15, help="SOMAD: fine-phase epochs (default 15)")
     g.add_argument("--som-samples", type=_none_or_int, default=100_000,

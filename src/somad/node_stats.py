@@ -5,7 +5,10 @@ Mahalanobis distances from vectors to chosen nodes.
 
 The rule for every node ``i`` with ``n_i`` members (the training patches whose nearest node is ``i``):
 
-* ``n_i >= 2``: mean = member mean, covariance = ``cov(G_i)`` (unbiased) ``+ eps * I`` (as the paper's code).
+* ``n_i >= 2``: mean = member mean, covariance = ``cov(G_i)`` (unbiased) ``+ eps * I`` (as the paper's code);
+  with ``shrinkage`` ``a > 0``: ``(1 - a) cov(G_i) + a P + eps * I``, shrunk toward the pooled within-node
+  covariance ``P`` (as Ledoit and Wolf shrink toward a structured target; the scale of ``P`` follows the
+  features', so one value of ``a`` suits any backbone, unlike ``eps`` alone).
 * ``n_i == 1``: mean = the member; covariance = the pooled within-node covariance ``+ eps * I``. One sample
   has no spread, so it borrows the map's average spread instead of the degenerate ``eps * I`` alone.
 * ``n_i == 0``: the node is *empty*: it is excluded from the nearest-node search at scoring time. Its stored
@@ -172,7 +175,8 @@ def _shifts(blocks, bounds, means: torch.Tensor, chunk: int = 256) -> torch.Tens
 
 
 def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: torch.Tensor, eps: float,
-                       *, max_elements: int = 1 << 24, dtype: torch.dtype = torch.float32) -> NodeGaussians:
+                       *, max_elements: int = 1 << 24, dtype: torch.dtype = torch.float32,
+                       shrinkage: float = 0.0) -> NodeGaussians:
     """Fit the per-node Gaussians (see the module docstring for the rule).
 
     Parameters
@@ -181,6 +185,8 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     assignment : int64 tensor (N,), node of each vector
     prototypes : tensor (M, D), SOM weights (means of empty nodes)
     eps : float, >= 0
+    shrinkage : float in [0, 1]
+        Weight of the pooled within-node covariance in every node's covariance (0: none, the paper's rule).
     dtype : torch.float32 or torch.float16
         Storage of the whitener triangles (float16: half the memory and file; scoring computes in float32).
         Factors that overflow float16 switch the whole array to float32 (logged).
@@ -199,6 +205,7 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     pooled = torch.zeros(d, d, dtype=torch.float64, device=device)
     dof = 0
     eye = torch.eye(d, dtype=torch.float64, device=device)
+    target = _pooled_covariance(x, counts, means) if shrinkage > 0 else None
     groups = padded_groups(assignment, m, max_elements=max(1, max_elements // d), max_groups=max(1, max_elements // (d * d)))
     for ids, rows, valid in groups:
         many = counts[ids] >= 2
@@ -217,10 +224,14 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         pooled += scatter.sum(0)
         dof += int((counts[ids] - 1).sum())
         cov = scatter.div_((counts[ids] - 1).double()[:, None, None])  # in place: these are the group's largest arrays
+        if target is not None:
+            cov.mul_(1.0 - shrinkage).add_(target, alpha=shrinkage)
         cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         packed = _store(packed, ids, _inverse_cholesky(cov))
 
     pooled = pooled / dof if dof else pooled
+    if target is not None:
+        pooled = target
     few = counts < 2
     if bool(few.any()):
         packed = _store(packed, torch.nonzero(few).flatten(), _inverse_cholesky((pooled + eps * eye)[None]))
@@ -230,6 +241,21 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     if not torch.isfinite(means).all():
         raise NumericalError(NON_FINITE)
     return NodeGaussians(means, packed, counts)
+
+
+def _pooled_covariance(x: torch.Tensor, counts: torch.Tensor, means: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
+    """The pooled within-node covariance ``sum_i S_i / sum_i (n_i - 1)`` in one pass over ``x``, before any node's
+    scatter is formed: ``sum_i S_i = sum_n (x_n - c)(x_n - c)^T - sum_i n_i (mu_i - c)(mu_i - c)^T`` (``c`` the
+    overall mean, subtracted first so that float32 products lose nothing to cancellation)."""
+    d = means.shape[1]
+    centre = ((counts.double()[:, None] * means).sum(0) / counts.sum()).to(means.device)
+    total = torch.zeros(d, d, dtype=torch.float64, device=means.device)
+    for start in range(0, x.shape[0], chunk):
+        block = x[start:start + chunk].to(means.device, torch.float32) - centre.float()
+        total += (block.T @ block).double()
+    shifted = (means - centre) * counts.double().sqrt()[:, None]
+    dof = int((counts - 1).clamp_min(0).sum())
+    return (total - shifted.T @ shifted) / max(dof, 1)
 
 
 NON_FINITE = "non-finite node statistics (NaN/Inf in the training features?); check the input images"

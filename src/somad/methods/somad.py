@@ -37,7 +37,7 @@ DTYPES = {"float16": torch.float16, "float32": torch.float32}
 #: Named configurations. ``paper``: the ICIP 2021 paper's pipeline as somad 0.5.0 ran it by default (resize 256,
 #: center crop 224, no local aggregation; with this library's backbones). The defaults depart from it in these
 #: values only, for the reasons measured in docs/benchmarks.md.
-PRESETS = {"default": {}, "paper": {"crop_size": 224, "local_aggregation": 1}}
+PRESETS = {"default": {}, "paper": {"crop_size": 224, "local_aggregation": 1, "shrinkage": 0.0, "eps": 0.01}}
 
 
 class SOMAD(BaseDetector):
@@ -61,6 +61,9 @@ class SOMAD(BaseDetector):
         exhaustive (see ``somad.node_search`` and docs/benchmarks.md for the measured difference).
     feature_dtype : {"float16", "float32"}, default "float16"
         Precision of the training patches held between the SOM and the node statistics.
+    shrinkage : float, default 0.0
+        Weight ``a`` of the pooled within-node covariance ``P`` in each node's covariance:
+        ``(1 - a) cov_i + a P + eps I`` (``somad.node_stats``); 0 = the paper's rule.
     local_aggregation : int, default 3
         Each backbone stage is averaged over a ``k x k`` neighbourhood of its own grid before upsampling
         (PatchCore's locally aware patch features; 1 = none, as in the paper). See docs/benchmarks.md for the
@@ -81,15 +84,16 @@ class SOMAD(BaseDetector):
 
     method = "somad"
     _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype",
-            "factor_dtype", "local_aggregation")
+            "factor_dtype", "local_aggregation", "shrinkage")
     _scoring = ("k", "search")
     # Files written before a parameter existed were fitted as it then was: search etc. (0.1.0), no aggregation (0.5.0)
     _absent_in_old_files = {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32",
-                            "local_aggregation": 1}
+                            "local_aggregation": 1, "shrinkage": 0.0}
 
     def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000,
-                 search="fast", feature_dtype="float16", factor_dtype="float16", local_aggregation=3, **common):
+                 search="fast", feature_dtype="float16", factor_dtype="float16", local_aggregation=3, shrinkage=0.0, **common):
         super().__init__(**common)
+        self.shrinkage = shrinkage
         self.local_aggregation = local_aggregation
         self.som_size = som_size
         self.k = k
@@ -113,6 +117,8 @@ class SOMAD(BaseDetector):
             raise SomadError(f"k={self.k} must be between 1 and the number of SOM nodes ({int(self.som_size) ** 2})")
         if float(self.eps) < 0:
             raise SomadError(f"eps={self.eps} must be >= 0")
+        if not 0.0 <= float(self.shrinkage) <= 1.0:
+            raise SomadError(f"shrinkage={self.shrinkage} must be in [0, 1]")
         if self.rough_epochs < 0 or self.fine_epochs < 0:
             raise SomadError("rough_epochs and fine_epochs must be >= 0")
         if self.search not in SEARCH_CHOICES:
@@ -142,7 +148,7 @@ class SOMAD(BaseDetector):
         self.som_ = som.fit(x, init)
         _, assignment = make_search(som.weights_, som.size, self.search)(x, 1)
         self.gaussians_ = fit_node_gaussians(x, assignment[:, 0], som.weights_, float(self.eps),
-                                             dtype=DTYPES[self.factor_dtype])
+                                             dtype=DTYPES[self.factor_dtype], shrinkage=float(self.shrinkage))
         self.n_patches_ = int(x.shape[0])
         self._searcher = None
 
