@@ -486,7 +486,7 @@ def test_unknown_backbone_in_the_library_lists_the_valid_ones(data):
     with pytest.raises(SomadError) as info:
         SOMAD(**{**TINY_PARAMS, "backbone": "x"}).fit(data / "good")
     message = str(info.value)
-    assert "unknown backbone 'x'" in message and "\n" not in message
+    assert "backbone='x' is invalid" in message and "\n" not in message
     assert all(name in message for name in BACKBONES)
 
 
@@ -499,17 +499,17 @@ def test_unknown_method_on_the_cli(capsys, work, data):
 @pytest.mark.parametrize("args, fragments", [
     (["--k", "17"], ["k=17", "16"]),                       # k > number of nodes (4 x 4)
     (["--k", "0"], ["k=0"]),
-    (["--som-size", "1"], ["som_size=1", "at least 2"]),
+    (["--som-size", "1"], ["som_size=1", ">= 2"]),
     (["--dims", "500"], ["dims=500", "176"]),              # more than the backbone's channels
     (["--dims", "0"], ["dims=0"]),
     (["--eps", "-0.5"], ["eps=-0.5", ">= 0"]),
-    (["--val-fraction", "1"], ["val_fraction=1.0", "[0, 1)"]),
+    (["--val-fraction", "1"], ["val_fraction=1.0", "< 1"]),
     (["--val-fraction", "-0.1"], ["val_fraction=-0.1"]),
     (["--val-fraction", "nan"], ["val_fraction=nan"]),
     (["--threshold-quantile", "0"], ["threshold_quantile=0.0"]),
     (["--rough-epochs", "-1"], ["rough_epochs"]),
     (["--batch-size", "0"], ["batch_size=0"]),
-    (["--image-size", "16"], ["image_size=16", "at least 32"]),
+    (["--image-size", "16"], ["image_size=16", ">= 32"]),
     (["--crop", "128"], ["crop_size=128", "image_size=64"]),
     (["--blur-sigma", "-1"], ["blur_sigma=-1.0"]),
 ])

@@ -86,9 +86,9 @@ def test_not_fitted_and_parameter_errors(images):
 
 
 def test_search_and_feature_dtype_choices_are_validated(images):
-    with pytest.raises(SomadError, match="choose one of: fast, exact"):
+    with pytest.raises(SomadError, match="search='approx' is invalid: choose one of: fast, exact"):
         SOMAD(**{**TINY, "search": "approx"}).fit(images)
-    with pytest.raises(SomadError, match="feature_dtype='int8' is invalid; choose one of: float16, float32"):
+    with pytest.raises(SomadError, match="feature_dtype='int8' is invalid: choose one of: float16, float32"):
         SOMAD(**{**TINY, "feature_dtype": "int8"}).fit(images)
     with pytest.raises(SomadError, match="factor_dtype='bf16' is invalid"):
         SOMAD(**{**TINY, "factor_dtype": "bf16"}).fit(images)

@@ -63,7 +63,7 @@ def test_elongated_images_keep_their_aspect_and_a_defect_at_the_far_end_is_found
 
 
 def test_tiles_need_the_whole_frame_and_a_tile_on_the_grid():
-    with pytest.raises(SomadError, match="--crop none"):
+    with pytest.raises(SomadError, match="needs crop_size=None"):
         SOMAD(**{**TINY, "crop_size": 48}, tile_size=48).fit(np.zeros((2, 64, 64, 3), np.uint8) + 100)
     with pytest.raises(SomadError, match="multiple of 16"):
         SOMAD(**TINY, tile_size=40).fit(np.zeros((2, 64, 64, 3), np.uint8) + 100)

@@ -27,6 +27,7 @@ import torch
 from PIL import Image
 
 from . import __version__
+from .backbones import BACKBONES
 from .errors import ImageLoadError, NotFittedError, NumericalError, SomadError
 from .features import (
     FeatureExtractor,
@@ -40,11 +41,13 @@ from .features import (
 from .images import image_size, list_images, load_image, to_rgb
 from .model_io import load_model, save_model
 from .progress import progress_bar
+from .params import Interval, Options, Param, Params, Text, validate
 from .verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
 
 logger = logging.getLogger(__name__)
 
 ON_ERROR_CHOICES = ("fail", "skip")
+MAX_IMAGE_SIZE = 4096  # model inputs larger than this exhaust memory before they help
 
 
 @dataclass
@@ -123,7 +126,7 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
     return items
 
 
-class BaseDetector:
+class BaseDetector(Params):
     """Shared machinery of SOMAD, PaDiM and PatchCore. Subclasses implement ``_fit_features``,
     ``_patch_scores``, ``_state_arrays`` and ``_set_state``, and may set the class attributes ``_stages``
     (backbone stages used, default all three) and ``_local_aggregation`` (see ``features.FeatureExtractor``).
@@ -168,9 +171,33 @@ class BaseDetector:
     _local_aggregation: int = 1  # neighbourhood-mean kernel applied to each stage (1 = none)
     _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
     _absent_in_old_files: dict = {}  # values of parameters added later, for files written before them
-    _common = ("backbone", "weights", "image_size", "crop_size", "dims", "blur_sigma", "val_fraction",
-               "threshold_quantile", "pixel_threshold_quantile", "tile_size", "tile_overlap", "batch_size", "device",
-               "seed", "on_error")
+    _parameters = {
+        "backbone": Param(Options(tuple(BACKBONES)), "feature extractor; efficientnet_lite0/2 ship their ImageNet "
+                          "weights offline"),
+        "weights": Param(Text(), "'default' = ImageNet weights; a path = local state-dict file; 'none' = random "
+                         "initialisation, FOR TESTS ONLY (meaningless features)"),
+        "image_size": Param(Interval(int, 32, MAX_IMAGE_SIZE), "resize side in pixels (with --tile: the shorter side)"),
+        "crop_size": Param(Interval(int, 16, MAX_IMAGE_SIZE), "center-crop side after the resize", flag="--crop",
+                           none="every pixel of the frame is scored"),
+        "tile_size": Param(Interval(int, 32, MAX_IMAGE_SIZE), "tiling for large or elongated images: keep the aspect "
+                           "ratio and score overlapping SIDE x SIDE tiles (a multiple of 16), stitched into one map; "
+                           "needs --crop none", flag="--tile", none="no tiles", metavar="SIDE"),
+        "tile_overlap": Param(Interval(float, 0.0, 1.0, open_high=True), "fraction shared by neighbouring tiles"),
+        "dims": Param(Interval(int, 1, 4096), "keep a seeded random subset of this many feature channels",
+                      none="all channels, at most 550"),
+        "blur_sigma": Param(Interval(float, 0.0, 64.0), "Gaussian blur of the maps"),
+        "val_fraction": Param(Interval(float, 0.0, 1.0, open_high=True), "fraction of good training images held "
+                              "out to set the thresholds (MVTec 3D: validation/good instead)"),
+        "threshold_quantile": Param(Interval(float, 0.0, 1.0, open_low=True), "image threshold = this quantile of "
+                                    "the held-out good scores (expected false-alarm rate: 1 - it)"),
+        "pixel_threshold_quantile": Param(Interval(float, 0.0, 1.0, open_low=True), "pixel threshold = this "
+                                          "quantile of the held-out good maps' pixels"),
+        "batch_size": Param(Interval(int, 1, 4096), "images per backbone batch", cli=False),
+        "device": Param(Options(("auto", "cpu", "cuda")), "device", cli=False),
+        "seed": Param(Interval(int, 0, 2 ** 32 - 1), "random seed"),
+        "on_error": Param(Options(ON_ERROR_CHOICES), "unreadable training images: stop, or skip and list them",
+                          cli=False),
+    }
 
     def __init__(self, *, backbone="efficientnet_lite0", weights="default", image_size=256, crop_size=None, dims=None,
                  blur_sigma=4.0, val_fraction=0.1, threshold_quantile=0.99, pixel_threshold_quantile=0.99,
@@ -192,22 +219,20 @@ class BaseDetector:
         self.on_error = on_error
 
     # ------------------------------------------------------------------ parameters
-    def get_params(self) -> dict:
-        names = self._common + tuple(getattr(self, "_own", ()))
-        return {n: getattr(self, n) for n in names}
-
-    def _validate_params(self) -> None:
-        if self.on_error not in ON_ERROR_CHOICES:
-            raise SomadError(f"on_error={self.on_error!r} is invalid; choose one of: {', '.join(ON_ERROR_CHOICES)}")
-        if not 0.0 <= float(self.val_fraction) < 1.0:
-            raise SomadError(f"val_fraction={self.val_fraction} must be in [0, 1)")
-        for name in ("threshold_quantile", "pixel_threshold_quantile"):
-            if not 0.0 < float(getattr(self, name)) <= 1.0:
-                raise SomadError(f"{name}={getattr(self, name)} must be in (0, 1]")
-        if self.blur_sigma < 0:
-            raise SomadError(f"blur_sigma={self.blur_sigma} must be >= 0")
-        if int(self.batch_size) < 1:
-            raise SomadError(f"batch_size={self.batch_size} must be >= 1")
+    def _validate_params(self, where: str = "") -> None:
+        """The parameter table's rules (``somad.params``), then the rules that tie parameters together."""
+        params = self.get_params()
+        if isinstance(params.get("device"), str) and params["device"].startswith("cuda:"):
+            params["device"] = "cuda"
+        validate(type(self), params, where)
+        prefix = f"{where}: " if where else ""
+        if self.crop_size is not None and self.crop_size > self.image_size:
+            raise SomadError(f"{prefix}crop_size={self.crop_size} is larger than image_size={self.image_size}; "
+                             "use a crop <= the resize")
+        if self.tile_size is not None and (self.crop_size is not None or self.tile_size > self.image_size
+                                           or self.tile_size % 16 or self.image_size % 16):
+            raise SomadError(f"{prefix}tile_size={self.tile_size} needs crop_size=None and a multiple of 16 up to "
+                             f"image_size ({self.image_size}, itself a multiple of 16)")
 
     # ------------------------------------------------------------------ fit
     def fit(self, images, y=None) -> "BaseDetector":
@@ -544,8 +569,7 @@ class BaseDetector:
                 raise SomadError(f"{path}: {name!r} cannot be changed on a loaded {cls.method} model; valid: {valid}")
             params[name] = value
         model = cls(**params)
-        if scoring:
-            model._validate_params()
+        model._validate_params(where=str(path))  # the same rules as fit: a bad value fails here, not at predict
         model.device_ = resolve_device(model.device)
         model.channel_indices_ = arrays["channel_indices"].numpy()
         total = sum(_channels(model.backbone)[s] for s in model._stages)

@@ -431,11 +431,9 @@ def cmd_benchmark(args) -> int:
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SomadError(f"unknown method {bad[0]!r}; choose from: {', '.join(METHODS)}")
-    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop_size,
-                  dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
-                  threshold_quantile=args.threshold_quantile, pixel_threshold_quantile=args.pixel_threshold_quantile,
-                  tile_size=args.tile_size, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                  device=args.device, seed=args.seed)
+    from .base import BaseDetector
+
+    common = {n: getattr(args, n) for n in BaseDetector._get_param_names() if hasattr(args, n)}
     somad_grid = {"k": _int_list(args.k_grid) if args.k_grid else [args.k],
                   "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size]}
     if args.somad_variants:
@@ -444,7 +442,8 @@ def cmd_benchmark(args) -> int:
         if bad:
             raise SomadError(f"unknown SOMAD variant {bad[0]!r}; choose from: {', '.join(VARIANTS)}")
         somad_grid["variant"] = variants
-    own = {m: {n: getattr(args, n) for n in getattr(METHODS[m], "_own", ()) if hasattr(args, n)} for m in methods}
+    own = {m: {n: getattr(args, n) for n in METHODS[m]._get_param_names() if n not in common and hasattr(args, n)}
+           for m in methods}
     run_benchmark([Path(p) for p in args.inputs], Path(args.output), methods=methods, common=common, own=own,
                   somad_grid=somad_grid, force=args.force, threads=args.threads)
     print(markdown_table(_all_cells(Path(args.output))))

@@ -19,66 +19,17 @@ logger = logging.getLogger("somad")
 
 
 # ----------------------------------------------------------------------------------------- shared options
-def _none_or_int(text: str):
-    return None if text.lower() == "none" else int(text)
-
-
 def _add_common_model_args(p: argparse.ArgumentParser) -> None:
-    from .backbones import BACKBONES
+    """The model flags: one per parameter of the detectors, from their parameter tables (``somad.params``)."""
     from .methods import METHODS, PRESETS
+    from .params import add_flags
 
     g = p.add_argument_group("model")
     g.add_argument("--method", default="somad", choices=sorted(METHODS), help="detector (default: somad)")
     g.add_argument("--preset", default="default", choices=list(PRESETS),
                    help="named configuration: 'paper' = the SOMAD paper's pipeline (crop 224, no local aggregation) as "
                         "somad 0.5.0 ran it; flags given explicitly override it (default: default)")
-    g.add_argument("--backbone", default="efficientnet_lite0", choices=list(BACKBONES),
-                   help="feature extractor (default: efficientnet_lite0, ImageNet weights shipped offline)")
-    g.add_argument("--weights", default="default",
-                   help="'default' = ImageNet weights; a path = local state-dict file; "
-                        "'none' = random initialisation, FOR TESTS ONLY (meaningless features)")
-    g.add_argument("--image-size", type=int, default=256, help="resize side in pixels (default 256)")
-    g.add_argument("--crop", dest="crop_size", type=_none_or_int, default=None,
-                   help="center-crop side after the resize; 'none' (default) scores every pixel of the frame")
-    g.add_argument("--tile", dest="tile_size", type=_none_or_int, default=None, metavar="SIDE",
-                   help="tiling for large or elongated images: keep the aspect ratio (shorter side --image-size) and "
-                        "score overlapping SIDE x SIDE tiles, stitched into one map (a multiple of 16; needs --crop "
-                        "none; default: none)")
-    g.add_argument("--tile-overlap", type=float, default=0.25, help="fraction shared by neighbouring tiles (default 0.25)")
-    g.add_argument("--dims", type=_none_or_int, default=None,
-                   help="keep a seeded random subset of this many feature channels (default: all, at most 550)")
-    g.add_argument("--som-size", type=int, default=56, help="SOMAD: SOM grid side K, K*K nodes (default 56)")
-    g.add_argument("--k", type=int, default=4, help="SOMAD: nearest nodes searched per patch (default 4)")
-    g.add_argument("--eps", type=float, default=0.01, help="SOMAD, PaDiM: covariance ridge eps*I (default 0.01)")
-    g.add_argument("--shrinkage", type=float, default=0.0,
-                   help="SOMAD: weight of the pooled within-node covariance in each node's covariance (default 0)")
-    g.add_argument("--rough-epochs", type=int, default=20, help="SOMAD: rough-phase epochs (default 20)")
-    g.add_argument("--fine-epochs", type=int, default=15, help="SOMAD: fine-phase epochs (default 15)")
-    g.add_argument("--som-samples", type=_none_or_int, default=100_000,
-                   help="SOMAD: train the SOM on at most this many random patches ('none' = all; default 100000)")
-    g.add_argument("--search", default="fast", choices=["fast", "exact"],
-                   help="SOMAD: nearest-node search, coarse-to-fine over node clusters or exhaustive (default fast)")
-    g.add_argument("--feature-dtype", default="float16", choices=["float16", "float32"],
-                   help="SOMAD: precision of the training patches held during fit (default float16)")
-    g.add_argument("--factor-dtype", default="float16", choices=["float16", "float32"],
-                   help="SOMAD: storage of the per-node covariance factors; float16 halves model memory and file "
-                        "and the bytes read per image (default float16; float32 if fit reports an overflow)")
-    g.add_argument("--local-aggregation", type=int, default=3,
-                   help="SOMAD: average each backbone stage over a KxK neighbourhood, 1 = none (default 3)")
-    g.add_argument("--coreset-ratio", type=float, default=0.1,
-                   help="PatchCore: fraction of training patches kept in the memory bank (default 0.1)")
-    g.add_argument("--num-neighbors", type=int, default=9,
-                   help="PatchCore: bank neighbours of the image-score reweighting (default 9; 1 = none)")
-    g.add_argument("--projection-dim", type=_none_or_int, default=128,
-                   help="PatchCore: random-projection dimension for the coreset search ('none' = full; default 128)")
-    g.add_argument("--blur-sigma", type=float, default=4.0, help="Gaussian blur of the maps (default 4)")
-    g.add_argument("--val-fraction", type=float, default=0.1,
-                   help="fraction of good training images held out to set the threshold (default 0.1)")
-    g.add_argument("--threshold-quantile", type=float, default=0.99,
-                   help="image threshold = this quantile of the held-out good scores (default 0.99: about 1%% false alarms)")
-    g.add_argument("--pixel-threshold-quantile", type=float, default=0.99,
-                   help="pixel threshold = this quantile of the held-out good maps' pixels (default 0.99)")
-    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    add_flags(g, {"SOMAD": METHODS["somad"], "PaDiM": METHODS["padim"], "PatchCore": METHODS["patchcore"]})
 
 
 def _add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: bool = False) -> None:
@@ -103,17 +54,11 @@ def _finite_float(text: str) -> float:
 
 
 def model_from_args(args) -> "object":
-    """Build an unfitted detector from parsed CLI options."""
+    """Build an unfitted detector from parsed CLI options: every parameter of the chosen method that has a flag."""
     from .methods import METHODS
 
-    common = dict(backbone=args.backbone, weights=args.weights, image_size=args.image_size, crop_size=args.crop_size,
-                  dims=args.dims, blur_sigma=args.blur_sigma, val_fraction=args.val_fraction,
-                  threshold_quantile=args.threshold_quantile, pixel_threshold_quantile=args.pixel_threshold_quantile,
-                  tile_size=args.tile_size, tile_overlap=args.tile_overlap, batch_size=args.batch_size,
-                  device=args.device, seed=args.seed, on_error=args.on_error)
     cls = METHODS[args.method]
-    own = {name: getattr(args, name) for name in getattr(cls, "_own", ()) if hasattr(args, name)}
-    return cls(**common, **own)
+    return cls(**{name: getattr(args, name) for name in cls._get_param_names() if hasattr(args, name)})
 
 
 def apply_preset(args, argv: list[str], parser: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ import torch
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
 from ..node_stats import _inverse_cholesky
+from ..params import Interval, Param
 
 logger = logging.getLogger(__name__)
 
@@ -44,16 +45,11 @@ class PaDiM(BaseDetector):
     """
 
     method = "padim"
-    _own = ("eps",)
+    _parameters = {"eps": Param(Interval(float, 0.0, None), "covariance ridge eps*I")}
 
     def __init__(self, *, eps=0.01, **common):
         super().__init__(**common)
         self.eps = eps
-
-    def _validate_params(self) -> None:
-        super()._validate_params()
-        if float(self.eps) < 0:
-            raise SomadError(f"eps={self.eps} must be >= 0")
 
     # ------------------------------------------------------------------ fit
     def _fit_features(self, batches, n_images: int) -> None:

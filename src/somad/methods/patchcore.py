@@ -26,6 +26,7 @@ import torch
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
 from ..node_search import nearest_nodes
+from ..params import Interval, Param
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +142,13 @@ class PatchCore(BaseDetector):
     method = "patchcore"
     _stages = (1, 2)
     _local_aggregation = 3
-    _own = ("coreset_ratio", "num_neighbors", "projection_dim")
+    _parameters = {
+        "coreset_ratio": Param(Interval(float, 0.0, 1.0, open_low=True), "fraction of training patches kept in "
+                               "the memory bank"),
+        "num_neighbors": Param(Interval(int, 1, None), "bank neighbours of the image-score reweighting (1 = none)"),
+        "projection_dim": Param(Interval(int, 1, None), "random-projection dimension for the coreset search",
+                                none="full dimension"),
+    }
 
     def __init__(self, *, coreset_ratio=0.1, num_neighbors=9, projection_dim=128, **common):
         super().__init__(**common)
@@ -149,16 +156,6 @@ class PatchCore(BaseDetector):
         self.num_neighbors = num_neighbors
         self.projection_dim = projection_dim
 
-    def _validate_params(self) -> None:
-        super()._validate_params()
-        if not 0.0 < float(self.coreset_ratio) <= 1.0:
-            raise SomadError(f"coreset_ratio={self.coreset_ratio} must be in (0, 1]")
-        if int(self.num_neighbors) < 1:
-            raise SomadError(f"num_neighbors={self.num_neighbors} must be >= 1")
-        if self.projection_dim is not None and int(self.projection_dim) < 1:
-            raise SomadError(f"projection_dim={self.projection_dim} must be >= 1 (or None: no projection)")
-
-    # ------------------------------------------------------------------ fit
     def _fit_features(self, batches, n_images: int) -> None:
         x, n = None, 0
         for feats in batches:

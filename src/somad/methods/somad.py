@@ -20,6 +20,7 @@ import torch
 
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
+from ..params import Interval, Options, Param
 from ..node_search import SEARCH_CHOICES, make_search
 from ..node_stats import (
     NodeGaussians,
@@ -83,8 +84,24 @@ class SOMAD(BaseDetector):
     """
 
     method = "somad"
-    _own = ("som_size", "k", "eps", "rough_epochs", "fine_epochs", "som_samples", "search", "feature_dtype",
-            "factor_dtype", "local_aggregation", "shrinkage")
+    _parameters = {
+        "som_size": Param(Interval(int, 2, 256), "SOM grid side K, K*K nodes"),
+        "k": Param(Interval(int, 1, None), "nearest nodes searched per patch"),
+        "eps": Param(Interval(float, 0.0, None), "covariance ridge eps*I"),
+        "shrinkage": Param(Interval(float, 0.0, 1.0), "weight of the pooled within-node covariance in each node's "
+                           "covariance"),
+        "rough_epochs": Param(Interval(int, 0, 1000), "rough-phase epochs"),
+        "fine_epochs": Param(Interval(int, 0, 1000), "fine-phase epochs"),
+        "som_samples": Param(Interval(int, 1, None), "train the SOM on at most this many random patches",
+                             none="all"),
+        "search": Param(Options(SEARCH_CHOICES), "nearest-node search, coarse-to-fine over node clusters or "
+                        "exhaustive"),
+        "feature_dtype": Param(Options(tuple(DTYPES)), "precision of the training patches held during fit"),
+        "factor_dtype": Param(Options(tuple(DTYPES)), "storage of the per-node covariance factors; float16 halves "
+                              "model memory and file and the bytes read per image"),
+        "local_aggregation": Param(Interval(int, 1, 15), "average each backbone stage over a KxK neighbourhood "
+                                   "(odd K; 1 = none)"),
+    }
     _scoring = ("k", "search")
     # Files written before a parameter existed were fitted as it then was: search etc. (0.1.0), no aggregation (0.5.0)
     _absent_in_old_files = {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32",
@@ -109,23 +126,13 @@ class SOMAD(BaseDetector):
     def _local_aggregation(self) -> int:  # the extractor's neighbourhood mean (a class constant in the baselines)
         return self.local_aggregation
 
-    def _validate_params(self) -> None:
-        super()._validate_params()
-        if int(self.som_size) < 2:
-            raise SomadError(f"som_size={self.som_size} is too small; use a grid side of at least 2")
-        if not 1 <= int(self.k) <= int(self.som_size) ** 2:
-            raise SomadError(f"k={self.k} must be between 1 and the number of SOM nodes ({int(self.som_size) ** 2})")
-        if float(self.eps) < 0:
-            raise SomadError(f"eps={self.eps} must be >= 0")
-        if not 0.0 <= float(self.shrinkage) <= 1.0:
-            raise SomadError(f"shrinkage={self.shrinkage} must be in [0, 1]")
-        if self.rough_epochs < 0 or self.fine_epochs < 0:
-            raise SomadError("rough_epochs and fine_epochs must be >= 0")
-        if self.search not in SEARCH_CHOICES:
-            raise SomadError(f"search={self.search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
-        for name in ("feature_dtype", "factor_dtype"):
-            if getattr(self, name) not in DTYPES:
-                raise SomadError(f"{name}={getattr(self, name)!r} is invalid; choose one of: {', '.join(DTYPES)}")
+    def _validate_params(self, where: str = "") -> None:
+        super()._validate_params(where)
+        prefix = f"{where}: " if where else ""
+        if self.k > self.som_size ** 2:
+            raise SomadError(f"{prefix}k={self.k} must be between 1 and the number of SOM nodes ({self.som_size ** 2})")
+        if self.local_aggregation % 2 == 0:
+            raise SomadError(f"{prefix}local_aggregation={self.local_aggregation} must be odd (1 = none)")
 
     def _fit_features(self, batches, n_images: int) -> None:
         x, position_sum, n = None, None, 0
@@ -165,8 +172,6 @@ class SOMAD(BaseDetector):
         """The scoring search over non-empty nodes, built once per (model, ``search``) and cached."""
         cached = getattr(self, "_searcher", None)
         if cached is None or cached[0] != self.search:
-            if self.search not in SEARCH_CHOICES:
-                raise SomadError(f"search={self.search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
             cached = (self.search, make_search(self.som_.weights_, self.som_.size, self.search, exclude=self.gaussians_.empty))
             self._searcher = cached
         return cached[1]
