@@ -32,8 +32,13 @@ print(json.dumps({"fit_s": time.perf_counter() - t0}))
 
 
 def _fit_seconds(method: str, category: str, params: dict) -> float:
-    out = subprocess.run([sys.executable, "-c", FIT, method, category, json.dumps(params)], capture_output=True,
-                         text=True, check=False, env={**os.environ, "SOMAD_NO_PROGRESS": "1"})
+    out = subprocess.run(
+        [sys.executable, "-c", FIT, method, category, json.dumps(params)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "SOMAD_NO_PROGRESS": "1"},
+    )
     if out.returncode != 0:
         raise SystemExit(f"{method} fit failed:\n{out.stderr[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])["fit_s"]
@@ -52,14 +57,15 @@ def main(argv: list[str] | None = None) -> int:
         params["patchcore"]["coreset_ratio"] = args.coreset_ratio
     times: dict[str, list[float]] = {m: [] for m in methods}
     for r in range(args.rounds):
-        for m in methods[r % len(methods):] + methods[: r % len(methods)]:
+        for m in methods[r % len(methods) :] + methods[: r % len(methods)]:
             times[m].append(round(_fit_seconds(m, args.category, params[m]), 2))
             print(f"round {r + 1}: {m} {times[m][-1]} s", file=sys.stderr)
     medians = {m: statistics.median(t) for m, t in times.items()}
     first = methods[0]
     ratios = {f"{first}/{m}": round(medians[first] / medians[m], 3) for m in methods[1:]}
-    print(json.dumps({"category": args.category, "fit_s": times, "median_s": medians, "median_ratios": ratios},
-                     indent=1))
+    print(
+        json.dumps({"category": args.category, "fit_s": times, "median_s": medians, "median_ratios": ratios}, indent=1)
+    )
     return 0
 
 

@@ -51,8 +51,14 @@ def _run(device: str, category: Path, samples, seed: int = 0) -> dict:
         torch.cuda.synchronize()
     batched_ms = 1000 * (time.perf_counter() - t) / len(images)
     labels = np.array([s.label for s in samples])
-    out = {"device": device, "fit_s": fit_s, "predict_ms_batch1": 1000 * statistics.median(latencies),
-           "predict_ms_batched": batched_ms, "image_auroc": image_auroc(labels, scores), "scores": scores.tolist()}
+    out = {
+        "device": device,
+        "fit_s": fit_s,
+        "predict_ms_batch1": 1000 * statistics.median(latencies),
+        "predict_ms_batched": batched_ms,
+        "image_auroc": image_auroc(labels, scores),
+        "scores": scores.tolist(),
+    }
     if device == "cuda":
         out["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 1e9
     return out
@@ -83,11 +89,17 @@ def main() -> int:
         on_cpu = load(model_path, device="cpu").predict(paths)[0]
         on_gpu = load(model_path, device="cuda").predict(paths)[0]
     a, b = np.array(gpu.pop("scores")), np.array(cpu.pop("scores"))
-    result = {"gpu": gpu, "cpu": cpu, "torch": torch.__version__, "gpu_name": torch.cuda.get_device_name(0),
-              "same_model_max_rel_score_diff": float((np.abs(on_gpu - on_cpu) / np.abs(on_cpu).clip(1e-12)).max()),
-              "separate_fits_max_rel_score_diff": float((np.abs(a - b) / np.abs(b).clip(1e-12)).max()),
-              "separate_fits_score_rank_correlation":
-                  float(np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1])}
+    result = {
+        "gpu": gpu,
+        "cpu": cpu,
+        "torch": torch.__version__,
+        "gpu_name": torch.cuda.get_device_name(0),
+        "same_model_max_rel_score_diff": float((np.abs(on_gpu - on_cpu) / np.abs(on_cpu).clip(1e-12)).max()),
+        "separate_fits_max_rel_score_diff": float((np.abs(a - b) / np.abs(b).clip(1e-12)).max()),
+        "separate_fits_score_rank_correlation": float(
+            np.corrcoef(np.argsort(np.argsort(a)), np.argsort(np.argsort(b)))[0, 1]
+        ),
+    }
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

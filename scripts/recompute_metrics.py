@@ -109,8 +109,7 @@ def load_category(maps_dir: Path, category: Path, scores: dict | None = None):
                 width, height = img.size
             if amap.shape != (height, width):
                 raise InputError(
-                    f"{map_path}: map shape {amap.shape} != image size (H, W) {(height, width)} "
-                    f"of {img_path}"
+                    f"{map_path}: map shape {amap.shape} != image size (H, W) {(height, width)} of {img_path}"
                 )
             mask = np.zeros(amap.shape, dtype=bool) if defect_type == "good" else None
             if defect_type != "good":
@@ -118,9 +117,7 @@ def load_category(maps_dir: Path, category: Path, scores: dict | None = None):
                 if mask_path.is_file():
                     mask = load_mask(mask_path)
                     if mask.shape != amap.shape:
-                        raise InputError(
-                            f"{mask_path}: mask shape {mask.shape} != map shape {amap.shape}"
-                        )
+                        raise InputError(f"{mask_path}: mask shape {mask.shape} != map shape {amap.shape}")
             score = scores.get(str(rel), float(amap.max()))
             items.append((defect_type, int(defect_type != "good"), amap, mask, score))
     if missing:
@@ -272,10 +269,7 @@ def compare(results: dict, json_path: Path, tol: float) -> int:
         diff = abs(float(theirs) - ours)
         max_diff = max(max_diff, diff)
         flag = "  <-- DIFFERS" if diff > tol else ""
-        print(
-            f"  {key:<40} recomputed {ours:.6f}  json {float(theirs):.6f}  "
-            f"|diff| {diff:.2e}{flag}"
-        )
+        print(f"  {key:<40} recomputed {ours:.6f}  json {float(theirs):.6f}  |diff| {diff:.2e}{flag}")
         if diff > tol:
             problems.append(f"{key}: |diff| {diff:.3e} > {tol:g}")
     print(f"max abs difference: {max_diff:.3e}")
@@ -290,16 +284,16 @@ def compare(results: dict, json_path: Path, tol: float) -> int:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument(
-        "--maps", required=True, type=Path, help="maps folder (holds test/<type>/*.npy)"
-    )
-    ap.add_argument(
-        "--category", required=True, type=Path, help="category folder (test/, ground_truth/)"
-    )
+    ap.add_argument("--maps", required=True, type=Path, help="maps folder (holds test/<type>/*.npy)")
+    ap.add_argument("--category", required=True, type=Path, help="category folder (test/, ground_truth/)")
     ap.add_argument("--json", type=Path, help="metrics.json to compare against")
-    ap.add_argument("--scores", type=Path, default=None,
-                    help="image scores (somad scores.csv); default: scores.csv beside the maps folder if present, "
-                         "else the maximum of each saved map")
+    ap.add_argument(
+        "--scores",
+        type=Path,
+        default=None,
+        help="image scores (somad scores.csv); default: scores.csv beside the maps folder if present, "
+        "else the maximum of each saved map",
+    )
     ap.add_argument("--integration-limit", type=float, default=0.3, help="AU-PRO FPR limit")
     ap.add_argument("--tolerance", type=float, default=1e-4, help="max allowed |difference|")
     args = ap.parse_args(argv)

@@ -37,8 +37,9 @@ def _one_thread(monkeypatch):
 
 @pytest.fixture(scope="module")
 def category(tmp_path_factory):
-    return make_synthetic_category(tmp_path_factory.mktemp("baselines"), n_train=5, n_test_good=2,
-                                   n_test_defect=2, size=64, seed=1)
+    return make_synthetic_category(
+        tmp_path_factory.mktemp("baselines"), n_train=5, n_test_good=2, n_test_defect=2, size=64, seed=1
+    )
 
 
 def _features(extractor: FeatureExtractor, folder) -> torch.Tensor:
@@ -57,13 +58,18 @@ def test_default_feature_extractor_is_the_multiscale_concatenation():
     torch.manual_seed(0)
     batch = torch.rand(2, 3, 64, 64)
     for indices in (None, np.array([0, 5, 23, 24, 63, 64, 175])):
-        ex = FeatureExtractor("efficientnet_lite0", weights="none", image_size=64, crop_size=None, channel_indices=indices)
+        ex = FeatureExtractor(
+            "efficientnet_lite0", weights="none", image_size=64, crop_size=None, channel_indices=indices
+        )
         assert ex.stages == (0, 1, 2) and ex.local_aggregation == 1 and ex.grid_size == 16
         s4, s8, s16 = _backbone_outputs(ex, batch)
         if indices is not None:  # channels are selected per stage, before upsampling
-            s4, s8, s16 = s4[:, indices[indices < 24]], s8[:, indices[(indices >= 24) & (indices < 64)] - 24], \
-                s16[:, indices[indices >= 64] - 64]
-        up = lambda t: F.interpolate(t, size=s4.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731
+            s4, s8, s16 = (
+                s4[:, indices[indices < 24]],
+                s8[:, indices[(indices >= 24) & (indices < 64)] - 24],
+                s16[:, indices[indices >= 64] - 64],
+            )
+        up = lambda t: F.interpolate(t, size=s4.shape[-2:], mode="bilinear", align_corners=False)  # noqa: E731, B023
         out = ex(batch)
         torch.testing.assert_close(out, torch.cat([s4, up(s8), up(s16)], dim=1), rtol=1e-6, atol=1e-6)
         # Channels-last: the patch vectors the scorers read, (B*h*w, D), are a view, not a copy.
@@ -87,13 +93,16 @@ def test_stage_choice_indexes_the_chosen_stages_only():
     torch.manual_seed(1)
     batch = torch.rand(2, 3, 64, 64)
     indices = np.array([0, 39, 40, 151])  # first and last channel of stage 1 (40 ch) and stage 2 (112 ch)
-    ex = FeatureExtractor("efficientnet_lite0", weights="none", image_size=64, crop_size=None, channel_indices=indices,
-                          stages=(1, 2))
+    ex = FeatureExtractor(
+        "efficientnet_lite0", weights="none", image_size=64, crop_size=None, channel_indices=indices, stages=(1, 2)
+    )
     _, s8, s16 = _backbone_outputs(ex, batch)
     s16 = F.interpolate(s16, size=s8.shape[-2:], mode="bilinear", align_corners=False)
     out = ex(batch)
     assert out.shape == (2, 4, 8, 8) and ex.grid_size == 8 and ex.stride == 8
-    torch.testing.assert_close(out, torch.stack([s8[:, 0], s8[:, 39], s16[:, 0], s16[:, 111]], dim=1), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(
+        out, torch.stack([s8[:, 0], s8[:, 39], s16[:, 0], s16[:, 111]], dim=1), rtol=1e-6, atol=1e-6
+    )
 
 
 def _manual_local_mean(x: np.ndarray) -> np.ndarray:
@@ -102,7 +111,7 @@ def _manual_local_mean(x: np.ndarray) -> np.ndarray:
     h, w = x.shape[-2:]
     for i in range(h):
         for j in range(w):
-            out[..., i, j] = x[..., max(i - 1, 0):i + 2, max(j - 1, 0):j + 2].mean(axis=(-2, -1))
+            out[..., i, j] = x[..., max(i - 1, 0) : i + 2, max(j - 1, 0) : j + 2].mean(axis=(-2, -1))
     return out
 
 
@@ -112,8 +121,9 @@ def test_local_aggregation_is_a_3x3_mean():
 
     torch.manual_seed(2)
     batch = torch.rand(1, 3, 64, 64)
-    ex = FeatureExtractor("efficientnet_lite0", weights="none", image_size=64, crop_size=None, stages=(1, 2),
-                          local_aggregation=3)
+    ex = FeatureExtractor(
+        "efficientnet_lite0", weights="none", image_size=64, crop_size=None, stages=(1, 2), local_aggregation=3
+    )
     _, s8, s16 = _backbone_outputs(ex, batch)
     s8 = torch.from_numpy(_manual_local_mean(s8.double().numpy()))
     s16 = torch.from_numpy(_manual_local_mean(s16.double().numpy()))
@@ -121,8 +131,10 @@ def test_local_aggregation_is_a_3x3_mean():
     torch.testing.assert_close(ex(batch).double(), torch.cat([s8, s16], dim=1), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("kwargs", [dict(stages=()), dict(stages=(0, 3)), dict(stages=(1, 1)),
-                                    dict(local_aggregation=2), dict(local_aggregation=0)])
+@pytest.mark.parametrize(
+    "kwargs",
+    [dict(stages=()), dict(stages=(0, 3)), dict(stages=(1, 1)), dict(local_aggregation=2), dict(local_aggregation=0)],
+)
 def test_invalid_extractor_options(kwargs):
     from somad.errors import SomadError
 
@@ -237,7 +249,9 @@ def test_reweighting_matches_the_formula():
     # num_neighbors = 1: no reweighting; large distances: no overflow (the naive exp would be inf).
     plain = reweighted_score(torch.from_numpy(x_star), torch.from_numpy(bank).float(), m_star[:, 0], 1)
     np.testing.assert_allclose(plain.numpy(), np.linalg.norm(x_star - bank[m_star[:, 0].numpy()], axis=1), rtol=1e-5)
-    big = reweighted_score(torch.from_numpy(x_star * 1e3).float(), torch.from_numpy(bank * 1e3).float(), m_star[:, 0], 9)
+    big = reweighted_score(
+        torch.from_numpy(x_star * 1e3).float(), torch.from_numpy(bank * 1e3).float(), m_star[:, 0], 9
+    )
     assert torch.isfinite(big).all() and (big >= 0).all()
 
 
@@ -299,8 +313,9 @@ def test_patchcore_save_load_gives_identical_scores(category, tmp_path):
     np.testing.assert_array_equal(maps, maps2)
 
 
-@pytest.mark.parametrize("kwargs", [dict(coreset_ratio=0.0), dict(coreset_ratio=1.5), dict(num_neighbors=0),
-                                    dict(projection_dim=0)])
+@pytest.mark.parametrize(
+    "kwargs", [dict(coreset_ratio=0.0), dict(coreset_ratio=1.5), dict(num_neighbors=0), dict(projection_dim=0)]
+)
 def test_patchcore_invalid_parameters(kwargs, category):
     from somad.errors import SomadError
 
@@ -313,12 +328,34 @@ def test_methods_are_registered():
     assert METHODS["padim"] is PaDiM and METHODS["patchcore"] is PatchCore
 
 
-@pytest.mark.parametrize("method, extra", [("padim", ["--eps", "0.05"]),
-                                           ("patchcore", ["--coreset-ratio", "0.2", "--num-neighbors", "3"])])
+@pytest.mark.parametrize(
+    "method, extra", [("padim", ["--eps", "0.05"]), ("patchcore", ["--coreset-ratio", "0.2", "--num-neighbors", "3"])]
+)
 def test_cli_fit_and_predict(method, extra, category, tmp_path, capsys):
     model = tmp_path / "m.safetensors"
-    assert main(["-q", "fit", str(category / "train" / "good"), "-o", str(model), "--method", method,
-                 "--weights", "none", "--image-size", "64", "--crop", "none", "--device", "cpu", *extra]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "fit",
+                str(category / "train" / "good"),
+                "-o",
+                str(model),
+                "--method",
+                method,
+                "--weights",
+                "none",
+                "--image-size",
+                "64",
+                "--crop",
+                "none",
+                "--device",
+                "cpu",
+                *extra,
+            ]
+        )
+        == 0
+    )
     loaded = load(model)
     assert loaded.method == method
     if method == "padim":

@@ -17,8 +17,15 @@ def test_benchmark_runs_and_resumes(tmp_path):
     cat = make_synthetic_category(tmp_path / "data", n_train=6, n_test_good=2, n_test_defect=2, size=64, seed=0)
     out = tmp_path / "bench"
     own = {"somad": {"rough_epochs": 1, "fine_epochs": 1}}
-    rows = run_benchmark([tmp_path / "data"], out, methods=["somad"], common=COMMON, own=own,
-                         somad_grid={"k": [2], "som_size": [4]}, threads=1)
+    rows = run_benchmark(
+        [tmp_path / "data"],
+        out,
+        methods=["somad"],
+        common=COMMON,
+        own=own,
+        somad_grid={"k": [2], "som_size": [4]},
+        threads=1,
+    )
     assert len(rows) == 1 and rows[0]["category"] == cat.name
     row = rows[0]
     for key in ("image_auroc", "pixel_auroc", "au_pro"):
@@ -27,16 +34,18 @@ def test_benchmark_runs_and_resumes(tmp_path):
     assert row["fit_rss_gb"] > 0.05 and row["n_test"] == 4
     cell_file = next(p for p in (out / "cells").glob("*.json") if not p.name.endswith(".fit.json"))
     stamp = cell_file.stat().st_mtime_ns
-    again = run_benchmark([cat], out, methods=["somad"], common=COMMON, own=own,
-                          somad_grid={"k": [2], "som_size": [4]}, threads=1)
+    again = run_benchmark(
+        [cat], out, methods=["somad"], common=COMMON, own=own, somad_grid={"k": [2], "som_size": [4]}, threads=1
+    )
     assert again == rows and cell_file.stat().st_mtime_ns == stamp  # resumed, not recomputed
     assert json.loads(cell_file.read_text()) == row
     md = (out / "results.md").read_text()
     assert md == markdown_table(rows) and "somad (som_size=4, k=2)" in md
     assert (out / "results.csv").read_text().count("\n") == 2
     # another k reuses the fitted model (same fit figures) and both cells land in the tables
-    more = run_benchmark([cat], out, methods=["somad"], common=COMMON, own=own,
-                         somad_grid={"k": [1], "som_size": [4]}, threads=1)
+    more = run_benchmark(
+        [cat], out, methods=["somad"], common=COMMON, own=own, somad_grid={"k": [1], "som_size": [4]}, threads=1
+    )
     assert more[0]["fit_s"] == row["fit_s"] and more[0]["k"] == 1
     assert (out / "results.csv").read_text().count("\n") == 3
 
@@ -46,19 +55,68 @@ def test_target_table_reports_ratios_and_verdicts():
 
     base = dict(category="cat", image_auroc=0.9, pixel_auroc=0.9, au_pro=0.8, model_mb=100.0)
     rows = [
-        {**base, "method": "somad", "som_size": 56, "k": 4, "variant": "fast", "predict_ms": 60.0, "backbone_ms": 20.0,
-         "post_ms": 30.0, "fit_s": 30.0, "fit_rss_gb": 2.0, "au_pro": 0.796},
-        {**base, "method": "somad", "som_size": 56, "k": 4, "variant": "exact", "predict_ms": 120.0, "backbone_ms": 20.0,
-         "post_ms": 90.0, "fit_s": 60.0, "fit_rss_gb": 3.0},
-        {**base, "method": "somad", "som_size": 14, "k": 4, "variant": "fast", "predict_ms": 1.0, "backbone_ms": 1.0,
-         "post_ms": 1.0, "fit_s": 1.0, "fit_rss_gb": 0.1},  # an ablation cell: not the paper setting
-        {**base, "method": "padim", "predict_ms": 100.0, "backbone_ms": 20.0, "post_ms": 70.0, "fit_s": 12.0,
-         "fit_rss_gb": 1.9},
-        {**base, "method": "patchcore", "predict_ms": 50.0, "backbone_ms": 20.0, "post_ms": 20.0, "fit_s": 24.0,
-         "fit_rss_gb": 1.2},
+        {
+            **base,
+            "method": "somad",
+            "som_size": 56,
+            "k": 4,
+            "variant": "fast",
+            "predict_ms": 60.0,
+            "backbone_ms": 20.0,
+            "post_ms": 30.0,
+            "fit_s": 30.0,
+            "fit_rss_gb": 2.0,
+            "au_pro": 0.796,
+        },
+        {
+            **base,
+            "method": "somad",
+            "som_size": 56,
+            "k": 4,
+            "variant": "exact",
+            "predict_ms": 120.0,
+            "backbone_ms": 20.0,
+            "post_ms": 90.0,
+            "fit_s": 60.0,
+            "fit_rss_gb": 3.0,
+        },
+        {
+            **base,
+            "method": "somad",
+            "som_size": 14,
+            "k": 4,
+            "variant": "fast",
+            "predict_ms": 1.0,
+            "backbone_ms": 1.0,
+            "post_ms": 1.0,
+            "fit_s": 1.0,
+            "fit_rss_gb": 0.1,
+        },  # an ablation cell: not the paper setting
+        {
+            **base,
+            "method": "padim",
+            "predict_ms": 100.0,
+            "backbone_ms": 20.0,
+            "post_ms": 70.0,
+            "fit_s": 12.0,
+            "fit_rss_gb": 1.9,
+        },
+        {
+            **base,
+            "method": "patchcore",
+            "predict_ms": 50.0,
+            "backbone_ms": 20.0,
+            "post_ms": 20.0,
+            "fit_s": 24.0,
+            "fit_rss_gb": 1.2,
+        },
     ]
     table = target_table(rows)
-    lines = {ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").split(" | ")[1:] for ln in table.splitlines() if ln.startswith("| ")}
+    lines = {
+        ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").split(" | ")[1:]
+        for ln in table.splitlines()
+        if ln.startswith("| ")
+    }
     assert lines["predict ms: SOMAD / PaDiM <= 1.25"] == ["0.60", "yes"]
     assert lines["predict ms: SOMAD / PatchCore <= 1"] == ["1.20", "no"]
     assert lines["after-backbone / backbone <= 0.5"] == ["1.50", "no"]
@@ -68,10 +126,16 @@ def test_target_table_reports_ratios_and_verdicts():
     assert lines["au_pro: fast - exact >= -0.5 points"] == ["-0.40", "yes"]
     assert target_table([r for r in rows if r["method"] != "patchcore"]) == ""  # needs all three methods
     # Interleaved latency figures, when present, replace the cells' predict figures.
-    latency = {"cat": {"n_images": 5, "methods": {
-        "somad": {"predict_ms": 50.0, "backbone_ms": 20.0, "post_ms": 25.0},
-        "padim": {"predict_ms": 100.0, "backbone_ms": 20.0, "post_ms": 75.0},
-        "patchcore": {"predict_ms": 40.0, "backbone_ms": 20.0, "post_ms": 15.0}}}}
+    latency = {
+        "cat": {
+            "n_images": 5,
+            "methods": {
+                "somad": {"predict_ms": 50.0, "backbone_ms": 20.0, "post_ms": 25.0},
+                "padim": {"predict_ms": 100.0, "backbone_ms": 20.0, "post_ms": 75.0},
+                "patchcore": {"predict_ms": 40.0, "backbone_ms": 20.0, "post_ms": 15.0},
+            },
+        }
+    }
     table = target_table(rows, latency)
     assert "interleaved latency run, 5 images" in table
     assert "| predict ms: SOMAD / PaDiM <= 1.25 | 0.50 | yes |" in table
@@ -86,7 +150,10 @@ def test_interleaved_latency_times_every_model(tmp_path):
 
     cat = make_synthetic_category(tmp_path / "data", n_train=4, n_test_good=2, n_test_defect=2, size=64, seed=1)
     paths = {}
-    for name, model in (("somad", SOMAD(**COMMON, som_size=4, k=2, rough_epochs=1, fine_epochs=1)), ("padim", PaDiM(**COMMON))):
+    for name, model in (
+        ("somad", SOMAD(**COMMON, som_size=4, k=2, rough_epochs=1, fine_epochs=1)),
+        ("padim", PaDiM(**COMMON)),
+    ):
         paths[name] = str(model.fit(cat).save(tmp_path / f"{name}.safetensors"))
     result = _run_latency({"models": paths, "category": str(cat), "threads": 1, "n_images": 3})
     assert result["n_images"] == 3 and set(result["methods"]) == {"somad", "padim"}

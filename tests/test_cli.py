@@ -14,15 +14,32 @@ from PIL import Image
 from somad.cli import main
 from somad.synthetic import make_synthetic_category
 
-TINY = ["--weights", "none", "--image-size", "64", "--crop", "48", "--som-size", "6", "--k", "2",
-        "--rough-epochs", "2", "--fine-epochs", "1", "--device", "cpu"]
+TINY = [
+    "--weights",
+    "none",
+    "--image-size",
+    "64",
+    "--crop",
+    "48",
+    "--som-size",
+    "6",
+    "--k",
+    "2",
+    "--rough-epochs",
+    "2",
+    "--fine-epochs",
+    "1",
+    "--device",
+    "cpu",
+]
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
 def category(tmp_path_factory):
-    return make_synthetic_category(tmp_path_factory.mktemp("data"), n_train=10, n_test_good=3, n_test_defect=4,
-                                   size=80, seed=2)
+    return make_synthetic_category(
+        tmp_path_factory.mktemp("data"), n_train=10, n_test_good=3, n_test_defect=4, size=80, seed=2
+    )
 
 
 @pytest.fixture(scope="module")
@@ -66,16 +83,41 @@ def test_evaluate_agrees_with_independent_recomputation(model_file, category, tm
         assert 0.0 <= metrics["overall"][key] <= 1.0
     html = (out / "report.html").read_text()
     assert all(f"{r}" in html for r in ("scratch", "spot"))
-    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "recompute_metrics.py"), "--maps", str(out / "maps"),
-                            "--category", str(category), "--json", str(out / "metrics.json")],
-                           capture_output=True, text=True)
+    check = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "recompute_metrics.py"),
+            "--maps",
+            str(out / "maps"),
+            "--category",
+            str(category),
+            "--json",
+            str(out / "metrics.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 
 def test_evaluate_at_model_resolution(model_file, category, tmp_path):
     out = tmp_path / "eval_model"
-    assert main(["-q", "evaluate", str(model_file), str(category), "-o", str(out), "--eval-resolution", "model",
-                 "--no-report"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "evaluate",
+                str(model_file),
+                str(category),
+                "-o",
+                str(out),
+                "--eval-resolution",
+                "model",
+                "--no-report",
+            ]
+        )
+        == 0
+    )
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval_resolution"] == "model" and not (out / "report.html").exists()
 
@@ -88,8 +130,20 @@ def test_defect_without_mask_counts_for_image_metrics_only(model_file, tmp_path)
     assert main(["-q", "evaluate", str(model_file), str(cat), "-o", str(out), "--save-maps", "--no-report"]) == 0
     overall = json.loads((out / "metrics.json").read_text())["overall"]
     assert overall["n_images"] == 7 and overall["n_images_pixel"] == 6
-    check = subprocess.run([sys.executable, str(ROOT / "scripts" / "recompute_metrics.py"), "--maps", str(out / "maps"),
-                            "--category", str(cat), "--json", str(out / "metrics.json")], capture_output=True, text=True)
+    check = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "scripts" / "recompute_metrics.py"),
+            "--maps",
+            str(out / "maps"),
+            "--category",
+            str(cat),
+            "--json",
+            str(out / "metrics.json"),
+        ],
+        capture_output=True,
+        text=True,
+    )
     assert check.returncode == 0, check.stdout + check.stderr
 
 

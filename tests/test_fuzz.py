@@ -23,8 +23,10 @@ from somad.images import load_image
 from somad.model_io import load_model
 
 # Pillow warns about the corrupt files it reads (bad TIFF tags, large images): expected here.
-pytestmark = [pytest.mark.filterwarnings("ignore::UserWarning"),
-              pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::UserWarning"),
+    pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning"),
+]
 
 FUZZ = settings(max_examples=150, deadline=None, database=None, suppress_health_check=[HealthCheck.too_slow])
 
@@ -115,8 +117,18 @@ def model_bytes(tmp_path_factory) -> bytes:
     root = tmp_path_factory.mktemp("fuzz_model")
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (3, 32, 32, 3), dtype=np.uint8)
-    model = SOMAD(weights="none", image_size=32, crop_size=None, dims=8, som_size=2, k=1, rough_epochs=1,
-                  fine_epochs=1, val_fraction=0.0, device="cpu").fit(images)
+    model = SOMAD(
+        weights="none",
+        image_size=32,
+        crop_size=None,
+        dims=8,
+        som_size=2,
+        k=1,
+        rough_epochs=1,
+        fine_epochs=1,
+        val_fraction=0.0,
+        device="cpu",
+    ).fit(images)
     path = model.save(root / "model.safetensors")
     return path.read_bytes()
 
@@ -155,5 +167,6 @@ def test_load_model_mutated_file(scratch, model_bytes, data):
 @settings(FUZZ, max_examples=40)
 @given(data=st.data())
 def test_full_load_of_mutated_file(scratch, model_bytes, data):
-    _check_model(scratch / "mutated_full.safetensors", data.draw(st.composite(lambda d: mutate(d, [model_bytes]))()),
-                 full=True)
+    _check_model(
+        scratch / "mutated_full.safetensors", data.draw(st.composite(lambda d: mutate(d, [model_bytes]))()), full=True
+    )

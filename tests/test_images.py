@@ -106,7 +106,7 @@ def test_16bit_dark_image_not_stretched(tmp_path):
 
 @pytest.mark.parametrize("bits", [10, 12, 14])
 def test_camera_bit_depth_in_16bit_png_keeps_its_brightness(tmp_path, bits):
-    white = 2 ** bits - 1
+    white = 2**bits - 1
     arr = np.array([[0, white, white // 2 + 1]], dtype=np.uint16)
     out = _rgb(_save(Image.fromarray(arr), tmp_path / f"cam{bits}.png"))
     np.testing.assert_array_equal(out[0, :, 0], [0, 255, 128])  # not 0, 16, 8 as a 16-bit scale would give

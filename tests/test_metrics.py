@@ -36,9 +36,7 @@ _trapz = getattr(np, "trapezoid", None) or np.trapz
 def brute_pro_curve(masks, maps):
     """Sweep every distinct score; FPR and per-region overlap computed explicitly."""
     maps = [np.asarray(a, dtype=np.float32) for a in maps]
-    masks = [
-        np.zeros(a.shape, bool) if m is None else np.asarray(m) > 0 for m, a in zip(masks, maps)
-    ]
+    masks = [np.zeros(a.shape, bool) if m is None else np.asarray(m) > 0 for m, a in zip(masks, maps)]
     regions = []
     for i, m in enumerate(masks):
         lab, n = ndimage.label(m, structure=np.ones((3, 3), dtype=int))

@@ -42,8 +42,9 @@ def assert_same_neighbours(q, w, d, i, ref_d, ref_i):
 
 
 # Lists of at most 8 and longer; clusters ranked in full (24 dims) and on 6 principal axes.
-@pytest.mark.parametrize("n_probe, k, coarse_dims", [(1, 1, None), (3, 4, 6), (8, 4, None), (8, 4, 6), (8, 9, 6),
-                                                    (20, 5, None)])
+@pytest.mark.parametrize(
+    "n_probe, k, coarse_dims", [(1, 1, None), (3, 4, 6), (8, 4, None), (8, 4, 6), (8, 9, 6), (20, 5, None)]
+)
 def test_native_and_torch_probing_agree(trained_map, native, n_probe, k, coarse_dims):
     w, q = trained_map
     index = ClusteredNodeSearch(w, 32, n_probe=n_probe, coarse_dims=coarse_dims)

@@ -73,7 +73,10 @@ def test_empty_and_one_member_nodes_follow_the_rule():
     for t in (g.means, g.whiteners, g.shifts):
         assert torch.isfinite(t).all()  # no NaN, ever
     # pooled within-node covariance over the nodes with >= 2 members
-    scatter = sum((x[assign == i] - x[assign == i].mean(0)).T.astype(np.float64) @ (x[assign == i] - x[assign == i].mean(0)) for i in (0, 1))
+    scatter = sum(
+        (x[assign == i] - x[assign == i].mean(0)).T.astype(np.float64) @ (x[assign == i] - x[assign == i].mean(0))
+        for i in (0, 1)
+    )
     pooled = scatter / (29 + 29) + 0.01 * np.eye(3)
     np.testing.assert_allclose(g.means[2].numpy(), x[60], rtol=1e-6)  # one member: mean = the member
     np.testing.assert_allclose(_whitened_to_cov(g.whiteners[2].numpy()), pooled, rtol=1e-4)
@@ -92,7 +95,9 @@ def test_singular_covariance_at_eps_zero_is_still_invertible():
     rng = np.random.default_rng(3)
     x = torch.from_numpy(rng.normal(size=(3, 8)).astype(np.float32))
     g = fit_node_gaussians(x, torch.zeros(3, dtype=torch.long), torch.zeros(1, 8), eps=0.0)
-    d = mahalanobis(torch.from_numpy(rng.normal(size=(5, 8)).astype(np.float32)), torch.zeros(5, 1, dtype=torch.long), g)
+    d = mahalanobis(
+        torch.from_numpy(rng.normal(size=(5, 8)).astype(np.float32)), torch.zeros(5, 1, dtype=torch.long), g
+    )
     assert torch.isfinite(g.whiteners).all() and torch.isfinite(d).all()
 
 
@@ -128,7 +133,9 @@ def _dense_reference(g, q, nodes):
 @pytest.mark.parametrize("d", [1, 5, 8, 16, 17, 24, 37, 48])
 def test_native_kernel_equals_the_dense_whitening(native, d):
     g, q, nodes = _whitening_case(d)
-    np.testing.assert_allclose(mahalanobis(q, nodes, g).numpy(), _dense_reference(g, q, nodes).numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        mahalanobis(q, nodes, g).numpy(), _dense_reference(g, q, nodes).numpy(), rtol=1e-4, atol=1e-4
+    )
 
 
 def test_torch_path_equals_the_dense_whitening():
@@ -255,15 +262,17 @@ def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):
     x, means, packed = np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32), np.zeros((2, 48), np.float32)
     nodes = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])
     assert kernels.whitened_sq_norms(x, nodes, means, packed).shape == (4, 2)
-    for bad, match in [((x.astype(np.float64), nodes, means, packed), "x must be a C-contiguous float32"),
-                       ((x, nodes[:3], means, packed), r"nodes has shape \(3, 2\), expected \(4, any\)"),
-                       ((x, nodes.astype(np.int32), means, packed), "nodes must be a C-contiguous int64"),
-                       ((x, nodes + 1, means, packed), r"node indices must be in \[0, 2\)"),
-                       ((x, nodes - 1, means, packed), r"node indices must be in \[0, 2\)"),
-                       ((x, nodes, means[:1], packed), r"packed has shape \(2, 48\), expected \(1, 48\)"),
-                       ((x, nodes, means, packed[:, :6].copy()), r"packed has shape \(2, 6\), expected \(2, 48\)"),
-                       ((x, nodes, means, packed.astype(np.float64)), "packed must be float32 or float16"),
-                       ((x[:, :2], nodes, means[:, :2], packed), "x must be a C-contiguous float32 array, got a non-contiguous")]:
+    for bad, match in [
+        ((x.astype(np.float64), nodes, means, packed), "x must be a C-contiguous float32"),
+        ((x, nodes[:3], means, packed), r"nodes has shape \(3, 2\), expected \(4, any\)"),
+        ((x, nodes.astype(np.int32), means, packed), "nodes must be a C-contiguous int64"),
+        ((x, nodes + 1, means, packed), r"node indices must be in \[0, 2\)"),
+        ((x, nodes - 1, means, packed), r"node indices must be in \[0, 2\)"),
+        ((x, nodes, means[:1], packed), r"packed has shape \(2, 48\), expected \(1, 48\)"),
+        ((x, nodes, means, packed[:, :6].copy()), r"packed has shape \(2, 6\), expected \(2, 48\)"),
+        ((x, nodes, means, packed.astype(np.float64)), "packed must be float32 or float16"),
+        ((x[:, :2], nodes, means[:, :2], packed), "x must be a C-contiguous float32 array, got a non-contiguous"),
+    ]:
         with pytest.raises(ValueError, match=match):
             kernels.whitened_sq_norms(*bad)
 

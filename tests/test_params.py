@@ -11,8 +11,9 @@ from somad.errors import SomadError
 from somad.methods import METHODS
 from somad.model_io import load_model, save_model
 
-TINY = dict(weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu",
-            val_fraction=0.0)
+TINY = dict(
+    weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu", val_fraction=0.0
+)
 
 
 @pytest.mark.parametrize("name", list(METHODS))
@@ -51,32 +52,38 @@ def test_every_parameter_has_one_rule_and_the_flags_carry_the_signature_defaults
         assert row.check(defaults[param]) is None, param  # the defaults pass their own rules
 
 
-@pytest.mark.parametrize("bad, fragment", [
-    ({"k": 0}, "k=0 is invalid"),
-    ({"eps": float("nan")}, "eps=nan is invalid: it must be a finite number"),
-    ({"blur_sigma": float("inf")}, "blur_sigma=inf is invalid"),
-    ({"seed": 1.5}, "seed=1.5 is invalid: it must be an integer"),
-    ({"seed": -1}, "seed=-1 is invalid"),
-    ({"dims": "50"}, "dims='50' is invalid: it must be an integer, not str"),
-    ({"image_size": "256"}, "image_size='256' is invalid"),
-    ({"image_size": 60000}, "image_size=60000 is invalid: it must be <= 4096"),
-    ({"som_size": 4000}, "som_size=4000 is invalid: it must be <= 256"),
-    ({"som_samples": 0}, "som_samples=0 is invalid"),
-    ({"crop_size": 0}, "crop_size=0 is invalid"),
-    ({"search": "approx"}, "search='approx' is invalid: choose one of"),
-])
+@pytest.mark.parametrize(
+    "bad, fragment",
+    [
+        ({"k": 0}, "k=0 is invalid"),
+        ({"eps": float("nan")}, "eps=nan is invalid: it must be a finite number"),
+        ({"blur_sigma": float("inf")}, "blur_sigma=inf is invalid"),
+        ({"seed": 1.5}, "seed=1.5 is invalid: it must be an integer"),
+        ({"seed": -1}, "seed=-1 is invalid"),
+        ({"dims": "50"}, "dims='50' is invalid: it must be an integer, not str"),
+        ({"image_size": "256"}, "image_size='256' is invalid"),
+        ({"image_size": 60000}, "image_size=60000 is invalid: it must be <= 4096"),
+        ({"som_size": 4000}, "som_size=4000 is invalid: it must be <= 256"),
+        ({"som_samples": 0}, "som_samples=0 is invalid"),
+        ({"crop_size": 0}, "crop_size=0 is invalid"),
+        ({"search": "approx"}, "search='approx' is invalid: choose one of"),
+    ],
+)
 def test_bad_values_fail_before_any_work_with_one_line(bad, fragment):
     with pytest.raises(SomadError) as info:
         SOMAD(**{**TINY, **bad}).fit(np.zeros((1, 8, 8, 3), np.uint8))  # would fail later if it got that far
     assert fragment in str(info.value) and "\n" not in str(info.value)
 
 
-@pytest.mark.parametrize("field, value, fragment", [
-    ("k", 0, "k=0 is invalid"),
-    ("blur_sigma", float("inf"), "blur_sigma=inf is invalid"),
-    ("crop_size", -5, "crop_size=-5 is invalid"),
-    ("image_size", 30000, "image_size=30000 is invalid"),
-])
+@pytest.mark.parametrize(
+    "field, value, fragment",
+    [
+        ("k", 0, "k=0 is invalid"),
+        ("blur_sigma", float("inf"), "blur_sigma=inf is invalid"),
+        ("crop_size", -5, "crop_size=-5 is invalid"),
+        ("image_size", 30000, "image_size=30000 is invalid"),
+    ],
+)
 def test_a_loaded_config_follows_the_same_rules(tmp_path, field, value, fragment):
     rng = np.random.default_rng(0)
     images = rng.integers(40, 220, (4, 64, 64, 3), dtype=np.uint8)

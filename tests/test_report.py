@@ -18,16 +18,33 @@ from somad.outputs import output_relpath
 from somad.report import THUMB_SIZE, write_report
 
 # Distinctive metric values, so that their presence in the page can be checked.
-OVERALL = {"image_auroc": 0.9123, "pixel_auroc": 0.9456, "au_pro": 0.8012,
-           "image_f1_max": {"f1": 0.8877, "threshold": 1.5}, "pixel_f1_max": 0.5566,
-           "balanced_accuracy": 0.7333, "best_balanced_accuracy": 0.9167, "pixel_f1": 0.4411, "region_overlap": 0.3921,
-           "good_fp_rate": 0.0012, "n_images": 6}
-CRACK = {"image_auroc": 0.8641, "pixel_auroc": 0.9302, "au_pro": 0.7719, "image_f1_max": 0.8421,
-         "pixel_f1_max": 0.5012, "balanced_accuracy": 0.7001, "pixel_f1": 0.4102, "n_images": 4}
+OVERALL = {
+    "image_auroc": 0.9123,
+    "pixel_auroc": 0.9456,
+    "au_pro": 0.8012,
+    "image_f1_max": {"f1": 0.8877, "threshold": 1.5},
+    "pixel_f1_max": 0.5566,
+    "balanced_accuracy": 0.7333,
+    "best_balanced_accuracy": 0.9167,
+    "pixel_f1": 0.4411,
+    "region_overlap": 0.3921,
+    "good_fp_rate": 0.0012,
+    "n_images": 6,
+}
+CRACK = {
+    "image_auroc": 0.8641,
+    "pixel_auroc": 0.9302,
+    "au_pro": 0.7719,
+    "image_f1_max": 0.8421,
+    "pixel_f1_max": 0.5012,
+    "balanced_accuracy": 0.7001,
+    "pixel_f1": 0.4102,
+    "n_images": 4,
+}
 ODD = {"image_auroc": 0.9555, "pixel_auroc": None, "n_images": 3}  # some metrics missing or None
 
 WEIRD_TYPE = "cut & 'tear'"
-WEIRD_NAME = f"test/{WEIRD_TYPE}/<01> \"x\".png"
+WEIRD_NAME = f'test/{WEIRD_TYPE}/<01> "x".png'
 
 
 # ------------------------------------------------------------------------------------------ fixtures
@@ -60,36 +77,53 @@ def _fake_run(tmp_path: Path, *, threshold: bool = True):
         mask_path = ""
         if label == 1:
             mask = np.zeros((h, w), np.uint8)
-            mask[h // 4:h // 2, w // 4:w // 4 + 1] = 255  # a one-pixel-wide defect must survive the thumbnail
+            mask[h // 4 : h // 2, w // 4 : w // 4 + 1] = 255  # a one-pixel-wide defect must survive the thumbnail
             mask_path = str(_png(src / "ground_truth" / output_relpath(name, ".png"), mask))
         rel = output_relpath(name, ".png")
         _png(out / "heatmaps" / rel, rng.integers(60, 190, (h, w, 3), dtype=np.uint8))
         if threshold:  # a flagged image's predicted mask: one block
             predicted = np.zeros((h, w), np.uint8)
             if score > 1.5:
-                predicted[h // 8:h // 2, w // 8:w // 2] = 255
+                predicted[h // 8 : h // 2, w // 8 : w // 2] = 255
             _png(out / "masks" / rel, predicted)
-        records.append({"name": name, "path": str(path), "mask_path": mask_path, "label": label,
-                        "defect_type": dtype, "score": score,
-                        "is_anomalous": (score > 1.5) if threshold else None})
+        records.append(
+            {
+                "name": name,
+                "path": str(path),
+                "mask_path": mask_path,
+                "label": label,
+                "defect_type": dtype,
+                "score": score,
+                "is_anomalous": (score > 1.5) if threshold else None,
+            }
+        )
     fpr = np.linspace(0, 1, 11)
     result = {
         "overall": dict(OVERALL),
         "per_defect_type": {"crack": dict(CRACK), WEIRD_TYPE: dict(ODD)},
         "records": records,
-        "curves": {"image_roc": {"fpr": fpr.tolist(), "tpr": np.sqrt(fpr).tolist()},
-                   "pixel_roc": {"fpr": fpr.tolist(), "tpr": (fpr ** 0.3).tolist()},
-                   "pro": {"fpr": fpr.tolist(), "pro": np.minimum(1, 2 * fpr).tolist()}},
-        "threshold": {"image": 1.5 if threshold else None, "pixel": 1.5 if threshold else None,
-                      "quantile": 0.99, "n_val_images": 12 if threshold else 0},
+        "curves": {
+            "image_roc": {"fpr": fpr.tolist(), "tpr": np.sqrt(fpr).tolist()},
+            "pixel_roc": {"fpr": fpr.tolist(), "tpr": (fpr**0.3).tolist()},
+            "pro": {"fpr": fpr.tolist(), "pro": np.minimum(1, 2 * fpr).tolist()},
+        },
+        "threshold": {
+            "image": 1.5 if threshold else None,
+            "pixel": 1.5 if threshold else None,
+            "quantile": 0.99,
+            "n_val_images": 12 if threshold else 0,
+        },
         "eval_resolution": "original",
         "n_images": {"total": 6, "good": 2, "defective": 4, "skipped": 1},
         "skipped": ["/data/test/crack/broken <&>.png: cannot decode (truncated); remove it"],
         "timing": {"predict_seconds": 1.2, "predict_ms_per_image": 200.0},
     }
-    model = SimpleNamespace(method="somad", backbone="efficientnet_lite0",
-                            get_params=lambda: {"som_size": 8, "k": 4, "threshold_quantile": 0.99},
-                            display_range_=(0.5, 2.5) if threshold else None)
+    model = SimpleNamespace(
+        method="somad",
+        backbone="efficientnet_lite0",
+        get_params=lambda: {"som_size": 8, "k": 4, "threshold_quantile": 0.99},
+        display_range_=(0.5, 2.5) if threshold else None,
+    )
     return out, result, model
 
 
@@ -253,10 +287,21 @@ def test_renders_in_headless_chromium(tmp_path):
     eager = page.with_name("eager.html")
     eager.write_text(page.read_text().replace(' loading="lazy"', ""))
     shot = tmp_path / "shot.png"
-    cmd = [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-           "--disable-component-update", "--disable-sync", "--no-first-run", "--hide-scrollbars",
-           f"--user-data-dir={tmp_path / 'profile'}", f"--screenshot={shot}", "--window-size=1200,3200",
-           eager.resolve().as_uri()]
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        "--hide-scrollbars",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        f"--screenshot={shot}",
+        "--window-size=1200,3200",
+        eager.resolve().as_uri(),
+    ]
     try:
         subprocess.run(cmd, capture_output=True, timeout=120, check=False)
     except subprocess.TimeoutExpired:

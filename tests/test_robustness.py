@@ -32,10 +32,35 @@ from somad.features import FeatureExtractor
 from somad.images import load_image
 from somad.model_io import FORMAT_VERSION, content_hash, load_model
 
-TINY_PARAMS = dict(weights="none", image_size=64, crop_size=None, som_size=4, rough_epochs=1, fine_epochs=1,
-                   val_fraction=0.0, device="cpu", batch_size=8)
-TINY = ["--weights", "none", "--image-size", "64", "--crop", "none", "--som-size", "4", "--rough-epochs", "1",
-        "--fine-epochs", "1", "--val-fraction", "0", "--device", "cpu"]
+TINY_PARAMS = dict(
+    weights="none",
+    image_size=64,
+    crop_size=None,
+    som_size=4,
+    rough_epochs=1,
+    fine_epochs=1,
+    val_fraction=0.0,
+    device="cpu",
+    batch_size=8,
+)
+TINY = [
+    "--weights",
+    "none",
+    "--image-size",
+    "64",
+    "--crop",
+    "none",
+    "--som-size",
+    "4",
+    "--rough-epochs",
+    "1",
+    "--fine-epochs",
+    "1",
+    "--val-fraction",
+    "0",
+    "--device",
+    "cpu",
+]
 LEFTOVER_MARKS = (".tmp", ".partial", ".old")
 
 
@@ -101,7 +126,7 @@ def bad_image_bytes() -> dict[str, bytes]:
     png = encoded("PNG")
     corrupt = bytearray(png)
     mid = len(png) // 2
-    corrupt[mid:mid + 64] = b"\xff" * 64
+    corrupt[mid : mid + 64] = b"\xff" * 64
     return {
         "corrupt.png": bytes(corrupt),
         "truncated.png": png[: len(png) * 6 // 10],
@@ -118,7 +143,7 @@ BAD_KINDS = sorted(bad_image_bytes())
 def safetensors_parts(data: bytes) -> tuple[dict, int]:
     """The parsed safetensors header and the offset where the tensor data starts."""
     (n,) = struct.unpack("<Q", data[:8])
-    return json.loads(data[8:8 + n]), 8 + n
+    return json.loads(data[8 : 8 + n]), 8 + n
 
 
 def with_header(data: bytes, header: dict) -> bytes:
@@ -129,14 +154,19 @@ def with_header(data: bytes, header: dict) -> bytes:
     return struct.pack("<Q", len(text)) + text + data[start:]
 
 
-def write_somad_file(path: Path, config_json: str, arrays: dict, *, version: str = str(FORMAT_VERSION),
-                     fmt: str = "somad") -> Path:
+def write_somad_file(
+    path: Path, config_json: str, arrays: dict, *, version: str = str(FORMAT_VERSION), fmt: str = "somad"
+) -> Path:
     """A hand-made model file whose hash is valid (so that only the named defect is tested)."""
     from safetensors.torch import save_file
 
     arrays = {k: v.contiguous() for k, v in arrays.items()}
-    metadata = {"format": fmt, "format_version": version, "config": config_json,
-                "sha256": content_hash(config_json, arrays)}
+    metadata = {
+        "format": fmt,
+        "format_version": version,
+        "config": config_json,
+        "sha256": content_hash(config_json, arrays),
+    }
     save_file(arrays, str(path), metadata=metadata)
     return path
 
@@ -459,15 +489,35 @@ def test_evaluate_test_folders_without_any_masks(capsys, work, data, model_file)
     metrics = json.loads((work / "ev" / "metrics.json").read_text())
     assert metrics["overall"]["image_auroc"] is not None and metrics["overall"]["pixel_auroc"] is None
 
-    rc, _, err = cli(capsys, "evaluate", model_file, "--good-dir", cat / "test" / "good",
-                     "--defect-dir", cat / "test" / "crack", "-o", work / "ev2", "--no-report")
+    rc, _, err = cli(
+        capsys,
+        "evaluate",
+        model_file,
+        "--good-dir",
+        cat / "test" / "good",
+        "--defect-dir",
+        cat / "test" / "crack",
+        "-o",
+        work / "ev2",
+        "--no-report",
+    )
     assert rc == 0, err
     assert json.loads((work / "ev2" / "metrics.json").read_text())["n_images"]["defective"] == 2
 
 
 def test_evaluate_missing_mask_dir_and_non_category(capsys, work, data, model_file):
-    rc, _, err = cli(capsys, "evaluate", model_file, "--defect-dir", data / "cat" / "test" / "crack",
-                     "--mask-dir", work / "nomasks", "-o", work / "ev", "--no-report")
+    rc, _, err = cli(
+        capsys,
+        "evaluate",
+        model_file,
+        "--defect-dir",
+        data / "cat" / "test" / "crack",
+        "--mask-dir",
+        work / "nomasks",
+        "-o",
+        work / "ev",
+        "--no-report",
+    )
     assert_user_error(rc, err, work / "nomasks", "mask folder does not exist")
     rc, _, err = cli(capsys, "evaluate", model_file, data / "good", "-o", work / "ev", "--no-report")
     assert_user_error(rc, err, data / "good", "not an MVTec category")
@@ -496,23 +546,26 @@ def test_unknown_method_on_the_cli(capsys, work, data):
     assert "invalid choice: 'magic'" in err and "somad" in err
 
 
-@pytest.mark.parametrize("args, fragments", [
-    (["--k", "17"], ["k=17", "16"]),                       # k > number of nodes (4 x 4)
-    (["--k", "0"], ["k=0"]),
-    (["--som-size", "1"], ["som_size=1", ">= 2"]),
-    (["--dims", "500"], ["dims=500", "176"]),              # more than the backbone's channels
-    (["--dims", "0"], ["dims=0"]),
-    (["--eps", "-0.5"], ["eps=-0.5", ">= 0"]),
-    (["--val-fraction", "1"], ["val_fraction=1.0", "< 1"]),
-    (["--val-fraction", "-0.1"], ["val_fraction=-0.1"]),
-    (["--val-fraction", "nan"], ["val_fraction=nan"]),
-    (["--threshold-quantile", "0"], ["threshold_quantile=0.0"]),
-    (["--rough-epochs", "-1"], ["rough_epochs"]),
-    (["--batch-size", "0"], ["batch_size=0"]),
-    (["--image-size", "16"], ["image_size=16", ">= 32"]),
-    (["--crop", "128"], ["crop_size=128", "image_size=64"]),
-    (["--blur-sigma", "-1"], ["blur_sigma=-1.0"]),
-])
+@pytest.mark.parametrize(
+    "args, fragments",
+    [
+        (["--k", "17"], ["k=17", "16"]),  # k > number of nodes (4 x 4)
+        (["--k", "0"], ["k=0"]),
+        (["--som-size", "1"], ["som_size=1", ">= 2"]),
+        (["--dims", "500"], ["dims=500", "176"]),  # more than the backbone's channels
+        (["--dims", "0"], ["dims=0"]),
+        (["--eps", "-0.5"], ["eps=-0.5", ">= 0"]),
+        (["--val-fraction", "1"], ["val_fraction=1.0", "< 1"]),
+        (["--val-fraction", "-0.1"], ["val_fraction=-0.1"]),
+        (["--val-fraction", "nan"], ["val_fraction=nan"]),
+        (["--threshold-quantile", "0"], ["threshold_quantile=0.0"]),
+        (["--rough-epochs", "-1"], ["rough_epochs"]),
+        (["--batch-size", "0"], ["batch_size=0"]),
+        (["--image-size", "16"], ["image_size=16", ">= 32"]),
+        (["--crop", "128"], ["crop_size=128", "image_size=64"]),
+        (["--blur-sigma", "-1"], ["blur_sigma=-1.0"]),
+    ],
+)
 def test_bad_parameters_are_one_line_errors(capsys, work, data, args, fragments):
     out = work / "m.safetensors"
     rc, _, err = cli(capsys, "fit", data / "good", "-o", out, *TINY, *args)
@@ -586,8 +639,10 @@ def test_interrupted_or_failing_save_in_the_cli(capsys, work, data, monkeypatch)
     assert path.read_bytes() == before and leftovers(work) == []
 
     # A full disk, as an OSError and as safetensors really reports it (seen in the 1792-dims scale check).
-    for full in (OSError(errno.ENOSPC, "No space left on device"),
-                 safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")):
+    for full in (
+        OSError(errno.ENOSPC, "No space left on device"),
+        safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)"),
+    ):
         monkeypatch.setattr(safetensors.torch, "save_file", _failing_save_file(full))
         rc, _, err = cli(capsys, "fit", data / "good", "-o", path, "--overwrite", *TINY)
         line = assert_user_error(rc, err, path, "No space left on device", "free space")

@@ -17,8 +17,9 @@ def test_metal_plate_real_defects(shared_data, tmp_path):
     category = shared_data / "mpdd_512" / "metal_plate"
     if not category.is_dir():
         pytest.skip("metal_plate is not in ../shared/data")
-    model = SOMAD(som_size=28, k=4, rough_epochs=10, fine_epochs=8, som_samples=50_000, crop_size=None,
-                  device="cpu").fit(category)
+    model = SOMAD(
+        som_size=28, k=4, rough_epochs=10, fine_epochs=8, som_samples=50_000, crop_size=None, device="cpu"
+    ).fit(category)
     assert model.n_train_images_ + model.n_val_images_ == 54 and model.image_threshold_ is not None
     assert 0.0 <= model.som_.topographic_error_ < 0.2
     result = evaluate_model(model, load_test_samples(category))

@@ -58,7 +58,9 @@ def test_som_on_2d_data_preserves_neighbourhoods():
     neighbour = (grid[1:, :] - grid[:-1, :]).norm(dim=-1).mean()
     far = (grid[:, None].reshape(-1, 2)[:, None] - grid.reshape(-1, 2)[None]).norm(dim=-1)
     rows, cols = torch.meshgrid(torch.arange(10), torch.arange(10), indexing="ij")
-    gd = torch.maximum((rows.reshape(-1, 1) - rows.reshape(1, -1)).abs(), (cols.reshape(-1, 1) - cols.reshape(1, -1)).abs())
+    gd = torch.maximum(
+        (rows.reshape(-1, 1) - rows.reshape(1, -1)).abs(), (cols.reshape(-1, 1) - cols.reshape(1, -1)).abs()
+    )
     assert neighbour < 0.15
     assert far[gd >= 5].mean() > 3 * neighbour
 

@@ -11,8 +11,18 @@ from somad.errors import NotFittedError, SomadError
 from somad.features import FeatureExtractor, Geometry, gaussian_blur, select_channels, to_original_resolution
 from somad.metrics import image_auroc, pixel_auroc
 
-TINY = dict(weights="none", image_size=64, crop_size=None, som_size=4, k=2, rough_epochs=2, fine_epochs=1,
-            val_fraction=0.0, device="cpu", batch_size=4)
+TINY = dict(
+    weights="none",
+    image_size=64,
+    crop_size=None,
+    som_size=4,
+    k=2,
+    rough_epochs=2,
+    fine_epochs=1,
+    val_fraction=0.0,
+    device="cpu",
+    batch_size=4,
+)
 
 
 @pytest.fixture(scope="module")
@@ -142,8 +152,10 @@ def test_gaussian_blur_matches_scipy():
     assert np.allclose(gaussian_blur(x, 4.0).numpy(), expected, atol=1e-12)
 
 
-@pytest.mark.parametrize("grid, size, sigma", [((56, 56), 224, 4.0), ((28, 40), 256, 4.0), ((5, 5), 9, 4.0),
-                                               ((14, 14), 64, 0.0), ((7, 7), 7, 2.0)])
+@pytest.mark.parametrize(
+    "grid, size, sigma",
+    [((56, 56), 224, 4.0), ((28, 40), 256, 4.0), ((5, 5), 9, 4.0), ((14, 14), 64, 0.0), ((7, 7), 7, 2.0)],
+)
 def test_upsample_blur_equals_interpolate_then_blur(grid, size, sigma):
     """The precomputed matrices give what scoring did step by step: bilinear upsampling, then the blur (also
     where the blur radius is cut at the map size, without a blur, and without upsampling)."""
@@ -174,8 +186,9 @@ def test_synthetic_defects_are_found_with_real_weights(tmp_path):
     from somad.synthetic import make_synthetic_category
 
     cat = make_synthetic_category(tmp_path, n_train=16, n_test_good=8, n_test_defect=12, size=128, seed=1)
-    model = SOMAD(image_size=128, crop_size=None, som_size=16, k=4, rough_epochs=10, fine_epochs=8,
-                  val_fraction=0.0, device="cpu").fit(cat)
+    model = SOMAD(
+        image_size=128, crop_size=None, som_size=16, k=4, rough_epochs=10, fine_epochs=8, val_fraction=0.0, device="cpu"
+    ).fit(cat)
     samples = mvtec_test_samples(cat)
     scores, maps = model.predict([s.path for s in samples], resolution="original")
     labels = np.array([s.label for s in samples])

@@ -8,8 +8,18 @@ from somad import SOMAD
 from somad.errors import SomadError
 from somad.features import Geometry
 
-TINY = dict(weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu",
-            batch_size=4, local_aggregation=3, val_fraction=0.0)
+TINY = dict(
+    weights="none",
+    image_size=64,
+    som_size=4,
+    k=2,
+    rough_epochs=1,
+    fine_epochs=1,
+    device="cpu",
+    batch_size=4,
+    local_aggregation=3,
+    val_fraction=0.0,
+)
 
 
 @pytest.mark.parametrize("size", [(96, 200), (500, 1240), (64, 64), (632, 105), (1600, 800)])
@@ -23,7 +33,7 @@ def test_tiles_cover_the_frame_with_at_least_the_overlap(size, overlap):
     covered = np.zeros((fh, fw), int)
     for y, x in layout.offsets:
         assert y % 16 == 0 and x % 16 == 0 and y + 48 <= fh and x + 48 <= fw
-        covered[y:y + 48, x:x + 48] += 1
+        covered[y : y + 48, x : x + 48] += 1
     assert covered.min() >= 1  # every pixel of the frame is scored
     for axis in (0, 1):
         starts = sorted({o[axis] for o in layout.offsets})

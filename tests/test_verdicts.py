@@ -14,8 +14,17 @@ from somad.cli import main
 from somad.features import to_original_resolution
 from somad.verdicts import OK, check_frame, estimate_thresholds, predicted_mask, regions
 
-TINY = dict(weights="none", image_size=64, som_size=4, k=2, rough_epochs=2, fine_epochs=1, device="cpu",
-            batch_size=4, local_aggregation=1)
+TINY = dict(
+    weights="none",
+    image_size=64,
+    som_size=4,
+    k=2,
+    rough_epochs=2,
+    fine_epochs=1,
+    device="cpu",
+    batch_size=4,
+    local_aggregation=1,
+)
 
 
 def _texture(seed: int, size=(80, 100)) -> np.ndarray:
@@ -40,7 +49,7 @@ def category(tmp_path_factory):
         good.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(_texture(100 + i)).save(good)
         bad = _texture(200 + i)
-        bad[20 + 5 * i:40 + 5 * i, 30:55] = (255, 20, 200)  # a painted defect
+        bad[20 + 5 * i : 40 + 5 * i, 30:55] = (255, 20, 200)  # a painted defect
         path = root / "test" / "paint" / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
         Image.fromarray(bad).save(path)
@@ -104,7 +113,10 @@ def test_regions_match_the_mask():
 
 def test_predict_writes_regions_that_add_up_to_the_masks(model, category, tmp_path):
     out = tmp_path / "out"
-    assert main(["-q", "predict", str(model.save(tmp_path / "m.safetensors")), str(category / "test"), "-o", str(out)]) == 0
+    assert (
+        main(["-q", "predict", str(model.save(tmp_path / "m.safetensors")), str(category / "test"), "-o", str(out)])
+        == 0
+    )
     scores = _rows(out / "scores.csv")
     assert {r["status"] for r in scores} == {OK}
     areas = {}
@@ -158,8 +170,21 @@ def test_threshold_flags_override_the_model(model, category, tmp_path, capsys):
     assert all(r["is_anomalous"] == "0" for r in _rows(out / "scores.csv"))
     assert _rows(out / "regions.csv") == []
     out = tmp_path / "all"
-    assert main(["-q", "predict", str(path), str(category / "test"), "-o", str(out), "--threshold=-1e30",
-                 "--pixel-threshold=-1e30"]) == 0
+    assert (
+        main(
+            [
+                "-q",
+                "predict",
+                str(path),
+                str(category / "test"),
+                "-o",
+                str(out),
+                "--threshold=-1e30",
+                "--pixel-threshold=-1e30",
+            ]
+        )
+        == 0
+    )
     for r in _rows(out / "scores.csv"):
         assert r["is_anomalous"] == "1"
         assert (np.asarray(Image.open(out / "masks" / r["path"])) > 0).all()
@@ -230,7 +255,7 @@ def test_one_colour_array_is_one_image(model):
 
 def test_pil_images_follow_the_file_decoding_rules(model, tmp_path):
     grey = np.asarray(Image.fromarray(_texture(2)).convert("L"))
-    Image.fromarray((grey.astype(np.uint16) * 257)).save(tmp_path / "g16.png")
+    Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
     by_path = model.predict(tmp_path / "g16.png")[0]
     by_pil = model.predict([Image.open(tmp_path / "g16.png")])[0]
     assert by_pil == pytest.approx(by_path)

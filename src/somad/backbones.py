@@ -68,8 +68,14 @@ _LITE_WHEELS = {
 # EfficientNet-PyTorch -> timm names inside one block. Block 0 of each stage-0 block has no expansion
 # (a depthwise-separable block), so its BN indices are shifted by one with respect to the others.
 _DS_RENAME = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_project_conv": "conv_pw", "_bn2": "bn2"}
-_IR_RENAME = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
-              "_project_conv": "conv_pwl", "_bn2": "bn3"}
+_IR_RENAME = {
+    "_expand_conv": "conv_pw",
+    "_bn0": "bn1",
+    "_depthwise_conv": "conv_dw",
+    "_bn1": "bn2",
+    "_project_conv": "conv_pwl",
+    "_bn2": "bn3",
+}
 _STEM_RENAME = {"_conv_stem": "conv_stem", "_bn0": "bn1"}
 
 
@@ -154,7 +160,10 @@ def _rename_lite_keys(state: dict, stage_lengths: list[int]) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- torchvision ResNets
-_TORCHVISION_WEIGHTS = {"wide_resnet50_2": "Wide_ResNet50_2_Weights.IMAGENET1K_V1", "resnet18": "ResNet18_Weights.IMAGENET1K_V1"}
+_TORCHVISION_WEIGHTS = {
+    "wide_resnet50_2": "Wide_ResNet50_2_Weights.IMAGENET1K_V1",
+    "resnet18": "ResNet18_Weights.IMAGENET1K_V1",
+}
 
 
 def _build_torchvision(name: str, weights) -> nn.Module:
@@ -204,7 +213,9 @@ def _load_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)  # weights_only: never unpickle code
     except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable PyTorch state dict ({type(exc).__name__}); check the file") from None
+        raise ModelFileError(
+            f"{path}: not a readable PyTorch state dict ({type(exc).__name__}); check the file"
+        ) from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):

@@ -40,8 +40,8 @@ from .features import (
 )
 from .images import image_size, list_images, load_image, to_rgb
 from .model_io import load_model, save_model
-from .progress import progress_bar
 from .params import Interval, Options, Param, Params, Text, validate
+from .progress import progress_bar
 from .verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
 
 logger = logging.getLogger(__name__)
@@ -100,10 +100,16 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
     if isinstance(images, np.ndarray):
         if images.ndim == 3 and images.shape[-1] == 3:  # one (H, W, 3) colour image, not H images of W x 3
             images = images[None]
-        if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[-1] != 3) \
-                or 0 in images.shape[1:3]:
-            raise SomadError(f"image arrays must be uint8 of shape (H, W, 3), (N, H, W) or (N, H, W, 3), "
-                             f"got {images.dtype} {images.shape}")
+        if (
+            images.ndim not in (3, 4)
+            or images.dtype != np.uint8
+            or (images.ndim == 4 and images.shape[-1] != 3)
+            or 0 in images.shape[1:3]
+        ):
+            raise SomadError(
+                f"image arrays must be uint8 of shape (H, W, 3), (N, H, W) or (N, H, W, 3), "
+                f"got {images.dtype} {images.shape}"
+            )
         return [ImageItem(f"array_{i:05d}", image=Image.fromarray(a).convert("RGB")) for i, a in enumerate(images)]
     if isinstance(images, (str, os.PathLike, Image.Image)):
         images = [images]
@@ -172,36 +178,76 @@ class BaseDetector(Params):
     _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
     _absent_in_old_files: dict = {}  # values of parameters added later, for files written before them
     _parameters = {
-        "backbone": Param(Options(tuple(BACKBONES)), "feature extractor; efficientnet_lite0/2 ship their ImageNet "
-                          "weights offline"),
-        "weights": Param(Text(), "'default' = ImageNet weights; a path = local state-dict file; 'none' = random "
-                         "initialisation, FOR TESTS ONLY (meaningless features)"),
+        "backbone": Param(
+            Options(tuple(BACKBONES)), "feature extractor; efficientnet_lite0/2 ship their ImageNet weights offline"
+        ),
+        "weights": Param(
+            Text(),
+            "'default' = ImageNet weights; a path = local state-dict file; 'none' = random "
+            "initialisation, FOR TESTS ONLY (meaningless features)",
+        ),
         "image_size": Param(Interval(int, 32, MAX_IMAGE_SIZE), "resize side in pixels (with --tile: the shorter side)"),
-        "crop_size": Param(Interval(int, 16, MAX_IMAGE_SIZE), "center-crop side after the resize", flag="--crop",
-                           none="every pixel of the frame is scored"),
-        "tile_size": Param(Interval(int, 32, MAX_IMAGE_SIZE), "tiling for large or elongated images: keep the aspect "
-                           "ratio and score overlapping SIDE x SIDE tiles (a multiple of 16), stitched into one map; "
-                           "needs --crop none", flag="--tile", none="no tiles", metavar="SIDE"),
+        "crop_size": Param(
+            Interval(int, 16, MAX_IMAGE_SIZE),
+            "center-crop side after the resize",
+            flag="--crop",
+            none="every pixel of the frame is scored",
+        ),
+        "tile_size": Param(
+            Interval(int, 32, MAX_IMAGE_SIZE),
+            "tiling for large or elongated images: keep the aspect "
+            "ratio and score overlapping SIDE x SIDE tiles (a multiple of 16), stitched into one map; "
+            "needs --crop none",
+            flag="--tile",
+            none="no tiles",
+            metavar="SIDE",
+        ),
         "tile_overlap": Param(Interval(float, 0.0, 1.0, open_high=True), "fraction shared by neighbouring tiles"),
-        "dims": Param(Interval(int, 1, 4096), "keep a seeded random subset of this many feature channels",
-                      none="all channels, at most 550"),
+        "dims": Param(
+            Interval(int, 1, 4096),
+            "keep a seeded random subset of this many feature channels",
+            none="all channels, at most 550",
+        ),
         "blur_sigma": Param(Interval(float, 0.0, 64.0), "Gaussian blur of the maps"),
-        "val_fraction": Param(Interval(float, 0.0, 1.0, open_high=True), "fraction of good training images held "
-                              "out to set the thresholds (MVTec 3D: validation/good instead)"),
-        "threshold_quantile": Param(Interval(float, 0.0, 1.0, open_low=True), "image threshold = this quantile of "
-                                    "the held-out good scores (expected false-alarm rate: 1 - it)"),
-        "pixel_threshold_quantile": Param(Interval(float, 0.0, 1.0, open_low=True), "pixel threshold = this "
-                                          "quantile of the held-out good maps' pixels"),
+        "val_fraction": Param(
+            Interval(float, 0.0, 1.0, open_high=True),
+            "fraction of good training images held out to set the thresholds (MVTec 3D: validation/good instead)",
+        ),
+        "threshold_quantile": Param(
+            Interval(float, 0.0, 1.0, open_low=True),
+            "image threshold = this quantile of the held-out good scores (expected false-alarm rate: 1 - it)",
+        ),
+        "pixel_threshold_quantile": Param(
+            Interval(float, 0.0, 1.0, open_low=True),
+            "pixel threshold = this quantile of the held-out good maps' pixels",
+        ),
         "batch_size": Param(Interval(int, 1, 4096), "images per backbone batch", cli=False),
         "device": Param(Options(("auto", "cpu", "cuda")), "device", cli=False),
-        "seed": Param(Interval(int, 0, 2 ** 32 - 1), "random seed"),
-        "on_error": Param(Options(ON_ERROR_CHOICES), "unreadable training images: stop, or skip and list them",
-                          cli=False),
+        "seed": Param(Interval(int, 0, 2**32 - 1), "random seed"),
+        "on_error": Param(
+            Options(ON_ERROR_CHOICES), "unreadable training images: stop, or skip and list them", cli=False
+        ),
     }
 
-    def __init__(self, *, backbone="efficientnet_lite0", weights="default", image_size=256, crop_size=None, dims=None,
-                 blur_sigma=4.0, val_fraction=0.1, threshold_quantile=0.99, pixel_threshold_quantile=0.99,
-                 tile_size=None, tile_overlap=0.25, batch_size=16, device="auto", seed=0, on_error="fail"):
+    def __init__(
+        self,
+        *,
+        backbone="efficientnet_lite0",
+        weights="default",
+        image_size=256,
+        crop_size=None,
+        dims=None,
+        blur_sigma=4.0,
+        val_fraction=0.1,
+        threshold_quantile=0.99,
+        pixel_threshold_quantile=0.99,
+        tile_size=None,
+        tile_overlap=0.25,
+        batch_size=16,
+        device="auto",
+        seed=0,
+        on_error="fail",
+    ):
         self.backbone = backbone
         self.weights = weights
         self.image_size = image_size
@@ -227,15 +273,23 @@ class BaseDetector(Params):
         validate(type(self), params, where)
         prefix = f"{where}: " if where else ""
         if self.crop_size is not None and self.crop_size > self.image_size:
-            raise SomadError(f"{prefix}crop_size={self.crop_size} is larger than image_size={self.image_size}; "
-                             "use a crop <= the resize")
-        if self.tile_size is not None and (self.crop_size is not None or self.tile_size > self.image_size
-                                           or self.tile_size % 16 or self.image_size % 16):
-            raise SomadError(f"{prefix}tile_size={self.tile_size} needs crop_size=None and a multiple of 16 up to "
-                             f"image_size ({self.image_size}, itself a multiple of 16)")
+            raise SomadError(
+                f"{prefix}crop_size={self.crop_size} is larger than image_size={self.image_size}; "
+                "use a crop <= the resize"
+            )
+        if self.tile_size is not None and (
+            self.crop_size is not None
+            or self.tile_size > self.image_size
+            or self.tile_size % 16
+            or self.image_size % 16
+        ):
+            raise SomadError(
+                f"{prefix}tile_size={self.tile_size} needs crop_size=None and a multiple of 16 up to "
+                f"image_size ({self.image_size}, itself a multiple of 16)"
+            )
 
     # ------------------------------------------------------------------ fit
-    def fit(self, images, y=None) -> "BaseDetector":
+    def fit(self, images, y=None) -> BaseDetector:
         """Fit on defect-free images.
 
         Parameters
@@ -257,8 +311,13 @@ class BaseDetector(Params):
         self.channel_indices_ = select_channels(total, self.dims, self.seed)
         self.extractor_ = self._make_extractor()
         self.skipped_ = []
-        logger.info("fitting %s on %d images (%d held out), %d features per patch", self.method, len(train),
-                    len(val), self.extractor_.dims)
+        logger.info(
+            "fitting %s on %d images (%d held out), %d features per patch",
+            self.method,
+            len(train),
+            len(val),
+            self.extractor_.dims,
+        )
         self._fit_features(self._feature_batches(train), self._count_inputs(train))
         self.n_train_images_ = len(train) - len(self.skipped_)
         self.image_threshold_ = self.pixel_threshold_ = self.display_range_ = None
@@ -269,7 +328,7 @@ class BaseDetector(Params):
         self.fit_seconds_ = time.perf_counter() - t0
         return self
 
-    def calibrate(self, images) -> "BaseDetector":
+    def calibrate(self, images) -> BaseDetector:
         """Re-estimate the image and pixel thresholds from good images, without refitting.
 
         The same estimate as ``fit`` makes from its held-out images (``threshold_quantile``,
@@ -288,18 +347,30 @@ class BaseDetector(Params):
         if n_val and len(items) - n_val < 1:
             n_val = 0
         if self.val_fraction and not n_val:
-            logger.warning("val_fraction=%g of %d training image(s) holds out none, so no thresholds are set",
-                           self.val_fraction, len(items))
+            logger.warning(
+                "val_fraction=%g of %d training image(s) holds out none, so no thresholds are set",
+                self.val_fraction,
+                len(items),
+            )
         order = np.random.default_rng(self.seed).permutation(len(items))
         val = sorted(order[:n_val].tolist())
         held = set(val)
         return [it for i, it in enumerate(items) if i not in held], [items[i] for i in val]
 
     def _make_extractor(self) -> FeatureExtractor:
-        return FeatureExtractor(self.backbone, weights=self.weights, image_size=self.image_size,
-                                crop_size=self.crop_size, channel_indices=self.channel_indices_, device=self.device_,
-                                seed=self.seed, stages=self._stages, local_aggregation=self._local_aggregation,
-                                tile_size=self.tile_size, tile_overlap=self.tile_overlap)
+        return FeatureExtractor(
+            self.backbone,
+            weights=self.weights,
+            image_size=self.image_size,
+            crop_size=self.crop_size,
+            channel_indices=self.channel_indices_,
+            device=self.device_,
+            seed=self.seed,
+            stages=self._stages,
+            local_aggregation=self._local_aggregation,
+            tile_size=self.tile_size,
+            tile_overlap=self.tile_overlap,
+        )
 
     def _count_inputs(self, items: list[ImageItem]) -> int:
         """How many model inputs ``items`` make: one per image, or each image's tiles (read from the headers)."""
@@ -315,8 +386,9 @@ class BaseDetector(Params):
             total += len(g.layout(h, w).offsets)
         return total
 
-    def _decoded(self, items: list[ImageItem], on_error: str,
-                 skipped: list[str]) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image, TileLayout]]:
+    def _decoded(
+        self, items: list[ImageItem], on_error: str, skipped: list[str]
+    ) -> Iterator[tuple[ImageItem, torch.Tensor, Image.Image, TileLayout]]:
         """Decode and preprocess images one at a time (never all held at full size) into their model inputs and
         layout; unreadable ones are raised (``on_error="fail"``) or logged and appended to ``skipped``."""
         for item in items:
@@ -346,15 +418,18 @@ class BaseDetector(Params):
                 names.extend([item] * len(inputs))
                 bar.update(1)
                 while len(pending) >= self.batch_size:
-                    yield self._checked_features(torch.stack(pending[:self.batch_size]), names[:self.batch_size])
-                    pending, names = pending[self.batch_size:], names[self.batch_size:]
+                    yield self._checked_features(torch.stack(pending[: self.batch_size]), names[: self.batch_size])
+                    pending, names = pending[self.batch_size :], names[self.batch_size :]
             if pending:
                 yield self._checked_features(torch.stack(pending), names)
         finally:
             bar.close()
         if len(self.skipped_) == len(items):
-            raise SomadError(f"no readable training images: all {len(items)} were skipped, the first as "
-                             f"{self.skipped_[0]}" if self.skipped_ else "no training images")
+            raise SomadError(
+                f"no readable training images: all {len(items)} were skipped, the first as {self.skipped_[0]}"
+                if self.skipped_
+                else "no training images"
+            )
 
     def _checked_features(self, batch: torch.Tensor, items: Sequence[ImageItem] = ()) -> torch.Tensor:
         feats = self.extractor_(batch)
@@ -363,7 +438,9 @@ class BaseDetector(Params):
             if items:
                 bad = [it.name for it, ok in zip(items, torch.isfinite(feats).flatten(1).all(1).tolist()) if not ok]
                 where = f" for {', '.join(bad[:3])}" + (f" and {len(bad) - 3} more" if len(bad) > 3 else "")
-            raise NumericalError(f"the backbone produced NaN/Inf features{where}; check the images and the weights file")
+            raise NumericalError(
+                f"the backbone produced NaN/Inf features{where}; check the images and the weights file"
+            )
         return feats
 
     def _set_thresholds(self, val: list[ImageItem], *, source: str) -> bool:
@@ -382,15 +459,26 @@ class BaseDetector(Params):
         floor = float(np.median([np.median(m) for m in maps]))
         self.display_range_ = (floor, floor + 2.0 * max(self.pixel_threshold_ - floor, 1e-6))
         _warn_outliers(np.asarray(scores), names)
-        logger.info("image threshold %.4f = %.3f-quantile of %d good images' scores (expected false alarms %.1f%%); "
-                    "pixel threshold %.4f", t.image, t.quantile, t.n_images, 100 * t.expected_false_alarm_rate, t.pixel)
+        logger.info(
+            "image threshold %.4f = %.3f-quantile of %d good images' scores (expected false alarms %.1f%%); "
+            "pixel threshold %.4f",
+            t.image,
+            t.quantile,
+            t.n_images,
+            100 * t.expected_false_alarm_rate,
+            t.pixel,
+        )
         return True
 
     def _apply_thresholds(self, t: Thresholds, source: str) -> None:
         self.image_threshold_, self.pixel_threshold_, self.n_val_images_ = t.image, t.pixel, t.n_images
-        self.threshold_info_ = {"source": source, "n_images": t.n_images, "quantile": t.quantile,
-                                "pixel_quantile": t.pixel_quantile,
-                                "expected_false_alarm_rate": t.expected_false_alarm_rate}
+        self.threshold_info_ = {
+            "source": source,
+            "n_images": t.n_images,
+            "quantile": t.quantile,
+            "pixel_quantile": t.pixel_quantile,
+            "expected_false_alarm_rate": t.expected_false_alarm_rate,
+        }
 
     # ------------------------------------------------------------------ predict
     def _check_fitted(self) -> None:
@@ -398,8 +486,9 @@ class BaseDetector(Params):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet; call fit() or load a model file")
 
     @torch.no_grad()
-    def predict_iter(self, images, *, on_error: str = "fail", batch_size: int | None = None,
-                     skipped: list[str] | None = None) -> Iterator[Prediction]:
+    def predict_iter(
+        self, images, *, on_error: str = "fail", batch_size: int | None = None, skipped: list[str] | None = None
+    ) -> Iterator[Prediction]:
         """Score images one batch at a time, yielding a :class:`Prediction` per readable image.
 
         Unreadable images raise :class:`ImageLoadError` (``on_error="fail"``) or are logged, appended to
@@ -466,7 +555,10 @@ class BaseDetector(Params):
         """Bool array: ``scores > image_threshold_``. Needs a model fitted with ``val_fraction > 0``."""
         self._check_fitted()
         if self.image_threshold_ is None:
-            raise SomadError("this model has no threshold (fitted with val_fraction=0 or a single image); refit with --val-fraction > 0")
+            raise SomadError(
+                "this model has no threshold (fitted with val_fraction=0 or a single image); "
+                "refit with --val-fraction > 0, or run `somad calibrate`"
+            )
         return np.asarray(scores) > self.image_threshold_
 
     def verdict(self, prediction: Prediction) -> bool | None:
@@ -497,17 +589,17 @@ class BaseDetector(Params):
         stride = self.extractor_.stride
         maps, scores, first = [], [], 0
         for layout in layouts:
-            grids = patch[first:first + len(layout.offsets)]
+            grids = patch[first : first + len(layout.offsets)]
             (th, tw), (fh, fw) = grids.shape[-2:], layout.size
             total = grids.new_zeros(fh // stride, fw // stride)
             count = grids.new_zeros(fh // stride, fw // stride)
             for (y, x), grid in zip(layout.offsets, grids):
-                total[y // stride:y // stride + th, x // stride:x // stride + tw] += grid
-                count[y // stride:y // stride + th, x // stride:x // stride + tw] += 1
+                total[y // stride : y // stride + th, x // stride : x // stride + tw] += grid
+                count[y // stride : y // stride + th, x // stride : x // stride + tw] += 1
             m = upsample_blur((total / count)[None], layout.size, self.blur_sigma)[0]
             _check_finite(m)
             maps.append(m)
-            scores.append(m.max() if tile_scores is None else tile_scores[first:first + len(layout.offsets)].max())
+            scores.append(m.max() if tile_scores is None else tile_scores[first : first + len(layout.offsets)].max())
             first += len(layout.offsets)
         return maps, torch.stack(scores)
 
@@ -535,17 +627,22 @@ class BaseDetector(Params):
         arrays = {"channel_indices": torch.as_tensor(self.channel_indices_)}
         arrays.update(self._state_arrays())
         state = {
-            "image_threshold": self.image_threshold_, "pixel_threshold": self.pixel_threshold_,
-            "n_train_images": self.n_train_images_, "n_val_images": self.n_val_images_,
-            "fit_seconds": self.fit_seconds_, "display_range": self.display_range_,
-            "threshold_info": self.threshold_info_, **self._state_info(),
+            "image_threshold": self.image_threshold_,
+            "pixel_threshold": self.pixel_threshold_,
+            "n_train_images": self.n_train_images_,
+            "n_val_images": self.n_val_images_,
+            "fit_seconds": self.fit_seconds_,
+            "display_range": self.display_range_,
+            "threshold_info": self.threshold_info_,
+            **self._state_info(),
         }
         config = {"method": self.method, "somad_version": __version__, "params": self.get_params(), "state": state}
         return save_model(path, config, arrays)
 
     @classmethod
-    def _from_file(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None,
-                   scoring: dict | None = None):
+    def _from_file(
+        cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None, scoring: dict | None = None
+    ):
         """Rebuild from a verified file; config or arrays that do not fit raise a one-line ModelFileError."""
         from .errors import ModelFileError
 
@@ -555,8 +652,10 @@ class BaseDetector(Params):
             raise
         except (KeyError, TypeError, ValueError, AttributeError, IndexError, RuntimeError) as exc:
             reason = " ".join(f"{type(exc).__name__}: {exc}".split())[:100]
-            raise ModelFileError(f"{path}: the model file's config and arrays do not fit a {cls.method} model "
-                                 f"({reason}); re-run `somad fit`") from None
+            raise ModelFileError(
+                f"{path}: the model file's config and arrays do not fit a {cls.method} model "
+                f"({reason}); re-run `somad fit`"
+            ) from None
 
     @classmethod
     def _rebuild(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None, scoring: dict):
@@ -574,8 +673,14 @@ class BaseDetector(Params):
         model.channel_indices_ = arrays["channel_indices"].numpy()
         total = sum(_channels(model.backbone)[s] for s in model._stages)
         idx = model.channel_indices_
-        if not (idx.ndim == 1 and idx.dtype.kind in "iu" and idx.size and idx.min() >= 0 and idx.max() < total
-                and (np.diff(idx) > 0).all()):
+        if not (
+            idx.ndim == 1
+            and idx.dtype.kind in "iu"
+            and idx.size
+            and idx.min() >= 0
+            and idx.max() < total
+            and (np.diff(idx) > 0).all()
+        ):
             raise ValueError(f"channel_indices must be increasing indices in [0, {total})")
         state = config["state"]
         model.image_threshold_ = state["image_threshold"]
@@ -590,7 +695,9 @@ class BaseDetector(Params):
         except (KeyError, RuntimeError, ValueError) as exc:
             from .errors import ModelFileError
 
-            raise ModelFileError(f"{path}: arrays do not match the config ({type(exc).__name__}: {str(exc)[:80]}); re-run `somad fit`") from None
+            raise ModelFileError(
+                f"{path}: arrays do not match the config ({type(exc).__name__}: {str(exc)[:80]}); re-run `somad fit`"
+            ) from None
         model.extractor_ = model._make_extractor()
         return model
 
@@ -611,8 +718,11 @@ def validation_items(images) -> list[ImageItem]:
 
 
 #: Folder names that suggest defective images in a training folder (matched per path component).
-_DEFECT_WORDS = re.compile(r"(^|[^a-z])(test|defects?|defective|bad|ng|nok|anomal\w*|reject\w*|fail\w*|crack\w*|"
-                           r"scratch\w*|broken|damage\w*)([^a-z]|$)", re.IGNORECASE)
+_DEFECT_WORDS = re.compile(
+    r"(^|[^a-z])(test|defects?|defective|bad|ng|nok|anomal\w*|reject\w*|fail\w*|crack\w*|"
+    r"scratch\w*|broken|damage\w*)([^a-z]|$)",
+    re.IGNORECASE,
+)
 
 
 def _warn_defect_folders(items: list[ImageItem]) -> None:
@@ -620,8 +730,11 @@ def _warn_defect_folders(items: list[ImageItem]) -> None:
     folders = sorted({str(PurePath(it.name).parent) for it in items if it.path is not None} - {"."})
     suspicious = [f for f in folders if any(_DEFECT_WORDS.search(part) for part in PurePath(f).parts)]
     if suspicious:
-        logger.warning("the training folder has sub-folder(s) named like defects (%s): somad trains on good images "
-                       "only; move defective images out of it", ", ".join(suspicious[:5]))
+        logger.warning(
+            "the training folder has sub-folder(s) named like defects (%s): somad trains on good images "
+            "only; move defective images out of it",
+            ", ".join(suspicious[:5]),
+        )
 
 
 def _warn_outliers(scores: np.ndarray, names: list[str]) -> None:
@@ -632,8 +745,11 @@ def _warn_outliers(scores: np.ndarray, names: list[str]) -> None:
     spread = 1.4826 * float(np.median(np.abs(scores - med)))
     far = [n for n, s in zip(names, scores) if spread > 0 and s > med + 10 * spread]
     if far:
-        logger.warning("held-out good image(s) %s score far above the others (over 10 robust deviations): do they "
-                       "show defects? Good training folders should hold good parts only", ", ".join(far[:5]))
+        logger.warning(
+            "held-out good image(s) %s score far above the others (over 10 robust deviations): do they "
+            "show defects? Good training folders should hold good parts only",
+            ", ".join(far[:5]),
+        )
 
 
 def _channels(backbone: str) -> tuple[int, ...]:

@@ -11,8 +11,9 @@ from collections.abc import Iterator
 import torch
 
 
-def padded_groups(group: torch.Tensor, n_groups: int, *, max_elements: int = 1 << 24, max_groups: int | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def padded_groups(
+    group: torch.Tensor, n_groups: int, *, max_elements: int = 1 << 24, max_groups: int | None = None
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Batch the rows of each group into padded blocks for batched matrix products.
 
     Groups are sorted by size, largest first, and cut into consecutive blocks; each block is padded to the
@@ -46,7 +47,7 @@ def padded_groups(group: torch.Tensor, n_groups: int, *, max_elements: int = 1 <
         length = sizes[lo]
         step = max(1, max_elements // length)
         step = min(step, max_groups) if max_groups else step
-        chunk = by_size[lo:lo + step]
+        chunk = by_size[lo : lo + step]
         chunk = chunk[counts[chunk] > 0]
         offs = torch.arange(length, device=group.device)
         valid = offs[None, :] < counts[chunk][:, None]

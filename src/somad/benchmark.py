@@ -44,16 +44,24 @@ logger = logging.getLogger(__name__)
 
 METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "au_pro"]
 #: At the model's saved thresholds (``somad.verdicts``), next to the best balanced accuracy over all thresholds.
-DECISION_COLUMNS = ["balanced_accuracy", "best_balanced_accuracy", "pixel_f1", "pixel_f1_max", "region_overlap",
-                    "good_fp_rate"]
+DECISION_COLUMNS = [
+    "balanced_accuracy",
+    "best_balanced_accuracy",
+    "pixel_f1",
+    "pixel_f1_max",
+    "region_overlap",
+    "good_fp_rate",
+]
 COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "post_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
-VARIANTS = {"fast": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16"},
-            "exact": {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"},
-            "paper": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16", **PRESETS["paper"]}}
+VARIANTS = {
+    "fast": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16"},
+    "exact": {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"},
+    "paper": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16", **PRESETS["paper"]},
+}
 
 
 def _peak_rss_gb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0 ** 2  # ru_maxrss is in KiB on Linux
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0**2  # ru_maxrss is in KiB on Linux
 
 
 def categories_of(root: Path) -> list[Path]:
@@ -63,7 +71,9 @@ def categories_of(root: Path) -> list[Path]:
     root = Path(root)
     if is_mvtec_category(root):
         return [root]
-    found = sorted({p.parent.parent for p in root.glob("*/train/good")} | {p.parent.parent for p in root.glob("*/*/train/good")})
+    found = sorted(
+        {p.parent.parent for p in root.glob("*/train/good")} | {p.parent.parent for p in root.glob("*/*/train/good")}
+    )
     found = [p for p in found if is_mvtec_category(p)]
     if not found:
         raise DataError(f"{root}: no MVTec category (CAT/train/good + CAT/test) found; pass a category or a data root")
@@ -77,9 +87,9 @@ def cell_id(cell: dict) -> str:
 
 # ----------------------------------------------------------------------------------------- one cell (subprocess)
 def _run_fit(cell: dict) -> dict:
-    from .methods import METHODS
-
     import torch
+
+    from .methods import METHODS
 
     torch.set_num_threads(cell["threads"])
     model = METHODS[cell["method"]](**{**cell["common"], **cell["params"]})  # a variant may set common ones (crop)
@@ -87,8 +97,12 @@ def _run_fit(cell: dict) -> dict:
     model.fit(cell["category"])
     fit_s = time.perf_counter() - t0
     model.save(cell["model"])
-    return {"fit_s": fit_s, "fit_rss_gb": _peak_rss_gb(), "model_mb": os.path.getsize(cell["model"]) / 1e6,
-            "n_train": model.n_train_images_}
+    return {
+        "fit_s": fit_s,
+        "fit_rss_gb": _peak_rss_gb(),
+        "model_mb": os.path.getsize(cell["model"]) / 1e6,
+        "n_train": model.n_train_images_,
+    }
 
 
 def _timed_prediction(model, path):
@@ -104,8 +118,14 @@ def _timed_prediction(model, path):
     t2 = time.perf_counter()
     maps, scores = model._anomaly_maps(feats, [layout])
     t3 = time.perf_counter()
-    pred = Prediction(ImageItem(Path(path).name, path=Path(path)), float(scores[0]), maps[0], (image.height, image.width),
-                      image, check_frame(image))
+    pred = Prediction(
+        ImageItem(Path(path).name, path=Path(path)),
+        float(scores[0]),
+        maps[0],
+        (image.height, image.width),
+        image,
+        check_frame(image),
+    )
     return pred, (t3 - t0, t2 - t1, t3 - t2)
 
 
@@ -124,7 +144,7 @@ def _run_latency(spec: dict) -> dict:
     labels = list(models)
     with torch.no_grad():
         for i, s in enumerate(samples):
-            order = labels[i % len(labels):] + labels[: i % len(labels)]
+            order = labels[i % len(labels) :] + labels[: i % len(labels)]
             for label in order:
                 t = _timed_prediction(models[label], s.path)[1]
                 if i:  # the first image warms every model up
@@ -168,10 +188,15 @@ def _run_predict(cell: dict) -> dict:
     if flags and flags[0] is not None:
         m["balanced_accuracy"] = metrics.balanced_accuracy(labels, np.array(flags, dtype=bool))
         m.update(metrics.mask_metrics(masks, predicted))
-    return {**{k: m[k] for k in METRIC_COLUMNS}, **{k: m.get(k) for k in DECISION_COLUMNS},
-            "predict_ms": 1000 * statistics.median(total),
-            "backbone_ms": 1000 * statistics.median(backbone), "post_ms": 1000 * statistics.median(post),
-            "predict_rss_gb": _peak_rss_gb(), "n_test": len(samples)}
+    return {
+        **{k: m[k] for k in METRIC_COLUMNS},
+        **{k: m.get(k) for k in DECISION_COLUMNS},
+        "predict_ms": 1000 * statistics.median(total),
+        "backbone_ms": 1000 * statistics.median(backbone),
+        "post_ms": 1000 * statistics.median(post),
+        "predict_rss_gb": _peak_rss_gb(),
+        "n_test": len(samples),
+    }
 
 
 def _cell_main(argv: list[str]) -> int:
@@ -200,14 +225,25 @@ def expand_grid(methods: list[str], somad_grid: dict[str, list]) -> list[tuple[s
     for method in methods:
         if method == "somad" and somad_grid:
             keys = sorted(somad_grid)
-            out.extend((method, dict(zip(keys, values))) for values in itertools.product(*(somad_grid[k] for k in keys)))
+            out.extend(
+                (method, dict(zip(keys, values))) for values in itertools.product(*(somad_grid[k] for k in keys))
+            )
         else:
             out.append((method, {}))
     return out
 
 
-def run_benchmark(inputs: list[Path], out: Path, *, methods: list[str], common: dict, own: dict[str, dict],
-                  somad_grid: dict, force: bool = False, threads: int = 2) -> list[dict]:
+def run_benchmark(
+    inputs: list[Path],
+    out: Path,
+    *,
+    methods: list[str],
+    common: dict,
+    own: dict[str, dict],
+    somad_grid: dict,
+    force: bool = False,
+    threads: int = 2,
+) -> list[dict]:
     """Run (or resume) every cell and write the tables; returns the result rows.
 
     ``own[method]`` holds each method's own hyper-parameters; the SOMAD grid values override them.
@@ -220,8 +256,15 @@ def run_benchmark(inputs: list[Path], out: Path, *, methods: list[str], common: 
         for method, grid in expand_grid(methods, somad_grid):
             params = {**own.get(method, {}), **grid}
             params.update(VARIANTS.get(params.pop("variant", None), {}))
-            cell = {"method": method, "category": str(cat), "category_name": cat.name, "grid": grid,
-                    "params": params, "common": common, "threads": threads}
+            cell = {
+                "method": method,
+                "category": str(cat),
+                "category_name": cat.name,
+                "grid": grid,
+                "params": params,
+                "common": common,
+                "threads": threads,
+            }
             cid = cell_id(cell)
             done = out / "cells" / f"{cid}.json"
             if done.exists() and not force:
@@ -253,8 +296,9 @@ def run_benchmark(inputs: list[Path], out: Path, *, methods: list[str], common: 
     return rows
 
 
-def _interleaved_latency(out: Path, cat: Path, cells: list[dict], *, force: bool, threads: int,
-                         n_images: int = 60) -> None:
+def _interleaved_latency(
+    out: Path, cat: Path, cells: list[dict], *, force: bool, threads: int, n_images: int = 60
+) -> None:
     """Once SOMAD (56x56, k=4, default variant), PaDiM and PatchCore are fitted on ``cat``, time them
     interleaved image by image (``_run_latency``) into ``OUT/latency/<category>.json``."""
     done = out / "latency" / f"{cat.name}.json"
@@ -269,8 +313,9 @@ def _interleaved_latency(out: Path, cat: Path, cells: list[dict], *, force: bool
     logger.info("%s: interleaved latency of %s", cat.name, ", ".join(models))
     spec = out / "latency" / f"{cat.name}.spec.json"
     spec.parent.mkdir(exist_ok=True)
-    atomic_write_text(spec, json.dumps({"models": models, "category": str(cat), "threads": threads,
-                                        "n_images": n_images}))
+    atomic_write_text(
+        spec, json.dumps({"models": models, "category": str(cat), "threads": threads, "n_images": n_images})
+    )
     atomic_write_text(done, json.dumps(_run_phase("latency", spec), indent=1))
     spec.unlink()
 
@@ -284,29 +329,52 @@ def _fit_id(row: dict) -> str:
 def _main_cell(rows: list[dict], method: str, cat: str) -> dict | None:
     """The row of ``method`` on ``cat`` at SOMAD's paper settings (56x56, k=4, default variant)."""
     for r in rows:
-        if r["method"] == method and r["category"] == cat and (method != "somad" or (
-                r.get("som_size") in (56, None) and r.get("k") in (4, None) and r.get("variant") in ("fast", None))):
+        if (
+            r["method"] == method
+            and r["category"] == cat
+            and (
+                method != "somad"
+                or (r.get("som_size") in (56, None) and r.get("k") in (4, None) and r.get("variant") in ("fast", None))
+            )
+        ):
             return r
     return None
 
 
 def _latency(out: Path) -> dict:
-    return {p.stem: json.loads(p.read_text()) for p in sorted((out / "latency").glob("*.json"))
-            if not p.name.endswith(".spec.json")} if (out / "latency").is_dir() else {}
+    return (
+        {
+            p.stem: json.loads(p.read_text())
+            for p in sorted((out / "latency").glob("*.json"))
+            if not p.name.endswith(".spec.json")
+        }
+        if (out / "latency").is_dir()
+        else {}
+    )
 
 
 def _all_cells(out: Path) -> list[dict]:
     """Every finished cell in ``out`` (also those of earlier invocations, e.g. another ablation grid)."""
-    cells = [json.loads(p.read_text()) for p in sorted((out / "cells").glob("*.json"))
-             if not p.name.endswith((".spec.json", ".fit.json"))]
-    return sorted(cells, key=lambda r: (r["method"], r.get("variant") or "", r.get("som_size") or 0, r.get("k") or 0,
-                                        r["category"]))
+    cells = [
+        json.loads(p.read_text())
+        for p in sorted((out / "cells").glob("*.json"))
+        if not p.name.endswith((".spec.json", ".fit.json"))
+    ]
+    return sorted(
+        cells,
+        key=lambda r: (r["method"], r.get("variant") or "", r.get("som_size") or 0, r.get("k") or 0, r["category"]),
+    )
 
 
 def write_tables(out: Path, rows: list[dict]) -> None:
     """``results.csv`` (every cell) and ``results.md`` (per category and mean, like the paper's tables)."""
-    keys = (["method", "variant", "k", "som_size", "category"] + METRIC_COLUMNS + DECISION_COLUMNS + COST_COLUMNS
-            + ["n_train", "n_test"])
+    keys = (
+        ["method", "variant", "k", "som_size", "category"]
+        + METRIC_COLUMNS
+        + DECISION_COLUMNS
+        + COST_COLUMNS
+        + ["n_train", "n_test"]
+    )
     buf = io.StringIO()
     w = csv.writer(buf)
     w.writerow(keys)
@@ -333,27 +401,39 @@ def markdown_table(rows: list[dict], latency: dict | None = None) -> str:
     labels = list(dict.fromkeys(_label(r) for r in rows))
     by = {(_label(r), r["category"]): r for r in rows}
     lines = []
-    for metric, title in [("image_auroc", "Image AUROC"), ("pixel_auroc", "Pixel AUROC"), ("au_pro", "AU-PRO (FPR 0.3)"),
-                          ("balanced_accuracy", "Balanced accuracy at the saved threshold"),
-                          ("best_balanced_accuracy", "Best balanced accuracy over all thresholds (oracle)"),
-                          ("pixel_f1", "Pixel F1 of the saved masks"), ("pixel_f1_max", "Pixel F1-max (oracle)"),
-                          ("region_overlap", "Mean IoU of each ground-truth region with the saved mask"),
-                          ("good_fp_rate", "False-positive pixel rate on good test images")]:
+    for metric, title in [
+        ("image_auroc", "Image AUROC"),
+        ("pixel_auroc", "Pixel AUROC"),
+        ("au_pro", "AU-PRO (FPR 0.3)"),
+        ("balanced_accuracy", "Balanced accuracy at the saved threshold"),
+        ("best_balanced_accuracy", "Best balanced accuracy over all thresholds (oracle)"),
+        ("pixel_f1", "Pixel F1 of the saved masks"),
+        ("pixel_f1_max", "Pixel F1-max (oracle)"),
+        ("region_overlap", "Mean IoU of each ground-truth region with the saved mask"),
+        ("good_fp_rate", "False-positive pixel rate on good test images"),
+    ]:
         lines += [f"### {title}", "", "| method | " + " | ".join(cats) + " | mean |", "|---" * (len(cats) + 2) + "|"]
         for lab in labels:
             vals = [by.get((lab, c), {}).get(metric) for c in cats]
             mean = float(np.mean([v for v in vals if v is not None])) if any(v is not None for v in vals) else None
             lines.append(f"| {lab} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} |")
         lines.append("")
-    lines += ["### Cost", "", "| method | category | fit s | predict ms/img | backbone ms/img | after-backbone ms/img "
-              "| fit peak RSS GB | predict peak RSS GB | model MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines += [
+        "### Cost",
+        "",
+        "| method | category | fit s | predict ms/img | backbone ms/img | after-backbone ms/img "
+        "| fit peak RSS GB | predict peak RSS GB | model MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for lab in labels:
         for c in cats:
             r = by.get((lab, c))
             if r:
-                lines.append(f"| {lab} | {c} | {_fmt(r['fit_s'], 1)} | {_fmt(r['predict_ms'], 1)} | "
-                             f"{_fmt(r['backbone_ms'], 1)} | {_fmt(r.get('post_ms'), 1)} | {_fmt(r['fit_rss_gb'], 2)} | "
-                             f"{_fmt(r['predict_rss_gb'], 2)} | {_fmt(r['model_mb'], 1)} |")
+                lines.append(
+                    f"| {lab} | {c} | {_fmt(r['fit_s'], 1)} | {_fmt(r['predict_ms'], 1)} | "
+                    f"{_fmt(r['backbone_ms'], 1)} | {_fmt(r.get('post_ms'), 1)} | {_fmt(r['fit_rss_gb'], 2)} | "
+                    f"{_fmt(r['predict_rss_gb'], 2)} | {_fmt(r['model_mb'], 1)} |"
+                )
     targets = target_table(rows, latency)
     return "\n".join(lines) + "\n" + (f"\n{targets}" if targets else "")
 
@@ -373,22 +453,44 @@ def target_table(rows: list[dict], latency: dict | None = None) -> str:
             continue
         lat = (latency or {}).get(cat, {}).get("methods", {})
         ts, tpd, tpc = (lat.get(m, r) for m, r in (("somad", s), ("padim", pd), ("patchcore", pc)))
-        ref = next((r for r in rows if r["method"] == "somad" and r["category"] == cat and r.get("som_size") == 56
-                    and r.get("k") == 4 and r.get("variant") == "exact"), None)
+        ref = next(
+            (
+                r
+                for r in rows
+                if r["method"] == "somad"
+                and r["category"] == cat
+                and r.get("som_size") == 56
+                and r.get("k") == 4
+                and r.get("variant") == "exact"
+            ),
+            None,
+        )
         checks = [
             ("predict ms: SOMAD / PaDiM <= 1.25", ts["predict_ms"] / tpd["predict_ms"], 1.25),
             ("predict ms: SOMAD / PatchCore <= 1", ts["predict_ms"] / tpc["predict_ms"], 1.0),
             ("after-backbone / backbone <= 0.5", ts["post_ms"] / ts["backbone_ms"] if ts.get("post_ms") else None, 0.5),
             ("fit s: SOMAD / PaDiM <= 3", s["fit_s"] / pd["fit_s"], 3.0),
             ("fit s: SOMAD / PatchCore <= 0.5", s["fit_s"] / pc["fit_s"], 0.5),
-            ("fit RSS: SOMAD / (PaDiM + SOMAD arrays) <= 1",
-             s["fit_rss_gb"] / (pd["fit_rss_gb"] + s["model_mb"] / 1024), 1.0),
+            (
+                "fit RSS: SOMAD / (PaDiM + SOMAD arrays) <= 1",
+                s["fit_rss_gb"] / (pd["fit_rss_gb"] + s["model_mb"] / 1024),
+                1.0,
+            ),
         ]
-        source = (f"interleaved latency run, {latency[cat]['n_images']} images" if lat else "the cells above")
-        out += [f"#### Targets: {cat}", "", f"Predict figures from the {source}: SOMAD {ts['predict_ms']:.1f} "
-                f"(backbone {ts['backbone_ms']:.1f} + after {_fmt(ts.get('post_ms'), 1)}), PaDiM {tpd['predict_ms']:.1f}, "
-                f"PatchCore {tpc['predict_ms']:.1f} ms/img.", "", "| target | measured | met |", "|---|---|---|"]
-        out += [f"| {name} | {_fmt(v, 2)} | {'yes' if v is not None and v <= lim else 'no'} |" for name, v, lim in checks]
+        source = f"interleaved latency run, {latency[cat]['n_images']} images" if lat else "the cells above"
+        out += [
+            f"#### Targets: {cat}",
+            "",
+            f"Predict figures from the {source}: SOMAD {ts['predict_ms']:.1f} "
+            f"(backbone {ts['backbone_ms']:.1f} + after {_fmt(ts.get('post_ms'), 1)}), PaDiM {tpd['predict_ms']:.1f}, "
+            f"PatchCore {tpc['predict_ms']:.1f} ms/img.",
+            "",
+            "| target | measured | met |",
+            "|---|---|---|",
+        ]
+        out += [
+            f"| {name} | {_fmt(v, 2)} | {'yes' if v is not None and v <= lim else 'no'} |" for name, v, lim in checks
+        ]
         if ref:
             for m in METRIC_COLUMNS:
                 delta = 100 * (s[m] - ref[m])
@@ -406,16 +508,23 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_parser(sub, add_model_args, add_run_args) -> None:
-    p = sub.add_parser("benchmark", help="fit + evaluate methods on categories; one table of accuracy and cost",
-                       description="Run fit and evaluation for every method x category (x ablation setting) in fresh "
-                                   "subprocesses and write OUT/results.csv and OUT/results.md. Resumable.")
+    p = sub.add_parser(
+        "benchmark",
+        help="fit + evaluate methods on categories; one table of accuracy and cost",
+        description="Run fit and evaluation for every method x category (x ablation setting) in fresh "
+        "subprocesses and write OUT/results.csv and OUT/results.md. Resumable.",
+    )
     p.add_argument("inputs", nargs="+", metavar="DATA_ROOT_OR_CATEGORY")
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--methods", default="somad,padim,patchcore", help="comma-separated (default somad,padim,patchcore)")
     p.add_argument("--k-grid", dest="k_grid", default=None, help="SOMAD ablation: e.g. 1,2,3,4,5")
     p.add_argument("--som-size-grid", dest="som_size_grid", default=None, help="SOMAD ablation: e.g. 14,28,56")
-    p.add_argument("--somad-variants", default=None,
-                   help="SOMAD variants: fast (default model) and/or exact (exhaustive search, float32 store and factors), e.g. fast,exact")
+    p.add_argument(
+        "--somad-variants",
+        default=None,
+        help="SOMAD variants: fast (the default model), exact (exhaustive search, float32 store and factors) "
+        "and paper (--preset paper), e.g. fast,paper",
+    )
     p.add_argument("--threads", type=int, default=2, help="torch threads per cell (default 2)")
     p.add_argument("--force", action="store_true", help="recompute finished cells")
     add_model_args(p)
@@ -434,18 +543,30 @@ def cmd_benchmark(args) -> int:
     from .base import BaseDetector
 
     common = {n: getattr(args, n) for n in BaseDetector._get_param_names() if hasattr(args, n)}
-    somad_grid = {"k": _int_list(args.k_grid) if args.k_grid else [args.k],
-                  "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size]}
+    somad_grid = {
+        "k": _int_list(args.k_grid) if args.k_grid else [args.k],
+        "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size],
+    }
     if args.somad_variants:
         variants = [v for v in args.somad_variants.split(",") if v]
         bad = [v for v in variants if v not in VARIANTS]
         if bad:
             raise SomadError(f"unknown SOMAD variant {bad[0]!r}; choose from: {', '.join(VARIANTS)}")
         somad_grid["variant"] = variants
-    own = {m: {n: getattr(args, n) for n in METHODS[m]._get_param_names() if n not in common and hasattr(args, n)}
-           for m in methods}
-    run_benchmark([Path(p) for p in args.inputs], Path(args.output), methods=methods, common=common, own=own,
-                  somad_grid=somad_grid, force=args.force, threads=args.threads)
+    own = {
+        m: {n: getattr(args, n) for n in METHODS[m]._get_param_names() if n not in common and hasattr(args, n)}
+        for m in methods
+    }
+    run_benchmark(
+        [Path(p) for p in args.inputs],
+        Path(args.output),
+        methods=methods,
+        common=common,
+        own=own,
+        somad_grid=somad_grid,
+        force=args.force,
+        threads=args.threads,
+    )
     print(markdown_table(_all_cells(Path(args.output))))
     print(f"wrote {args.output}/results.csv and {args.output}/results.md")
     return 0

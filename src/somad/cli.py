@@ -26,24 +26,46 @@ def _add_common_model_args(p: argparse.ArgumentParser) -> None:
 
     g = p.add_argument_group("model")
     g.add_argument("--method", default="somad", choices=sorted(METHODS), help="detector (default: somad)")
-    g.add_argument("--preset", default="default", choices=list(PRESETS),
-                   help="named configuration: 'paper' = the SOMAD paper's pipeline (crop 224, no local aggregation) as "
-                        "somad 0.5.0 ran it; flags given explicitly override it (default: default)")
+    g.add_argument(
+        "--preset",
+        default="default",
+        choices=list(PRESETS),
+        help="named configuration: 'paper' = the SOMAD paper's pipeline (crop 224, no local aggregation) as "
+        "somad 0.5.0 ran it; flags given explicitly override it (default: default)",
+    )
     add_flags(g, {"SOMAD": METHODS["somad"], "PaDiM": METHODS["padim"], "PatchCore": METHODS["patchcore"]})
 
 
 def _add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: bool = False) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
     if scoring:  # predict and evaluate: overrides of a loaded model's scoring and decisions
-        p.add_argument("--search", default=None, choices=["fast", "exact"],
-                       help="SOMAD: override the model's nearest-node search (default: as fitted)")
-        p.add_argument("--threshold", type=_finite_float, default=None, metavar="VALUE",
-                       help="image threshold: score > VALUE is anomalous (default: the model's)")
-        p.add_argument("--pixel-threshold", type=_finite_float, default=None, metavar="VALUE",
-                       help="pixel threshold of the masks of flagged images (default: the model's)")
+        p.add_argument(
+            "--search",
+            default=None,
+            choices=["fast", "exact"],
+            help="SOMAD: override the model's nearest-node search (default: as fitted)",
+        )
+        p.add_argument(
+            "--threshold",
+            type=_finite_float,
+            default=None,
+            metavar="VALUE",
+            help="image threshold: score > VALUE is anomalous (default: the model's)",
+        )
+        p.add_argument(
+            "--pixel-threshold",
+            type=_finite_float,
+            default=None,
+            metavar="VALUE",
+            help="pixel threshold of the masks of flagged images (default: the model's)",
+        )
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
-    p.add_argument("--on-error", default=on_error_default, choices=["fail", "skip"],
-                   help=f"unreadable images: stop, or skip and list them (default {on_error_default})")
+    p.add_argument(
+        "--on-error",
+        default=on_error_default,
+        choices=["fail", "skip"],
+        help=f"unreadable images: stop, or skip and list them (default {on_error_default})",
+    )
 
 
 def _finite_float(text: str) -> float:
@@ -53,7 +75,7 @@ def _finite_float(text: str) -> float:
     return value
 
 
-def model_from_args(args) -> "object":
+def model_from_args(args) -> object:
     """Build an unfitted detector from parsed CLI options: every parameter of the chosen method that has a flag."""
     from .methods import METHODS
 
@@ -84,8 +106,10 @@ def override_thresholds(model, args) -> None:
             setattr(model, name, float(value))
     if args.threshold is not None or args.pixel_threshold is not None:
         if model.image_threshold_ is None or model.pixel_threshold_ is None:
-            raise SomadError(f"{args.model}: the model has no threshold to complete; give both --threshold and "
-                             "--pixel-threshold, or run `somad calibrate` first")
+            raise SomadError(
+                f"{args.model}: the model has no threshold to complete; give both --threshold and "
+                "--pixel-threshold, or run `somad calibrate` first"
+            )
         model.threshold_info_ = {"source": "command line", "n_images": None}
 
 
@@ -100,17 +124,22 @@ def cmd_fit(args) -> int:
     model.save(out)
     info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
     if getattr(model, "som_", None) is not None:
-        info.append(f"quantization error {model.som_.quantization_error_:.4f}, "
-                    f"topographic error {model.som_.topographic_error_:.4f}")
+        info.append(
+            f"quantization error {model.som_.quantization_error_:.4f}, "
+            f"topographic error {model.som_.topographic_error_:.4f}"
+        )
     if model.image_threshold_ is not None:
         info.append(f"threshold {model.image_threshold_:.4f} from {model.n_val_images_} held-out images")
     elif not model.val_fraction:
         info.append("no threshold (--val-fraction 0): predict writes scores, no decisions or masks")
     print("; ".join(info))
     if model.image_threshold_ is None and model.val_fraction:
-        print(f"warning: no threshold was set: --val-fraction {model.val_fraction} held out no usable image "
-              f"({model.n_train_images_} training image(s)); predict writes scores, no decisions or masks "
-              "(use more images or a larger --val-fraction)", file=sys.stderr)
+        print(
+            f"warning: no threshold was set: --val-fraction {model.val_fraction} held out no usable image "
+            f"({model.n_train_images_} training image(s)); predict writes scores, no decisions or masks "
+            "(use more images or a larger --val-fraction)",
+            file=sys.stderr,
+        )
     if model.skipped_:
         print(f"skipped {len(model.skipped_)} unreadable training image(s):", file=sys.stderr)
         for line in model.skipped_:
@@ -146,8 +175,10 @@ def cmd_predict(args) -> int:
         rows, skipped = write_predictions(model, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
         if skipped and not rows:  # leaving the block by an error discards the staged folder: nothing is written
             first = skipped[0].split("; ")[0]  # the reason without its per-image hint
-            raise SomadError(f"none of the {len(skipped)} input images could be read (first: {first}); "
-                             "pass readable image files or folders")
+            raise SomadError(
+                f"none of the {len(skipped)} input images could be read (first: {first}); "
+                "pass readable image files or folders"
+            )
     n_flag = sum(1 for r in rows if r[2] == 1)
     n_invalid = sum(1 for r in rows if r[3] != "ok")
     tail = f"; {n_flag} flagged anomalous" if model.image_threshold_ is not None else ""
@@ -174,9 +205,11 @@ def cmd_calibrate(args) -> int:
     model.calibrate(args.good_dir)
     model.save(out)
     info = model.threshold_info_
-    print(f"image threshold {model.image_threshold_:.4f} = {info['quantile']:g}-quantile of the scores of "
-          f"{info['n_images']} good images: expected false-alarm rate {100 * info['expected_false_alarm_rate']:.1f}%"
-          + (" (few images: the estimate is rough; 100 or more give a steadier one)" if info["n_images"] < 20 else ""))
+    print(
+        f"image threshold {model.image_threshold_:.4f} = {info['quantile']:g}-quantile of the scores of "
+        f"{info['n_images']} good images: expected false-alarm rate {100 * info['expected_false_alarm_rate']:.1f}%"
+        + (" (few images: the estimate is rough; 100 or more give a steadier one)" if info["n_images"] < 20 else "")
+    )
     print(f"pixel threshold {model.pixel_threshold_:.4f} = {info['pixel_quantile']:g}-quantile of their map pixels")
     print(f"wrote {out}")
     return 0
@@ -186,8 +219,10 @@ def cmd_demo(args) -> int:
     from .demo import run_demo
 
     result = run_demo(Path(args.output), backbone=args.backbone, device=args.device, overwrite=args.overwrite)
-    print(f"synthetic set: {result['n_train']} good training images, {result['n_test']} test images "
-          f"({result['n_defect']} defective) in {result['data']}")
+    print(
+        f"synthetic set: {result['n_train']} good training images, {result['n_test']} test images "
+        f"({result['n_defect']} defective) in {result['data']}"
+    )
     print(f"fit {result['fit_seconds']:.1f} s, predict {result['predict_ms']:.0f} ms/image")
     print(f"image AUROC {result['image_auroc']:.4f}   pixel AUROC {result['pixel_auroc']:.4f}")
     print(f"model: {result['model']}   heatmaps: {result['predictions']}/heatmaps")
@@ -210,8 +245,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "fail")
     p.set_defaults(func=cmd_fit, parser=p)
 
-    p = sub.add_parser("predict", help="score images and write heatmaps",
-                       description="Score images: OUT/scores.csv, OUT/heatmaps/, OUT/masks/ and (--save-maps) OUT/maps/.")
+    p = sub.add_parser(
+        "predict",
+        help="score images and write heatmaps",
+        description="Score images: OUT/scores.csv, OUT/heatmaps/, OUT/masks/ and (--save-maps) OUT/maps/.",
+    )
     p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
@@ -220,24 +258,38 @@ def build_parser() -> argparse.ArgumentParser:
     _add_run_args(p, "skip", scoring=True)
     p.set_defaults(func=cmd_predict)
 
-    p = sub.add_parser("calibrate", help="re-estimate the thresholds from good images, without refitting",
-                       description="Re-estimate a model's image and pixel thresholds from a folder of good images "
-                                   "(the same estimate fit makes from its held-out images) and write a new model file.")
+    p = sub.add_parser(
+        "calibrate",
+        help="re-estimate the thresholds from good images, without refitting",
+        description="Re-estimate a model's image and pixel thresholds from a folder of good images "
+        "(the same estimate fit makes from its held-out images) and write a new model file.",
+    )
     p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
     p.add_argument("good_dir", metavar="GOOD_DIR", help="folder of good images (or an MVTec category: train/good)")
     p.add_argument("-o", "--output", required=True, metavar="MODEL2", help="model file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
-    p.add_argument("--threshold-quantile", type=float, default=None,
-                   help="image threshold quantile (default: the model's, normally 0.99)")
-    p.add_argument("--pixel-threshold-quantile", type=float, default=None,
-                   help="pixel threshold quantile (default: the model's, normally 0.99)")
+    p.add_argument(
+        "--threshold-quantile",
+        type=float,
+        default=None,
+        help="image threshold quantile (default: the model's, normally 0.99)",
+    )
+    p.add_argument(
+        "--pixel-threshold-quantile",
+        type=float,
+        default=None,
+        help="pixel threshold quantile (default: the model's, normally 0.99)",
+    )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
     p.set_defaults(func=cmd_calibrate)
 
-    p = sub.add_parser("demo", help="fit and score a generated synthetic inspection set (offline)",
-                       description="Generate a synthetic inspection set, fit SOMAD on its good images, "
-                                   "score its test images and print image and pixel AUROC.")
+    p = sub.add_parser(
+        "demo",
+        help="fit and score a generated synthetic inspection set (offline)",
+        description="Generate a synthetic inspection set, fit SOMAD on its good images, "
+        "score its test images and print image and pixel AUROC.",
+    )
     p.add_argument("-o", "--output", default="somad-demo", metavar="DIR", help="working folder (default somad-demo)")
     p.add_argument("--backbone", default="efficientnet_lite0", help="default efficientnet_lite0")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])

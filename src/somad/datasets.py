@@ -192,7 +192,9 @@ def mvtec_test_samples(category_dir: str | os.PathLike[str]) -> list[Sample]:
     if stray:
         logger.warning(
             "%s: ignoring %d image(s) directly in test/ (not in a defect-type folder): %s",
-            category_dir, len(stray), _examples(stray),
+            category_dir,
+            len(stray),
+            _examples(stray),
         )
 
     samples: list[Sample] = []
@@ -235,16 +237,19 @@ def mvtec_test_samples(category_dir: str | os.PathLike[str]) -> list[Sample]:
             "%s: %d of %d defective test image(s) have no ground-truth mask "
             "(expected ground_truth/<type>/<stem>_mask.png), e.g. %s; "
             "pixel-level metrics will leave them out",
-            category_dir, len(missing), n_defective, _examples(missing),
+            category_dir,
+            len(missing),
+            n_defective,
+            _examples(missing),
         )
     if gt_dir.is_dir():
-        extra = [
-            m for m in _all_images(gt_dir) if m.resolve() not in used_masks
-        ]
+        extra = [m for m in _all_images(gt_dir) if m.resolve() not in used_masks]
         if extra:
             logger.warning(
                 "%s: %d mask(s) in ground_truth/ have no matching test image: %s",
-                category_dir, len(extra), _examples(extra),
+                category_dir,
+                len(extra),
+                _examples(extra),
             )
     samples.sort(key=lambda s: s.relpath.parts)
     return samples
@@ -352,7 +357,11 @@ def folder_test_samples(
         logger.warning(
             "%s: %d of %d defective image(s) have no mask (looked for <stem>%s.<ext> and <stem>.<ext>), "
             "e.g. %s; pixel-level metrics will leave them out",
-            masks_root, len(missing), n_defective, mask_suffix, _examples(missing),
+            masks_root,
+            len(missing),
+            n_defective,
+            mask_suffix,
+            _examples(missing),
         )
     return samples
 

@@ -16,13 +16,23 @@ from .outputs import staged_output_dir
 from .synthetic import make_synthetic_category
 
 
-def run_demo(out: Path, *, backbone: str = "efficientnet_lite0", device: str = "auto", overwrite: bool = False,
-             n_train: int = 40, n_test_good: int = 10, n_test_defect: int = 20, som_size: int = 56,
-             weights: str = "default") -> dict:
+def run_demo(
+    out: Path,
+    *,
+    backbone: str = "efficientnet_lite0",
+    device: str = "auto",
+    overwrite: bool = False,
+    n_train: int = 40,
+    n_test_good: int = 10,
+    n_test_defect: int = 20,
+    som_size: int = 56,
+    weights: str = "default",
+) -> dict:
     """Generate, fit, predict and evaluate inside ``out``; returns a summary dict."""
     with staged_output_dir(out, overwrite=overwrite) as tmp:
-        category = make_synthetic_category(tmp / "data", n_train=n_train, n_test_good=n_test_good,
-                                           n_test_defect=n_test_defect, seed=0)
+        category = make_synthetic_category(
+            tmp / "data", n_train=n_train, n_test_good=n_test_good, n_test_defect=n_test_defect, seed=0
+        )
         t0 = time.perf_counter()
         model = SOMAD(backbone=backbone, weights=weights, som_size=som_size, k=4, device=device).fit(category)
         fit_seconds = time.perf_counter() - t0
@@ -33,9 +43,15 @@ def run_demo(out: Path, *, backbone: str = "efficientnet_lite0", device: str = "
     rel = category.relative_to(tmp)
     overall = result["overall"]
     return {
-        "data": str(out / rel), "model": str(out / "model.safetensors"), "predictions": str(out / "predictions"),
-        "n_train": model.n_train_images_ + model.n_val_images_, "n_test": result["n_images"]["total"],
-        "n_defect": result["n_images"]["defective"], "fit_seconds": fit_seconds,
+        "data": str(out / rel),
+        "model": str(out / "model.safetensors"),
+        "predictions": str(out / "predictions"),
+        "n_train": model.n_train_images_ + model.n_val_images_,
+        "n_test": result["n_images"]["total"],
+        "n_defect": result["n_images"]["defective"],
+        "fit_seconds": fit_seconds,
         "predict_ms": result["timing"]["predict_ms_per_image"],
-        "image_auroc": overall["image_auroc"], "pixel_auroc": overall["pixel_auroc"], "au_pro": overall["au_pro"],
+        "image_auroc": overall["image_auroc"],
+        "pixel_auroc": overall["pixel_auroc"],
+        "au_pro": overall["au_pro"],
     }

@@ -37,8 +37,10 @@ def load_test_samples(category: Path | None = None, *, good_dir=None, defect_dir
     """Test samples of an MVTec category, or of the plain folder layout."""
     if category is not None:
         if not is_mvtec_category(category):
-            raise DataError(f"{category}: not an MVTec category (expected test/<type>/ folders); "
-                            "use --good-dir/--defect-dir/--mask-dir for plain folders")
+            raise DataError(
+                f"{category}: not an MVTec category (expected test/<type>/ folders); "
+                "use --good-dir/--defect-dir/--mask-dir for plain folders"
+            )
         return mvtec_test_samples(category)
     return folder_test_samples(good_dir, defect_dirs, mask_dir)
 
@@ -48,13 +50,22 @@ def _model_resolution_mask(mask: np.ndarray, model: BaseDetector, shape: tuple[i
     g = model.extractor_.geometry
     if g.tile_size is not None:  # tiled: the map covers the whole frame, resized with its aspect ratio
         return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST)) > 127
-    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((g.image_size, g.image_size), Image.NEAREST))
+    resized = np.asarray(
+        Image.fromarray(mask.astype(np.uint8) * 255).resize((g.image_size, g.image_size), Image.NEAREST)
+    )
     o, s = g.crop_offset, g.input_size
-    return resized[o:o + s, o:o + s] > 127
+    return resized[o : o + s, o : o + s] > 127
 
 
-def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | None = None, save_maps: bool = False,
-                   eval_resolution: str = "original", on_error: str = "skip") -> dict:
+def evaluate_model(
+    model: BaseDetector,
+    samples: list[Sample],
+    *,
+    out: Path | None = None,
+    save_maps: bool = False,
+    eval_resolution: str = "original",
+    on_error: str = "skip",
+) -> dict:
     """Predict ``samples`` and compute the metrics.
 
     Parameters
@@ -70,7 +81,9 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
     ``records`` (name, label, defect type, score, decision, file paths) for the report.
     """
     if eval_resolution not in EVAL_RESOLUTIONS:
-        raise SomadError(f"eval_resolution={eval_resolution!r} is invalid; choose one of: {', '.join(EVAL_RESOLUTIONS)}")
+        raise SomadError(
+            f"eval_resolution={eval_resolution!r} is invalid; choose one of: {', '.join(EVAL_RESOLUTIONS)}"
+        )
     by_name = {str(s.relpath): s for s in samples}
     items = [ImageItem(str(s.relpath), path=s.path) for s in samples]
     kept: dict[str, tuple[float, np.ndarray, bool | None, np.ndarray | None, str]] = {}
@@ -88,7 +101,11 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
     else:
         geometry = model.extractor_.geometry
         for p in model.predict_iter(items, on_error=on_error, skipped=skipped):
-            full = None if eval_resolution == "model" else to_original_resolution(p.map[None], geometry, [p.original_size])[0]
+            full = (
+                None
+                if eval_resolution == "model"
+                else to_original_resolution(p.map[None], geometry, [p.original_size])[0]
+            )
             keep(p, full, model.verdict(p))
     seconds = time.perf_counter() - t0
     names = [n for n in by_name if n in kept]
@@ -115,25 +132,45 @@ def evaluate_model(model: BaseDetector, samples: list[Sample], *, out: Path | No
     types = sorted({by_name[n].defect_type for n in names} - {"good"})
     for t in types:
         sel = [i for i, n in enumerate(names) if by_name[n].defect_type in (t, "good")]
-        result["per_defect_type"][t] = _metrics(labels[sel], scores[sel], [masks[i] for i in sel],
-                                                [maps[i] for i in sel], [flags[i] for i in sel],
-                                                [predicted[i] for i in sel])
+        result["per_defect_type"][t] = _metrics(
+            labels[sel],
+            scores[sel],
+            [masks[i] for i in sel],
+            [maps[i] for i in sel],
+            [flags[i] for i in sel],
+            [predicted[i] for i in sel],
+        )
     result["records"] = [
-        {"name": n, "path": str(by_name[n].path), "mask_path": str(by_name[n].mask_path or ""),
-         "label": int(by_name[n].label), "defect_type": by_name[n].defect_type, "score": float(kept[n][0]),
-         "is_anomalous": kept[n][2], "status": kept[n][4]}
+        {
+            "name": n,
+            "path": str(by_name[n].path),
+            "mask_path": str(by_name[n].mask_path or ""),
+            "label": int(by_name[n].label),
+            "defect_type": by_name[n].defect_type,
+            "score": float(kept[n][0]),
+            "is_anomalous": kept[n][2],
+            "status": kept[n][4],
+        }
         for n in names
     ]
     known = [i for i, m in enumerate(masks) if m is not None]
     result["curves"] = _curves(labels, scores, [masks[i] for i in known], [maps[i] for i in known])
-    result["n_images"] = {"total": len(names), "good": int((labels == 0).sum()), "defective": int((labels == 1).sum()),
-                          "skipped": len(skipped)}
+    result["n_images"] = {
+        "total": len(names),
+        "good": int((labels == 0).sum()),
+        "defective": int((labels == 1).sum()),
+        "skipped": len(skipped),
+    }
     result["skipped"] = list(skipped)
     result["timing"] = {"predict_seconds": seconds, "predict_ms_per_image": 1000.0 * seconds / len(names)}
     result["eval_resolution"] = eval_resolution
-    result["threshold"] = {"image": model.image_threshold_, "pixel": model.pixel_threshold_,
-                           "quantile": model.threshold_quantile, "n_val_images": model.n_val_images_,
-                           "info": getattr(model, "threshold_info_", None)}
+    result["threshold"] = {
+        "image": model.image_threshold_,
+        "pixel": model.pixel_threshold_,
+        "quantile": model.threshold_quantile,
+        "n_val_images": model.n_val_images_,
+        "info": getattr(model, "threshold_info_", None),
+    }
     return result
 
 
@@ -183,18 +220,27 @@ def write_metrics_json(path: Path, result: dict) -> None:
 
 # ----------------------------------------------------------------------------------------- CLI
 def add_parser(sub, add_model_args, add_run_args) -> None:
-    p = sub.add_parser("evaluate", help="metrics and an HTML report on a labelled test set",
-                       description="Evaluate a model on an MVTec-style category (or plain folders): "
-                                   "OUT/metrics.json, OUT/report.html, heatmaps, masks and scores.")
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics and an HTML report on a labelled test set",
+        description="Evaluate a model on an MVTec-style category (or plain folders): "
+        "OUT/metrics.json, OUT/report.html, heatmaps, masks and scores.",
+    )
     p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
     p.add_argument("category", metavar="CATEGORY_DIR", nargs="?", help="MVTec category (test/, ground_truth/)")
     p.add_argument("--good-dir", help="plain layout: folder of good test images")
-    p.add_argument("--defect-dir", action="append", default=[], help="plain layout: folder of defective images (repeatable)")
+    p.add_argument(
+        "--defect-dir", action="append", default=[], help="plain layout: folder of defective images (repeatable)"
+    )
     p.add_argument("--mask-dir", help="plain layout: masks matched by file stem (<stem>_mask.png or <stem>.png)")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
-    p.add_argument("--eval-resolution", default="original", choices=EVAL_RESOLUTIONS,
-                   help="compare at the masks' own resolution (default, as the MVTec reference) or at the model input")
+    p.add_argument(
+        "--eval-resolution",
+        default="original",
+        choices=EVAL_RESOLUTIONS,
+        help="compare at the masks' own resolution (default, as the MVTec reference) or at the model input",
+    )
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_run_args(p, "skip", scoring=True)
@@ -214,11 +260,21 @@ def cmd_evaluate(args) -> int:
     model = load(args.model, device=args.device, search=args.search)
     model.batch_size = args.batch_size
     override_thresholds(model, args)
-    samples = load_test_samples(Path(args.category) if args.category else None, good_dir=args.good_dir,
-                           defect_dirs=args.defect_dir, mask_dir=args.mask_dir)
+    samples = load_test_samples(
+        Path(args.category) if args.category else None,
+        good_dir=args.good_dir,
+        defect_dirs=args.defect_dir,
+        mask_dir=args.mask_dir,
+    )
     with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
-        result = evaluate_model(model, samples, out=tmp, save_maps=args.save_maps,
-                                eval_resolution=args.eval_resolution, on_error=args.on_error)
+        result = evaluate_model(
+            model,
+            samples,
+            out=tmp,
+            save_maps=args.save_maps,
+            eval_resolution=args.eval_resolution,
+            on_error=args.on_error,
+        )
         write_metrics_json(tmp / "metrics.json", result)
         if not args.no_report:
             from .report import write_report
@@ -231,9 +287,17 @@ def cmd_evaluate(args) -> int:
 
 def format_metrics_table(result: dict) -> str:
     """Plain-text table of the overall and per-type metrics."""
-    keys = {"image_auroc": "img AUROC", "pixel_auroc": "pix AUROC", "au_pro": "AU-PRO", "balanced_accuracy": "bal acc",
-            "best_balanced_accuracy": "best bal acc", "pixel_f1": "pix F1", "pixel_f1_max": "pix F1-max",
-            "region_overlap": "region IoU", "good_fp_rate": "good FP px"}
+    keys = {
+        "image_auroc": "img AUROC",
+        "pixel_auroc": "pix AUROC",
+        "au_pro": "AU-PRO",
+        "balanced_accuracy": "bal acc",
+        "best_balanced_accuracy": "best bal acc",
+        "pixel_f1": "pix F1",
+        "pixel_f1_max": "pix F1-max",
+        "region_overlap": "region IoU",
+        "good_fp_rate": "good FP px",
+    }
     rows = [("overall", result["overall"])] + sorted(result["per_defect_type"].items())
     lines = [f"{'':<14}" + "".join(f"{h:>13}" for h in keys.values())]
     for name, m in rows:

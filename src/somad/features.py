@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,7 +76,7 @@ class Geometry:
         side = lambda n: max(self.image_size, min(MAX_ASPECT * self.image_size, int(round(n * scale / 16)) * 16))  # noqa: E731
         return side(height), side(width)
 
-    def layout(self, height: int, width: int) -> "TileLayout":
+    def layout(self, height: int, width: int) -> TileLayout:
         """Where each model input lies in the resized frame of an original ``height x width`` image."""
         if self.tile_size is None:
             s = self.input_size
@@ -146,7 +146,7 @@ class FeatureExtractor:
     channel_indices : array of int, optional
         Indices into the concatenated channels of the chosen stages to keep (see :func:`select_channels`).
         ``None`` keeps all.
-    device : torch.device
+    device : torch.device, default CPU
     seed : int
         Seed of the random initialisation (``weights="none"`` only).
     stages : sequence of int, default (0, 1, 2)
@@ -156,10 +156,21 @@ class FeatureExtractor:
         Odd kernel size of the neighbourhood mean applied to each stage (:func:`local_mean`); 1 = none.
     """
 
-    def __init__(self, backbone: str, *, weights: str = "default", image_size: int = 256, crop_size: int | None = 224,
-                 channel_indices: np.ndarray | None = None, device: torch.device = torch.device("cpu"), seed: int = 0,
-                 stages: Sequence[int] = (0, 1, 2), local_aggregation: int = 1, tile_size: int | None = None,
-                 tile_overlap: float = 0.25):
+    def __init__(
+        self,
+        backbone: str,
+        *,
+        weights: str = "default",
+        image_size: int = 256,
+        crop_size: int | None = 224,
+        channel_indices: np.ndarray | None = None,
+        device: torch.device | None = None,
+        seed: int = 0,
+        stages: Sequence[int] = (0, 1, 2),
+        local_aggregation: int = 1,
+        tile_size: int | None = None,
+        tile_overlap: float = 0.25,
+    ):
         self.spec = backbone_spec(backbone)
         if crop_size is not None and crop_size > image_size:
             raise SomadError(f"crop_size={crop_size} is larger than image_size={image_size}; use a crop <= the resize")
@@ -169,8 +180,10 @@ class FeatureExtractor:
             if crop_size is not None:
                 raise SomadError("tiles cover the whole frame: use --crop none with --tile")
             if not (32 <= tile_size <= image_size and tile_size % 16 == 0) or image_size % 16:
-                raise SomadError(f"tile_size={tile_size} must be a multiple of 16 between 32 and image_size "
-                                 f"({image_size}, itself a multiple of 16)")
+                raise SomadError(
+                    f"tile_size={tile_size} must be a multiple of 16 between 32 and image_size "
+                    f"({image_size}, itself a multiple of 16)"
+                )
             if not 0.0 <= tile_overlap < 1.0:
                 raise SomadError(f"tile_overlap={tile_overlap} must be in [0, 1)")
         self.stages = check_stages(stages, len(self.spec.channels))
@@ -179,6 +192,7 @@ class FeatureExtractor:
             raise SomadError(f"local_aggregation={local_aggregation} must be an odd kernel size >= 1 (1 = none)")
         self.local_aggregation = local_aggregation
         self.geometry = Geometry(image_size, crop_size, tile_size, tile_overlap)
+        device = torch.device("cpu") if device is None else device
         self.device = device
         stage_channels = tuple(self.spec.channels[s] for s in self.stages)
         total = sum(stage_channels)
@@ -189,8 +203,9 @@ class FeatureExtractor:
         # Per stage: which of its channels are kept (selecting before upsampling saves work).
         bounds = np.cumsum((0,) + stage_channels)
         self._stage_channels = [
-            torch.as_tensor(self.channel_indices[(self.channel_indices >= lo) & (self.channel_indices < hi)] - lo,
-                            device=device)
+            torch.as_tensor(
+                self.channel_indices[(self.channel_indices >= lo) & (self.channel_indices < hi)] - lo, device=device
+            )
             for lo, hi in zip(bounds[:-1], bounds[1:])
         ]
 
@@ -219,15 +234,20 @@ class FeatureExtractor:
         self._warn_if_small(image, min(fh, fw))
         frame = np.asarray(image.resize((fw, fh), Image.BILINEAR), dtype=np.float32) / 255.0
         t = g.tile_size
-        stack = np.stack([frame[y:y + t, x:x + t] for y, x in layout.offsets]).transpose(0, 3, 1, 2)
+        stack = np.stack([frame[y : y + t, x : x + t] for y, x in layout.offsets]).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(stack)), layout
 
     def _warn_if_small(self, image: Image.Image, side: int) -> None:
         if min(image.size) < side:
             # Warn once per extractor: a dataset of small images would otherwise flood the log.
             log = logger.debug if getattr(self, "_warned_small", False) else logger.warning
-            log("image of size %dx%d is smaller than the model input %d; it is upscaled (further such images "
-                "are logged at debug level)", image.size[0], image.size[1], side)
+            log(
+                "image of size %dx%d is smaller than the model input %d; it is upscaled (further such images "
+                "are logged at debug level)",
+                image.size[0],
+                image.size[1],
+                side,
+            )
             self._warned_small = True
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
@@ -237,7 +257,7 @@ class FeatureExtractor:
         resized = image.resize((g.image_size, g.image_size), Image.BILINEAR)
         array = np.asarray(resized, dtype=np.float32) / 255.0
         o, s = g.crop_offset, g.input_size
-        array = array[o:o + s, o:o + s]
+        array = array[o : o + s, o : o + s]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     # ------------------------------------------------------------------ features
@@ -274,17 +294,6 @@ class FeatureExtractor:
             parts.append(stage)
         return torch.cat(parts, dim=1)
 
-    def iter_batches(self, images: Iterable[Image.Image], batch_size: int = 16) -> Iterator[torch.Tensor]:
-        """Yield feature batches ``(b, D, h, w)`` for an iterable of PIL images, ``batch_size`` at a time."""
-        pending: list[torch.Tensor] = []
-        for image in images:
-            pending.append(self.preprocess(image))
-            if len(pending) == batch_size:
-                yield self(torch.stack(pending))
-                pending = []
-        if pending:
-            yield self(torch.stack(pending))
-
 
 def check_stages(stages: Sequence[int], n_stages: int = 3) -> tuple[int, ...]:
     """Validate a choice of backbone stages (0 = stride 4, 1 = stride 8, 2 = stride 16): sorted, distinct."""
@@ -305,7 +314,9 @@ def local_mean(x: torch.Tensor, kernel: int) -> torch.Tensor:
     return F.avg_pool2d(x, kernel, stride=1, padding=kernel // 2, count_include_pad=False)
 
 
-def to_original_resolution(maps: torch.Tensor, geometry: Geometry, sizes: Sequence[tuple[int, int]]) -> list[np.ndarray]:
+def to_original_resolution(
+    maps: torch.Tensor, geometry: Geometry, sizes: Sequence[tuple[int, int]]
+) -> list[np.ndarray]:
     """Map anomaly maps from the model input back onto each original image.
 
     The crop is put back where it came from in the resized image; pixels outside the crop (never seen by
@@ -384,5 +395,5 @@ def _gaussian_kernel(sigma: float, max_radius: int, dtype: torch.dtype, device: 
 
 
 def _symmetric_pad(x: torch.Tensor, r: int) -> torch.Tensor:
-    x = torch.cat([x[..., :r, :].flip(-2), x, x[..., x.shape[-2] - r:, :].flip(-2)], dim=-2)
-    return torch.cat([x[..., :r].flip(-1), x, x[..., x.shape[-1] - r:].flip(-1)], dim=-1)
+    x = torch.cat([x[..., :r, :].flip(-2), x, x[..., x.shape[-2] - r :, :].flip(-2)], dim=-2)
+    return torch.cat([x[..., :r].flip(-1), x, x[..., x.shape[-1] - r :].flip(-1)], dim=-1)

@@ -38,7 +38,7 @@ def empty(shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype)
     raw = np.frombuffer(region, np.uint8)  # keeps the mapping alive as long as the tensor
     start = (-raw.ctypes.data) % HUGE_PAGE  # huge pages need 2 MB-aligned addresses
-    return torch.from_numpy(raw[start:start + nbytes]).view(dtype).view(shape)
+    return torch.from_numpy(raw[start : start + nbytes]).view(dtype).view(shape)
 
 
 def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device | str = "cpu") -> torch.Tensor:

@@ -245,8 +245,8 @@ BIT_DEPTHS = (8, 10, 12, 14, 16)
 def _full_scale(arr: np.ndarray) -> float:
     """White level of 16-bit data: ``2**b - 1`` for the smallest of :data:`BIT_DEPTHS` that holds its maximum."""
     top = int(arr.max()) if arr.size else 0
-    bits = next(b for b in BIT_DEPTHS if top < 2 ** b)
-    return float(2 ** bits - 1)
+    bits = next(b for b in BIT_DEPTHS if top < 2**b)
+    return float(2**bits - 1)
 
 
 def _to_uint8(unit: np.ndarray) -> np.ndarray:
@@ -392,13 +392,12 @@ def list_images(folder: str | os.PathLike[str], *, recursive: bool = True) -> li
     try:
         found = _scan(folder, recursive)
     except OSError as exc:
-        raise DataError(_one_line(f"{folder}: cannot list folder ({exc.strerror or exc}); check its permissions")) from exc
+        raise DataError(
+            _one_line(f"{folder}: cannot list folder ({exc.strerror or exc}); check its permissions")
+        ) from exc
     if not found:
         where = "in it or its sub-folders" if recursive else "in it"
-        raise DataError(
-            f"{folder}: no images found {where} (looked for {', '.join(IMAGE_EXTENSIONS)}); "
-            "check the path"
-        )
+        raise DataError(f"{folder}: no images found {where} (looked for {', '.join(IMAGE_EXTENSIONS)}); check the path")
     return found
 
 

@@ -74,15 +74,28 @@ def whitened_sq_norms(x: np.ndarray, nodes: np.ndarray, means: np.ndarray, packe
     _array(packed, packed.dtype, "packed", (m, packed_size(d)))
     k = nodes.shape[1]
     out = np.empty((n, k), np.float32)
-    _kernels.whitened_sq_norms(x, nodes, means, packed, out, n, d, k, m, packed.dtype == np.float16,
-                               torch.get_num_threads())
+    _kernels.whitened_sq_norms(
+        x, nodes, means, packed, out, n, d, k, m, packed.dtype == np.float16, torch.get_num_threads()
+    )
     return out
 
 
-def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_probe: int, panels: np.ndarray,
-                  lane_start: np.ndarray, lane_ids: np.ndarray, lane_sq: np.ndarray, k: int, *, pad: int,
-                  projection: tuple[np.ndarray, np.ndarray] | None = None, projected: np.ndarray | None = None,
-                  out: tuple[np.ndarray, np.ndarray] | None = None) -> tuple[np.ndarray, np.ndarray]:
+def probe_nearest(
+    x: np.ndarray,
+    centres: np.ndarray,
+    centre_sq: np.ndarray,
+    n_probe: int,
+    panels: np.ndarray,
+    lane_start: np.ndarray,
+    lane_ids: np.ndarray,
+    lane_sq: np.ndarray,
+    k: int,
+    *,
+    pad: int,
+    projection: tuple[np.ndarray, np.ndarray] | None = None,
+    projected: np.ndarray | None = None,
+    out: tuple[np.ndarray, np.ndarray] | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
     """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
 
     Vectors are held as *panels*: a group's vectors side by side, dimension by dimension (``(D, width)``,
@@ -132,8 +145,30 @@ def probe_nearest(x: np.ndarray, centres: np.ndarray, centre_sq: np.ndarray, n_p
     sq, index = out if out is not None else (np.empty((n, k), np.float32), np.empty((n, k), np.int64))
     _array(sq, np.float32, "out[0]", (n, k))
     _array(index, np.int64, "out[1]", (n, k))
-    _kernels.probe_nearest(x, projected if projected is not None else np.zeros(0, np.float32), axes, shift, centres,
-                           centre_sq, panels, lane_start, lane_ids, lane_sq, sq, index, n, d, axes.shape[1],
-                           centres.shape[0], centres.shape[1], int(n_probe), lane_start.shape[0] - 1, w, int(pad), int(k),
-                           projected is not None, torch.get_num_threads())
+    _kernels.probe_nearest(
+        x,
+        projected if projected is not None else np.zeros(0, np.float32),
+        axes,
+        shift,
+        centres,
+        centre_sq,
+        panels,
+        lane_start,
+        lane_ids,
+        lane_sq,
+        sq,
+        index,
+        n,
+        d,
+        axes.shape[1],
+        centres.shape[0],
+        centres.shape[1],
+        int(n_probe),
+        lane_start.shape[0] - 1,
+        w,
+        int(pad),
+        int(k),
+        projected is not None,
+        torch.get_num_threads(),
+    )
     return sq, index

@@ -80,9 +80,7 @@ def _as_labels(labels, name: str = "labels") -> np.ndarray:
         raise MetricInputError(f"{name} must be numeric 0/1 or bool, got dtype {arr.dtype}")
     bad = (arr != 0) & (arr != 1)
     if np.any(bad):
-        raise MetricInputError(
-            f"{name} must contain only 0 and 1, got {np.unique(arr[bad])[:5].tolist()}"
-        )
+        raise MetricInputError(f"{name} must contain only 0 and 1, got {np.unique(arr[bad])[:5].tolist()}")
     return arr == 1
 
 
@@ -132,9 +130,7 @@ def _check_pairs(masks, maps) -> tuple[list[np.ndarray | None], list[np.ndarray]
         if mask is not None:
             mask = np.asarray(mask)
             if mask.shape != amap.shape:
-                raise MetricInputError(
-                    f"mask {i} has shape {mask.shape} but anomaly map {i} has shape {amap.shape}"
-                )
+                raise MetricInputError(f"mask {i} has shape {mask.shape} but anomaly map {i} has shape {amap.shape}")
             mask = mask if mask.dtype == bool else mask > 0
         out_masks.append(mask)
         out_maps.append(amap)
@@ -310,9 +306,7 @@ def _pro_from_ranked(
     """
     n_regions = region_sizes.shape[0]
     if n_regions == 0:
-        raise MetricInputError(
-            "PRO is undefined: no ground-truth mask has any anomalous pixel (no regions)"
-        )
+        raise MetricInputError("PRO is undefined: no ground-truth mask has any anomalous pixel (no regions)")
     if rk.n_neg == 0:
         raise MetricInputError("PRO is undefined: every pixel is anomalous (no defect-free pixels)")
     n_points = rk.fps.shape[0]
@@ -522,9 +516,11 @@ def mask_metrics(masks: Sequence, predicted: Sequence) -> dict:
         for i in range(1, n + 1):
             region = labels == i
             ious.append(float((region & pm).sum()) / float((region | pm).sum()))
-    return {"pixel_f1": 2.0 * tp / max(2 * tp + fp + fn, 1),
-            "region_overlap": float(np.mean(ious)) if ious else None,
-            "good_fp_rate": good_fp / good_n if good_n else None}
+    return {
+        "pixel_f1": 2.0 * tp / max(2 * tp + fp + fn, 1),
+        "region_overlap": float(np.mean(ious)) if ious else None,
+        "good_fp_rate": good_fp / good_n if good_n else None,
+    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -607,9 +603,7 @@ def pro_curve(masks: Sequence, maps: Sequence) -> tuple[np.ndarray, np.ndarray]:
     """
     pooled = _pool_pixels(masks, maps, regions=True)
     if pooled.region_sizes.shape[0] == 0:
-        raise MetricInputError(
-            "PRO is undefined: no ground-truth mask has any anomalous pixel (no regions)"
-        )
+        raise MetricInputError("PRO is undefined: no ground-truth mask has any anomalous pixel (no regions)")
     return _pro_from_ranked(_rank(pooled.scores, pooled.ids), pooled.region_sizes)
 
 
@@ -635,9 +629,7 @@ def au_pro(masks: Sequence, maps: Sequence, integration_limit: float = 0.3) -> f
     limit = _check_limit(integration_limit)
     pooled = _pool_pixels(masks, maps, regions=True)
     if pooled.region_sizes.shape[0] == 0:
-        raise MetricInputError(
-            "PRO is undefined: no ground-truth mask has any anomalous pixel (no regions)"
-        )
+        raise MetricInputError("PRO is undefined: no ground-truth mask has any anomalous pixel (no regions)")
     rk = _rank(pooled.scores, pooled.ids)
     pooled.scores = pooled.ids = None
     fprs, pros = _pro_from_ranked(rk, pooled.region_sizes, fpr_limit=limit)
@@ -738,9 +730,7 @@ def _roc_points_from_ranked(rk: _Ranked, max_points: int):
 # --------------------------------------------------------------------------------------------
 
 
-def evaluate_predictions(
-    labels, scores, masks, maps, *, integration_limit: float = 0.3
-) -> dict:
+def evaluate_predictions(labels, scores, masks, maps, *, integration_limit: float = 0.3) -> dict:
     """Image- and pixel-level metrics of one set of predictions.
 
     Parameters

@@ -81,7 +81,9 @@ def atomic_write(path: Path, write) -> None:
             Path(tmp).unlink(missing_ok=True)
         if isinstance(exc, OSError):
             reason = exc.strerror or str(exc) or type(exc).__name__
-            raise SomadError(f"{path}: cannot write ({reason}); check the path, its permissions and free space") from exc
+            raise SomadError(
+                f"{path}: cannot write ({reason}); check the path, its permissions and free space"
+            ) from exc
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -100,11 +102,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def save_model(path: str | os.PathLike, config: dict, arrays: dict[str, torch.Tensor | np.ndarray]) -> Path:
     """Write ``arrays`` and ``config`` atomically to ``path`` (a ``.safetensors`` file)."""
-    tensors = {k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous())
-               for k, v in arrays.items()}
+    tensors = {
+        k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous())
+        for k, v in arrays.items()
+    }
     config_json = json.dumps(config, sort_keys=True)
-    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "config": config_json,
-                "sha256": content_hash(config_json, tensors)}
+    metadata = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "config": config_json,
+        "sha256": content_hash(config_json, tensors),
+    }
     path = Path(path)
     atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
     return path
@@ -179,10 +187,14 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     try:
         version = int(metadata.get("format_version", ""))
     except ValueError:
-        raise ModelFileError(f"{path}: invalid format version {metadata.get('format_version')!r}; re-run `somad fit`") from None
+        raise ModelFileError(
+            f"{path}: invalid format version {metadata.get('format_version')!r}; re-run `somad fit`"
+        ) from None
     if version > FORMAT_VERSION:
-        raise ModelFileError(f"{path}: model format version {version} is newer than this somad supports "
-                             f"({FORMAT_VERSION}); upgrade somad")
+        raise ModelFileError(
+            f"{path}: model format version {version} is newer than this somad supports "
+            f"({FORMAT_VERSION}); upgrade somad"
+        )
     config_json = metadata.get("config", "")
     try:
         digest = content_hash(config_json, arrays)

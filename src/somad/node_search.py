@@ -26,8 +26,9 @@ logger = logging.getLogger(__name__)
 SEARCH_CHOICES = ("fast", "exact")
 
 
-def nearest_nodes(x: torch.Tensor, weights: torch.Tensor, k: int = 1, *, exclude: torch.Tensor | None = None,
-                  chunk_size: int = 8192) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest_nodes(
+    x: torch.Tensor, weights: torch.Tensor, k: int = 1, *, exclude: torch.Tensor | None = None, chunk_size: int = 8192
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Exhaustive k nearest nodes by Euclidean distance.
 
     Parameters
@@ -49,7 +50,7 @@ def nearest_nodes(x: torch.Tensor, weights: torch.Tensor, k: int = 1, *, exclude
         w_sq = w_sq.masked_fill(exclude, float("inf"))  # excluded nodes are infinitely far
     dists, idx = [], []
     for start in range(0, x.shape[0], chunk_size):
-        xc = x[start:start + chunk_size].to(w.device, torch.float32)
+        xc = x[start : start + chunk_size].to(w.device, torch.float32)
         # ||x - w||^2 = ||x||^2 - 2 x.w + ||w||^2; the ||x||^2 term does not change the ranking, add it after top-k.
         d = torch.addmm(w_sq, xc, w.T, beta=1.0, alpha=-2.0)
         dk, ik = smallest(d, k)
@@ -112,9 +113,18 @@ class ClusteredNodeSearch:
     labels_ : int64 tensor (M',): the cluster of each searched node (the nodes not excluded, in order)
     """
 
-    def __init__(self, weights: torch.Tensor, size: int, *, n_probe: int = 8, exclude: torch.Tensor | None = None,
-                 block: int = 4, iterations: int = 10, coarse_dims: int | None = 48,
-                 warm_start: ClusteredNodeSearch | None = None):
+    def __init__(
+        self,
+        weights: torch.Tensor,
+        size: int,
+        *,
+        n_probe: int = 8,
+        exclude: torch.Tensor | None = None,
+        block: int = 4,
+        iterations: int = 10,
+        coarse_dims: int | None = 48,
+        warm_start: ClusteredNodeSearch | None = None,
+    ):
         w = weights.float()
         m, d = w.shape
         keep = torch.ones(m, dtype=torch.bool, device=w.device) if exclude is None else ~exclude.to(w.device)
@@ -140,8 +150,12 @@ class ClusteredNodeSearch:
         order, rows, _ = next(padded_groups(labels, c, max_elements=c * int(counts.max())))
         self.members_ = torch.empty_like(rows)
         self.members_[order] = torch.cat([ids, torch.tensor([m], device=w.device)])[rows]
-        self.centres_ = torch.zeros(c, d, dtype=torch.float64, device=w.device).index_add_(
-            0, labels, w[ids].double()).div_(counts[:, None]).float()
+        self.centres_ = (
+            torch.zeros(c, d, dtype=torch.float64, device=w.device)
+            .index_add_(0, labels, w[ids].double())
+            .div_(counts[:, None])
+            .float()
+        )
         self.min_size_ = int(counts.min())
         self.n_probe = max(1, min(int(n_probe), c))
         self._torch_members = None  # (C, L, D) weights and (C, L) squared norms, built by the torch path only
@@ -151,7 +165,10 @@ class ClusteredNodeSearch:
         elif self.coarse_dims:
             kept = w[ids].double()
             mean = kept.mean(0)
-            self._axes = (torch.linalg.svd(kept - mean, full_matrices=False).Vh[: self.coarse_dims], mean)  # (R, D), (D,)
+            self._axes = (
+                torch.linalg.svd(kept - mean, full_matrices=False).Vh[: self.coarse_dims],
+                mean,
+            )  # (R, D), (D,)
         else:
             self._axes = None
         if self._axes is not None:
@@ -161,8 +178,11 @@ class ClusteredNodeSearch:
         else:
             self._projection, self._coarse_centres = None, self.centres_
         self._coarse_sq = (self._coarse_centres * self._coarse_centres).sum(1)
-        self._panels = _panels(self.members_, w, counts, self._coarse_centres, self._projection) \
-            if w.device.type == "cpu" else None
+        self._panels = (
+            _panels(self.members_, w, counts, self._coarse_centres, self._projection)
+            if w.device.type == "cpu"
+            else None
+        )
 
     @property
     def n_clusters(self) -> int:
@@ -171,8 +191,9 @@ class ClusteredNodeSearch:
     def __call__(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         return self.search(x, k)
 
-    def search(self, x: torch.Tensor, k: int = 1, *, chunk_size: int = 8192, projected=None
-               ) -> tuple[torch.Tensor, torch.Tensor]:
+    def search(
+        self, x: torch.Tensor, k: int = 1, *, chunk_size: int = 8192, projected=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Approximate k nearest nodes.
 
         Parameters
@@ -197,8 +218,13 @@ class ClusteredNodeSearch:
         index = torch.empty(x.shape[0], k, dtype=torch.int64, device=device)
         xc = projected[1] if projected is not None and projected[0] is self._axes else None
         for s in range(0, x.shape[0], chunk_size):
-            self._search(x[s:s + chunk_size], k, sq[s:s + chunk_size], index[s:s + chunk_size],
-                         None if xc is None else xc[s:s + chunk_size])
+            self._search(
+                x[s : s + chunk_size],
+                k,
+                sq[s : s + chunk_size],
+                index[s : s + chunk_size],
+                None if xc is None else xc[s : s + chunk_size],
+            )
         return sq, index
 
     def project(self, x: torch.Tensor, reuse=None):
@@ -211,17 +237,29 @@ class ClusteredNodeSearch:
             return reuse
         return self._axes, self._coarse_vectors(x.to(self.centres_.device, torch.float32))
 
-    def _search(self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor,
-                xc: torch.Tensor | None = None) -> None:
+    def _search(
+        self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor, xc: torch.Tensor | None = None
+    ) -> None:
         from . import kernels
 
         xf = x.to(self.centres_.device, torch.float32).contiguous()
         if self._panels is not None and kernels.AVAILABLE:
             centres, centre_sq, panels, lane_start, lane_ids, lane_sq, projection = self._panels
-            kernels.probe_nearest(xf.numpy(), centres, centre_sq, self.n_probe, panels, lane_start, lane_ids, lane_sq, k,
-                                  pad=self._weights.shape[0], projection=projection,
-                                  projected=None if xc is None else xc.contiguous().numpy(),
-                                  out=(out_sq.numpy(), out_index.numpy()))
+            kernels.probe_nearest(
+                xf.numpy(),
+                centres,
+                centre_sq,
+                self.n_probe,
+                panels,
+                lane_start,
+                lane_ids,
+                lane_sq,
+                k,
+                pad=self._weights.shape[0],
+                projection=projection,
+                projected=None if xc is None else xc.contiguous().numpy(),
+                out=(out_sq.numpy(), out_index.numpy()),
+            )
             return
         dk, nodes = self._probe_torch(xf, self._rank(self._coarse_vectors(xf) if xc is None else xc), k)
         out_sq.copy_(dk)
@@ -243,8 +281,9 @@ class ClusteredNodeSearch:
         """:meth:`coarse` of queries already projected (``_coarse_vectors``)."""
         return torch.addmm(self._coarse_sq, xc, self._coarse_centres.T, beta=1.0, alpha=-2.0)
 
-    def _probe_torch(self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    def _probe_torch(
+        self, xf: torch.Tensor, coarse: torch.Tensor, k: int, max_elements: int = 1 << 22
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The probing step with torch ops only (any device): pairs grouped by cluster, one bmm per block."""
         device = xf.device
         n, p = xf.shape[0], self.n_probe
@@ -260,7 +299,9 @@ class ClusteredNodeSearch:
             self._torch_members = (w_pad[self.members_], sq_pad[self.members_])  # each cluster's nodes, for bmm
         member_weights, member_sq = self._torch_members
         # Group the (query, probed cluster) pairs by cluster: one bmm per block of clusters, no per-query gather.
-        groups = padded_groups(probes.reshape(-1), self.n_clusters, max_elements=max(1, max_elements // max(length, xf.shape[1])))
+        groups = padded_groups(
+            probes.reshape(-1), self.n_clusters, max_elements=max(1, max_elements // max(length, xf.shape[1]))
+        )
         for ids, rows, valid in groups:
             # (nodes x dims) @ (dims x queries) runs ~1.5x faster than the transposed product for these shapes.
             dot = torch.bmm(member_weights[ids], x_pad[query[rows]].transpose(1, 2)).transpose(1, 2)
@@ -271,8 +312,13 @@ class ClusteredNodeSearch:
         return dk, nodes
 
 
-def _panels(members: torch.Tensor, weights: torch.Tensor, counts: torch.Tensor, centres: torch.Tensor,
-            projection: tuple[torch.Tensor, torch.Tensor] | None) -> tuple:
+def _panels(
+    members: torch.Tensor,
+    weights: torch.Tensor,
+    counts: torch.Tensor,
+    centres: torch.Tensor,
+    projection: tuple[torch.Tensor, torch.Tensor] | None,
+) -> tuple:
     """The arrays of :func:`somad.kernels.probe_nearest`: the (coarse) centres ``(C, R)`` and each cluster's
     members (``members`` ``(C, L)``: the first ``counts[i]`` entries of row i index ``weights`` ``(M, D)``) as
     panels: ``(R or D, width)``, vectors side by side, the width rounded up to 8 with zero columns whose
@@ -330,8 +376,15 @@ def _kmeans(x: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Ten
     return labels
 
 
-def make_search(weights: torch.Tensor, size: int, search: str, *, exclude: torch.Tensor | None = None,
-                n_probe: int = 8, warm_start=None):
+def make_search(
+    weights: torch.Tensor,
+    size: int,
+    search: str,
+    *,
+    exclude: torch.Tensor | None = None,
+    n_probe: int = 8,
+    warm_start=None,
+):
     """A ``search(x, k) -> (sq_dist, index)`` callable for ``search`` in :data:`SEARCH_CHOICES`.
 
     ``"fast"`` uses :class:`ClusteredNodeSearch` (the callable itself; ``warm_start`` may be the previous

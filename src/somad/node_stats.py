@@ -70,7 +70,7 @@ def strips_from_rows(tril: torch.Tensor, chunk: int = 256) -> torch.Tensor:
     positions = strip_layout(d, tril.device)[2]
     out = hugepages.zeros((tril.shape[0], packed_size(d)), tril.dtype, tril.device)
     for start in range(0, tril.shape[0], chunk):
-        out[start:start + chunk, positions] = tril[start:start + chunk]
+        out[start : start + chunk, positions] = tril[start : start + chunk]
     return out
 
 
@@ -137,19 +137,20 @@ class NodeGaussians:
             m, d = self.means.shape
             rows, cols, positions = strip_layout(d, self.means.device)
             bounds = self.bounds
-            blocks = tuple(torch.zeros(m, hi - lo, hi, dtype=self.packed.dtype, device=self.means.device)
-                           for lo, hi in bounds)
+            blocks = tuple(
+                torch.zeros(m, hi - lo, hi, dtype=self.packed.dtype, device=self.means.device) for lo, hi in bounds
+            )
             for (lo, hi), b in zip(bounds, blocks):
                 entries = (rows >= lo) & (rows < hi)
                 flat = (rows[entries] - lo) * hi + cols[entries]  # positions in a flattened (hi - lo, hi) block
                 source = positions[entries]
                 for start in range(0, m, 256):  # node chunks: no (M, ...) temporary
-                    b[start:start + 256].view(-1, (hi - lo) * hi)[:, flat] = self.packed[start:start + 256, source]
+                    b[start : start + 256].view(-1, (hi - lo) * hi)[:, flat] = self.packed[start : start + 256, source]
             self._torch_layout = (blocks, _shifts(blocks, bounds, self.means))
         return self._torch_layout
 
     @classmethod
-    def from_arrays(cls, means: torch.Tensor, packed: torch.Tensor, counts: torch.Tensor) -> "NodeGaussians":
+    def from_arrays(cls, means: torch.Tensor, packed: torch.Tensor, counts: torch.Tensor) -> NodeGaussians:
         """Rebuild from means ``(M, D)``, packed whiteners ``(M, packed_size(D))`` and counts.
 
         Float16 whiteners stay float16; any other dtype becomes float32.
@@ -160,7 +161,7 @@ class NodeGaussians:
         packed = packed if packed.dtype == torch.float16 else packed.float()
         return cls(means.float().contiguous(), packed.contiguous(), counts.long())
 
-    def to(self, device) -> "NodeGaussians":
+    def to(self, device) -> NodeGaussians:
         return NodeGaussians(self.means.to(device), self.packed.to(device), self.counts.to(device))
 
 
@@ -174,9 +175,16 @@ def _shifts(blocks, bounds, means: torch.Tensor, chunk: int = 256) -> torch.Tens
     return out
 
 
-def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: torch.Tensor, eps: float,
-                       *, max_elements: int = 1 << 24, dtype: torch.dtype = torch.float32,
-                       shrinkage: float = 0.0) -> NodeGaussians:
+def fit_node_gaussians(
+    x: torch.Tensor,
+    assignment: torch.Tensor,
+    prototypes: torch.Tensor,
+    eps: float,
+    *,
+    max_elements: int = 1 << 24,
+    dtype: torch.dtype = torch.float32,
+    shrinkage: float = 0.0,
+) -> NodeGaussians:
     """Fit the per-node Gaussians (see the module docstring for the rule).
 
     Parameters
@@ -197,7 +205,7 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     counts = torch.bincount(assignment, minlength=m)
     sums = torch.zeros(m, d, dtype=torch.float64, device=device)
     for start in range(0, x.shape[0], 65536):
-        sums.index_add_(0, assignment[start:start + 65536], x[start:start + 65536].to(device, torch.float64))
+        sums.index_add_(0, assignment[start : start + 65536], x[start : start + 65536].to(device, torch.float64))
     means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], prototypes.double())
 
     # On CPU the whiteners may sit on huge pages (scoring reads them all, in a new order, for every image).
@@ -206,7 +214,9 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     dof = 0
     eye = torch.eye(d, dtype=torch.float64, device=device)
     target = _pooled_covariance(x, counts, means) if shrinkage > 0 else None
-    groups = padded_groups(assignment, m, max_elements=max(1, max_elements // d), max_groups=max(1, max_elements // (d * d)))
+    groups = padded_groups(
+        assignment, m, max_elements=max(1, max_elements // d), max_groups=max(1, max_elements // (d * d))
+    )
     for ids, rows, valid in groups:
         many = counts[ids] >= 2
         if not bool(many.any()):
@@ -217,8 +227,8 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
         step = max(1, max_elements // (ids.numel() * d))  # members per pass: a huge node never needs a huge copy
         for c in range(0, rows.shape[1], step):
             # Padding entries point one past the end: clamp them to a real row, then zero them with the mask.
-            members = x[rows[:, c:c + step].clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
-            members.sub_(centre).mul_(valid[:, c:c + step, None])
+            members = x[rows[:, c : c + step].clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
+            members.sub_(centre).mul_(valid[:, c : c + step, None])
             # (+)= outer products of the centred members; the first pass writes, so no zero-filled buffer
             scatter.baddbmm_(members.transpose(1, 2), members, beta=1.0 if c else 0.0)
         pooled += scatter.sum(0)
@@ -235,8 +245,11 @@ def fit_node_gaussians(x: torch.Tensor, assignment: torch.Tensor, prototypes: to
     few = counts < 2
     if bool(few.any()):
         packed = _store(packed, torch.nonzero(few).flatten(), _inverse_cholesky((pooled + eps * eye)[None]))
-        logger.info("%d empty and %d one-member SOM nodes use the pooled covariance",
-                    int((counts == 0).sum()), int((counts == 1).sum()))
+        logger.info(
+            "%d empty and %d one-member SOM nodes use the pooled covariance",
+            int((counts == 0).sum()),
+            int((counts == 1).sum()),
+        )
     means = means.float()
     if not torch.isfinite(means).all():
         raise NumericalError(NON_FINITE)
@@ -251,7 +264,7 @@ def _pooled_covariance(x: torch.Tensor, counts: torch.Tensor, means: torch.Tenso
     centre = ((counts.double()[:, None] * means).sum(0) / counts.sum()).to(means.device)
     total = torch.zeros(d, d, dtype=torch.float64, device=means.device)
     for start in range(0, x.shape[0], chunk):
-        block = x[start:start + chunk].to(means.device, torch.float32) - centre.float()
+        block = x[start : start + chunk].to(means.device, torch.float32) - centre.float()
         total += (block.T @ block).double()
     shifted = (means - centre) * counts.double().sqrt()[:, None]
     dof = int((counts - 1).clamp_min(0).sum())
@@ -272,8 +285,10 @@ def _store(packed: torch.Tensor, ids: torch.Tensor, whiteners: torch.Tensor) -> 
         raise NumericalError(NON_FINITE)
     group = _pack(whiteners, packed.dtype)
     if packed.dtype == torch.float16 and not torch.isfinite(group.sum(dtype=torch.float32)):
-        logger.warning("node covariance factors overflow float16 (largest entry %.3g; eps too small?): "
-                       "they are kept in float32", float(whiteners.abs().max()))
+        logger.warning(
+            "node covariance factors overflow float16 (largest entry %.3g; eps too small?): they are kept in float32",
+            float(whiteners.abs().max()),
+        )
         packed, group = packed.float(), _pack(whiteners, torch.float32)
     packed[ids] = group
     return packed
@@ -287,8 +302,9 @@ def _pack(whiteners: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     start = 0
     for r0 in range(0, d, STRIP):
         rows, cols = min(STRIP, d - r0), min(r0 + STRIP, d)
-        out[:, start:start + STRIP * cols].view(g, cols, STRIP)[:, :, :rows] = \
-            whiteners[:, r0:r0 + rows, :cols].transpose(1, 2)  # column c's 16 entries are contiguous
+        out[:, start : start + STRIP * cols].view(g, cols, STRIP)[:, :, :rows] = whiteners[
+            :, r0 : r0 + rows, :cols
+        ].transpose(1, 2)  # column c's 16 entries are contiguous
         start += STRIP * cols
     return out
 
@@ -345,8 +361,9 @@ def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians) 
     return torch.from_numpy(sq).clamp_min_(0.0).sqrt_()
 
 
-def mahalanobis_torch(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians, *,
-                      max_elements: int = 1 << 20, max_nodes: int = 64) -> torch.Tensor:
+def mahalanobis_torch(
+    x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians, *, max_elements: int = 1 << 20, max_nodes: int = 64
+) -> torch.Tensor:
     """:func:`mahalanobis` with torch ops only (any device): ``max_elements`` and ``max_nodes`` bound the
     vector entries and nodes per step."""
     n, k = nodes.shape
@@ -360,12 +377,15 @@ def mahalanobis_torch(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGauss
     # Reused buffers of max_nodes whiteners: small enough to stay in cache between the copy and the bmm
     # (a fresh W[ids] per step would page-fault and stream every whitener through memory twice).
     buffers = [torch.empty(max_nodes, *b.shape[1:], device=device) for b in g.blocks]
-    staging = [torch.empty(max_nodes, *b.shape[1:], dtype=b.dtype, device=device) if b.dtype != torch.float32 else None
-               for b in g.blocks]  # float16 blocks are gathered here, then widened into the float32 buffers
+    staging = [
+        torch.empty(max_nodes, *b.shape[1:], dtype=b.dtype, device=device) if b.dtype != torch.float32 else None
+        for b in g.blocks
+    ]  # float16 blocks are gathered here, then widened into the float32 buffers
     # Pair j = (vector j // k, node flat[j]); grouping pairs by node lets each node whiten its vectors in one bmm.
     pair_vector = torch.cat([torch.arange(n * k, device=device) // k, torch.tensor([n], device=device)])
-    for ids, rows, valid in padded_groups(flat, g.means.shape[0], max_elements=max(1, max_elements // d),
-                                          max_groups=max_nodes):
+    for ids, rows, valid in padded_groups(
+        flat, g.means.shape[0], max_elements=max(1, max_elements // d), max_groups=max_nodes
+    ):
         xv = x_pad[pair_vector[rows]]  # (G, L, D)
         shift = g.shifts[ids][:, None, :]
         total = None

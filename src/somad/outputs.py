@@ -56,8 +56,10 @@ def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         if isinstance(exc, OSError):
-            raise SomadError(f"{out}: cannot write the output folder ({exc.strerror or exc}); "
-                             "check the path, its permissions and free space") from exc
+            raise SomadError(
+                f"{out}: cannot write the output folder ({exc.strerror or exc}); "
+                "check the path, its permissions and free space"
+            ) from exc
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
@@ -80,7 +82,9 @@ def save_map(array: np.ndarray, path: Path) -> None:
     np.save(path, np.asarray(array, dtype=np.float32), allow_pickle=False)
 
 
-def heatmap_overlay(image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5) -> Image.Image:
+def heatmap_overlay(
+    image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
+) -> Image.Image:
     """Colour (jet) overlay of ``anomaly_map`` ``(H, W)`` on ``image`` with a fixed colour scale ``[vmin, vmax]``."""
     from matplotlib import colormaps
 
@@ -148,7 +152,9 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
         for pred in model.predict_iter(items, on_error=on_error, skipped=skipped):
             full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]
             lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
-            save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
+            save_png(
+                heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png")
+            )
             flagged = model.verdict(pred)
             mask = model.mask(pred, full)
             if mask is not None:

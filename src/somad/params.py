@@ -129,8 +129,13 @@ class Params:
             init = klass.__dict__.get("__init__")
             if init is None or klass is object:
                 continue
-            out.update({p.name: p.default for p in inspect.signature(init).parameters.values()
-                        if p.default is not inspect.Parameter.empty})
+            out.update(
+                {
+                    p.name: p.default
+                    for p in inspect.signature(init).parameters.values()
+                    if p.default is not inspect.Parameter.empty
+                }
+            )
         return out
 
     @classmethod
@@ -145,7 +150,7 @@ class Params:
         """The parameters, as passed to ``__init__`` (``deep`` is accepted for scikit-learn; nothing nests)."""
         return {name: getattr(self, name) for name in self._get_param_names()}
 
-    def set_params(self, **params) -> "Params":
+    def set_params(self, **params) -> Params:
         valid = self._get_param_names()
         for name, value in params.items():
             if name not in valid:

@@ -163,8 +163,9 @@ def _thumb_outline(image: Image.Image, mask: np.ndarray) -> Image.Image:
     from scipy import ndimage
 
     thumb = _thumb_rgb(image)
-    small = np.asarray(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
-                       .resize(thumb.size, Image.BOX)) > 0  # a thumbnail pixel is inside when any source pixel is
+    small = (
+        np.asarray(Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L").resize(thumb.size, Image.BOX)) > 0
+    )  # a thumbnail pixel is inside when any source pixel is
     edge = ndimage.binary_dilation(small & ~ndimage.binary_erosion(small, border_value=0))
     pixels = np.asarray(thumb).copy()
     pixels[edge] = OUTLINE_RGB
@@ -218,14 +219,20 @@ def _image_row(out: Path, rank: int, rec: dict) -> str:
         _figure(truth, None, f"{name}: ground truth", truth_note),
     ]
     heatmap = out / "heatmaps" / rel
-    thumb = files / "heatmaps" / rel if heatmap.is_file() and _make_thumb(heatmap, out / files / "heatmaps" / rel,
-                                                                          "image") else None
+    thumb = (
+        files / "heatmaps" / rel
+        if heatmap.is_file() and _make_thumb(heatmap, out / files / "heatmaps" / rel, "image")
+        else None
+    )
     cells.append(_figure(thumb, PurePath("heatmaps") / rel if thumb else None, f"{name}: heatmap", "no heatmap"))
     # The predicted mask as an outline on the image (what an operator looks at); it links to the binary mask.
     mask = out / "masks" / rel
     thumb = None
-    if mask.is_file() and rec.get("path") and _make_thumb(Path(rec["path"]), out / files / "outlines" / rel,
-                                                          "outline", mask):
+    if (
+        mask.is_file()
+        and rec.get("path")
+        and _make_thumb(Path(rec["path"]), out / files / "outlines" / rel, "outline", mask)
+    ):
         thumb = files / "outlines" / rel
     missing = "no threshold: no mask" if rec.get("is_anomalous") is None else "mask not readable"
     cells.append(_figure(thumb, PurePath("masks") / rel if thumb else None, f"{name}: predicted mask outline", missing))
@@ -237,25 +244,30 @@ def _image_row(out: Path, rank: int, rec: dict) -> str:
         verdict, outcome = '<span class="badge none">no decision</span>', ""
         state = "none"
     else:
-        verdict = ('<span class="badge anomalous">anomalous</span>' if decision
-                   else '<span class="badge good">good</span>')
+        verdict = (
+            '<span class="badge anomalous">anomalous</span>' if decision else '<span class="badge good">good</span>'
+        )
         correct = label in (0, 1) and bool(decision) == bool(label)
         state = "correct" if correct else "incorrect"
-        kind = ("true positive" if decision else "true negative") if correct else \
-            ("false positive" if decision else "false negative")
+        kind = (
+            ("true positive" if decision else "true negative")
+            if correct
+            else ("false positive" if decision else "false negative")
+        )
         mark = "✓ correct" if correct else "✗ incorrect"
         outcome = f'<span class="outcome {state}" title="{kind}">{mark}</span> <span class="kind">{kind}</span>'
     info = (
         f'<div class="info"><div class="rank">#{rank}</div>'
         f'<div class="name" title="{_e(name)}">{_e(name)}</div>'
-        f'<div>type <b>{_e(rec.get("defect_type", ""))}</b> · label {truth_text}</div>'
+        f"<div>type <b>{_e(rec.get('defect_type', ''))}</b> · label {truth_text}</div>"
         f'<div>score <b class="score">{_fmt_score(rec.get("score"))}</b></div>'
-        + (f'<div class="warn">{_e(rec["status"])}</div>' if rec.get("status", "ok") != "ok" else "") +
-        f"<div>{verdict} {outcome}</div></div>"
+        + (f'<div class="warn">{_e(rec["status"])}</div>' if rec.get("status", "ok") != "ok" else "")
+        + f"<div>{verdict} {outcome}</div></div>"
     )
     score = _number(rec.get("score"))
-    return (f'<div class="row {state}" data-name="{_e(name)}" data-score="{_e(repr(score))}">'
-            f"{info}{''.join(cells)}</div>")
+    return (
+        f'<div class="row {state}" data-name="{_e(name)}" data-score="{_e(repr(score))}">{info}{"".join(cells)}</div>'
+    )
 
 
 # ------------------------------------------------------------------------------------------ SVG plots
@@ -273,26 +285,34 @@ def _py(y: float) -> float:
 
 
 def _svg_open(title: str) -> list[str]:
-    return [f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" viewBox="0 0 {_W} {_H}" width="{_W}" '
-            f'height="{_H}" role="img" aria-label="{_e(title)}"><title>{_e(title)}</title>',
-            f'<text x="{_W / 2:.1f}" y="18" class="ptitle" text-anchor="middle">{_e(title)}</text>']
+    return [
+        f'<svg xmlns="http://www.w3.org/2000/svg" class="plot" viewBox="0 0 {_W} {_H}" width="{_W}" '
+        f'height="{_H}" role="img" aria-label="{_e(title)}"><title>{_e(title)}</title>',
+        f'<text x="{_W / 2:.1f}" y="18" class="ptitle" text-anchor="middle">{_e(title)}</text>',
+    ]
 
 
 def _svg_axes(xlabel: str, ylabel: str, xticks: list[tuple[float, str]], y_unit: bool = True) -> list[str]:
     parts = []
     for x, text in xticks:
-        parts.append(f'<line x1="{x:.1f}" y1="{_MT}" x2="{x:.1f}" y2="{_MT + _PH}" class="grid"/>'
-                     f'<text x="{x:.1f}" y="{_MT + _PH + 15}" class="tick" text-anchor="middle">{_e(text)}</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{_MT}" x2="{x:.1f}" y2="{_MT + _PH}" class="grid"/>'
+            f'<text x="{x:.1f}" y="{_MT + _PH + 15}" class="tick" text-anchor="middle">{_e(text)}</text>'
+        )
     if y_unit:
         for i in range(6):
             y = i / 5
-            parts.append(f'<line x1="{_ML}" y1="{_py(y):.1f}" x2="{_ML + _PW}" y2="{_py(y):.1f}" class="grid"/>'
-                         f'<text x="{_ML - 6}" y="{_py(y) + 4:.1f}" class="tick" text-anchor="end">{y:.1f}</text>')
+            parts.append(
+                f'<line x1="{_ML}" y1="{_py(y):.1f}" x2="{_ML + _PW}" y2="{_py(y):.1f}" class="grid"/>'
+                f'<text x="{_ML - 6}" y="{_py(y) + 4:.1f}" class="tick" text-anchor="end">{y:.1f}</text>'
+            )
     parts.append(f'<rect x="{_ML}" y="{_MT}" width="{_PW}" height="{_PH}" class="frame"/>')
     parts.append(f'<text x="{_ML + _PW / 2:.1f}" y="{_H - 8}" class="alabel" text-anchor="middle">{_e(xlabel)}</text>')
     if ylabel:
-        parts.append(f'<text x="14" y="{_MT + _PH / 2:.1f}" class="alabel" text-anchor="middle" '
-                     f'transform="rotate(-90 14 {_MT + _PH / 2:.1f})">{_e(ylabel)}</text>')
+        parts.append(
+            f'<text x="14" y="{_MT + _PH / 2:.1f}" class="alabel" text-anchor="middle" '
+            f'transform="rotate(-90 14 {_MT + _PH / 2:.1f})">{_e(ylabel)}</text>'
+        )
     return parts
 
 
@@ -311,8 +331,10 @@ def _polyline(xs, ys, css: str) -> str:
 def _svg_missing(title: str, why: str) -> str:
     parts = _svg_open(title)
     parts.append(f'<rect x="{_ML}" y="{_MT}" width="{_PW}" height="{_PH}" class="frame"/>')
-    parts.append(f'<text x="{_ML + _PW / 2:.1f}" y="{_MT + _PH / 2:.1f}" class="missing" '
-                 f'text-anchor="middle">{_e(why)}</text></svg>')
+    parts.append(
+        f'<text x="{_ML + _PW / 2:.1f}" y="{_MT + _PH / 2:.1f}" class="missing" '
+        f'text-anchor="middle">{_e(why)}</text></svg>'
+    )
     return "".join(parts)
 
 
@@ -323,8 +345,10 @@ def _svg_roc(curve: dict | None, title: str, auroc, why_missing: str) -> str:
     parts += _svg_axes("false positive rate", "true positive rate", _unit_ticks())
     parts.append(f'<line x1="{_px(0):.1f}" y1="{_py(0):.1f}" x2="{_px(1):.1f}" y2="{_py(1):.1f}" class="chance"/>')
     parts.append(_polyline(curve["fpr"], curve["tpr"], "curve"))
-    parts.append(f'<text x="{_ML + _PW - 8}" y="{_MT + _PH - 10}" class="legend" text-anchor="end">'
-                 f"AUROC {_fmt(auroc)}</text></svg>")
+    parts.append(
+        f'<text x="{_ML + _PW - 8}" y="{_MT + _PH - 10}" class="legend" text-anchor="end">'
+        f"AUROC {_fmt(auroc)}</text></svg>"
+    )
     return "".join(parts)
 
 
@@ -333,15 +357,18 @@ def _svg_pro(curve: dict | None, au_pro) -> str:
     if not curve or not curve.get("fpr") or not curve.get("pro"):
         return _svg_missing(title, "no ground-truth defect regions")
     parts = _svg_open(title)
-    parts.append(f'<rect x="{_px(0):.1f}" y="{_MT}" width="{_px(PRO_LIMIT) - _px(0):.1f}" height="{_PH}" '
-                 f'class="limitzone"/>')
+    parts.append(
+        f'<rect x="{_px(0):.1f}" y="{_MT}" width="{_px(PRO_LIMIT) - _px(0):.1f}" height="{_PH}" class="limitzone"/>'
+    )
     parts += _svg_axes("false positive rate", "PRO", _unit_ticks())
     x = _px(PRO_LIMIT)
     parts.append(f'<line x1="{x:.1f}" y1="{_MT}" x2="{x:.1f}" y2="{_MT + _PH}" class="limit"/>')
     parts.append(f'<text x="{_px(PRO_LIMIT) + 4:.1f}" y="{_MT + 12}" class="limittext">FPR limit {PRO_LIMIT}</text>')
     parts.append(_polyline(curve["fpr"], curve["pro"], "curve"))
-    parts.append(f'<text x="{_ML + _PW - 8}" y="{_MT + _PH - 10}" class="legend" text-anchor="end">'
-                 f"AU-PRO@{PRO_LIMIT} {_fmt(au_pro)}</text></svg>")
+    parts.append(
+        f'<text x="{_ML + _PW - 8}" y="{_MT + _PH - 10}" class="legend" text-anchor="end">'
+        f"AU-PRO@{PRO_LIMIT} {_fmt(au_pro)}</text></svg>"
+    )
     return "".join(parts)
 
 
@@ -366,14 +393,18 @@ def _svg_scores(records: list[dict], threshold) -> str:
     for i, (rec, s) in enumerate(scored):
         text, y, css = lanes.get(rec.get("label"), ("?", 0.5, "dunknown"))
         jitter = ((i * 0.6180339887) % 1.0 - 0.5) * 0.22
-        parts.append(f'<circle cx="{_px(s, lo, hi):.2f}" cy="{_py(y + jitter):.2f}" r="3.2" class="{css}">'
-                     f"<title>{_e(rec.get('name', ''))}: {_fmt_score(s)}</title></circle>")
+        parts.append(
+            f'<circle cx="{_px(s, lo, hi):.2f}" cy="{_py(y + jitter):.2f}" r="3.2" class="{css}">'
+            f"<title>{_e(rec.get('name', ''))}: {_fmt_score(s)}</title></circle>"
+        )
     if t is not None:
         x = _px(t, lo, hi)
         right = x > _ML + _PW / 2  # label on the side with room
-        parts.append(f'<line x1="{x:.1f}" y1="{_MT}" x2="{x:.1f}" y2="{_MT + _PH}" class="limit"/>'
-                     f'<text x="{x - 4 if right else x + 4:.1f}" y="{_MT + 12}" class="limittext" '
-                     f'text-anchor="{"end" if right else "start"}">threshold {_fmt_score(t)}</text>')
+        parts.append(
+            f'<line x1="{x:.1f}" y1="{_MT}" x2="{x:.1f}" y2="{_MT + _PH}" class="limit"/>'
+            f'<text x="{x - 4 if right else x + 4:.1f}" y="{_MT + 12}" class="limittext" '
+            f'text-anchor="{"end" if right else "start"}">threshold {_fmt_score(t)}</text>'
+        )
     parts.append("</svg>")
     return "".join(parts)
 
@@ -397,29 +428,39 @@ def _threshold_text(result: dict, model) -> str:
     thr = result.get("threshold") or {}
     image_t = thr.get("image")
     if image_t is None:
-        return ("<p>The model has <b>no decision threshold</b> (it was fitted without held-out good images, "
-                "<code>val_fraction=0</code>), so the images are ranked but not classified and no masks are "
-                "predicted.</p>")
+        return (
+            "<p>The model has <b>no decision threshold</b> (it was fitted without held-out good images, "
+            "<code>val_fraction=0</code>), so the images are ranked but not classified and no masks are "
+            "predicted.</p>"
+        )
     q, n_val = thr.get("quantile"), thr.get("n_val_images")
     info = thr.get("info") or {}
     if info.get("source") == "command line":
         origin = "set on the command line (<code>--threshold</code>, <code>--pixel-threshold</code>)."
         n_val = None
     else:
-        where = "given to <code>somad calibrate</code>" if info.get("source") == "calibrate" else "held out from fitting"
+        where = (
+            "given to <code>somad calibrate</code>" if info.get("source") == "calibrate" else "held out from fitting"
+        )
         pq = info.get("pixel_quantile")
-        origin = (f"the {_e(q)}-quantile of the scores of <b>{_e(n_val)}</b> good images {where} (expected false-alarm "
-                  f"rate {_e(_fmt(1 - q if isinstance(q, (int, float)) else None, 3))})"
-                  + (f", and the {_e(pq)}-quantile of their map pixels." if pq is not None else "."))
-    text = (f"<p>Image threshold <b>{_fmt_score(image_t)}</b>, pixel threshold <b>{_fmt_score(thr.get('pixel'))}</b>: "
-            f"{origin} An image is <i>anomalous</i> when its score exceeds the image threshold, or when the input "
-            "gate refuses it (a blank, saturated or mostly blank frame); a flagged image's mask is every pixel whose "
-            "map value exceeds the pixel threshold, plus its peak. The test set was <b>not</b> used to choose the "
-            "thresholds (the F1-max and best balanced accuracy columns, in contrast, use the best threshold found on "
-            "the test set itself).</p>")
+        origin = (
+            f"the {_e(q)}-quantile of the scores of <b>{_e(n_val)}</b> good images {where} (expected false-alarm "
+            f"rate {_e(_fmt(1 - q if isinstance(q, (int, float)) else None, 3))})"
+            + (f", and the {_e(pq)}-quantile of their map pixels." if pq is not None else ".")
+        )
+    text = (
+        f"<p>Image threshold <b>{_fmt_score(image_t)}</b>, pixel threshold <b>{_fmt_score(thr.get('pixel'))}</b>: "
+        f"{origin} An image is <i>anomalous</i> when its score exceeds the image threshold, or when the input "
+        "gate refuses it (a blank, saturated or mostly blank frame); a flagged image's mask is every pixel whose "
+        "map value exceeds the pixel threshold, plus its peak. The test set was <b>not</b> used to choose the "
+        "thresholds (the F1-max and best balanced accuracy columns, in contrast, use the best threshold found on "
+        "the test set itself).</p>"
+    )
     if isinstance(n_val, int) and n_val < 10:
-        text += (f'<p class="warn">Only {n_val} held-out image{"s" if n_val != 1 else ""}: the threshold is a '
-                 "rough estimate; fit on more good images or a larger validation fraction.</p>")
+        text += (
+            f'<p class="warn">Only {n_val} held-out image{"s" if n_val != 1 else ""}: the threshold is a '
+            "rough estimate; fit on more good images or a larger validation fraction.</p>"
+        )
     return text
 
 
@@ -427,33 +468,51 @@ def _colour_scale(model) -> str:
     rng = getattr(model, "display_range_", None)
     bar = f'<span class="jet" style="background: linear-gradient(to right, {_JET})"></span>'
     if rng:
-        return (f"<p>Heatmap colours: {bar} from {_fmt_score(rng[0])} (median of a good image's map) to "
-                f"{_fmt_score(rng[1])}, the same scale for every image; the threshold lies in the middle "
-                "(yellow-green).</p>")
-    return (f"<p>Heatmap colours: {bar} scaled per image (the model has no threshold), so colours are not "
-            "comparable across images.</p>")
+        return (
+            f"<p>Heatmap colours: {bar} from {_fmt_score(rng[0])} (median of a good image's map) to "
+            f"{_fmt_score(rng[1])}, the same scale for every image; the threshold lies in the middle "
+            "(yellow-green).</p>"
+        )
+    return (
+        f"<p>Heatmap colours: {bar} scaled per image (the model has no threshold), so colours are not "
+        "comparable across images.</p>"
+    )
 
 
 def _counts(result: dict, records: list[dict]) -> str:
     n = result.get("n_images")
     if not isinstance(n, dict):
-        n = {"total": len(records), "good": sum(r.get("label") == 0 for r in records),
-             "defective": sum(r.get("label") == 1 for r in records), "skipped": len(result.get("skipped") or [])}
-    pairs = [("test images", _e(n.get("total", len(records)))), ("good", _e(n.get("good", "–"))),
-             ("defective", _e(n.get("defective", "–"))), ("skipped (unreadable)", _e(n.get("skipped", 0)))]
+        n = {
+            "total": len(records),
+            "good": sum(r.get("label") == 0 for r in records),
+            "defective": sum(r.get("label") == 1 for r in records),
+            "skipped": len(result.get("skipped") or []),
+        }
+    pairs = [
+        ("test images", _e(n.get("total", len(records)))),
+        ("good", _e(n.get("good", "–"))),
+        ("defective", _e(n.get("defective", "–"))),
+        ("skipped (unreadable)", _e(n.get("skipped", 0))),
+    ]
     decided = [r for r in records if r.get("is_anomalous") is not None and r.get("label") in (0, 1)]
     if decided:
         tp = sum(bool(r["is_anomalous"]) and r["label"] == 1 for r in decided)
         fp = sum(bool(r["is_anomalous"]) and r["label"] == 0 for r in decided)
         fn = sum((not r["is_anomalous"]) and r["label"] == 1 for r in decided)
         tn = len(decided) - tp - fp - fn
-        pairs.append(("at the threshold", f"{tp} true positive, {fp} false positive, {tn} true negative, "
-                                          f"{fn} false negative"))
+        pairs.append(
+            ("at the threshold", f"{tp} true positive, {fp} false positive, {tn} true negative, {fn} false negative")
+        )
     pairs.append(("mask comparison", _e(_resolution_text(result.get("eval_resolution")))))
     timing = result.get("timing") or {}
     if _number(timing.get("predict_ms_per_image")) is not None:
-        pairs.append(("prediction time", f"{_fmt(timing.get('predict_seconds'), 1)} s, "
-                                         f"{_fmt(timing.get('predict_ms_per_image'), 1)} ms per image"))
+        pairs.append(
+            (
+                "prediction time",
+                f"{_fmt(timing.get('predict_seconds'), 1)} s, "
+                f"{_fmt(timing.get('predict_ms_per_image'), 1)} ms per image",
+            )
+        )
     return _kv_table(pairs)
 
 
@@ -482,13 +541,17 @@ def _metrics_table(result: dict) -> str:
                 title = ' title="not available (needs good and defective images, masks or a threshold)"'
             cells.append(f'<td class="num"{title}>{_fmt(v)}</td>')
         css = ' class="overall"' if name == "overall" else ""
-        body.append(f'<tr{css}><th title="{_e(tip)}">{_e(name)}</th><td class="num">{_e(m.get("n_images", "–"))}</td>'
-                    f"{''.join(cells)}</tr>")
-    return (f'<table class="metrics"><thead><tr><th>subset</th><th title="number of images">images</th>{head}</tr>'
-            f"</thead><tbody>{''.join(body)}</tbody></table>"
-            '<p class="note">Per defect type: that type\'s images against all good test images. '
-            "F1-max uses the best threshold on the test set (an upper bound); the accuracies use the model's own "
-            "threshold. “–”: not available (one class only, no masks, or no threshold).</p>")
+        body.append(
+            f'<tr{css}><th title="{_e(tip)}">{_e(name)}</th><td class="num">{_e(m.get("n_images", "–"))}</td>'
+            f"{''.join(cells)}</tr>"
+        )
+    return (
+        f'<table class="metrics"><thead><tr><th>subset</th><th title="number of images">images</th>{head}</tr>'
+        f"</thead><tbody>{''.join(body)}</tbody></table>"
+        '<p class="note">Per defect type: that type\'s images against all good test images. '
+        "F1-max uses the best threshold on the test set (an upper bound); the accuracies use the model's own "
+        "threshold. “–”: not available (one class only, no masks, or no threshold).</p>"
+    )
 
 
 def _plots(result: dict, records: list[dict]) -> str:
@@ -497,8 +560,12 @@ def _plots(result: dict, records: list[dict]) -> str:
     one_class = "needs good and defective images"
     plots = [
         _svg_roc(curves.get("image_roc"), "Image-level ROC", overall.get("image_auroc"), one_class),
-        _svg_roc(curves.get("pixel_roc"), "Pixel-level ROC", overall.get("pixel_auroc"),
-                 "no ground-truth defect pixels" if curves.get("image_roc") else one_class),
+        _svg_roc(
+            curves.get("pixel_roc"),
+            "Pixel-level ROC",
+            overall.get("pixel_auroc"),
+            "no ground-truth defect pixels" if curves.get("image_roc") else one_class,
+        ),
         _svg_pro(curves.get("pro"), overall.get("au_pro")),
         _svg_scores(records, (result.get("threshold") or {}).get("image")),
     ]
@@ -510,8 +577,10 @@ def _skipped(result: dict) -> str:
     if not skipped:
         return "<p>No file was skipped.</p>"
     items = "".join(f"<li><code>{_e(s)}</code></li>" for s in skipped)
-    return (f'<p class="warn">{len(skipped)} file{"s were" if len(skipped) != 1 else " was"} unreadable and left out '
-            f"of every metric:</p><ul class=\"skipped\">{items}</ul>")
+    return (
+        f'<p class="warn">{len(skipped)} file{"s were" if len(skipped) != 1 else " was"} unreadable and left out '
+        f'of every metric:</p><ul class="skipped">{items}</ul>'
+    )
 
 
 _CSS = """
@@ -579,7 +648,7 @@ def _page(result: dict, model, records: list[dict], rows: list[str]) -> str:
     method = getattr(model, "method", "?")
     backbone = getattr(model, "backbone", "?")
     created = _dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    grid = ("".join(rows) if rows else "<p>No test image was scored.</p>")
+    grid = "".join(rows) if rows else "<p>No test image was scored.</p>"
     return f"""<!DOCTYPE html>
 <html lang="en">
 <head>

@@ -19,16 +19,9 @@ import torch.nn.functional as F
 
 from .errors import SomadError
 from .node_search import ClusteredNodeSearch, make_search
-from .node_search import nearest_nodes  # noqa: F401  (public here since somad 0.1)
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
-
-
-def grid_coordinates(size: int) -> torch.Tensor:
-    """``(size*size, 2)`` row/column coordinates of the nodes, in row-major order."""
-    r, c = torch.meshgrid(torch.arange(size), torch.arange(size), indexing="ij")
-    return torch.stack([r.reshape(-1), c.reshape(-1)], dim=1)
 
 
 def radius_schedule(size: int, rough_epochs: int, fine_epochs: int) -> np.ndarray:
@@ -64,8 +57,17 @@ class SelfOrganizingMap:
         Fraction of training vectors whose two nearest nodes are not grid neighbours (8-neighbourhood).
     """
 
-    def __init__(self, *, size: int = 56, rough_epochs: int = 20, fine_epochs: int = 15,
-                 max_samples: int | None = 100_000, seed: int = 0, chunk_size: int = 8192, search: str = "exact"):
+    def __init__(
+        self,
+        *,
+        size: int = 56,
+        rough_epochs: int = 20,
+        fine_epochs: int = 15,
+        max_samples: int | None = 100_000,
+        seed: int = 0,
+        chunk_size: int = 8192,
+        search: str = "exact",
+    ):
         self.size = size
         self.rough_epochs = rough_epochs
         self.fine_epochs = fine_epochs
@@ -95,7 +97,7 @@ class SelfOrganizingMap:
         grid = F.interpolate(grid, size=(size, size), mode="bilinear", align_corners=True)
         return grid[0].permute(1, 2, 0).reshape(-1, d).contiguous()
 
-    def fit(self, x: torch.Tensor, init: torch.Tensor) -> "SelfOrganizingMap":
+    def fit(self, x: torch.Tensor, init: torch.Tensor) -> SelfOrganizingMap:
         """Train the map.
 
         Parameters
@@ -136,8 +138,14 @@ class SelfOrganizingMap:
         self.weights_ = weights
         self.quantization_error_, self.topographic_error_ = self.errors(x)
         self.n_samples_ = int(x.shape[0])
-        logger.info("SOM %dx%d trained on %d vectors: quantization error %.4f, topographic error %.4f",
-                    self.size, self.size, self.n_samples_, self.quantization_error_, self.topographic_error_)
+        logger.info(
+            "SOM %dx%d trained on %d vectors: quantization error %.4f, topographic error %.4f",
+            self.size,
+            self.size,
+            self.n_samples_,
+            self.quantization_error_,
+            self.topographic_error_,
+        )
         return self
 
     def errors(self, x: torch.Tensor) -> tuple[float, float]:
@@ -161,8 +169,8 @@ class SelfOrganizingMap:
         sums = torch.zeros(m, d, dtype=torch.float64, device=device)
         counts = torch.zeros(m, dtype=torch.float64, device=device)
         for start in range(0, x.shape[0], self.chunk_size):
-            b = bmu[start:start + self.chunk_size]
-            sums.index_add_(0, b, x[start:start + self.chunk_size].to(device, torch.float64))
+            b = bmu[start : start + self.chunk_size]
+            sums.index_add_(0, b, x[start : start + self.chunk_size].to(device, torch.float64))
             counts.index_add_(0, b, torch.ones_like(b, dtype=torch.float64))
         return sums, counts
 

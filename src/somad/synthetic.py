@@ -279,6 +279,9 @@ def make_synthetic_category(
                 _save_png(mask.astype(np.uint8) * 255, gt_dirs[kind] / f"{stem}_mask.png")
     logger.info(
         "wrote synthetic category %s (%d train, %d good test, %d defective test images)",
-        category, n_train, n_test_good, n_test_defect,
+        category,
+        n_train,
+        n_test_good,
+        n_test_defect,
     )
     return category

@@ -47,8 +47,9 @@ def is_anomalous(score: float, threshold: float | None) -> bool | None:
     return None if threshold is None else bool(score > threshold)
 
 
-def predicted_mask(anomaly_map: np.ndarray, flagged: bool | None, pixel_threshold: float | None,
-                   *, valid: bool = True) -> np.ndarray | None:
+def predicted_mask(
+    anomaly_map: np.ndarray, flagged: bool | None, pixel_threshold: float | None, *, valid: bool = True
+) -> np.ndarray | None:
     """Boolean mask of a map ``(H, W)`` at any resolution; ``None`` when the model has no threshold.
 
     Not flagged: empty. Flagged: ``map > pixel_threshold`` plus the peak pixel (never empty). An invalid
@@ -94,8 +95,17 @@ def regions(mask: np.ndarray, anomaly_map: np.ndarray) -> list[Region]:
     out = []
     for i, box in enumerate(ndimage.find_objects(labels), start=1):
         values = anomaly_map[box][labels[box] == i]
-        out.append(Region(int(values.size), box[1].start, box[0].start, box[1].stop, box[0].stop,
-                          float(values.max()), float(values.mean())))
+        out.append(
+            Region(
+                int(values.size),
+                box[1].start,
+                box[0].start,
+                box[1].stop,
+                box[0].stop,
+                float(values.max()),
+                float(values.mean()),
+            )
+        )
     return sorted(out, key=lambda r: -r.area)
 
 
@@ -115,8 +125,9 @@ class Thresholds:
         return 1.0 - self.quantile
 
 
-def estimate_thresholds(scores: Sequence[float], maps: Sequence[np.ndarray], quantile: float,
-                        pixel_quantile: float) -> Thresholds:
+def estimate_thresholds(
+    scores: Sequence[float], maps: Sequence[np.ndarray], quantile: float, pixel_quantile: float
+) -> Thresholds:
     """Thresholds from good images only: ``quantile`` of their scores, ``pixel_quantile`` of their map pixels.
 
     ``maps`` are the images' maps at the model input; every second pixel of every second row is pooled
@@ -125,8 +136,13 @@ def estimate_thresholds(scores: Sequence[float], maps: Sequence[np.ndarray], qua
     """
     scores = np.asarray(scores, dtype=np.float64)
     pixels = np.concatenate([np.asarray(m, dtype=np.float32)[::2, ::2].ravel() for m in maps])
-    return Thresholds(float(np.quantile(scores, quantile)), float(np.quantile(pixels, pixel_quantile)),
-                      int(scores.size), float(quantile), float(pixel_quantile))
+    return Thresholds(
+        float(np.quantile(scores, quantile)),
+        float(np.quantile(pixels, pixel_quantile)),
+        int(scores.size),
+        float(quantile),
+        float(pixel_quantile),
+    )
 
 
 # ----------------------------------------------------------------------------------------- input gate

@@ -87,22 +87,24 @@ class PaDiM(BaseDetector):
         out = torch.empty(n_pos, d, d, dtype=torch.float32, device=cov.device)
         step = max(1, max_elements // (d * d))
         for lo in range(0, n_pos, step):
-            out[lo:lo + step] = _inverse_cholesky(cov[lo:lo + step]).float()
+            out[lo : lo + step] = _inverse_cholesky(cov[lo : lo + step]).float()
         return out
 
     # ------------------------------------------------------------------ score
     def _patch_scores(self, feats, max_elements: int = 1 << 24):
         b, d, h, w = feats.shape
         if (h, w) != tuple(self.grid_shape_):
-            raise SomadError(f"feature grid {h}x{w} does not match the fitted grid "
-                             f"{self.grid_shape_[0]}x{self.grid_shape_[1]}; use the model's image and crop sizes")
+            raise SomadError(
+                f"feature grid {h}x{w} does not match the fitted grid "
+                f"{self.grid_shape_[0]}x{self.grid_shape_[1]}; use the model's image and crop sizes"
+            )
         x = feats.permute(2, 3, 0, 1).reshape(h * w, b, d).to(self.means_.device, torch.float32)
         out = torch.empty(h * w, b, dtype=torch.float32, device=x.device)
         step = max(1, max_elements // (d * max(b, d)))
         for lo in range(0, h * w, step):
-            centred = x[lo:lo + step] - self.means_[lo:lo + step, None, :]  # (p, b, D)
-            z = centred @ self.whiteners_[lo:lo + step].transpose(1, 2)  # W (x - mu), batched over positions
-            out[lo:lo + step] = (z * z).sum(-1)
+            centred = x[lo : lo + step] - self.means_[lo : lo + step, None, :]  # (p, b, D)
+            z = centred @ self.whiteners_[lo : lo + step].transpose(1, 2)  # W (x - mu), batched over positions
+            out[lo : lo + step] = (z * z).sum(-1)
         return out.sqrt_().T.reshape(b, h, w), None
 
     # ------------------------------------------------------------------ persistence

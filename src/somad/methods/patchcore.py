@@ -86,7 +86,9 @@ def greedy_coreset(x: torch.Tensor, n_select: int, *, projection_dim: int | None
     return selected
 
 
-def reweighted_score(x_star: torch.Tensor, bank: torch.Tensor, m_star: torch.Tensor, num_neighbors: int) -> torch.Tensor:
+def reweighted_score(
+    x_star: torch.Tensor, bank: torch.Tensor, m_star: torch.Tensor, num_neighbors: int
+) -> torch.Tensor:
     """PatchCore's image score from the most anomalous test patch of each image.
 
     Parameters
@@ -143,11 +145,13 @@ class PatchCore(BaseDetector):
     _stages = (1, 2)
     _local_aggregation = 3
     _parameters = {
-        "coreset_ratio": Param(Interval(float, 0.0, 1.0, open_low=True), "fraction of training patches kept in "
-                               "the memory bank"),
+        "coreset_ratio": Param(
+            Interval(float, 0.0, 1.0, open_low=True), "fraction of training patches kept in the memory bank"
+        ),
         "num_neighbors": Param(Interval(int, 1, None), "bank neighbours of the image-score reweighting (1 = none)"),
-        "projection_dim": Param(Interval(int, 1, None), "random-projection dimension for the coreset search",
-                                none="full dimension"),
+        "projection_dim": Param(
+            Interval(int, 1, None), "random-projection dimension for the coreset search", none="full dimension"
+        ),
     }
 
     def __init__(self, *, coreset_ratio=0.1, num_neighbors=9, projection_dim=128, **common):
@@ -162,7 +166,7 @@ class PatchCore(BaseDetector):
             b, d, h, w = feats.shape
             if x is None:
                 x = torch.empty(n_images * h * w, d, dtype=torch.float32, device=feats.device)
-            x[n:n + b * h * w] = feats.permute(0, 2, 3, 1).reshape(-1, d)
+            x[n : n + b * h * w] = feats.permute(0, 2, 3, 1).reshape(-1, d)
             n += b * h * w
         x = x[:n]
         if not torch.isfinite(x).all():

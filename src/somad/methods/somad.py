@@ -20,7 +20,6 @@ import torch
 
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
-from ..params import Interval, Options, Param
 from ..node_search import SEARCH_CHOICES, make_search
 from ..node_stats import (
     NodeGaussians,
@@ -28,6 +27,7 @@ from ..node_stats import (
     mahalanobis,
     strips_from_rows,
 )
+from ..params import Interval, Options, Param
 from ..som import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
@@ -88,27 +88,51 @@ class SOMAD(BaseDetector):
         "som_size": Param(Interval(int, 2, 256), "SOM grid side K, K*K nodes"),
         "k": Param(Interval(int, 1, None), "nearest nodes searched per patch"),
         "eps": Param(Interval(float, 0.0, None), "covariance ridge eps*I"),
-        "shrinkage": Param(Interval(float, 0.0, 1.0), "weight of the pooled within-node covariance in each node's "
-                           "covariance"),
+        "shrinkage": Param(
+            Interval(float, 0.0, 1.0), "weight of the pooled within-node covariance in each node's covariance"
+        ),
         "rough_epochs": Param(Interval(int, 0, 1000), "rough-phase epochs"),
         "fine_epochs": Param(Interval(int, 0, 1000), "fine-phase epochs"),
-        "som_samples": Param(Interval(int, 1, None), "train the SOM on at most this many random patches",
-                             none="all"),
-        "search": Param(Options(SEARCH_CHOICES), "nearest-node search, coarse-to-fine over node clusters or "
-                        "exhaustive"),
+        "som_samples": Param(Interval(int, 1, None), "train the SOM on at most this many random patches", none="all"),
+        "search": Param(
+            Options(SEARCH_CHOICES), "nearest-node search, coarse-to-fine over node clusters or exhaustive"
+        ),
         "feature_dtype": Param(Options(tuple(DTYPES)), "precision of the training patches held during fit"),
-        "factor_dtype": Param(Options(tuple(DTYPES)), "storage of the per-node covariance factors; float16 halves "
-                              "model memory and file and the bytes read per image"),
-        "local_aggregation": Param(Interval(int, 1, 15), "average each backbone stage over a KxK neighbourhood "
-                                   "(odd K; 1 = none)"),
+        "factor_dtype": Param(
+            Options(tuple(DTYPES)),
+            "storage of the per-node covariance factors; float16 halves "
+            "model memory and file and the bytes read per image",
+        ),
+        "local_aggregation": Param(
+            Interval(int, 1, 15), "average each backbone stage over a KxK neighbourhood (odd K; 1 = none)"
+        ),
     }
     _scoring = ("k", "search")
     # Files written before a parameter existed were fitted as it then was: search etc. (0.1.0), no aggregation (0.5.0)
-    _absent_in_old_files = {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32",
-                            "local_aggregation": 1, "shrinkage": 0.0}
+    _absent_in_old_files = {
+        "search": "exact",
+        "feature_dtype": "float32",
+        "factor_dtype": "float32",
+        "local_aggregation": 1,
+        "shrinkage": 0.0,
+    }
 
-    def __init__(self, *, som_size=56, k=4, eps=0.01, rough_epochs=20, fine_epochs=15, som_samples=100_000,
-                 search="fast", feature_dtype="float16", factor_dtype="float16", local_aggregation=3, shrinkage=0.0, **common):
+    def __init__(
+        self,
+        *,
+        som_size=56,
+        k=4,
+        eps=0.01,
+        rough_epochs=20,
+        fine_epochs=15,
+        som_samples=100_000,
+        search="fast",
+        feature_dtype="float16",
+        factor_dtype="float16",
+        local_aggregation=3,
+        shrinkage=0.0,
+        **common,
+    ):
         super().__init__(**common)
         self.shrinkage = shrinkage
         self.local_aggregation = local_aggregation
@@ -129,8 +153,8 @@ class SOMAD(BaseDetector):
     def _validate_params(self, where: str = "") -> None:
         super()._validate_params(where)
         prefix = f"{where}: " if where else ""
-        if self.k > self.som_size ** 2:
-            raise SomadError(f"{prefix}k={self.k} must be between 1 and the number of SOM nodes ({self.som_size ** 2})")
+        if self.k > self.som_size**2:
+            raise SomadError(f"{prefix}k={self.k} must be between 1 and the number of SOM nodes ({self.som_size**2})")
         if self.local_aggregation % 2 == 0:
             raise SomadError(f"{prefix}local_aggregation={self.local_aggregation} must be odd (1 = none)")
 
@@ -142,20 +166,34 @@ class SOMAD(BaseDetector):
                 x = torch.empty(n_images * h * w, d, dtype=DTYPES[self.feature_dtype], device=feats.device)
                 position_sum = torch.zeros(h, w, d, dtype=torch.float64, device=feats.device)
             patches = feats.permute(0, 2, 3, 1)  # (b, h, w, D): patch rows in image-major, row-major order
-            stored = x[n * h * w:(n + b) * h * w]
+            stored = x[n * h * w : (n + b) * h * w]
             stored.copy_(patches.reshape(-1, d))
             if not torch.isfinite(stored).all():  # only float16 can overflow: the backbone output was checked
-                raise NumericalError(f"training features overflow {self.feature_dtype}; refit with feature_dtype='float32'")
+                raise NumericalError(
+                    f"training features overflow {self.feature_dtype}; refit with feature_dtype='float32'"
+                )
             position_sum += patches.double().sum(0)
             n += b
         x = x[: n * h * w]
-        som = SelfOrganizingMap(size=int(self.som_size), rough_epochs=self.rough_epochs, fine_epochs=self.fine_epochs,
-                                max_samples=self.som_samples, seed=self.seed, search=self.search)
+        som = SelfOrganizingMap(
+            size=int(self.som_size),
+            rough_epochs=self.rough_epochs,
+            fine_epochs=self.fine_epochs,
+            max_samples=self.som_samples,
+            seed=self.seed,
+            search=self.search,
+        )
         init = SelfOrganizingMap.position_mean_init(position_sum / n, som.size)
         self.som_ = som.fit(x, init)
         _, assignment = make_search(som.weights_, som.size, self.search)(x, 1)
-        self.gaussians_ = fit_node_gaussians(x, assignment[:, 0], som.weights_, float(self.eps),
-                                             dtype=DTYPES[self.factor_dtype], shrinkage=float(self.shrinkage))
+        self.gaussians_ = fit_node_gaussians(
+            x,
+            assignment[:, 0],
+            som.weights_,
+            float(self.eps),
+            dtype=DTYPES[self.factor_dtype],
+            shrinkage=float(self.shrinkage),
+        )
         self.n_patches_ = int(x.shape[0])
         self._searcher = None
 
@@ -172,7 +210,10 @@ class SOMAD(BaseDetector):
         """The scoring search over non-empty nodes, built once per (model, ``search``) and cached."""
         cached = getattr(self, "_searcher", None)
         if cached is None or cached[0] != self.search:
-            cached = (self.search, make_search(self.som_.weights_, self.som_.size, self.search, exclude=self.gaussians_.empty))
+            cached = (
+                self.search,
+                make_search(self.som_.weights_, self.som_.size, self.search, exclude=self.gaussians_.empty),
+            )
             self._searcher = cached
         return cached[1]
 
@@ -187,8 +228,11 @@ class SOMAD(BaseDetector):
         }
 
     def _state_info(self):
-        return {"quantization_error": self.som_.quantization_error_, "topographic_error": self.som_.topographic_error_,
-                "n_patches": self.n_patches_}
+        return {
+            "quantization_error": self.som_.quantization_error_,
+            "topographic_error": self.som_.topographic_error_,
+            "n_patches": self.n_patches_,
+        }
 
     def _set_state(self, arrays, state):
         weights = arrays["som_weights"].float()
