@@ -8,7 +8,6 @@
 
 __version__ = "0.5.0"
 
-from .base import load  # noqa: E402
-from .methods import METHODS, SOMAD, PaDiM, PatchCore  # noqa: E402
+from .methods import METHODS, SOMAD, PaDiM, PatchCore, load  # noqa: E402
 
 __all__ = ["SOMAD", "PaDiM", "PatchCore", "METHODS", "load", "__version__"]

@@ -27,8 +27,9 @@ import torch
 from PIL import Image
 
 from . import __version__
-from .backbones import BACKBONES
-from .errors import ImageLoadError, NotFittedError, NumericalError, SomadError
+from .backbones import BACKBONES, backbone_spec
+from .datasets import resolve_train_dir
+from .errors import ImageLoadError, ModelFileError, NotFittedError, NumericalError, SomadError
 from .features import (
     FeatureExtractor,
     Geometry,
@@ -39,7 +40,7 @@ from .features import (
     upsample_blur,
 )
 from .images import image_size, list_images, load_image, to_rgb
-from .model_io import load_model, save_model
+from .model_io import save_model
 from .params import Interval, Options, Param, Params, Text, validate
 from .progress import progress_bar
 from .verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
@@ -95,8 +96,6 @@ def as_items(images, *, train: bool = False) -> list[ImageItem]:
     ``(N, H, W)`` or ``(N, H, W, 3)``. PIL images are decoded by the same rules as files
     (``images.to_rgb``).
     """
-    from .datasets import resolve_train_dir
-
     if isinstance(images, np.ndarray):
         if images.ndim == 3 and images.shape[-1] == 3:  # one (H, W, 3) colour image, not H images of W x 3
             images = images[None]
@@ -644,8 +643,6 @@ class BaseDetector(Params):
         cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None, scoring: dict | None = None
     ):
         """Rebuild from a verified file; config or arrays that do not fit raise a one-line ModelFileError."""
-        from .errors import ModelFileError
-
         try:
             return cls._rebuild(config, arrays, path, device, scoring or {})
         except SomadError:
@@ -693,8 +690,6 @@ class BaseDetector(Params):
         try:
             model._set_state(arrays, state)
         except (KeyError, RuntimeError, ValueError) as exc:
-            from .errors import ModelFileError
-
             raise ModelFileError(
                 f"{path}: arrays do not match the config ({type(exc).__name__}: {str(exc)[:80]}); re-run `somad fit`"
             ) from None
@@ -753,34 +748,7 @@ def _warn_outliers(scores: np.ndarray, names: list[str]) -> None:
 
 
 def _channels(backbone: str) -> tuple[int, ...]:
-    from .backbones import backbone_spec
-
     return backbone_spec(backbone).channels
 
 
-def load(path, *, device: str | None = None, **scoring) -> BaseDetector:
-    """Rebuild a detector from a model file written by ``save``.
-
-    Parameters
-    ----------
-    path : model file
-    device : {"auto", "cpu", "cuda"}, optional
-        Overrides the device stored in the file.
-    **scoring
-        Overrides of scoring-only parameters (SOMAD: ``k``, ``search``), e.g. ``load(p, search="exact")``;
-        ``None`` values are ignored.
-    """
-    from .errors import ModelFileError
-    from .methods import METHODS
-
-    config, arrays = load_model(path)
-    if not isinstance(config, dict):
-        raise ModelFileError(f"{path}: the model config is not a JSON object; re-run `somad fit`")
-    method = config.get("method")
-    if method not in METHODS:
-        raise ModelFileError(f"{path}: unknown method {method!r} in the model file; valid: {', '.join(METHODS)}")
-    scoring = {name: value for name, value in scoring.items() if value is not None}
-    return METHODS[method]._from_file(config, arrays, Path(path), device, scoring)
-
-
-__all__ = ["BaseDetector", "ImageItem", "Prediction", "Geometry", "as_items", "load"]
+__all__ = ["BaseDetector", "ImageItem", "Prediction", "Geometry", "as_items"]

@@ -1,9 +1,37 @@
-"""Anomaly detection methods that share somad's feature pipeline (see ``somad.base``)."""
+"""Anomaly detection methods that share somad's feature pipeline (see ``somad.base``), their registry and ``load``."""
 
+from pathlib import Path
+
+from ..base import BaseDetector
+from ..errors import ModelFileError
+from ..model_io import load_model
 from .padim import PaDiM
 from .patchcore import PatchCore
 from .somad import PRESETS, SOMAD
 
 METHODS = {"somad": SOMAD, "padim": PaDiM, "patchcore": PatchCore}
 
-__all__ = ["METHODS", "PRESETS", "SOMAD", "PaDiM", "PatchCore"]
+
+def load(path, *, device: str | None = None, **scoring) -> BaseDetector:
+    """Rebuild a detector from a model file written by ``save``.
+
+    Parameters
+    ----------
+    path : model file
+    device : {"auto", "cpu", "cuda"}, optional
+        Overrides the device stored in the file.
+    **scoring
+        Overrides of scoring-only parameters (SOMAD: ``k``, ``search``), e.g. ``load(p, search="exact")``;
+        ``None`` values are ignored.
+    """
+    config, arrays = load_model(path)
+    if not isinstance(config, dict):
+        raise ModelFileError(f"{path}: the model config is not a JSON object; re-run `somad fit`")
+    method = config.get("method")
+    if method not in METHODS:
+        raise ModelFileError(f"{path}: unknown method {method!r} in the model file; valid: {', '.join(METHODS)}")
+    scoring = {name: value for name, value in scoring.items() if value is not None}
+    return METHODS[method]._from_file(config, arrays, Path(path), device, scoring)
+
+
+__all__ = ["METHODS", "PRESETS", "SOMAD", "PaDiM", "PatchCore", "load"]

@@ -1,0 +1,71 @@
+"""The ``somad`` command line: one module per command (fit, predict, evaluate, calibrate, benchmark, demo).
+
+Only this package prints. Every user error is one line on stderr (``error: ...``) and exit status 2;
+an interrupt (Ctrl-C or SIGTERM) exits with 130 and leaves no partial output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+
+from .. import __version__
+from ..errors import SomadError
+from . import benchmark, calibrate, demo, evaluate, fit, predict
+from .common import apply_preset, model_from_args, override_thresholds
+
+#: Every command: a module with ``add_parser(sub)`` and ``run(args)``, in the order of ``somad --help``.
+COMMANDS = (fit, predict, evaluate, calibrate, benchmark, demo)
+
+logger = logging.getLogger("somad")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="somad", description="Unsupervised visual anomaly detection with SOMAD.")
+    parser.add_argument("--version", action="version", version=f"somad {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for command in COMMANDS:
+        command.add_parser(sub)
+    return parser
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    if getattr(args, "parser", None) is not None:
+        apply_preset(args, argv, args.parser)
+    level = logging.DEBUG if args.verbose else logging.WARNING if args.quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if args.quiet:
+        import os
+
+        os.environ["SOMAD_NO_PROGRESS"] = "1"
+    signal.signal(signal.SIGTERM, _raise_interrupt)  # SIGTERM unwinds like Ctrl-C: temporary files are removed
+    try:
+        return int(args.func(args) or 0)
+    except SomadError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a file system problem (permissions, no space, a file where a folder should be)
+        where = f"{exc.filename}: " if exc.filename else ""
+        print(" ".join(f"error: {where}{exc.strerror or exc}".split()), file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted; no partial output was left", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+
+
+__all__ = ["COMMANDS", "apply_preset", "build_parser", "main", "model_from_args", "override_thresholds"]

@@ -1,0 +1,7 @@
+"""``python -m somad.cli``: the somad command line."""
+
+import sys
+
+from . import main
+
+sys.exit(main())

@@ -1,0 +1,61 @@
+"""``somad calibrate``: re-estimate a model's thresholds from good images, without refitting."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SomadError
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "calibrate",
+        help="re-estimate the thresholds from good images, without refitting",
+        description="Re-estimate a model's image and pixel thresholds from a folder of good images "
+        "(the same estimate fit makes from its held-out images) and write a new model file.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("good_dir", metavar="GOOD_DIR", help="folder of good images (or an MVTec category: train/good)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL2", help="model file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    p.add_argument(
+        "--threshold-quantile",
+        type=float,
+        default=None,
+        help="image threshold quantile (default: the model's, normally 0.99)",
+    )
+    p.add_argument(
+        "--pixel-threshold-quantile",
+        type=float,
+        default=None,
+        help="pixel threshold quantile (default: the model's, normally 0.99)",
+    )
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..methods import load
+
+    out = Path(args.output)
+    if out.is_dir():
+        raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
+    if out.exists() and not args.overwrite:
+        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    model = load(args.model, device=args.device)
+    model.batch_size = args.batch_size
+    for name in ("threshold_quantile", "pixel_threshold_quantile"):
+        if getattr(args, name) is not None:
+            setattr(model, name, getattr(args, name))
+    model.calibrate(args.good_dir)
+    model.save(out)
+    info = model.threshold_info_
+    print(
+        f"image threshold {model.image_threshold_:.4f} = {info['quantile']:g}-quantile of the scores of "
+        f"{info['n_images']} good images: expected false-alarm rate {100 * info['expected_false_alarm_rate']:.1f}%"
+        + (" (few images: the estimate is rough; 100 or more give a steadier one)" if info["n_images"] < 20 else "")
+    )
+    print(f"pixel threshold {model.pixel_threshold_:.4f} = {info['pixel_quantile']:g}-quantile of their map pixels")
+    print(f"wrote {out}")
+    return 0

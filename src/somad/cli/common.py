@@ -1,0 +1,102 @@
+"""What the commands share: the model flags (from the detectors' parameter tables), run flags, presets and
+threshold overrides."""
+
+from __future__ import annotations
+
+import argparse
+
+from ..errors import SomadError
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The model flags: one per parameter of the detectors, from their parameter tables (``somad.params``)."""
+    from ..methods import METHODS, PRESETS
+    from ..params import add_flags
+
+    g = p.add_argument_group("model")
+    g.add_argument("--method", default="somad", choices=sorted(METHODS), help="detector (default: somad)")
+    g.add_argument(
+        "--preset",
+        default="default",
+        choices=list(PRESETS),
+        help="named configuration: 'paper' = the SOMAD paper's pipeline (crop 224, no local aggregation) as "
+        "somad 0.5.0 ran it; flags given explicitly override it (default: default)",
+    )
+    add_flags(g, {"SOMAD": METHODS["somad"], "PaDiM": METHODS["padim"], "PatchCore": METHODS["patchcore"]})
+
+
+def add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: bool = False) -> None:
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    if scoring:  # predict and evaluate: overrides of a loaded model's scoring and decisions
+        p.add_argument(
+            "--search",
+            default=None,
+            choices=["fast", "exact"],
+            help="SOMAD: override the model's nearest-node search (default: as fitted)",
+        )
+        p.add_argument(
+            "--threshold",
+            type=_finite_float,
+            default=None,
+            metavar="VALUE",
+            help="image threshold: score > VALUE is anomalous (default: the model's)",
+        )
+        p.add_argument(
+            "--pixel-threshold",
+            type=_finite_float,
+            default=None,
+            metavar="VALUE",
+            help="pixel threshold of the masks of flagged images (default: the model's)",
+        )
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
+    p.add_argument(
+        "--on-error",
+        default=on_error_default,
+        choices=["fail", "skip"],
+        help=f"unreadable images: stop, or skip and list them (default {on_error_default})",
+    )
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a finite number")
+    return value
+
+
+def model_from_args(args) -> object:
+    """Build an unfitted detector from parsed CLI options: every parameter of the chosen method that has a flag."""
+    from ..methods import METHODS
+
+    cls = METHODS[args.method]
+    return cls(**{name: getattr(args, name) for name in cls._get_param_names() if hasattr(args, name)})
+
+
+def apply_preset(args, argv: list[str], parser: argparse.ArgumentParser) -> None:
+    """Set the values of ``args.preset`` on ``args``, except those whose flag was given in ``argv``."""
+    from ..methods import PRESETS
+
+    values = PRESETS.get(getattr(args, "preset", "default"), {})
+    given = set()
+    for token in argv:
+        flag = token.split("=", 1)[0]
+        if flag.startswith("--"):  # argparse accepts unique prefixes of long options
+            given |= {a.dest for opt, a in parser._option_string_actions.items() if opt.startswith(flag)}
+    for name, value in values.items():
+        if name not in given:
+            setattr(args, name, value)
+
+
+def override_thresholds(model, args) -> None:
+    """``--threshold`` / ``--pixel-threshold`` of predict and evaluate replace the model's thresholds."""
+    for flag, name in (("threshold", "image_threshold_"), ("pixel_threshold", "pixel_threshold_")):
+        value = getattr(args, flag, None)
+        if value is not None:
+            setattr(model, name, float(value))
+    if args.threshold is not None or args.pixel_threshold is not None:
+        if model.image_threshold_ is None or model.pixel_threshold_ is None:
+            raise SomadError(
+                f"{args.model}: the model has no threshold to complete; give both --threshold and "
+                "--pixel-threshold, or run `somad calibrate` first"
+            )
+        model.threshold_info_ = {"source": "command line", "n_images": None}

@@ -1,0 +1,73 @@
+"""``somad evaluate``: metrics by the MVTec AD protocol and the HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..errors import SomadError
+from ..evaluate import EVAL_RESOLUTIONS, evaluate_model, format_metrics_table, load_test_samples, write_metrics_json
+from .common import add_run_args, override_thresholds
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "evaluate",
+        help="metrics and an HTML report on a labelled test set",
+        description="Evaluate a model on an MVTec-style category (or plain folders): "
+        "OUT/metrics.json, OUT/report.html, heatmaps, masks and scores.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("category", metavar="CATEGORY_DIR", nargs="?", help="MVTec category (test/, ground_truth/)")
+    p.add_argument("--good-dir", help="plain layout: folder of good test images")
+    p.add_argument(
+        "--defect-dir", action="append", default=[], help="plain layout: folder of defective images (repeatable)"
+    )
+    p.add_argument("--mask-dir", help="plain layout: masks matched by file stem (<stem>_mask.png or <stem>.png)")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
+    p.add_argument(
+        "--eval-resolution",
+        default="original",
+        choices=EVAL_RESOLUTIONS,
+        help="compare at the masks' own resolution (default, as the MVTec reference) or at the model input",
+    )
+    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_run_args(p, "skip", scoring=True)
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from ..methods import load
+    from ..outputs import staged_output_dir
+
+    if args.category and (args.good_dir or args.defect_dir or args.mask_dir):
+        raise SomadError("give either CATEGORY_DIR or --good-dir/--defect-dir/--mask-dir, not both")
+    if not args.category and not (args.good_dir or args.defect_dir):
+        raise SomadError("no test data: give an MVTec CATEGORY_DIR or --good-dir/--defect-dir")
+    model = load(args.model, device=args.device, search=args.search)
+    model.batch_size = args.batch_size
+    override_thresholds(model, args)
+    samples = load_test_samples(
+        Path(args.category) if args.category else None,
+        good_dir=args.good_dir,
+        defect_dirs=args.defect_dir,
+        mask_dir=args.mask_dir,
+    )
+    with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        result = evaluate_model(
+            model,
+            samples,
+            out=tmp,
+            save_maps=args.save_maps,
+            eval_resolution=args.eval_resolution,
+            on_error=args.on_error,
+        )
+        write_metrics_json(tmp / "metrics.json", result)
+        if not args.no_report:
+            from ..report import write_report
+
+            write_report(tmp, result, model=model)
+    print(format_metrics_table(result))
+    print(f"wrote {args.output}/metrics.json" + ("" if args.no_report else f" and {args.output}/report.html"))
+    return 0

@@ -1,0 +1,53 @@
+"""``somad fit``: train a detector on good images and write its model file."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import SomadError
+from .common import add_model_args, add_run_args, model_from_args
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("fit", help="train on defect-free images", description="Train a detector on defect-free images.")
+    p.add_argument("train_dir", metavar="DIR", help="folder of good images, or an MVTec category (uses train/good)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    add_model_args(p)
+    add_run_args(p, "fail")
+    p.set_defaults(func=run, parser=p)
+
+
+def run(args) -> int:
+    out = Path(args.output)
+    if out.is_dir():
+        raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
+    if out.exists() and not args.overwrite:
+        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    model = model_from_args(args).fit(args.train_dir)
+    model.save(out)
+    info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
+    if getattr(model, "som_", None) is not None:
+        info.append(
+            f"quantization error {model.som_.quantization_error_:.4f}, "
+            f"topographic error {model.som_.topographic_error_:.4f}"
+        )
+    if model.image_threshold_ is not None:
+        info.append(f"threshold {model.image_threshold_:.4f} from {model.n_val_images_} held-out images")
+    elif not model.val_fraction:
+        info.append("no threshold (--val-fraction 0): predict writes scores, no decisions or masks")
+    print("; ".join(info))
+    if model.image_threshold_ is None and model.val_fraction:
+        print(
+            f"warning: no threshold was set: --val-fraction {model.val_fraction} held out no usable image "
+            f"({model.n_train_images_} training image(s)); predict writes scores, no decisions or masks "
+            "(use more images or a larger --val-fraction)",
+            file=sys.stderr,
+        )
+    if model.skipped_:
+        print(f"skipped {len(model.skipped_)} unreadable training image(s):", file=sys.stderr)
+        for line in model.skipped_:
+            print(f"  {line}", file=sys.stderr)
+    print(f"wrote {out}")
+    return 0

@@ -1,0 +1,65 @@
+"""``somad predict``: score images with a model file and write the result files."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from ..errors import SomadError
+from .common import add_run_args, override_thresholds
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "predict",
+        help="score images and write heatmaps",
+        description="Score images: OUT/scores.csv, OUT/heatmaps/, OUT/masks/ and (--save-maps) OUT/maps/.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
+    p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
+    p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_run_args(p, "skip", scoring=True)
+    p.set_defaults(func=run)
+
+
+def _input_items(inputs: list[str]):
+    """Image items of the predict inputs; every input must exist and every output name must be unique."""
+    from ..base import as_items
+
+    for entry in inputs:
+        if not Path(entry).exists():
+            raise SomadError(f"{entry}: no such file or folder; check the path")
+    items = as_items(inputs)
+    names = [it.name for it in items]
+    if len(set(names)) != len(names):
+        dup = next(n for n in names if names.count(n) > 1)
+        raise SomadError(f"two inputs would both be written as {dup!r}; predict the folders separately")
+    return items
+
+
+def run(args) -> int:
+    from ..methods import load
+    from ..outputs import staged_output_dir, write_predictions
+
+    model = load(args.model, device=args.device, search=args.search)
+    model.batch_size = args.batch_size
+    override_thresholds(model, args)
+    items = _input_items(args.inputs)
+    with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
+        rows, skipped = write_predictions(model, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
+        if skipped and not rows:  # leaving the block by an error discards the staged folder: nothing is written
+            first = skipped[0].split("; ")[0]  # the reason without its per-image hint
+            raise SomadError(
+                f"none of the {len(skipped)} input images could be read (first: {first}); "
+                "pass readable image files or folders"
+            )
+    n_flag = sum(1 for r in rows if r[2] == 1)
+    n_invalid = sum(1 for r in rows if r[3] != "ok")
+    tail = f"; {n_flag} flagged anomalous" if model.image_threshold_ is not None else ""
+    tail += f" ({n_invalid} refused as invalid input, see the status column)" if n_invalid else ""
+    print(f"scored {len(rows)} images{tail}; wrote {args.output}/scores.csv")
+    if skipped:
+        print(f"skipped {len(skipped)} unreadable image(s), listed in {args.output}/skipped.csv", file=sys.stderr)
+    return 0
