@@ -230,3 +230,54 @@ def test_a_model_file_of_format_version_1_loads_with_the_same_scores(images, tmp
     old = load(tmp_path / "v1.safetensors")
     assert torch.equal(old.gaussians_.packed, g.packed)
     np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])
+
+
+@pytest.mark.parametrize("shrinkage", [0.0, 0.5])
+def test_patch_scores_are_the_min_mahalanobis_over_the_k_nearest_nodes(images, shrinkage):
+    """An oracle from first principles: assign every training patch to its nearest prototype, build each node's
+    Gaussian (member mean, cov + eps I, shrunk toward the pooled covariance), then score each test patch by the
+    minimum Mahalanobis distance over its k Euclidean-nearest prototypes. Euclidean scoring would fail it."""
+    params = {
+        **TINY,
+        "som_size": 3,
+        "k": 3,
+        "search": "exact",
+        "factor_dtype": "float32",
+        "feature_dtype": "float32",
+        "eps": 0.05,
+        "shrinkage": shrinkage,
+    }
+    model = SOMAD(**params).fit(images[:6])
+    train = _features(model, images[:6]).permute(0, 2, 3, 1).reshape(-1, model.extractor_.dims).double()
+    protos = model.som_.weights_.double()
+    nearest = torch.cdist(train, protos).argmin(1)
+    d = train.shape[1]
+    groups = [train[nearest == i] for i in range(len(protos))]
+    scatter = [(g - g.mean(0)).T @ (g - g.mean(0)) for g in groups if len(g) >= 2]
+    pooled = sum(scatter) / sum(len(g) - 1 for g in groups if len(g) >= 2)
+    eye = torch.eye(d, dtype=torch.float64)
+    covs, means = [], []
+    for i, g in enumerate(groups):
+        if len(g) >= 2:
+            cov = (1 - shrinkage) * torch.cov(g.T) + shrinkage * pooled + params["eps"] * eye
+        else:
+            cov = pooled + params["eps"] * eye
+        covs.append(torch.linalg.inv(cov))
+        means.append(g.mean(0) if len(g) else protos[i])
+    test = _features(model, images[6:]).double()
+    b, _, h, w = test.shape
+    x = test.permute(0, 2, 3, 1).reshape(-1, d)
+    live = [i for i, g in enumerate(groups) if len(g)]  # empty nodes are never searched
+    order = torch.cdist(x, protos[live]).argsort(1)[:, : params["k"]]
+    expected = torch.stack(
+        [
+            min(
+                torch.sqrt((x[n] - means[live[j]]) @ covs[live[j]] @ (x[n] - means[live[j]])) for j in order[n].tolist()
+            )
+            for n in range(x.shape[0])
+        ]
+    ).view(b, h, w)
+    patch, _ = model._patch_scores(_features(model, images[6:]))
+    torch.testing.assert_close(patch.double(), expected, rtol=2e-3, atol=2e-3)
+    euclidean = torch.cdist(x, torch.stack(means)[live]).min(1).values.view(b, h, w)
+    assert not torch.allclose(patch.double(), euclidean, rtol=0.05)
