@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from ..errors import SomadError
+from .common import model_output
 
 
 def add_parser(sub) -> None:
@@ -38,11 +36,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from ..methods import load
 
-    out = Path(args.output)
-    if out.is_dir():
-        raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
-    if out.exists() and not args.overwrite:
-        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    out = model_output(args.output, args.overwrite)
     model = load(args.model, device=args.device)
     model.batch_size = args.batch_size
     for name in ("threshold_quantile", "pixel_threshold_quantile"):

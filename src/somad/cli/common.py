@@ -4,6 +4,7 @@ threshold overrides."""
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 from ..errors import SomadError
 
@@ -100,3 +101,13 @@ def override_thresholds(model, args) -> None:
                 "--pixel-threshold, or run `somad calibrate` first"
             )
         model.threshold_info_ = {"source": "command line", "n_images": None}
+
+
+def model_output(path: str, overwrite: bool) -> Path:
+    """Check ``-o`` of a command that writes a model file, before any work."""
+    out = Path(path)
+    if out.is_dir():
+        raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
+    if out.exists() and not overwrite:
+        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    return out

@@ -3,10 +3,8 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-from ..errors import SomadError
-from .common import add_model_args, add_run_args, model_from_args
+from .common import add_model_args, add_run_args, model_from_args, model_output
 
 
 def add_parser(sub) -> None:
@@ -20,11 +18,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    out = Path(args.output)
-    if out.is_dir():
-        raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
-    if out.exists() and not args.overwrite:
-        raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    out = model_output(args.output, args.overwrite)
     model = model_from_args(args).fit(args.train_dir)
     model.save(out)
     info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
