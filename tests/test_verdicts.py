@@ -132,7 +132,8 @@ def test_predict_writes_regions_that_add_up_to_the_masks(model, category, tmp_pa
 def test_thresholds_come_from_held_out_good_images_only(model, category):
     _, val = model._split(as_items(category, train=True))
     scores, maps = model.predict([it.path for it in val])
-    expected = estimate_thresholds(scores, maps, 0.99, 0.99)
+    expected = estimate_thresholds(scores, maps, model.threshold_quantile, model.pixel_threshold_quantile)
+    assert (model.threshold_quantile, model.pixel_threshold_quantile) == (0.9, 0.99)  # the defaults
     assert (model.image_threshold_, model.pixel_threshold_) == (expected.image, expected.pixel)
     assert model.n_val_images_ == len(val) == 3
     # the pixel threshold is the 0.99-quantile of their pixels (every second row and column)

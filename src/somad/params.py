@@ -172,6 +172,15 @@ def validate(cls: type, params: dict, where: str = "") -> None:
 
 
 # ----------------------------------------------------------------------------------------- command line
+class _PerMethod:
+    def __repr__(self) -> str:
+        return "PER_METHOD"
+
+
+#: The default of a flag whose classes have different defaults: the chosen class's own default applies.
+PER_METHOD = _PerMethod()
+
+
 def flag_name(name: str, row: Param) -> str:
     return row.flag or "--" + name.replace("_", "-")
 
@@ -192,6 +201,10 @@ def add_flags(group: argparse._ArgumentGroup, classes: dict[str, type]) -> None:
     for name, (row, default) in rows.items():
         who = "" if name in shared else ", ".join(users[name]) + ": "
         shown = "none" if default is None else default
+        per_class = {label: cls._defaults()[name] for label, cls in classes.items() if name in cls._defaults()}
+        if len(set(map(repr, per_class.values()))) > 1:  # each class keeps its own default
+            default = PER_METHOD
+            shown = ", ".join(f"{label} {value}" for label, value in per_class.items())
         none = f"; 'none' = {row.none}" if row.none else ""
         kwargs = dict(dest=name, default=default, type=_parser(row), help=f"{who}{row.help}{none} (default {shown})")
         if isinstance(row.rule, Options):

@@ -37,6 +37,7 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     from ..methods import METHODS
+    from ..params import PER_METHOD
 
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
@@ -56,7 +57,11 @@ def run(args) -> int:
             raise SomadError(f"unknown SOMAD variant {bad[0]!r}; choose from: {', '.join(VARIANTS)}")
         somad_grid["variant"] = variants
     own = {
-        m: {n: getattr(args, n) for n in METHODS[m]._get_param_names() if n not in common and hasattr(args, n)}
+        m: {
+            n: getattr(args, n)
+            for n in METHODS[m]._get_param_names()
+            if n not in common and hasattr(args, n) and getattr(args, n) is not PER_METHOD
+        }
         for m in methods
     }
     run_benchmark(

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
         "--threshold-quantile",
         type=float,
         default=None,
-        help="image threshold quantile (default: the model's, normally 0.99)",
+        help="image threshold quantile (default: the model's, normally 0.9)",
     )
     p.add_argument(
         "--pixel-threshold-quantile",

@@ -68,9 +68,11 @@ def _finite_float(text: str) -> float:
 def model_from_args(args) -> object:
     """Build an unfitted detector from parsed CLI options: every parameter of the chosen method that has a flag."""
     from ..methods import METHODS
+    from ..params import PER_METHOD
 
     cls = METHODS[args.method]
-    return cls(**{name: getattr(args, name) for name in cls._get_param_names() if hasattr(args, name)})
+    values = {name: getattr(args, name) for name in cls._get_param_names() if hasattr(args, name)}
+    return cls(**{name: value for name, value in values.items() if value is not PER_METHOD})
 
 
 def apply_preset(args, argv: list[str], parser: argparse.ArgumentParser) -> None:
