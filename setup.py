@@ -1,4 +1,4 @@
-"""Build the optional native kernels (``somad._kernels``); everything else is declared in pyproject.toml.
+"""Build the optional native kernels (``somad._native._kernels``); everything else is declared in pyproject.toml.
 
 The extension is optional: where it cannot be compiled (no C compiler), somad installs without it and scores
 with its torch implementation, which is slower on CPU. OpenMP is used where the compiler supports it.
@@ -26,6 +26,6 @@ class BuildExt(build_ext):
 
 
 setup(
-    ext_modules=[Extension("somad._kernels", ["src/somad/_kernels.c"], optional=True)],
+    ext_modules=[Extension("somad._native._kernels", ["src/somad/_native/_kernels.c"], optional=True)],
     cmdclass={"build_ext": BuildExt},
 )

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("model")
     p.add_argument("category", help="MVTec category whose test images are scored")
-    p.add_argument("--search", choices=["fast", "exact"], default=None, help="override the model's search")
+    p.add_argument("--search", choices=["ivf", "exact"], default=None, help="override the model's search")
     p.add_argument("--n-images", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args(argv)

@@ -21,11 +21,11 @@ def shared_data() -> Path:
 @pytest.fixture(params=["simd", "portable"])
 def native(request):
     """The native kernels with their AVX2 bodies (where the CPU has them), then with their portable C bodies;
-    skipped where somad._kernels is not built (CI checks that it is)."""
-    from somad import kernels
+    skipped where somad._native._kernels is not built (CI checks that it is)."""
+    from somad._native import kernels
 
     if not kernels.AVAILABLE:
-        pytest.skip("somad._kernels is not built")
+        pytest.skip("somad._native._kernels is not built")
     if request.param == "simd" and not kernels.set_simd(True):
         pytest.skip("this CPU lacks AVX2/FMA/F16C")
     kernels.set_simd(request.param == "simd")

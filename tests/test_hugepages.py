@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from somad import hugepages
+from somad._native import hugepages
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.int64])

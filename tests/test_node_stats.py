@@ -164,7 +164,7 @@ def test_packed_triangles_round_trip_and_give_the_row_blocks():
 
 
 def test_whiteners_are_packed_in_strips_and_old_row_packing_converts():
-    from somad.node_stats import packed_size, strip_layout, strips_from_rows
+    from somad._native.layout import packed_size, strip_layout, strips_from_rows
 
     rows, cols, pos = strip_layout(18)  # two strips: rows 0-15 (columns 0-15), rows 16-17 (columns 0-17)
     assert packed_size(18) == 16 * 16 + 16 * 18 == int(pos.max()) + 1 + 14  # the last column's rows 18-31 are padding
@@ -257,7 +257,7 @@ def test_float16_factor_overflow_keeps_the_factors_in_float32(caplog):
 
 
 def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):
-    from somad import kernels
+    from somad._native import kernels
 
     x, means, packed = np.zeros((4, 3), np.float32), np.zeros((2, 3), np.float32), np.zeros((2, 48), np.float32)
     nodes = np.array([[0, 1], [1, 1], [0, 0], [1, 0]])

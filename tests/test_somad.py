@@ -96,7 +96,7 @@ def test_not_fitted_and_parameter_errors(images):
 
 
 def test_search_and_feature_dtype_choices_are_validated(images):
-    with pytest.raises(SomadError, match="search='approx' is invalid: choose one of: fast, exact"):
+    with pytest.raises(SomadError, match="search='approx' is invalid: choose one of: ivf, exact"):
         SOMAD(**{**TINY, "search": "approx"}).fit(images)
     with pytest.raises(SomadError, match="feature_dtype='int8' is invalid: choose one of: float16, float32"):
         SOMAD(**{**TINY, "feature_dtype": "int8"}).fit(images)
@@ -118,7 +118,7 @@ def test_fast_search_scores_like_exact_search_on_a_large_map(images):
     """A 32x32 map (1024 nodes) uses the coarse-to-fine search in training and scoring; scoring the same
     model exhaustively gives nearly the same maps, and the saved model keeps its search choice."""
     model = SOMAD(**{**TINY, "som_size": 32, "k": 4}).fit(images)
-    assert model.search == "fast" and model.gaussians_.counts.sum() == model.n_patches_
+    assert model.search == "ivf" and model.gaussians_.counts.sum() == model.n_patches_
     fast_scores, fast_maps = model.predict(images)
     model.search = "exact"
     exact_scores, exact_maps = model.predict(images)
@@ -281,3 +281,21 @@ def test_patch_scores_are_the_min_mahalanobis_over_the_k_nearest_nodes(images, s
     torch.testing.assert_close(patch.double(), expected, rtol=2e-3, atol=2e-3)
     euclidean = torch.cdist(x, torch.stack(means)[live]).min(1).values.view(b, h, w)
     assert not torch.allclose(patch.double(), euclidean, rtol=0.05)
+
+
+def test_a_0_5_model_file_loads_as_it_was_fitted(images, tmp_path):
+    """0.5 files have no local_aggregation or shrinkage and call the IVF search "fast": the migrations in
+    model_io (one table) load them with no aggregation, no shrinkage and the IVF search, scores unchanged."""
+    from somad.model_io import MIGRATIONS, load_model, save_model
+
+    params = {**TINY, "local_aggregation": 1, "shrinkage": 0.0, "search": "ivf"}
+    path = SOMAD(**params).fit(images).save(tmp_path / "m.safetensors")
+    config, arrays = load_model(path)
+    for name in ("local_aggregation", "shrinkage"):
+        del config["params"][name]
+    config["params"]["search"] = "fast"
+    save_model(tmp_path / "old.safetensors", config, arrays)
+    old = load(tmp_path / "old.safetensors")
+    assert (old.local_aggregation, old.shrinkage, old.search) == (1, 0.0, "ivf")
+    np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])
+    assert all(isinstance(what, str) and callable(step) for what, step in MIGRATIONS)

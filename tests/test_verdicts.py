@@ -133,11 +133,11 @@ def test_thresholds_come_from_held_out_good_images_only(model, category):
     _, val = model._split(as_items(category, train=True))
     scores, maps = model.predict([it.path for it in val])
     expected = estimate_thresholds(scores, maps, model.threshold_quantile, model.pixel_threshold_quantile)
-    assert (model.threshold_quantile, model.pixel_threshold_quantile) == (0.9, 0.99)  # the defaults
+    assert (model.threshold_quantile, model.pixel_threshold_quantile) == (0.9, 0.999)  # the defaults
     assert (model.image_threshold_, model.pixel_threshold_) == (expected.image, expected.pixel)
     assert model.n_val_images_ == len(val) == 3
-    # the pixel threshold is the 0.99-quantile of their pixels (every second row and column)
-    assert expected.pixel == pytest.approx(float(np.quantile(np.stack(maps)[:, ::2, ::2], 0.99)), rel=1e-6)
+    # the pixel threshold is the 0.999-quantile of their pixels (every second row and column)
+    assert expected.pixel == pytest.approx(float(np.quantile(np.stack(maps)[:, ::2, ::2], 0.999)), rel=1e-6)
     # the same fit next to a different test set (defective images added, good ones removed) changes nothing
     other = SOMAD(val_fraction=0.25, **TINY).fit(category / "train" / "good")
     assert (other.image_threshold_, other.pixel_threshold_) == (model.image_threshold_, model.pixel_threshold_)

@@ -6,8 +6,7 @@
 >>> model.save("bottle.safetensors"); model = load("bottle.safetensors")
 """
 
-__version__ = "0.5.0"
-
-from .methods import METHODS, SOMAD, PaDiM, PatchCore, load  # noqa: E402
+from ._version import __version__
+from .methods import METHODS, SOMAD, PaDiM, PatchCore, load
 
 __all__ = ["SOMAD", "PaDiM", "PatchCore", "METHODS", "load", "__version__"]

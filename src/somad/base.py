@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from . import __version__
+from ._version import __version__
 from .backbones import BACKBONES, backbone_spec
 from .datasets import resolve_train_dir
 from .errors import ImageLoadError, ModelFileError, NotFittedError, NumericalError, SomadError
@@ -156,8 +156,9 @@ class BaseDetector(Params):
         Quantile of the held-out images' scores used as the image threshold (expected false-alarm rate:
         one minus it). 0.9 was chosen by measurement (docs/benchmarks.md): on the shared data, a threshold at a
         1% false-alarm rate cost up to 19 points of balanced accuracy where defects and good parts overlap.
-    pixel_threshold_quantile : float, default 0.99
-        Quantile of all held-out map pixels used as the pixel threshold (see ``somad.verdicts``).
+    pixel_threshold_quantile : float, default 0.999
+        Quantile of all held-out map pixels used as the pixel threshold (see ``somad.verdicts``): about 0.1% of
+        a good image's pixels are expected above it. Chosen by measurement (docs/benchmarks.md).
     tile_size : int or None, default None
         Tiling for large or elongated images: the image is resized with its aspect ratio kept (shorter side
         ``image_size``) and covered by square tiles of this side (a multiple of 16), overlapping by
@@ -176,7 +177,6 @@ class BaseDetector(Params):
     _stages: tuple[int, ...] = (0, 1, 2)  # backbone stages the features come from (0/1/2 = stride 4/8/16)
     _local_aggregation: int = 1  # neighbourhood-mean kernel applied to each stage (1 = none)
     _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
-    _absent_in_old_files: dict = {}  # values of parameters added later, for files written before them
     _parameters = {
         "backbone": Param(
             Options(tuple(BACKBONES)), "feature extractor; efficientnet_lite0/2 ship their ImageNet weights offline"
@@ -240,7 +240,7 @@ class BaseDetector(Params):
         blur_sigma=4.0,
         val_fraction=0.1,
         threshold_quantile=0.9,
-        pixel_threshold_quantile=0.99,
+        pixel_threshold_quantile=0.999,
         tile_size=None,
         tile_overlap=0.25,
         batch_size=16,
@@ -657,7 +657,7 @@ class BaseDetector(Params):
 
     @classmethod
     def _rebuild(cls, config: dict, arrays: dict[str, torch.Tensor], path: Path, device: str | None, scoring: dict):
-        params = {**cls._absent_in_old_files, **config["params"]}
+        params = dict(config["params"])  # files of earlier versions are migrated on reading (model_io.MIGRATIONS)
         if device is not None:
             params["device"] = device
         for name, value in scoring.items():

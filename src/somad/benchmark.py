@@ -54,9 +54,9 @@ DECISION_COLUMNS = [
 ]
 COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "post_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
 VARIANTS = {
-    "fast": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16"},
+    "fast": {"search": "ivf", "feature_dtype": "float16", "factor_dtype": "float16"},
     "exact": {"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"},
-    "paper": {"search": "fast", "feature_dtype": "float16", "factor_dtype": "float16", **PRESETS["paper"]},
+    "paper": {"search": "ivf", "feature_dtype": "float16", "factor_dtype": "float16", **PRESETS["paper"]},
 }
 
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from somad.errors import DataError
-from somad.images import IMAGE_EXTENSIONS, image_size, list_images
+from somad.images import IMAGE_EXTENSIONS, MASK_HINT, image_size, list_images
 
 __all__ = [
     "Sample",
@@ -391,7 +391,7 @@ def validate_masks(samples: Iterable[Sample]) -> None:
         if not mask.is_file():
             raise DataError(f"{mask}: mask file of {sample.path} does not exist; restore it or remove the mask folder")
         image_hw = image_size(sample.path)
-        mask_hw = image_size(mask)
+        mask_hw = image_size(mask, hint=MASK_HINT)
         if image_hw != mask_hw:
             raise DataError(
                 f"{mask}: mask is {mask_hw[0]}x{mask_hw[1]} (HxW) but image {sample.path} is "

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ from PIL import Image
 
 from . import metrics
 from .base import BaseDetector, ImageItem
-from .datasets import Sample, folder_test_samples, is_mvtec_category, mvtec_test_samples
+from .datasets import Sample, folder_test_samples, is_mvtec_category, mvtec_test_samples, validate_masks
 from .errors import DataError, SomadError
 from .features import to_original_resolution
 from .images import load_mask
@@ -84,75 +85,35 @@ def evaluate_model(
         raise SomadError(
             f"eval_resolution={eval_resolution!r} is invalid; choose one of: {', '.join(EVAL_RESOLUTIONS)}"
         )
+    validate_masks(samples)  # a missing or mis-sized mask fails now, not after every image is scored
     by_name = {str(s.relpath): s for s in samples}
-    items = [ImageItem(str(s.relpath), path=s.path) for s in samples]
-    kept: dict[str, tuple[float, np.ndarray, bool | None, np.ndarray | None, str]] = {}
-    original_sizes: dict[str, tuple[int, int]] = {}
-    skipped: list[str] = []
-
-    def keep(pred, full, flagged):
-        m = pred.map.cpu().numpy().astype(np.float32) if eval_resolution == "model" else full
-        kept[pred.item.name] = (pred.score, m, flagged, model.mask(pred, m), pred.status)
-        original_sizes[pred.item.name] = pred.original_size
-
     t0 = time.perf_counter()
-    if out is not None:
-        skipped = write_predictions(model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep)[1]
-    else:
-        geometry = model.extractor_.geometry
-        for p in model.predict_iter(items, on_error=on_error, skipped=skipped):
-            full = (
-                None
-                if eval_resolution == "model"
-                else to_original_resolution(p.map[None], geometry, [p.original_size])[0]
-            )
-            keep(p, full, model.verdict(p))
+    kept, skipped = _predict(
+        model,
+        [ImageItem(name, path=s.path) for name, s in by_name.items()],
+        out=out,
+        save_maps=save_maps,
+        eval_resolution=eval_resolution,
+        on_error=on_error,
+    )
     seconds = time.perf_counter() - t0
     names = [n for n in by_name if n in kept]
     if not names:
         raise DataError("no readable test images; check the test folders")
     labels = np.array([by_name[n].label for n in names])
-    scores = np.array([kept[n][0] for n in names], dtype=np.float64)
-    maps = [kept[n][1] for n in names]
-    masks = []
-    for n in names:
-        s = by_name[n]
-        shape = maps[len(masks)].shape
-        if s.mask_path is None:
-            # A good image has an empty mask; a defective image without a mask is left out of the pixel metrics.
-            masks.append(np.zeros(shape, dtype=bool) if s.label == 0 else None)
-            continue
-        if eval_resolution == "model":
-            masks.append(_model_resolution_mask(load_mask(s.mask_path, shape=original_sizes[n]), model, shape))
-        else:
-            masks.append(load_mask(s.mask_path, shape=shape))
-    flags = [kept[n][2] for n in names]
-    predicted = [kept[n][3] for n in names]
+    scores = np.array([kept[n].score for n in names], dtype=np.float64)
+    maps = [kept[n].map for n in names]
+    masks = [_ground_truth(by_name[n], kept[n], model, eval_resolution) for n in names]
+    flags = [kept[n].flagged for n in names]
+    predicted = [kept[n].mask for n in names]
     result = {"overall": _metrics(labels, scores, masks, maps, flags, predicted), "per_defect_type": {}}
-    types = sorted({by_name[n].defect_type for n in names} - {"good"})
-    for t in types:
+    for t in sorted({by_name[n].defect_type for n in names} - {"good"}):
         sel = [i for i, n in enumerate(names) if by_name[n].defect_type in (t, "good")]
+        pick = lambda values: [values[i] for i in sel]  # noqa: B023 - used at once
         result["per_defect_type"][t] = _metrics(
-            labels[sel],
-            scores[sel],
-            [masks[i] for i in sel],
-            [maps[i] for i in sel],
-            [flags[i] for i in sel],
-            [predicted[i] for i in sel],
+            labels[sel], scores[sel], pick(masks), pick(maps), pick(flags), pick(predicted)
         )
-    result["records"] = [
-        {
-            "name": n,
-            "path": str(by_name[n].path),
-            "mask_path": str(by_name[n].mask_path or ""),
-            "label": int(by_name[n].label),
-            "defect_type": by_name[n].defect_type,
-            "score": float(kept[n][0]),
-            "is_anomalous": kept[n][2],
-            "status": kept[n][4],
-        }
-        for n in names
-    ]
+    result["records"] = [_record(by_name[n], kept[n]) for n in names]
     known = [i for i, m in enumerate(masks) if m is not None]
     result["curves"] = _curves(labels, scores, [masks[i] for i in known], [maps[i] for i in known])
     result["n_images"] = {
@@ -172,6 +133,62 @@ def evaluate_model(
         "info": getattr(model, "threshold_info_", None),
     }
     return result
+
+
+@dataclass
+class _Scored:
+    """What evaluation keeps of one prediction: the map at the evaluation resolution and the verdicts."""
+
+    score: float
+    map: np.ndarray
+    flagged: bool | None
+    mask: np.ndarray | None
+    status: str
+    original_size: tuple[int, int]
+
+
+def _predict(model, items, *, out, save_maps, eval_resolution, on_error) -> tuple[dict[str, _Scored], list[str]]:
+    """Score ``items`` (writing the prediction files when ``out`` is given); unreadable ones are listed."""
+    kept: dict[str, _Scored] = {}
+    skipped: list[str] = []
+
+    def keep(pred, full, flagged):
+        m = pred.map.cpu().numpy().astype(np.float32) if eval_resolution == "model" else full
+        kept[pred.item.name] = _Scored(pred.score, m, flagged, model.mask(pred, m), pred.status, pred.original_size)
+
+    if out is not None:
+        skipped = write_predictions(model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep)[1]
+        return kept, skipped
+    geometry = model.extractor_.geometry
+    for p in model.predict_iter(items, on_error=on_error, skipped=skipped):
+        full = (
+            None if eval_resolution == "model" else to_original_resolution(p.map[None], geometry, [p.original_size])[0]
+        )
+        keep(p, full, model.verdict(p))
+    return kept, skipped
+
+
+def _ground_truth(sample: Sample, scored: _Scored, model, eval_resolution: str) -> np.ndarray | None:
+    """The sample's mask at its map's resolution: empty for a good image, None for a defective one without."""
+    shape = scored.map.shape
+    if sample.mask_path is None:
+        return np.zeros(shape, dtype=bool) if sample.label == 0 else None
+    if eval_resolution == "model":
+        return _model_resolution_mask(load_mask(sample.mask_path, shape=scored.original_size), model, shape)
+    return load_mask(sample.mask_path, shape=shape)
+
+
+def _record(sample: Sample, scored: _Scored) -> dict:
+    return {
+        "name": str(sample.relpath),
+        "path": str(sample.path),
+        "mask_path": str(sample.mask_path or ""),
+        "label": int(sample.label),
+        "defect_type": sample.defect_type,
+        "score": float(scored.score),
+        "is_anomalous": scored.flagged,
+        "status": scored.status,
+    }
 
 
 def _metrics(labels, scores, masks, maps, flags, predicted) -> dict:

@@ -70,6 +70,7 @@ logger = logging.getLogger(__name__)
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 
 _SKIP_HINT = "remove it or use --on-error skip"
+MASK_HINT = "replace the mask file (--on-error skip does not skip masks)"
 
 # Exceptions Pillow (and the codecs it wraps) raise for bad or unsupported files.
 _DECODE_ERRORS = (
@@ -310,7 +311,7 @@ def load_image(path: str | os.PathLike[str]) -> Image.Image:
     return to_rgb(img, path)
 
 
-def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
+def image_size(path: str | os.PathLike[str], *, hint: str = _SKIP_HINT) -> tuple[int, int]:
     """Return the ``(height, width)`` of an image as :func:`load_image` would return it.
 
     Only the header is read, so this is cheap; the EXIF orientation is honoured, so
@@ -334,7 +335,7 @@ def image_size(path: str | os.PathLike[str]) -> tuple[int, int]:
         If the file cannot be opened as an image.
     """
     path = Path(path)
-    width, height = _open(path, load=False).size
+    width, height = _open(path, load=False, hint=hint).size
     return int(height), int(width)
 
 
@@ -431,7 +432,7 @@ def load_mask(path: str | os.PathLike[str], shape: tuple[int, int] | None = None
         If ``shape`` is given and the mask has a different size.
     """
     path = Path(path)
-    img = _open(path, load=True, hint="replace the mask file (--on-error skip does not skip masks)")
+    img = _open(path, load=True, hint=MASK_HINT)
     mode = img.mode
     try:
         if mode == "1":

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import hugepages
+from ._native import hugepages
 from .errors import ModelFileError, SomadError
 
 FORMAT = "somad"
@@ -134,7 +134,7 @@ def _save_file(tensors: dict, tmp: Path, metadata: dict) -> None:
 
 
 def _read_large_arrays(path: Path, arrays: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Replace the arrays of 2 MB and more by copies in memory that may use huge pages (:mod:`somad.hugepages`:
+    """Replace the arrays of 2 MB and more by copies in memory that may use huge pages (:mod:`somad._native.hugepages`:
     scoring reads them repeatedly), read from the file with ``readinto``.
 
     safetensors' own tensors are views of its memory map of the file: reading them page by page would count
@@ -206,6 +206,58 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         config = json.loads(config_json)
     except json.JSONDecodeError:
         raise ModelFileError(f"{path}: config is not valid JSON; re-run `somad fit`") from None
+    return migrate(config, arrays)
+
+
+# ----------------------------------------------------------------------------------------- migrations
+def _set_absent(values: dict):
+    def apply(config: dict, arrays: dict) -> None:
+        params = config.get("params")
+        if config.get("method") == "somad" and isinstance(params, dict):
+            for name, value in values.items():
+                params.setdefault(name, value)
+
+    return apply
+
+
+def _rename_search(config: dict, arrays: dict) -> None:
+    params = config.get("params")
+    if isinstance(params, dict) and params.get("search") == "fast":
+        params["search"] = "ivf"
+
+
+def _row_packed_whiteners(config: dict, arrays: dict) -> None:
+    if "node_whiteners_tril" in arrays and "node_whitener_strips" not in arrays:
+        from ._native.layout import strips_from_rows
+
+        arrays["node_whitener_strips"] = strips_from_rows(arrays.pop("node_whiteners_tril"))
+
+
+#: Every change of the file's contents since somad 0.1, oldest first: (what changed, how a file written before
+#: it is brought up to date). Each step is idempotent and applied to every file on reading; files are never
+#: rewritten in place.
+MIGRATIONS = (
+    (
+        "0.2: SOMAD's search, feature_dtype and factor_dtype options; 0.1 files were fitted exhaustively in float32",
+        _set_absent({"search": "exact", "feature_dtype": "float32", "factor_dtype": "float32"}),
+    ),
+    (
+        "0.5 (format 2): SOMAD whiteners packed in 16-row strips; format 1 packed the triangles row by row",
+        _row_packed_whiteners,
+    ),
+    (
+        "0.6: SOMAD's local_aggregation and shrinkage; earlier files were fitted without either",
+        _set_absent({"local_aggregation": 1, "shrinkage": 0.0}),
+    ),
+    ("0.6: the coarse-to-fine search is named by its standard name, 'ivf' (was 'fast')", _rename_search),
+)
+
+
+def migrate(config: dict, arrays: dict[str, torch.Tensor]) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Bring a verified file's config and arrays up to this version (:data:`MIGRATIONS`)."""
+    if isinstance(config, dict):
+        for _, step in MIGRATIONS:
+            step(config, arrays)
     return config, arrays
 
 

@@ -1,16 +1,20 @@
-"""Nearest-node search: exhaustive, or coarse-to-fine over clusters of SOM nodes.
+"""Nearest-node search behind one interface: exhaustive, or an inverted-file index (IVF-Flat, as in faiss).
 
-One responsibility: given node vectors, return the k nearest nodes (Euclidean) of query vectors.
+One responsibility: given node vectors, return the k nearest nodes (Euclidean) of query vectors. Every index
+has ``search(x, k, projected=None) -> (sq_dist, index)`` and ``project(x, reuse=None)`` (queries projected once
+for an index and the indices warm-started from it; ``None`` where an index does not project). They are built
+by name from :data:`SEARCHES` with :func:`make_search`.
 
-* :func:`nearest_nodes` is exhaustive: one matmul per chunk of queries, ``N * M * D`` multiply-adds.
-* :class:`ClusteredNodeSearch` is the fast, approximate route. The nodes are grouped into about ``M / 16``
-  clusters by k-means, initialised with the means of 4 x 4 blocks of the SOM grid (so the clusters start as
-  topological neighbourhoods and the result is deterministic). A query is compared with the cluster
-  centres, in the ``R``-dimensional principal subspace of the node vectors (default R = 48), then
-  exhaustively, in full, with the nodes of its ``n_probe`` nearest clusters: ``N * (D * R + C * R +
-  n_probe * M/C * D)`` multiply-adds instead of ``N * M * D``. It can miss a true neighbour that lies in an
-  unprobed cluster; ``tests/test_node_search.py`` and docs/benchmarks.md measure how often, and
-  ``n_probe = n_clusters`` makes it exact.
+* :class:`ExactSearch` (``"exact"``) is exhaustive: one matmul per chunk of queries, ``N * M * D``
+  multiply-adds (:func:`nearest_nodes`).
+* :class:`IVFSearch` (``"ivf"``) is an inverted-file index over the SOM's nodes: ``nlist`` lists (about
+  ``M / 16``) by k-means, initialised with the means of 4 x 4 blocks of the SOM grid (so the lists start as
+  topological neighbourhoods and the result is deterministic). A query is compared with the list centroids,
+  in the ``R``-dimensional principal subspace of the node vectors (default R = 48), then exhaustively, in
+  full, with the nodes of its ``nprobe`` nearest lists: ``N * (D * R + nlist * R + nprobe * M/nlist * D)``
+  multiply-adds instead of ``N * M * D``. It can miss a true neighbour that lies in an unprobed list;
+  ``tests/test_node_search.py`` and docs/benchmarks.md measure how often, and ``nprobe = nlist`` makes it
+  exact. Maps of fewer than 1024 nodes are searched exhaustively (cheap already).
 """
 
 from __future__ import annotations
@@ -19,11 +23,10 @@ import logging
 
 import torch
 
+from ._native import kernels
 from .batching import padded_groups
 
 logger = logging.getLogger(__name__)
-
-SEARCH_CHOICES = ("fast", "exact")
 
 
 def nearest_nodes(
@@ -80,8 +83,24 @@ def smallest(d: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.cat(vals, 1), torch.cat(idx, 1)
 
 
-class ClusteredNodeSearch:
-    """Approximate k-nearest-node search over the nodes of a ``size x size`` SOM.
+class ExactSearch:
+    """Exhaustive k-nearest-node search (:func:`nearest_nodes`), with the interface of :class:`IVFSearch`."""
+
+    def __init__(self, weights: torch.Tensor, size: int | None = None, *, exclude: torch.Tensor | None = None, **_):
+        self._weights, self._exclude = weights, exclude
+
+    def __call__(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.search(x, k)
+
+    def search(self, x: torch.Tensor, k: int = 1, *, projected=None) -> tuple[torch.Tensor, torch.Tensor]:
+        return nearest_nodes(x, self._weights, k, exclude=self._exclude)
+
+    def project(self, x: torch.Tensor, reuse=None):
+        return None
+
+
+class IVFSearch:
+    """Approximate k-nearest-node search over the nodes of a ``size x size`` SOM: an inverted-file index.
 
     Parameters
     ----------
@@ -89,8 +108,8 @@ class ClusteredNodeSearch:
         Node vectors.
     size : int
         SOM grid side.
-    n_probe : int, default 8
-        Clusters searched per query (more: slower, closer to exact).
+    nprobe : int, default 8
+        Lists searched per query (more: slower, closer to exact).
     exclude : bool tensor (size*size,), optional
         Nodes never returned.
     block : int, default 4
@@ -102,7 +121,7 @@ class ClusteredNodeSearch:
         the node vectors (48 of EfficientNet-Lite0's 176 dims hold 98-99% of the nodes' variance on the shared
         data: the ranking's cost halves, and the exact top-4 is missed for about 0.2% more queries than when
         ranking in full). ``None``, or at least D: no projection.
-    warm_start : ClusteredNodeSearch, optional
+    warm_start : IVFSearch, optional
         An index of a slightly different version of the same nodes (the SOM's previous epoch): its clusters
         are refreshed by two k-means steps instead of being recomputed, and its principal axes are kept (no SVD).
 
@@ -118,12 +137,12 @@ class ClusteredNodeSearch:
         weights: torch.Tensor,
         size: int,
         *,
-        n_probe: int = 8,
+        nprobe: int = 8,
         exclude: torch.Tensor | None = None,
         block: int = 4,
         iterations: int = 10,
         coarse_dims: int | None = 48,
-        warm_start: ClusteredNodeSearch | None = None,
+        warm_start: IVFSearch | None = None,
     ):
         w = weights.float()
         m, d = w.shape
@@ -157,7 +176,7 @@ class ClusteredNodeSearch:
             .float()
         )
         self.min_size_ = int(counts.min())
-        self.n_probe = max(1, min(int(n_probe), c))
+        self.nprobe = max(1, min(int(nprobe), c))
         self._torch_members = None  # (C, L, D) weights and (C, L) squared norms, built by the torch path only
         self.coarse_dims = None if coarse_dims is None or int(coarse_dims) >= d else max(1, int(coarse_dims))
         if warm is not None and warm.coarse_dims == self.coarse_dims:
@@ -185,7 +204,7 @@ class ClusteredNodeSearch:
         )
 
     @property
-    def n_clusters(self) -> int:
+    def nlist(self) -> int:
         return self.centres_.shape[0]
 
     def __call__(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,7 +218,7 @@ class ClusteredNodeSearch:
         Parameters
         ----------
         x : tensor (N, D)
-        k : int, at most ``n_probe`` times the smallest cluster (else the search is exhaustive)
+        k : int, at most ``nprobe`` times the smallest cluster (else the search is exhaustive)
         projected : optional
             ``project(x)`` of this index or of one it was warm-started from (the same principal axes): the
             queries' projections are then not recomputed. Ignored if the axes differ.
@@ -209,7 +228,7 @@ class ClusteredNodeSearch:
         sq_dist : tensor (N, k) float32, ascending
         index : tensor (N, k) int64
         """
-        if k > self.n_probe * self.min_size_:  # the probed clusters might hold fewer than k nodes
+        if k > self.nprobe * self.min_size_:  # the probed clusters might hold fewer than k nodes
             return nearest_nodes(x, self._weights, k, exclude=self._exclude)
         # The outputs are allocated once and filled chunk by chunk: small per-chunk results kept between the
         # chunks' large temporaries would pin them in the heap (glibc), and a large fit's RSS would creep up.
@@ -240,8 +259,6 @@ class ClusteredNodeSearch:
     def _search(
         self, x: torch.Tensor, k: int, out_sq: torch.Tensor, out_index: torch.Tensor, xc: torch.Tensor | None = None
     ) -> None:
-        from . import kernels
-
         xf = x.to(self.centres_.device, torch.float32).contiguous()
         if self._panels is not None and kernels.AVAILABLE:
             centres, centre_sq, panels, lane_start, lane_ids, lane_sq, projection = self._panels
@@ -249,7 +266,7 @@ class ClusteredNodeSearch:
                 xf.numpy(),
                 centres,
                 centre_sq,
-                self.n_probe,
+                self.nprobe,
                 panels,
                 lane_start,
                 lane_ids,
@@ -286,7 +303,7 @@ class ClusteredNodeSearch:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The probing step with torch ops only (any device): pairs grouped by cluster, one bmm per block."""
         device = xf.device
-        n, p = xf.shape[0], self.n_probe
+        n, p = xf.shape[0], self.nprobe
         probes = torch.topk(coarse, p, dim=1, largest=False, sorted=False).indices  # (N, P)
         length = self.members_.shape[1]
         cand_sq = torch.empty(n * p, length, device=device)
@@ -300,7 +317,7 @@ class ClusteredNodeSearch:
         member_weights, member_sq = self._torch_members
         # Group the (query, probed cluster) pairs by cluster: one bmm per block of clusters, no per-query gather.
         groups = padded_groups(
-            probes.reshape(-1), self.n_clusters, max_elements=max(1, max_elements // max(length, xf.shape[1]))
+            probes.reshape(-1), self.nlist, max_elements=max(1, max_elements // max(length, xf.shape[1]))
         )
         for ids, rows, valid in groups:
             # (nodes x dims) @ (dims x queries) runs ~1.5x faster than the transposed product for these shapes.
@@ -319,7 +336,7 @@ def _panels(
     centres: torch.Tensor,
     projection: tuple[torch.Tensor, torch.Tensor] | None,
 ) -> tuple:
-    """The arrays of :func:`somad.kernels.probe_nearest`: the (coarse) centres ``(C, R)`` and each cluster's
+    """The arrays of :func:`somad._native.kernels.probe_nearest`: the (coarse) centres ``(C, R)`` and each cluster's
     members (``members`` ``(C, L)``: the first ``counts[i]`` entries of row i index ``weights`` ``(M, D)``) as
     panels: ``(R or D, width)``, vectors side by side, the width rounded up to 8 with zero columns whose
     squared norm is inf; the projection ``(axes (D, R), shift (R,))`` with its width rounded up to 8 likewise.
@@ -376,24 +393,27 @@ def _kmeans(x: torch.Tensor, labels: torch.Tensor, iterations: int) -> torch.Ten
     return labels
 
 
+#: The nearest-node searches by name (``SOMAD(search=...)``).
+SEARCHES = {"ivf": IVFSearch, "exact": ExactSearch}
+SEARCH_CHOICES = tuple(SEARCHES)
+#: Below this many nodes, ``"ivf"`` searches exhaustively: the full comparison is already cheap.
+IVF_MIN_NODES = 1024
+
+
 def make_search(
     weights: torch.Tensor,
     size: int,
     search: str,
     *,
     exclude: torch.Tensor | None = None,
-    n_probe: int = 8,
+    nprobe: int = 8,
     warm_start=None,
 ):
-    """A ``search(x, k) -> (sq_dist, index)`` callable for ``search`` in :data:`SEARCH_CHOICES`.
-
-    ``"fast"`` uses :class:`ClusteredNodeSearch` (the callable itself; ``warm_start`` may be the previous
-    one, see there) when the map has at least 1024 nodes (below that the exhaustive search is already
-    cheap); ``"exact"`` is always exhaustive.
-    """
-    if search not in SEARCH_CHOICES:
-        raise ValueError(f"search={search!r} is invalid; choose one of: {', '.join(SEARCH_CHOICES)}")
-    if search == "fast" and weights.shape[0] >= 1024:
-        warm = warm_start if isinstance(warm_start, ClusteredNodeSearch) else None
-        return ClusteredNodeSearch(weights, size, n_probe=n_probe, exclude=exclude, warm_start=warm)
-    return lambda x, k: nearest_nodes(x, weights, k, exclude=exclude)
+    """The index named ``search`` (:data:`SEARCHES`) over ``weights``; ``warm_start`` is the index of a
+    previous version of the same nodes (see :class:`IVFSearch`)."""
+    if search not in SEARCHES:
+        raise ValueError(f"search={search!r} is invalid; choose one of: {', '.join(SEARCHES)}")
+    if search == "ivf" and weights.shape[0] >= IVF_MIN_NODES:
+        warm = warm_start if isinstance(warm_start, IVFSearch) else None
+        return IVFSearch(weights, size, nprobe=nprobe, exclude=exclude, warm_start=warm)
+    return ExactSearch(weights, size, exclude=exclude)

@@ -27,51 +27,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from . import hugepages
+from ._native import hugepages, kernels
+from ._native.layout import STRIP, packed_size, strip_layout
 from .batching import padded_groups
 from .errors import NumericalError
 
 logger = logging.getLogger(__name__)
-
-
-STRIP = 16  # rows per strip of a packed whitener: two 8-float vector registers
-
-
-def packed_size(d: int) -> int:
-    """Entries per node of a whitener packed by :func:`strip_layout`."""
-    return sum(STRIP * min(r0 + STRIP, d) for r0 in range(0, d, STRIP))
-
-
-def strip_layout(d: int, device=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Where each entry of a ``D x D`` lower triangle sits in its packed form (``packed_size(d)`` entries).
-
-    The rows are cut into strips of :data:`STRIP` rows. Strip ``t`` (rows ``16t .. 16t+15``) stores, one
-    after another, its columns ``0 .. min(16t+16, D) - 1``, 16 entries each (row ``16t`` first). The entries
-    above the diagonal (in the diagonal block) and past row ``D - 1`` are stored as zeros: the CPU kernel then
-    reads every strip as one sequential stream of 16-float columns, with no masks. That costs 8.5% more than
-    the bare triangle at D = 176.
-
-    Returns
-    -------
-    rows, cols, positions : int64 tensors (D*(D+1)/2,), in ``torch.tril_indices`` order
-    """
-    rows, cols = torch.tril_indices(d, d, device=device)
-    strip = rows // STRIP
-    starts = torch.tensor([0] + [STRIP * min(r0 + STRIP, d) for r0 in range(0, d, STRIP)], device=device).cumsum(0)
-    return rows, cols, starts[strip] + cols * STRIP + rows % STRIP
-
-
-def strips_from_rows(tril: torch.Tensor, chunk: int = 256) -> torch.Tensor:
-    """Repack triangles packed row by row (``torch.tril_indices`` order, ``(M, D*(D+1)/2)``: model files of
-    format version 1) into the strips of :func:`strip_layout`, ``(M, packed_size(D))``, a chunk of nodes at a time."""
-    d = round(((8 * tril.shape[1] + 1) ** 0.5 - 1) / 2)
-    if d * (d + 1) // 2 != tril.shape[1]:
-        raise ValueError(f"{tril.shape[1]} entries per node is not a packed triangle")
-    positions = strip_layout(d, tril.device)[2]
-    out = hugepages.zeros((tril.shape[0], packed_size(d)), tril.dtype, tril.device)
-    for start in range(0, tril.shape[0], chunk):
-        out[start : start + chunk, positions] = tril[start : start + chunk]
-    return out
 
 
 def row_blocks(d: int, n: int = 4) -> tuple[tuple[int, int], ...]:
@@ -87,7 +48,7 @@ class NodeGaussians:
 
     Each whitener ``W_i = L_i^{-1}`` (``Sigma_i = L_i L_i^T``) is lower triangular and is stored packed in
     strips of 16 rows, each strip column by column (:func:`strip_layout`; the file layout): 54% of the dense
-    bytes at D = 176. On CPU, :func:`mahalanobis` reads them in place (``somad.kernels``), 16 rows at a time
+    bytes at D = 176. On CPU, :func:`mahalanobis` reads them in place (``somad._native.kernels``), 16 rows at a time
     with vector instructions. The torch path (CUDA, or no native kernels) uses row blocks that stop at the
     diagonal block, built on first use: block ``b`` holds rows ``lo:hi`` and columns ``0:hi``, 62.5% of the
     dense matrix with four blocks.
@@ -330,7 +291,7 @@ def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:
 def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians) -> torch.Tensor:
     """Mahalanobis distances from vectors to chosen nodes.
 
-    On CPU a native kernel (``somad.kernels.whitened_sq_norms``) whitens each node's vectors in place; on
+    On CPU a native kernel (``somad._native.kernels.whitened_sq_norms``) whitens each node's vectors in place; on
     other devices, or where the kernels are not built, batched matrix products over row blocks
     (:func:`mahalanobis_torch`).
 
@@ -344,16 +305,12 @@ def mahalanobis(x: torch.Tensor, nodes: torch.Tensor, gaussians: NodeGaussians) 
     -------
     tensor (N, k) float32, ``sqrt((x - mu)^T Sigma^{-1} (x - mu))``
     """
-    from . import kernels
-
     if gaussians.means.device.type == "cpu" and kernels.AVAILABLE:
         return _mahalanobis_kernel(x, nodes, gaussians)
     return mahalanobis_torch(x, nodes, gaussians)
 
 
 def _mahalanobis_kernel(x: torch.Tensor, nodes: torch.Tensor, g: NodeGaussians) -> torch.Tensor:
-    from . import kernels
-
     if x.shape[1] != g.means.shape[1]:
         raise ValueError(f"vectors have {x.shape[1]} features, the node Gaussians {g.means.shape[1]}")
     xs = x.detach().to("cpu", torch.float32).contiguous().numpy()

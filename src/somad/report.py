@@ -30,7 +30,7 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from . import __version__
+from ._version import __version__
 from .images import load_image, load_mask
 from .model_io import atomic_write_text
 from .outputs import output_relpath, save_png

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import SomadError
-from .node_search import ClusteredNodeSearch, make_search
+from .node_search import make_search
 from .progress import progress_bar
 
 logger = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class SelfOrganizingMap:
     seed : int
     chunk_size : int
         Rows per step when accumulating the epoch's node sums (bounds the float64 copy of the samples).
-    search : {"exact", "fast"}, default "exact"
+    search : {"exact", "ivf"}, default "exact"
         How each epoch finds the best-matching units (see ``somad.node_search``).
 
     Attributes
@@ -120,13 +120,10 @@ class SelfOrganizingMap:
         for epoch, r in enumerate(progress_bar(radii, desc="SOM epochs", unit="epoch")):
             # 4 probes, not scoring's 8: a missed BMU is a near node and only nudges a neighbourhood average.
             # Each epoch's index starts from the previous one's clusters: the prototypes move little per epoch.
-            search = make_search(weights, self.size, self.search, n_probe=4, warm_start=search)
-            if isinstance(search, ClusteredNodeSearch):
-                # The warm-started indices keep the first one's principal axes: project the samples once.
-                projected = search.project(x, reuse=projected)
-                _, bmu = search.search(x, 1, projected=projected)
-            else:
-                _, bmu = search(x, 1)
+            search = make_search(weights, self.size, self.search, nprobe=4, warm_start=search)
+            # The warm-started indices keep the first one's principal axes: the samples are projected once.
+            projected = search.project(x, reuse=projected)
+            _, bmu = search.search(x, 1, projected=projected)
             sums, counts = self._accumulate(x, bmu[:, 0], m, weights.shape[1], device)
             # The Gaussian neighbourhood on a grid is separable: smooth rows, then columns (K^3 D, not K^4 D).
             h1 = torch.exp(-sq_grid / (2.0 * float(r) ** 2)).double()

@@ -11,7 +11,7 @@ import logging
 import signal
 import sys
 
-from .. import __version__
+from .._version import __version__
 from ..errors import SomadError
 from . import benchmark, calibrate, demo, evaluate, fit, predict
 from .common import apply_preset, model_from_args, override_thresholds

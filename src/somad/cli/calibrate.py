@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
         "--pixel-threshold-quantile",
         type=float,
         default=None,
-        help="pixel threshold quantile (default: the model's, normally 0.99)",
+        help="pixel threshold quantile (default: the model's, normally 0.999)",
     )
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
     p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")

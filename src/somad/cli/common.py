@@ -7,6 +7,7 @@ import argparse
 from pathlib import Path
 
 from ..errors import SomadError
+from ..node_search import SEARCHES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -32,7 +33,7 @@ def add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: 
         p.add_argument(
             "--search",
             default=None,
-            choices=["fast", "exact"],
+            choices=list(SEARCHES),
             help="SOMAD: override the model's nearest-node search (default: as fitted)",
         )
         p.add_argument(

@@ -8,7 +8,7 @@ prototypes), then the minimum Mahalanobis distance to their Gaussians.
 What fit keeps in memory: every training patch once, in ``feature_dtype`` (float16 by default: half the
 bytes, ~1e-3 relative rounding, far below the eps ridge) because the node statistics need every patch after
 the SOM is trained; a float32 copy of the SOM's training subset (``som_samples``); the SOM; and the node
-Gaussians. ``search="fast"`` finds nearest nodes coarse-to-fine (``somad.node_search``) in training and
+Gaussians. ``search="ivf"`` finds nearest nodes coarse-to-fine (``somad.node_search``) in training and
 scoring; ``"exact"`` searches exhaustively.
 """
 
@@ -25,7 +25,6 @@ from ..node_stats import (
     NodeGaussians,
     fit_node_gaussians,
     mahalanobis,
-    strips_from_rows,
 )
 from ..params import Interval, Options, Param
 from ..som import SelfOrganizingMap
@@ -59,8 +58,8 @@ class SOMAD(BaseDetector):
     som_samples : int or None, default 100000
         The SOM is trained on a seeded random subset of at most this many patches (``None``: all); the node
         statistics always use every training patch.
-    search : {"fast", "exact"}, default "fast"
-        Nearest-node search in training and scoring: coarse-to-fine over clusters of SOM nodes, or
+    search : {"ivf", "exact"}, default "ivf"
+        Nearest-node search in training and scoring: an inverted-file index over the SOM's nodes, or
         exhaustive (see ``somad.node_search`` and docs/benchmarks.md for the measured difference).
     feature_dtype : {"float16", "float32"}, default "float16"
         Precision of the training patches held between the SOM and the node statistics.
@@ -97,7 +96,7 @@ class SOMAD(BaseDetector):
         "fine_epochs": Param(Interval(int, 0, 1000), "fine-phase epochs"),
         "som_samples": Param(Interval(int, 1, None), "train the SOM on at most this many random patches", none="all"),
         "search": Param(
-            Options(SEARCH_CHOICES), "nearest-node search, coarse-to-fine over node clusters or exhaustive"
+            Options(SEARCH_CHOICES), "nearest-node search: an inverted-file index over the nodes (IVF) or exhaustive"
         ),
         "feature_dtype": Param(Options(tuple(DTYPES)), "precision of the training patches held during fit"),
         "factor_dtype": Param(
@@ -110,14 +109,6 @@ class SOMAD(BaseDetector):
         ),
     }
     _scoring = ("k", "search")
-    # Files written before a parameter existed were fitted as it then was: search etc. (0.1.0), no aggregation (0.5.0)
-    _absent_in_old_files = {
-        "search": "exact",
-        "feature_dtype": "float32",
-        "factor_dtype": "float32",
-        "local_aggregation": 1,
-        "shrinkage": 0.0,
-    }
 
     def __init__(
         self,
@@ -128,7 +119,7 @@ class SOMAD(BaseDetector):
         rough_epochs=20,
         fine_epochs=15,
         som_samples=100_000,
-        search="fast",
+        search="ivf",
         feature_dtype="float16",
         factor_dtype="float16",
         local_aggregation=3,
@@ -225,7 +216,7 @@ class SOMAD(BaseDetector):
         return {
             "som_weights": self.som_.weights_,
             "node_means": g.means,
-            "node_whitener_strips": g.packed,  # packed whiteners, as held in memory (node_stats.strip_layout)
+            "node_whitener_strips": g.packed,  # packed whiteners, as held in memory (somad._native.layout.strip_layout)
             "node_counts": g.counts,
         }
 
@@ -241,11 +232,7 @@ class SOMAD(BaseDetector):
         m, d = weights.shape
         if m != int(self.som_size) ** 2:
             raise ValueError(f"som_weights has {m} nodes, config says {self.som_size}x{self.som_size}")
-        if "node_whitener_strips" in arrays:
-            packed = arrays["node_whitener_strips"]
-        else:  # format version 1 (somad <= 0.4) packed the triangles row by row
-            packed = strips_from_rows(arrays["node_whiteners_tril"])
-        g = NodeGaussians.from_arrays(arrays["node_means"], packed, arrays["node_counts"])
+        g = NodeGaussians.from_arrays(arrays["node_means"], arrays["node_whitener_strips"], arrays["node_counts"])
         self.gaussians_ = g.to(self.device_)
         self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
         self.som_.weights_ = weights.to(self.device_)

@@ -17,13 +17,15 @@ import logging
 import numpy as np
 import torch
 
+from .layout import packed_size
+
 logger = logging.getLogger(__name__)
 
 try:
     from . import _kernels
 except ImportError:  # built without a C compiler: the torch paths are used
     _kernels = None
-    logger.info("somad._kernels is not built; scoring on CPU uses the slower torch implementation")
+    logger.info("somad._native._kernels is not built; scoring on CPU uses the slower torch implementation")
 
 AVAILABLE = _kernels is not None
 
@@ -56,14 +58,12 @@ def whitened_sq_norms(x: np.ndarray, nodes: np.ndarray, means: np.ndarray, packe
     nodes : int64 (N, k), in ``[0, M)`` (checked in C: ``ValueError`` otherwise)
     means : float32 (M, D)
     packed : float32 or float16 (M, packed_size(D)), the whiteners ``L_i^{-1}`` packed in 16-row strips
-        (``somad.node_stats.strip_layout``)
+        (``somad._native.layout.strip_layout``)
 
     Returns
     -------
     float32 (N, k)
     """
-    from .node_stats import packed_size
-
     n, d = x.shape
     _array(x, np.float32, "x")
     _array(nodes, np.int64, "nodes", (n, None))
@@ -84,7 +84,7 @@ def probe_nearest(
     x: np.ndarray,
     centres: np.ndarray,
     centre_sq: np.ndarray,
-    n_probe: int,
+    nprobe: int,
     panels: np.ndarray,
     lane_start: np.ndarray,
     lane_ids: np.ndarray,
@@ -96,7 +96,7 @@ def probe_nearest(
     projected: np.ndarray | None = None,
     out: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """k nearest nodes among the members of each query's ``n_probe`` nearest clusters.
+    """k nearest nodes among the members of each query's ``nprobe`` nearest clusters.
 
     Vectors are held as *panels*: a group's vectors side by side, dimension by dimension (``(D, width)``,
     ``width`` a multiple of 8, padding columns zero), so that the C code compares 8 or 16 of them with a query
@@ -108,7 +108,7 @@ def probe_nearest(
     centres : float32 (R, Cw), the C cluster centres as one panel (``Cw >= C``), in the space of the
         projection (``R`` dims), else of ``x`` (``R = D``)
     centre_sq : float32 (Cw,), ``||centre||^2``; ``inf`` past C
-    n_probe : int, in [1, min(C, 64)]
+    nprobe : int, in [1, min(C, 64)]
     panels : float32 (D * W,), cluster c's members as a ``(D, width_c)`` panel from ``D * lane_start[c]``
     lane_start : int64 (C + 1,), from 0 to W in steps ``width_c`` that are positive multiples of 8
     lane_ids : int64 (W,), the node id of each lane
@@ -163,7 +163,7 @@ def probe_nearest(
         axes.shape[1],
         centres.shape[0],
         centres.shape[1],
-        int(n_probe),
+        int(nprobe),
         lane_start.shape[0] - 1,
         w,
         int(pad),
