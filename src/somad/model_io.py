@@ -175,6 +175,10 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{path}: model file not found; train one with `somad fit`")
     if path.is_dir():
         raise ModelFileError(f"{path}: is a directory; pass the model file written by `somad fit -o`")
+    if not path.is_file():  # a pipe or a device would block or stream forever: never opened
+        raise ModelFileError(
+            f"{path}: not a regular file (a pipe or a device?); pass the model file written by `somad fit -o`"
+        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}

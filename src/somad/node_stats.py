@@ -198,14 +198,14 @@ def fit_node_gaussians(
         if target is not None:
             cov.mul_(1.0 - shrinkage).add_(target, alpha=shrinkage)
         cov.diagonal(dim1=-2, dim2=-1).add_(eps)
-        packed = _store(packed, ids, _inverse_cholesky(cov))
+        packed = _store(packed, ids, inverse_cholesky(cov))
 
     pooled = pooled / dof if dof else pooled
     if target is not None:
         pooled = target
     few = counts < 2
     if bool(few.any()):
-        packed = _store(packed, torch.nonzero(few).flatten(), _inverse_cholesky((pooled + eps * eye)[None]))
+        packed = _store(packed, torch.nonzero(few).flatten(), inverse_cholesky((pooled + eps * eye)[None]))
         logger.info(
             "%d empty and %d one-member SOM nodes use the pooled covariance",
             int((counts == 0).sum()),
@@ -270,21 +270,32 @@ def _pack(whiteners: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return out
 
 
-def _inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:
+RIDGE_STEPS = 16  # 1e-10 .. 1e5 times the mean variance
+
+
+def inverse_cholesky(cov: torch.Tensor) -> torch.Tensor:
     """``L^{-1}`` for a batch of SPD matrices ``(G, D, D)`` (float64).
 
     A matrix that is not numerically positive definite (eps = 0 with fewer members than dimensions) gets a
-    growing ridge ``1e-10 * 10^t * mean(diag)`` until its Cholesky factorisation succeeds.
+    growing ridge ``1e-10 * 10^t * mean(diag)`` until its Cholesky factorisation succeeds, at most
+    :data:`RIDGE_STEPS` times; a matrix with NaN or Inf entries, or one still not factorisable, is a
+    :class:`NumericalError` (never an endless retry).
     """
     d = cov.shape[-1]
+    if not bool(torch.isfinite(cov).all()):
+        raise NumericalError(NON_FINITE)
     eye = torch.eye(d, dtype=cov.dtype, device=cov.device)
     chol, info = torch.linalg.cholesky_ex(cov)
-    scale = cov.diagonal(dim1=-2, dim2=-1).mean(-1).clamp_min(1e-12)
+    scale = cov.diagonal(dim1=-2, dim2=-1).abs().mean(-1).clamp_min(1e-12)
     ridge = 1e-10
-    while bool((info > 0).any()):
+    for _ in range(RIDGE_STEPS):
+        if not bool((info > 0).any()):
+            break
         bad = info > 0
         chol[bad], info[bad] = torch.linalg.cholesky_ex(cov[bad] + (ridge * scale[bad])[:, None, None] * eye)
         ridge *= 10.0
+    if bool((info > 0).any()):
+        raise NumericalError("a covariance is not positive definite even with a large ridge; use a larger eps")
     return torch.linalg.solve_triangular(chol, eye.expand_as(chol), upper=False)
 
 

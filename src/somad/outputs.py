@@ -25,13 +25,16 @@ from .verdicts import REGION_COLUMNS
 
 
 @contextlib.contextmanager
-def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False, inputs=()) -> Iterator[Path]:
     """Yield a temporary folder that replaces ``out`` when the block finishes without error.
 
     On any error (including KeyboardInterrupt) the temporary folder is removed and an existing ``out`` is
     left as it was. The finished folder gets the permissions of a plain ``mkdir`` (``0o777`` less the umask).
+    ``out`` may never be, or contain, one of ``inputs`` (files or folders the command reads): with
+    ``overwrite`` it would be deleted.
     """
     out = Path(out)
+    _refuse_inputs(out, inputs)
     if out.exists() and not overwrite:
         raise SomadError(f"{out}: output folder already exists; pass --overwrite or choose another -o")
     if out.exists() and not out.is_dir():
@@ -63,6 +66,17 @@ def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False) -> Ite
         raise
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
+
+
+def _refuse_inputs(out: Path, inputs) -> None:
+    target = out.resolve()
+    for entry in inputs:
+        source = Path(entry).resolve()
+        if source == target or target in source.parents:
+            raise SomadError(
+                f"{out}: is or contains the input {entry}; write the results to another -o "
+                "(an output folder is replaced whole, and nothing read is ever deleted)"
+            )
 
 
 def output_relpath(name: str, suffix: str) -> PurePath:
@@ -100,14 +114,31 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
 
 
+#: A spreadsheet runs a cell that starts with one of these as a formula.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def csv_cell(value):
+    """A value as written to CSV: text that a spreadsheet would run as a formula is prefixed with ``'``
+    (OWASP's advice); numbers are written as they are."""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        try:
+            float(value)
+            return value
+        except ValueError:
+            return "'" + value
+    return value
+
+
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
-    """Write a CSV file atomically."""
+    """Write a UTF-8 CSV file atomically. File names that are not valid UTF-8 (bytes the file system allowed)
+    are written with those bytes escaped (``\\xNN``), and formula-like text cells are neutralised."""
 
     def write(tmp: Path) -> None:
-        with open(tmp, "w", newline="") as f:
+        with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
             w = csv.writer(f)
             w.writerow(header)
-            w.writerows(rows)
+            w.writerows([csv_cell(v) for v in row] for row in rows)
 
     atomic_write(path, write)
 

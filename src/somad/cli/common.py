@@ -111,6 +111,8 @@ def model_output(path: str, overwrite: bool) -> Path:
     out = Path(path)
     if out.is_dir():
         raise SomadError(f"{out}: is a folder; -o takes the model file to write, e.g. model.safetensors")
+    if out.exists() and not out.is_file():
+        raise SomadError(f"{out}: exists and is not a regular file (a device or a pipe?); choose another -o")
     if out.exists() and not overwrite:
         raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
     return out

@@ -54,7 +54,8 @@ def run(args) -> int:
         defect_dirs=args.defect_dir,
         mask_dir=args.mask_dir,
     )
-    with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
+    inputs = [p for p in (args.category, args.good_dir, args.mask_dir, *args.defect_dir, args.model) if p]
+    with staged_output_dir(args.output, overwrite=args.overwrite, inputs=inputs) as tmp:
         result = evaluate_model(
             model,
             samples,

@@ -47,7 +47,7 @@ def run(args) -> int:
     model.batch_size = args.batch_size
     override_thresholds(model, args)
     items = _input_items(args.inputs)
-    with staged_output_dir(args.output, overwrite=args.overwrite) as tmp:
+    with staged_output_dir(args.output, overwrite=args.overwrite, inputs=[*args.inputs, args.model]) as tmp:
         rows, skipped = write_predictions(model, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
         if skipped and not rows:  # leaving the block by an error discards the staged folder: nothing is written
             first = skipped[0].split("; ")[0]  # the reason without its per-image hint

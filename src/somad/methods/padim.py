@@ -16,7 +16,7 @@ import torch
 
 from ..base import BaseDetector
 from ..errors import NumericalError, SomadError
-from ..node_stats import _inverse_cholesky
+from ..node_stats import inverse_cholesky
 from ..params import Interval, Param
 
 logger = logging.getLogger(__name__)
@@ -87,7 +87,7 @@ class PaDiM(BaseDetector):
         out = torch.empty(n_pos, d, d, dtype=torch.float32, device=cov.device)
         step = max(1, max_elements // (d * d))
         for lo in range(0, n_pos, step):
-            out[lo : lo + step] = _inverse_cholesky(cov[lo : lo + step]).float()
+            out[lo : lo + step] = inverse_cholesky(cov[lo : lo + step]).float()
         return out
 
     # ------------------------------------------------------------------ score

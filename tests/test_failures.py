@@ -1,0 +1,125 @@
+"""Failure classes from the 0.5.0 attack: nothing read is deleted, nothing hangs, outputs are safe to open."""
+
+import csv
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from somad import SOMAD
+from somad.cli import main
+from somad.errors import NumericalError
+from somad.node_stats import inverse_cholesky
+
+TINY = dict(
+    weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu", val_fraction=0.25
+)
+
+
+def _pattern(seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:64, 0:64]
+    base = np.stack([x * 4, y * 4, (x + y) * 2], -1).astype(float)
+    return np.clip(base + rng.normal(0, 12, (64, 64, 3)), 0, 255).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("failures")
+    good = root / "good"
+    good.mkdir()
+    for i in range(8):
+        Image.fromarray(_pattern(i)).save(good / f"{i:03d}.png")
+    model = SOMAD(**TINY).fit(good).save(root / "m.safetensors")
+    return root, good, model
+
+
+def _one_line_error(capsys, argv, *fragments):
+    capsys.readouterr()
+    assert main(["-q", *map(str, argv)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: "), err
+    for f in fragments:
+        assert str(f) in err, (f, err)
+
+
+def test_an_output_that_is_or_contains_an_input_is_refused_and_the_inputs_stay(setup, capsys):
+    root, good, model = setup
+    before = sorted(p.name for p in good.iterdir())
+    _one_line_error(capsys, ["predict", model, good, "-o", good, "--overwrite"], "is or contains the input")
+    _one_line_error(capsys, ["predict", model, good, "-o", root, "--overwrite"], "is or contains the input")
+    assert sorted(p.name for p in good.iterdir()) == before and model.is_file()
+
+
+def test_evaluate_cannot_overwrite_its_category(setup, capsys, tmp_path):
+    root, good, model = setup
+    cat = tmp_path / "cat"
+    for sub in ("train/good", "test/good"):
+        (cat / sub).mkdir(parents=True)
+        for p in list(good.iterdir())[:3]:
+            (cat / sub / p.name).write_bytes(p.read_bytes())
+    _one_line_error(capsys, ["evaluate", model, cat, "-o", cat, "--overwrite"], "is or contains the input")
+    assert (cat / "train" / "good").is_dir() and len(list((cat / "test" / "good").iterdir())) == 3
+
+
+def test_a_non_regular_output_is_never_replaced(setup, capsys, tmp_path):
+    root, good, model = setup
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    _one_line_error(
+        capsys,
+        ["fit", good, "-o", fifo, "--overwrite", "--weights", "none", "--image-size", "64"],
+        "not a regular file",
+    )
+    assert fifo.exists() and not fifo.is_file()
+
+
+def test_a_model_path_that_is_a_pipe_is_refused_without_waiting(setup, tmp_path):
+    root, good, _ = setup
+    fifo = tmp_path / "model.safetensors"
+    os.mkfifo(fifo)
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from somad.cli import main; sys.exit(main())",
+        "-q",
+        "predict",
+        str(fifo),
+        str(good),
+        "-o",
+        str(tmp_path / "out"),
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)  # 0.5.0 blocked forever here
+    assert done.returncode == 2 and "not a regular file" in done.stderr
+
+
+def test_non_finite_covariances_fail_instead_of_retrying_forever():
+    cov = torch.eye(3, dtype=torch.float64)[None].repeat(2, 1, 1)
+    cov[1, 0, 0] = float("nan")
+    with pytest.raises(NumericalError):
+        inverse_cholesky(cov)
+    far = torch.tensor([[[1.0, 1e12], [1e12, 1.0]]], dtype=torch.float64)  # an eigenvalue of -1e12: no sane ridge
+    with pytest.raises(NumericalError, match="not positive definite"):
+        inverse_cholesky(far)
+
+
+def test_csv_cells_are_safe_in_a_spreadsheet_and_odd_names_round_trip(setup, tmp_path):
+    root, good, model = setup
+    images = tmp_path / "in"
+    images.mkdir()
+    Image.fromarray(_pattern(1)).save(images / "=HYPERLINK(1).png")
+    Image.fromarray(_pattern(2)).save(images / "-2+3.png")
+    raw = os.fsencode(images) + b"/bad-\xff.png"  # not valid UTF-8
+    Image.fromarray(_pattern(3)).save(raw.decode("utf-8", "surrogateescape"))
+    out = tmp_path / "out"
+    assert main(["-q", "predict", str(model), str(images), "-o", str(out)]) == 0
+    text = (out / "scores.csv").read_bytes().decode("utf-8")  # valid UTF-8 throughout
+    rows = list(csv.DictReader(text.splitlines()))
+    paths = sorted(r["path"] for r in rows)
+    assert "'=HYPERLINK(1).png" in paths and "'-2+3.png" in paths  # neutralised, not run as formulas
+    assert any(p.startswith("bad-\\udcff") or p.startswith("bad-\\xff") for p in paths)  # escaped, not lost
+    assert all(float(r["score"]) > 0 for r in rows)
