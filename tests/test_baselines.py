@@ -145,9 +145,11 @@ def test_invalid_extractor_options(kwargs):
 # --------------------------------------------------------------------------------------------- PaDiM
 @pytest.fixture(scope="module")
 def padim(category):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     # 5 training images in batches of 2: the statistics are accumulated over 3 batches (the last one partial).
-    return PaDiM(dims=12, val_fraction=0.0, eps=0.01, **TINY).fit(category)
+    yield PaDiM(dims=12, val_fraction=0.0, eps=0.01, **TINY).fit(category)
+    torch.set_num_threads(threads)  # later tests (the pinned real-data figures) run with the suite's threads
 
 
 def test_padim_statistics_match_the_closed_form(padim, category):
@@ -266,8 +268,10 @@ def test_nearest_neighbours_match_brute_force():
 
 @pytest.fixture(scope="module")
 def patchcore(category):
+    threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    return PatchCore(coreset_ratio=0.07, val_fraction=0.0, **TINY).fit(category)
+    yield PatchCore(coreset_ratio=0.07, val_fraction=0.0, **TINY).fit(category)
+    torch.set_num_threads(threads)
 
 
 def test_patchcore_memory_bank(patchcore, category):

@@ -6,6 +6,7 @@ Skips cleanly when ../shared is absent. Reduced settings (28x28 SOM, fewer epoch
 
 import numpy as np
 import pytest
+import torch
 
 from somad import SOMAD
 from somad.evaluate import evaluate_model, load_test_samples
@@ -54,11 +55,16 @@ def test_preset_paper_reproduces_0_5_0(shared_data, where):
     args = parser.parse_args(argv)
     apply_preset(args, argv, args.parser)
     model = model_from_args(args)
+    # 0.5.0 measured with 2 threads; eps 0.01 leaves near-singular directions in the node covariances, so the
+    # float summation order of another thread count moves these figures by up to 0.07 (the default eps 3 does not).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
     if where[1] == "tire":
         model.val_fraction = 0.1  # 0.5.0 held out 10% of train/good; validation/good did not exist for it
         model.fit([p for p in sorted((category / "train" / "good").glob("*.png"))])
     else:
         model.fit(category)
     overall = evaluate_model(model, load_test_samples(category))["overall"]
+    torch.set_num_threads(threads)
     got = tuple(round(overall[k], 4) for k in ("image_auroc", "pixel_auroc", "au_pro"))
     assert got == pytest.approx(PAPER_0_5_0[where], abs=1.5e-3), got
