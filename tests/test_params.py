@@ -94,3 +94,19 @@ def test_a_loaded_config_follows_the_same_rules(tmp_path, field, value, fragment
     with pytest.raises(SomadError) as info:
         load(bad)
     assert fragment in str(info.value) and str(bad) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_scikit_learn_names_keep_their_meaning():
+    """score_samples: the lower, the more abnormal; decision_function: negative = anomalous (scikit-learn's
+    outlier detectors); one (H, W, 3) array is one image."""
+    rng = np.random.default_rng(1)
+    images = rng.integers(60, 200, (6, 64, 64, 3), dtype=np.uint8)
+    model = SOMAD(**{**TINY, "val_fraction": 0.34}).fit(images)
+    bright = images[0].copy()
+    bright[20:40, 20:40] = 255
+    pair = np.stack([images[1], bright])
+    scores, _ = model.predict(pair)
+    np.testing.assert_array_equal(model.score_samples(pair), -scores)
+    decision = model.decision_function(pair)
+    np.testing.assert_allclose(decision, model.image_threshold_ - scores, rtol=1e-6)
+    assert decision[1] < 0 and model.score_samples(bright)[0] < model.score_samples(images[1])[0]

@@ -548,18 +548,19 @@ class BaseDetector(Params):
         return scores, (np.stack(maps) if same else maps)
 
     def score_samples(self, images) -> np.ndarray:
-        """Image scores ``(N,)`` only (higher = more anomalous)."""
-        return self.predict(images)[0]
+        """scikit-learn's meaning: the opposite of the anomaly score, ``(N,)`` (the lower, the more abnormal)."""
+        return -self.predict(images)[0]
 
-    def decision(self, scores: np.ndarray) -> np.ndarray:
-        """Bool array: ``scores > image_threshold_``. Needs a model fitted with ``val_fraction > 0``."""
+    def decision_function(self, images) -> np.ndarray:
+        """scikit-learn's meaning: ``image_threshold_ - score``, ``(N,)``; negative = anomalous (frames refused by
+        the input gate are not marked here: use :meth:`verdict`). Needs a threshold."""
         self._check_fitted()
         if self.image_threshold_ is None:
             raise SomadError(
                 "this model has no threshold (fitted with val_fraction=0 or a single image); "
                 "refit with --val-fraction > 0, or run `somad calibrate`"
             )
-        return np.asarray(scores) > self.image_threshold_
+        return self.image_threshold_ + self.score_samples(images)
 
     def verdict(self, prediction: Prediction) -> bool | None:
         """Is this image anomalous? Frames refused by the input gate always are; ``None`` without a threshold."""
