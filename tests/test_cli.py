@@ -35,6 +35,13 @@ TINY = [
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _recompute(out, category):
+    """scripts/recompute_metrics.py (numpy/scipy/sklearn alone) over an evaluation's saved maps."""
+    script = ROOT / "scripts" / "recompute_metrics.py"
+    args = ["--maps", str(out / "maps"), "--category", str(category), "--json", str(out / "metrics.json")]
+    return subprocess.run([sys.executable, str(script), *args], capture_output=True, text=True)
+
+
 @pytest.fixture(scope="module")
 def category(tmp_path_factory):
     return make_synthetic_category(
@@ -83,20 +90,7 @@ def test_evaluate_agrees_with_independent_recomputation(model_file, category, tm
         assert 0.0 <= metrics["overall"][key] <= 1.0
     html = (out / "report.html").read_text()
     assert all(f"{r}" in html for r in ("scratch", "spot"))
-    check = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "recompute_metrics.py"),
-            "--maps",
-            str(out / "maps"),
-            "--category",
-            str(category),
-            "--json",
-            str(out / "metrics.json"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    check = _recompute(out, category)
     assert check.returncode == 0, check.stdout + check.stderr
 
 
@@ -130,20 +124,7 @@ def test_defect_without_mask_counts_for_image_metrics_only(model_file, tmp_path)
     assert main(["-q", "evaluate", str(model_file), str(cat), "-o", str(out), "--save-maps", "--no-report"]) == 0
     overall = json.loads((out / "metrics.json").read_text())["overall"]
     assert overall["n_images"] == 7 and overall["n_images_pixel"] == 6
-    check = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "scripts" / "recompute_metrics.py"),
-            "--maps",
-            str(out / "maps"),
-            "--category",
-            str(cat),
-            "--json",
-            str(out / "metrics.json"),
-        ],
-        capture_output=True,
-        text=True,
-    )
+    check = _recompute(out, cat)
     assert check.returncode == 0, check.stdout + check.stderr
 
 

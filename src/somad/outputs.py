@@ -21,7 +21,7 @@ from PIL import Image
 from .errors import SomadError
 from .model_io import atomic_write, current_umask
 from .progress import progress_bar
-from .verdicts import REGION_COLUMNS
+from .verdicts import REGION_COLUMNS, regions
 
 
 @contextlib.contextmanager
@@ -132,7 +132,8 @@ def csv_cell(value):
 
 def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     """Write a UTF-8 CSV file atomically. File names that are not valid UTF-8 (bytes the file system allowed)
-    are written with those bytes escaped (``\\xNN``), and formula-like text cells are neutralised."""
+    are written with those bytes escaped (``\\udcNN``, Python's surrogate escape), and formula-like text cells
+    are neutralised."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="", encoding="utf-8", errors="backslashreplace") as f:
@@ -168,7 +169,6 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     skipped : list of str, one message per unreadable input
     """
     from .features import to_original_resolution
-    from .verdicts import regions
 
     seen: dict[PurePath, str] = {}
     for item in items:
