@@ -123,3 +123,58 @@ def test_csv_cells_are_safe_in_a_spreadsheet_and_odd_names_round_trip(setup, tmp
     assert "'=HYPERLINK(1).png" in paths and "'-2+3.png" in paths  # neutralised, not run as formulas
     assert any(p.startswith("bad-\\udcff") or p.startswith("bad-\\xff") for p in paths)  # escaped, not lost
     assert all(float(r["score"]) > 0 for r in rows)
+
+
+def test_concurrent_writers_to_one_output_never_lose_a_result(setup, tmp_path):
+    """Two real predict processes to one -o: one writes it, the other fails in one line; nothing is lost."""
+    root, good, model = setup
+    out = tmp_path / "shared-out"
+    cmd = [
+        sys.executable,
+        "-c",
+        "import sys; from somad.cli import main; sys.exit(main())",
+        "-q",
+        "predict",
+        str(model),
+        str(good),
+        "-o",
+        str(out),
+    ]
+    procs = [subprocess.Popen(cmd, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    results = [(p.wait(timeout=300), p.stderr.read()) for p in procs]
+    codes = sorted(rc for rc, _ in results)
+    assert codes == [0, 2], results
+    failed = next(err for rc, err in results if rc == 2)
+    assert "already exists" in failed or "another run" in failed
+    assert len((out / "scores.csv").read_text().splitlines()) == 1 + 8  # one whole result
+    assert [p for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporaries left
+
+
+def test_a_model_file_is_never_replaced_unasked_even_when_it_appears_during_the_fit(setup, tmp_path):
+    from somad import load
+    from somad.errors import SomadError
+
+    root, good, model_path = setup
+    model = load(model_path)
+    target = tmp_path / "m.safetensors"
+    model.save(target, overwrite=False)
+    first = target.read_bytes()
+    with pytest.raises(SomadError, match="another run"):
+        model.save(target, overwrite=False)  # as a second fit to the same -o would, after its start check
+    assert target.read_bytes() == first and [p.name for p in tmp_path.iterdir()] == ["m.safetensors"]
+
+
+def test_leftovers_of_a_killed_run_are_removed_and_a_live_runs_are_kept(setup, tmp_path):
+    root, good, model = setup
+    out = tmp_path / "out"
+    dead = tmp_path / ".out.999999999.x1.partial"  # no such process
+    dead.mkdir()
+    (dead / "scores.csv").write_text("half")
+    live = tmp_path / f".out.{os.getpid()}.x2.partial"  # a run still going
+    live.mkdir()
+    stale_model = tmp_path / ".m.safetensors.999999999.y.tmp"
+    stale_model.write_bytes(b"half a model")
+    assert main(["-q", "predict", str(model), str(good), "-o", str(out)]) == 0
+    assert not dead.exists() and live.is_dir()
+    SOMAD(**TINY).fit(good).save(tmp_path / "m.safetensors")
+    assert not stale_model.exists()

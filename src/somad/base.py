@@ -622,8 +622,9 @@ class BaseDetector(Params):
         return {}
 
     # ------------------------------------------------------------------ persistence
-    def save(self, path) -> Path:
-        """Write the fitted model atomically to ``path`` (safetensors + JSON config; see ``model_io``)."""
+    def save(self, path, *, overwrite: bool = True) -> Path:
+        """Write the fitted model atomically to ``path`` (safetensors + JSON config; see ``model_io``); with
+        ``overwrite=False`` an existing file is never replaced, also one another process wrote meanwhile."""
         self._check_fitted()
         arrays = {"channel_indices": torch.as_tensor(self.channel_indices_)}
         arrays.update(self._state_arrays())
@@ -638,7 +639,7 @@ class BaseDetector(Params):
             **self._state_info(),
         }
         config = {"method": self.method, "somad_version": __version__, "params": self.get_params(), "state": state}
-        return save_model(path, config, arrays)
+        return save_model(path, config, arrays, overwrite=overwrite)
 
     @classmethod
     def _from_file(

@@ -15,9 +15,12 @@ the target, so an interrupted save leaves the previous file intact or no file at
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
+import logging
 import os
+import shutil
 import struct
 import tempfile
 from pathlib import Path
@@ -28,7 +31,10 @@ import torch
 from ._native import hugepages
 from .errors import ModelFileError, SomadError
 
+logger = logging.getLogger(__name__)
+
 FORMAT = "somad"
+ANOTHER_RUN = "{path}: was written by another run meanwhile; pass --overwrite or choose another -o"
 FORMAT_VERSION = 2  # 2 (somad 0.5): SOMAD whiteners packed in 16-row strips; version 1 files still load
 
 
@@ -57,25 +63,73 @@ def current_umask() -> int:
     return mask
 
 
-def atomic_write(path: Path, write) -> None:
+def temp_prefix(path: Path) -> str:
+    """The prefix of the temporaries written beside ``path``: ``.<name>.<pid>.``, so that a later run can tell
+    the leftovers of a killed one (:func:`remove_leftovers`)."""
+    return f".{path.name}.{os.getpid()}."
+
+
+def remove_leftovers(path: Path, suffix: str) -> list[Path]:
+    """Remove the temporaries (``.<name>.<pid>.*<suffix>``) that runs killed before they could clean up left
+    beside ``path``: those whose process no longer exists. Returns what was removed (logged)."""
+    removed = []
+    try:
+        candidates = list(path.parent.glob(f".{glob.escape(path.name)}.*{suffix}"))
+    except OSError:
+        return removed
+    for leftover in candidates:
+        pid = leftover.name[len(path.name) + 2 :].split(".", 1)[0]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        try:
+            shutil.rmtree(leftover) if leftover.is_dir() else leftover.unlink()
+            removed.append(leftover)
+        except OSError:
+            continue
+    if removed:
+        logger.warning("removed %d leftover temporary file(s) of an interrupted run beside %s", len(removed), path)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def atomic_write(path: Path, write, *, overwrite: bool = True) -> None:
     """Call ``write(tmp_path)`` then fsync and rename the file onto ``path``; clean up on any failure.
 
     The file gets the permissions a plain ``open(path, "w")`` would give it (``0o666`` less the umask), or
     those of the file it replaces, not ``mkstemp``'s private ``0o600``. An ``OSError`` (no space, no
-    permission, a parent that is a file) becomes a one-line :class:`SomadError` naming ``path``.
+    permission, a parent that is a file) becomes a one-line :class:`SomadError` naming ``path``. Without
+    ``overwrite`` the placement is exclusive (a hard link, which fails if ``path`` exists): of two runs
+    writing one path, the second fails instead of silently replacing the first's file.
     """
     path = Path(path)
     tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_leftovers(path, ".tmp")
         mode = path.stat().st_mode & 0o7777 if path.is_file() else 0o666 & ~current_umask()
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        fd, tmp = tempfile.mkstemp(prefix=temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.close(fd)
         write(Path(tmp))
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.chmod(tmp, mode)
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                raise SomadError(ANOTHER_RUN.format(path=path)) from None
+            Path(tmp).unlink()
     except BaseException as exc:  # includes KeyboardInterrupt: never leave the temp file behind
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -100,8 +154,11 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
 
 
-def save_model(path: str | os.PathLike, config: dict, arrays: dict[str, torch.Tensor | np.ndarray]) -> Path:
-    """Write ``arrays`` and ``config`` atomically to ``path`` (a ``.safetensors`` file)."""
+def save_model(
+    path: str | os.PathLike, config: dict, arrays: dict[str, torch.Tensor | np.ndarray], *, overwrite: bool = True
+) -> Path:
+    """Write ``arrays`` and ``config`` atomically to ``path`` (a ``.safetensors`` file); without ``overwrite``,
+    an existing file is never replaced (see :func:`atomic_write`)."""
     tensors = {
         k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous())
         for k, v in arrays.items()
@@ -114,7 +171,7 @@ def save_model(path: str | os.PathLike, config: dict, arrays: dict[str, torch.Te
         "sha256": content_hash(config_json, tensors),
     }
     path = Path(path)
-    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata))
+    atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata), overwrite=overwrite)
     return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import errno
 import os
 import shutil
 import tempfile
@@ -19,7 +20,7 @@ import numpy as np
 from PIL import Image
 
 from .errors import SomadError
-from .model_io import atomic_write, current_umask
+from .model_io import ANOTHER_RUN, atomic_write, current_umask, remove_leftovers, temp_prefix
 from .progress import progress_bar
 from .verdicts import REGION_COLUMNS, regions
 
@@ -41,23 +42,29 @@ def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False, inputs
         raise SomadError(f"{out}: exists and is not a folder; choose another -o")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        remove_leftovers(out, ".partial")
+        remove_leftovers(out, ".old")
+        tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".partial", dir=out.parent))
     except OSError as exc:
         raise SomadError(f"{out}: cannot create the output folder ({exc.strerror or exc}); check the path") from exc
     old = None
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())
+        if out.exists() and not overwrite:  # another run placed its results since the check above
+            raise SomadError(ANOTHER_RUN.format(path=out))
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            old = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".old", dir=out.parent))
             os.replace(out, old / out.name)
-        os.replace(tmp, out)
+        os.rename(tmp, out)  # fails if a non-empty folder appeared at out in between: never replaced unasked
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and (old / out.name).exists() and not out.exists():
             os.replace(old / out.name, out)  # put the previous result back
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOTEMPTY, errno.EEXIST):
+            raise SomadError(ANOTHER_RUN.format(path=out)) from exc
         if isinstance(exc, OSError):
             raise SomadError(
                 f"{out}: cannot write the output folder ({exc.strerror or exc}); "

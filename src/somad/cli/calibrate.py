@@ -43,7 +43,7 @@ def run(args) -> int:
         if getattr(args, name) is not None:
             setattr(model, name, getattr(args, name))
     model.calibrate(args.good_dir)
-    model.save(out)
+    model.save(out, overwrite=args.overwrite)
     info = model.threshold_info_
     print(
         f"image threshold {model.image_threshold_:.4f} = {info['quantile']:g}-quantile of the scores of "

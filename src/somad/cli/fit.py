@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     out = model_output(args.output, args.overwrite)
     model = model_from_args(args).fit(args.train_dir)
-    model.save(out)
+    model.save(out, overwrite=args.overwrite)
     info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
     if getattr(model, "som_", None) is not None:
         info.append(
