@@ -178,3 +178,38 @@ def test_leftovers_of_a_killed_run_are_removed_and_a_live_runs_are_kept(setup, t
     assert not dead.exists() and live.is_dir()
     SOMAD(**TINY).fit(good).save(tmp_path / "m.safetensors")
     assert not stale_model.exists()
+
+
+@pytest.mark.parametrize("method", ["somad", "padim", "patchcore"])
+def test_any_single_corrupted_field_fails_at_load_in_one_line(setup, tmp_path, method):
+    """Property: every parameter set to a value its rule refuses, every threshold made NaN or text, every array
+    made non-finite or cut short, written with a valid hash: load fails with one line naming the file."""
+    from somad import load
+    from somad.errors import SomadError
+    from somad.methods import METHODS
+    from somad.model_io import load_model, save_model
+
+    root, good, _ = setup
+    common = {k: v for k, v in TINY.items() if k in METHODS[method]._get_param_names()}
+    extra = {"somad": {}, "padim": {"eps": 0.01}, "patchcore": {"coreset_ratio": 0.5}}[method]
+    path = METHODS[method](**common, **extra).fit(good).save(tmp_path / "m.safetensors")
+    config, arrays = load_model(path)
+    cases = []
+    for name, value in config["params"].items():
+        bad = 123 if isinstance(value, str) else float("nan") if isinstance(value, (int, float)) else "x"
+        cases.append(("params", name, bad))
+    cases += [("state", "image_threshold", float("nan")), ("state", "pixel_threshold", "high")]
+    cases += [("arrays", name, "nan") for name, a in arrays.items() if a.is_floating_point()]
+    cases += [("arrays", name, "short") for name in arrays]
+    for i, (where, name, bad) in enumerate(cases):
+        c = {**config, "params": dict(config["params"]), "state": dict(config["state"])}
+        a = dict(arrays)
+        if where == "arrays":
+            a[name] = torch.full_like(a[name], float("nan")) if bad == "nan" else a[name][: max(0, len(a[name]) - 1)]
+        else:
+            c[where][name] = bad
+        broken = save_model(tmp_path / f"bad{i}.safetensors", c, a)
+        with pytest.raises(SomadError) as info:
+            load(broken)
+        message = str(info.value)
+        assert str(broken) in message and "\n" not in message, (where, name, bad, message)

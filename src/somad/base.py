@@ -690,6 +690,17 @@ class BaseDetector(Params):
         model.fit_seconds_ = state["fit_seconds"]
         model.display_range_ = tuple(state["display_range"]) if state.get("display_range") else None
         model.threshold_info_ = state.get("threshold_info")
+        for key in ("image_threshold", "pixel_threshold"):
+            value = state[key]
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)
+            ):
+                raise ModelFileError(
+                    f"{path}: {key} is {value!r}, not a finite number; re-run `somad fit` or `somad calibrate`"
+                )
+        bad = [name for name, a in arrays.items() if a.is_floating_point() and not bool(torch.isfinite(a).all())]
+        if bad:  # a NaN prototype would score silently wrong: refuse the file instead
+            raise ModelFileError(f"{path}: array {bad[0]} holds NaN or Inf; re-run `somad fit`")
         try:
             model._set_state(arrays, state)
         except (KeyError, RuntimeError, ValueError) as exc:

@@ -265,7 +265,7 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{path}: content hash mismatch (file corrupted or modified); re-run `somad fit`")
     try:
         config = json.loads(config_json)
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ModelFileError(f"{path}: config is not valid JSON; re-run `somad fit`") from None
     return migrate(config, arrays)
 

@@ -51,12 +51,12 @@ def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False, inputs
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~current_umask())
-        if out.exists() and not overwrite:  # another run placed its results since the check above
-            raise SomadError(ANOTHER_RUN.format(path=out))
-        if out.exists():
+        if overwrite and out.exists():
             old = Path(tempfile.mkdtemp(prefix=temp_prefix(out), suffix=".old", dir=out.parent))
             os.replace(out, old / out.name)
-        os.rename(tmp, out)  # fails if a non-empty folder appeared at out in between: never replaced unasked
+        # One atomic step: renaming a folder onto a non-empty one fails (ENOTEMPTY), so without --overwrite the
+        # results another run placed since the check above are never replaced.
+        os.rename(tmp, out)
     except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         if old is not None and (old / out.name).exists() and not out.exists():

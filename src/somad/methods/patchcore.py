@@ -201,7 +201,9 @@ class PatchCore(BaseDetector):
 
     def _set_state(self, arrays, state):
         bank = arrays["memory_bank"].float()
-        if bank.ndim != 2 or bank.shape[1] != len(self.channel_indices_):
+        if bank.ndim != 2 or bank.shape[0] < 1 or bank.shape[1] != len(self.channel_indices_):
             raise ValueError(f"memory_bank has shape {tuple(bank.shape)}, expected (M, {len(self.channel_indices_)})")
+        if state.get("memory_bank_size") is not None and int(state["memory_bank_size"]) != bank.shape[0]:
+            raise ValueError(f"memory_bank has {bank.shape[0]} patches, the config says {state['memory_bank_size']}")
         self.memory_bank_ = bank.to(self.device_)
         self.n_patches_ = state.get("n_patches")

@@ -232,6 +232,13 @@ class SOMAD(BaseDetector):
         m, d = weights.shape
         if m != int(self.som_size) ** 2:
             raise ValueError(f"som_weights has {m} nodes, config says {self.som_size}x{self.som_size}")
+        if d != len(self.channel_indices_):
+            raise ValueError(f"som_weights has {d} features, channel_indices {len(self.channel_indices_)}")
+        counts = arrays["node_counts"]
+        if tuple(counts.shape) != (m,) or bool((counts < 0).any()) or int(counts.sum()) == 0:
+            raise ValueError(f"node_counts must be {m} non-negative counts, not all zero")
+        if tuple(arrays["node_means"].shape) != (m, d):
+            raise ValueError(f"node_means has shape {tuple(arrays['node_means'].shape)}, expected ({m}, {d})")
         g = NodeGaussians.from_arrays(arrays["node_means"], arrays["node_whitener_strips"], arrays["node_counts"])
         self.gaussians_ = g.to(self.device_)
         self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
