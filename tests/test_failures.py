@@ -19,6 +19,9 @@ TINY = dict(
     weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu", val_fraction=0.25
 )
 
+#: The somad command line in a fresh process.
+SOMAD_CLI = [sys.executable, "-c", "import sys; from somad.cli import main; sys.exit(main())", "-q"]
+
 
 def _pattern(seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
@@ -83,10 +86,7 @@ def test_a_model_path_that_is_a_pipe_is_refused_without_waiting(setup, tmp_path)
     fifo = tmp_path / "model.safetensors"
     os.mkfifo(fifo)
     cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from somad.cli import main; sys.exit(main())",
-        "-q",
+        *SOMAD_CLI,
         "predict",
         str(fifo),
         str(good),
@@ -130,10 +130,7 @@ def test_concurrent_writers_to_one_output_never_lose_a_result(setup, tmp_path):
     root, good, model = setup
     out = tmp_path / "shared-out"
     cmd = [
-        sys.executable,
-        "-c",
-        "import sys; from somad.cli import main; sys.exit(main())",
-        "-q",
+        *SOMAD_CLI,
         "predict",
         str(model),
         str(good),
