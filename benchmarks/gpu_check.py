@@ -24,8 +24,8 @@ import torch
 
 def _run(device: str, category: Path, samples, seed: int = 0) -> dict:
     from somad import SOMAD
-    from somad.images import load_image
-    from somad.metrics import image_auroc
+    from somad.evaluation.metrics import image_auroc
+    from somad.io.images import load_image
 
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -72,8 +72,8 @@ def main() -> int:
     if not torch.cuda.is_available():
         print("no CUDA GPU available", file=sys.stderr)
         return 2
-    from somad.datasets import mvtec_test_samples
-    from somad.synthetic import make_synthetic_category
+    from somad.io.datasets import mvtec_test_samples
+    from somad.io.synthetic import make_synthetic_category
 
     with tempfile.TemporaryDirectory() as tmp:
         category = make_synthetic_category(tmp, n_train=args.n_train, n_test_good=20, n_test_defect=20, size=256)

@@ -19,9 +19,9 @@ STAGES = ("decode", "preprocess", "backbone", "node search", "mahalanobis", "ups
 
 
 def _timed_stages(model, path) -> list[float]:
-    from somad.features import upsample_blur
-    from somad.images import load_image
-    from somad.node_stats import mahalanobis
+    from somad.features.extractor import upsample_blur
+    from somad.io.images import load_image
+    from somad.som.node_stats import mahalanobis
 
     t = [time.perf_counter()]
     image = load_image(path)
@@ -53,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
     from torch.profiler import ProfilerActivity, profile
 
     from somad import load
-    from somad.datasets import mvtec_test_samples
+    from somad.io.datasets import mvtec_test_samples
 
     torch.set_num_threads(args.threads)
     model = load(args.model, search=args.search)

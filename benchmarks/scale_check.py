@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--extra", default="", help="extra `somad fit` options, e.g. '--search exact'")
     args = p.parse_args(argv)
 
-    from somad.synthetic import make_synthetic_category
+    from somad.io.synthetic import make_synthetic_category
 
     root = Path(args.out or tempfile.mkdtemp(prefix="somad-scale-"))
     t0 = time.perf_counter()

@@ -15,13 +15,13 @@ import torch
 import torch.nn.functional as F
 
 from somad import METHODS, PaDiM, PatchCore, load
-from somad.base import as_items
 from somad.cli import main
-from somad.features import FeatureExtractor, local_mean
-from somad.images import list_images, load_image
+from somad.features.extractor import FeatureExtractor, local_mean
+from somad.io.images import list_images, load_image
+from somad.io.synthetic import make_synthetic_category
+from somad.methods.base import as_items
 from somad.methods.patchcore import coreset_size, greedy_coreset, random_projection, reweighted_score
-from somad.node_search import nearest_nodes
-from somad.synthetic import make_synthetic_category
+from somad.som.node_search import nearest_nodes
 
 TINY = dict(weights="none", image_size=64, crop_size=None, device="cpu", batch_size=2)
 
@@ -78,7 +78,7 @@ def test_default_feature_extractor_is_the_multiscale_concatenation():
 
 
 def test_cpu_batches_go_through_the_backbone_in_small_groups_with_the_same_features():
-    from somad.features import CPU_GROUP
+    from somad.features.extractor import CPU_GROUP
 
     torch.manual_seed(3)
     batch = torch.rand(2 * CPU_GROUP + 1, 3, 64, 64)

@@ -2,8 +2,8 @@
 
 import json
 
-from somad.benchmark import expand_grid, markdown_table, run_benchmark
-from somad.synthetic import make_synthetic_category
+from somad.evaluation.benchmark import expand_grid, markdown_table, run_benchmark
+from somad.io.synthetic import make_synthetic_category
 
 COMMON = dict(weights="none", image_size=64, crop_size=None, val_fraction=0.0, device="cpu", batch_size=4)
 
@@ -51,7 +51,7 @@ def test_benchmark_runs_and_resumes(tmp_path):
 
 
 def test_target_table_reports_ratios_and_verdicts():
-    from somad.benchmark import target_table
+    from somad.evaluation.benchmark import target_table
 
     base = dict(category="cat", image_auroc=0.9, pixel_auroc=0.9, au_pro=0.8, model_mb=100.0)
     rows = [
@@ -145,7 +145,7 @@ def test_target_table_reports_ratios_and_verdicts():
 
 def test_interleaved_latency_times_every_model(tmp_path):
     from somad import SOMAD
-    from somad.benchmark import _run_latency
+    from somad.evaluation.benchmark import _run_latency
     from somad.methods import PaDiM
 
     cat = make_synthetic_category(tmp_path / "data", n_train=4, n_test_good=2, n_test_defect=2, size=64, seed=1)

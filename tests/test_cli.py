@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 from somad.cli import main
-from somad.synthetic import make_synthetic_category
+from somad.io.synthetic import make_synthetic_category
 
 TINY = [
     "--weights",

@@ -1,4 +1,4 @@
-"""Tests for somad.datasets: train-dir resolution, MVTec and folder layouts, mask checks."""
+"""Tests for somad.io.datasets: train-dir resolution, MVTec and folder layouts, mask checks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from somad.datasets import (
+from somad.errors import DataError
+from somad.io.datasets import (
     Sample,
     folder_test_samples,
     is_mvtec_category,
@@ -17,7 +18,6 @@ from somad.datasets import (
     resolve_train_dir,
     validate_masks,
 )
-from somad.errors import DataError
 
 
 def _img(path: Path, size=(8, 6), mode="RGB") -> Path:
@@ -132,7 +132,7 @@ def test_mvtec_missing_and_extra_masks(tmp_path, caplog):
     (cat / "ground_truth" / "crack" / "001_mask.png").unlink()
     _mask(cat / "ground_truth" / "crack" / "999_mask.png")  # no image for it
     _mask(cat / "ground_truth" / "scratch" / "000_mask.png")  # no such test type
-    with caplog.at_level(logging.WARNING, logger="somad.datasets"):
+    with caplog.at_level(logging.WARNING, logger="somad.io.datasets"):
         samples = mvtec_test_samples(cat)
     crack = {s.relpath.name: s for s in samples if s.defect_type == "crack"}
     assert crack["001.png"].mask_path is None
@@ -147,7 +147,7 @@ def test_mvtec_no_ground_truth_folder(tmp_path, caplog):
     cat = tmp_path / "cat"
     _img(cat / "test" / "good" / "a.png")
     _img(cat / "test" / "hole" / "b.png")
-    with caplog.at_level(logging.WARNING, logger="somad.datasets"):
+    with caplog.at_level(logging.WARNING, logger="somad.io.datasets"):
         samples = mvtec_test_samples(cat)
     assert [s.label for s in samples] == [0, 1]
     assert all(s.mask_path is None for s in samples)
@@ -168,7 +168,7 @@ def test_mvtec_skips_hidden_and_empty_type_dirs(tmp_path, caplog):
     cat = _category(tmp_path)
     _img(cat / "test" / ".ipynb_checkpoints" / "x.png")
     (cat / "test" / "empty_type").mkdir()
-    with caplog.at_level(logging.WARNING, logger="somad.datasets"):
+    with caplog.at_level(logging.WARNING, logger="somad.io.datasets"):
         samples = mvtec_test_samples(cat)
     assert {s.defect_type for s in samples} == {"good", "crack", "broken"}
     assert "empty_type" in caplog.text
@@ -231,7 +231,7 @@ def test_folder_layout_missing_masks_warn(tmp_path, caplog):
     _img(dent / "b.png")
     masks = tmp_path / "masks"
     _mask(masks / "a_mask.png")
-    with caplog.at_level(logging.WARNING, logger="somad.datasets"):
+    with caplog.at_level(logging.WARNING, logger="somad.io.datasets"):
         samples = folder_test_samples(defect_dirs=[dent], mask_dir=masks)
     assert samples[1].mask_path is None
     assert "1 of 2 defective image(s) have no mask" in caplog.text

@@ -13,7 +13,7 @@ from PIL import Image
 from somad import SOMAD
 from somad.cli import main
 from somad.errors import NumericalError
-from somad.node_stats import inverse_cholesky
+from somad.som.node_stats import inverse_cholesky
 
 TINY = dict(
     weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu", val_fraction=0.25
@@ -183,8 +183,8 @@ def test_any_single_corrupted_field_fails_at_load_in_one_line(setup, tmp_path, m
     made non-finite or cut short, written with a valid hash: load fails with one line naming the file."""
     from somad import load
     from somad.errors import SomadError
+    from somad.io.model_files import load_model, save_model
     from somad.methods import METHODS
-    from somad.model_io import load_model, save_model
 
     root, good, _ = setup
     common = {k: v for k, v in TINY.items() if k in METHODS[method]._get_param_names()}

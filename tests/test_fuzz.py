@@ -1,7 +1,7 @@
 """Fuzzing the two file readers that take untrusted bytes.
 
-* ``somad.images.load_image`` returns an RGB image or raises ``ImageLoadError``, whatever the bytes;
-* ``somad.model_io.load_model`` (and ``somad.load``) returns a verified model or raises ``ModelFileError``.
+* ``somad.io.images.load_image`` returns an RGB image or raises ``ImageLoadError``, whatever the bytes;
+* ``somad.io.model_files.load_model`` (and ``somad.load``) returns a verified model or raises ``ModelFileError``.
 
 Inputs are random bytes and valid files with flipped bytes and truncations. Each test is bounded
 (``max_examples``, no per-example deadline, no example database) to keep the suite well under a minute.
@@ -19,8 +19,8 @@ from PIL import Image
 
 from somad import SOMAD, load
 from somad.errors import ImageLoadError, ModelFileError
-from somad.images import load_image
-from somad.model_io import load_model
+from somad.io.images import load_image
+from somad.io.model_files import load_model
 
 # Pillow warns about the corrupt files it reads (bad TIFF tags, large images): expected here.
 pytestmark = [

@@ -31,7 +31,7 @@ def test_small_arrays_are_ordinary_tensors():
 def test_model_files_read_large_arrays_into_aligned_memory_with_the_same_bytes(tmp_path):
     from safetensors.torch import load_file
 
-    from somad.model_io import load_model, save_model
+    from somad.io.model_files import load_model, save_model
 
     big = torch.randn(600, 1000).to(torch.float16)  # 1.2 MB: ordinary
     bigger = torch.randn(700, 1000)  # 2.8 MB: read into its own mapping

@@ -1,4 +1,4 @@
-"""Tests for somad.images: mode conversion, EXIF, failure messages, listing, masks."""
+"""Tests for somad.io.images: mode conversion, EXIF, failure messages, listing, masks."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 from PIL import Image, ImageFile
 
 from somad.errors import DataError, ImageLoadError, SomadError
-from somad.images import IMAGE_EXTENSIONS, image_size, list_images, load_image, load_mask
+from somad.io.images import IMAGE_EXTENSIONS, image_size, list_images, load_image, load_mask
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -113,7 +113,7 @@ def test_camera_bit_depth_in_16bit_png_keeps_its_brightness(tmp_path, bits):
 
 
 def test_16bit_big_endian_mode():
-    from somad.images import to_rgb
+    from somad.io.images import to_rgb
 
     arr = np.array([[0, 65535, 32896]], dtype=">u2")
     img = Image.frombytes("I;16B", (3, 1), arr.tobytes())

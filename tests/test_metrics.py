@@ -1,4 +1,4 @@
-"""Tests of somad.metrics against brute-force references and scikit-learn."""
+"""Tests of somad.evaluation.metrics against brute-force references and scikit-learn."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ from hypothesis import strategies as st
 from scipy import ndimage
 from sklearn.metrics import precision_recall_curve, roc_auc_score
 
-from somad import metrics
-from somad.metrics import (
+from somad.evaluation import metrics
+from somad.evaluation.metrics import (
     accuracy_at_threshold,
     au_pro,
     downsample_curve,
@@ -259,7 +259,7 @@ def test_accuracy_at_threshold():
 
 
 def test_balanced_accuracy_and_its_best_over_thresholds():
-    from somad.metrics import balanced_accuracy, best_balanced_accuracy
+    from somad.evaluation.metrics import balanced_accuracy, best_balanced_accuracy
 
     labels = np.array([0, 0, 0, 0, 1, 1])
     scores = np.array([0.1, 0.2, 0.3, 0.8, 0.7, 0.9])
@@ -272,7 +272,7 @@ def test_balanced_accuracy_and_its_best_over_thresholds():
 
 
 def test_mask_metrics_f1_region_overlap_and_good_false_positives():
-    from somad.metrics import mask_metrics
+    from somad.evaluation.metrics import mask_metrics
 
     gt = np.zeros((10, 10), bool)
     gt[0:2, 0:2] = True  # region A: 4 px

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from somad.node_search import SEARCHES, IVFSearch, make_search, nearest_nodes
-from somad.som import SelfOrganizingMap
+from somad.som.node_search import SEARCHES, IVFSearch, make_search, nearest_nodes
+from somad.som.training import SelfOrganizingMap
 
 
 @pytest.fixture(scope="module")

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from somad.batching import padded_groups
-from somad.node_stats import fit_node_gaussians, mahalanobis
+from somad.som.batching import padded_groups
+from somad.som.node_stats import fit_node_gaussians, mahalanobis
 
 
 def _whitened_to_cov(w):
@@ -102,7 +102,7 @@ def test_singular_covariance_at_eps_zero_is_still_invertible():
 
 
 def test_row_blocks_cover_the_rows():
-    from somad.node_stats import row_blocks
+    from somad.som.node_stats import row_blocks
 
     for d in (1, 2, 3, 5, 37, 176, 550):
         b = row_blocks(d)
@@ -140,7 +140,7 @@ def test_native_kernel_equals_the_dense_whitening(native, d):
 
 def test_torch_path_equals_the_dense_whitening():
     """37 dims: uneven row blocks; small steps: several node groups and element chunks."""
-    from somad.node_stats import mahalanobis_torch
+    from somad.som.node_stats import mahalanobis_torch
 
     g, q, nodes = _whitening_case(37)
     got = mahalanobis_torch(q, nodes, g, max_nodes=7, max_elements=500)
@@ -148,7 +148,7 @@ def test_torch_path_equals_the_dense_whitening():
 
 
 def test_packed_triangles_round_trip_and_give_the_row_blocks():
-    from somad.node_stats import NodeGaussians
+    from somad.som.node_stats import NodeGaussians
 
     rng = np.random.default_rng(4)
     x = torch.from_numpy(rng.normal(size=(2000, 37)).astype(np.float32))
@@ -228,7 +228,7 @@ def test_float16_factors_score_like_float32_native(native):
 
 
 def test_float16_factors_score_like_float32_torch_and_round_trip():
-    from somad.node_stats import NodeGaussians, mahalanobis_torch
+    from somad.som.node_stats import NodeGaussians, mahalanobis_torch
 
     g16, q, nodes, ref = _float16_case()
     d16 = mahalanobis_torch(q, nodes, g16, max_nodes=5)  # the float16 triangles are widened a few nodes at a time
@@ -246,7 +246,7 @@ def test_float16_factor_overflow_keeps_the_factors_in_float32(caplog):
     narrow = torch.tensor([[0.0, 0.0], [1e-6, 0.0], [0.0, 1e-6]])
     x = torch.cat([wide, narrow])
     assign = torch.cat([torch.zeros(40, dtype=torch.long), torch.ones(3, dtype=torch.long)])
-    with caplog.at_level("WARNING", logger="somad.node_stats"):  # max_elements=4: one node per group
+    with caplog.at_level("WARNING", logger="somad.som.node_stats"):  # max_elements=4: one node per group
         g = fit_node_gaussians(x, assign, torch.zeros(2, 2), eps=1e-12, dtype=torch.float16, max_elements=4)
     assert g.packed.dtype == torch.float32 and "overflow float16" in caplog.text
     ref = fit_node_gaussians(x, assign, torch.zeros(2, 2), eps=1e-12)
@@ -279,7 +279,7 @@ def test_native_kernel_entry_points_check_what_the_c_code_trusts(native):
 
 def test_shrinkage_toward_the_pooled_within_node_covariance():
     """shrinkage a: cov_i = (1 - a) cov(G_i) + a P + eps I, with P the pooled within-node covariance."""
-    from somad.node_stats import _pooled_covariance, fit_node_gaussians
+    from somad.som.node_stats import _pooled_covariance, fit_node_gaussians
 
     gen = torch.Generator().manual_seed(3)
     d, m = 6, 5

@@ -8,8 +8,8 @@ import pytest
 from somad import SOMAD, load
 from somad.cli import build_parser
 from somad.errors import SomadError
+from somad.io.model_files import load_model, save_model
 from somad.methods import METHODS
-from somad.model_io import load_model, save_model
 
 TINY = dict(
     weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu", val_fraction=0.0

@@ -1,4 +1,4 @@
-"""Tests of somad.report: the static HTML page of ``somad evaluate`` (no backbone needed)."""
+"""Tests of somad.evaluation.report: the static HTML page of ``somad evaluate`` (no backbone needed)."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from somad.outputs import output_relpath
-from somad.report import THUMB_SIZE, write_report
+from somad.evaluation.report import THUMB_SIZE, write_report
+from somad.io.outputs import output_relpath
 
 # Distinctive metric values, so that their presence in the page can be checked.
 OVERALL = {

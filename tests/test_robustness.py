@@ -25,12 +25,12 @@ import torch
 from PIL import Image
 
 from somad import SOMAD, load
-from somad.backbones import BACKBONES
 from somad.cli import main
 from somad.errors import ImageLoadError, ModelFileError, NumericalError, SomadError
-from somad.features import FeatureExtractor
-from somad.images import load_image
-from somad.model_io import FORMAT_VERSION, content_hash, load_model
+from somad.features.backbones import BACKBONES
+from somad.features.extractor import FeatureExtractor
+from somad.io.images import load_image
+from somad.io.model_files import FORMAT_VERSION, content_hash, load_model
 
 TINY_PARAMS = dict(
     weights="none",
@@ -949,10 +949,10 @@ def test_error_mid_run_keeps_the_previous_output_and_leaves_no_partial(capsys, w
 
 
 def test_interrupt_mid_predict_leaves_nothing(capsys, work, data, model_file, monkeypatch):
-    import somad.outputs
+    import somad.io.outputs
 
     calls = []
-    real = somad.outputs.heatmap_overlay
+    real = somad.io.outputs.heatmap_overlay
 
     def overlay(*args, **kwargs):
         calls.append(1)
@@ -960,7 +960,7 @@ def test_interrupt_mid_predict_leaves_nothing(capsys, work, data, model_file, mo
             raise KeyboardInterrupt
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(somad.outputs, "heatmap_overlay", overlay)
+    monkeypatch.setattr(somad.io.outputs, "heatmap_overlay", overlay)
     rc, _, err = cli(capsys, "predict", model_file, data / "good", "-o", work / "out")
     assert rc == 130 and "interrupted" in err
     assert list(work.iterdir()) == []

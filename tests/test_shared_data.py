@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from somad import SOMAD
-from somad.evaluate import evaluate_model, load_test_samples
+from somad.evaluation.protocol import evaluate_model, load_test_samples
 
 pytestmark = [pytest.mark.slow, pytest.mark.shared_data]
 

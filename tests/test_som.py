@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from somad.errors import SomadError
-from somad.node_search import nearest_nodes
-from somad.som import SelfOrganizingMap, radius_schedule
+from somad.som.node_search import nearest_nodes
+from somad.som.training import SelfOrganizingMap, radius_schedule
 
 
 def test_radius_schedule_follows_the_paper():

@@ -8,8 +8,8 @@ from PIL import Image
 
 from somad import SOMAD, load
 from somad.errors import NotFittedError, SomadError
-from somad.features import FeatureExtractor, Geometry, gaussian_blur, select_channels, to_original_resolution
-from somad.metrics import image_auroc, pixel_auroc
+from somad.evaluation.metrics import image_auroc, pixel_auroc
+from somad.features.extractor import FeatureExtractor, Geometry, gaussian_blur, select_channels, to_original_resolution
 
 TINY = dict(
     weights="none",
@@ -159,7 +159,7 @@ def test_gaussian_blur_matches_scipy():
 def test_upsample_blur_equals_interpolate_then_blur(grid, size, sigma):
     """The precomputed matrices give what scoring did step by step: bilinear upsampling, then the blur (also
     where the blur radius is cut at the map size, without a blur, and without upsampling)."""
-    from somad.features import upsample_blur
+    from somad.features.extractor import upsample_blur
 
     p = torch.rand(3, *grid, dtype=torch.float32) * 10
     ref = gaussian_blur(F.interpolate(p[:, None], size=(size, size), mode="bilinear", align_corners=False)[:, 0], sigma)
@@ -181,9 +181,9 @@ def test_original_resolution_puts_the_crop_back():
 @pytest.mark.slow
 def test_synthetic_defects_are_found_with_real_weights(tmp_path):
     """EfficientNet-Lite0 ImageNet features + a small SOM find painted scratches and spots."""
-    from somad.datasets import mvtec_test_samples
-    from somad.images import load_mask
-    from somad.synthetic import make_synthetic_category
+    from somad.io.datasets import mvtec_test_samples
+    from somad.io.images import load_mask
+    from somad.io.synthetic import make_synthetic_category
 
     cat = make_synthetic_category(tmp_path, n_train=16, n_test_good=8, n_test_defect=12, size=128, seed=1)
     model = SOMAD(
@@ -200,7 +200,7 @@ def test_synthetic_defects_are_found_with_real_weights(tmp_path):
 def test_a_model_file_from_before_the_search_option_keeps_the_exact_search(images, tmp_path):
     """Files written by somad 0.1.0 have no `search` parameter: they load with the exhaustive search they
     were fitted with, so their scores do not change."""
-    from somad.model_io import load_model, save_model
+    from somad.io.model_files import load_model, save_model
 
     path = SOMAD(**{**TINY, "search": "exact", "feature_dtype": "float32"}).fit(images).save(tmp_path / "m.safetensors")
     config, arrays = load_model(path)
@@ -215,7 +215,7 @@ def test_a_model_file_from_before_the_search_option_keeps_the_exact_search(image
 def test_a_model_file_of_format_version_1_loads_with_the_same_scores(images, tmp_path, monkeypatch):
     """Format version 1 (somad <= 0.4) packed each whitener triangle row by row under another name; such
     files are repacked in strips on load."""
-    from somad import model_io
+    from somad.io import model_files as model_io
 
     path = SOMAD(**TINY).fit(images).save(tmp_path / "m.safetensors")
     config, arrays = model_io.load_model(path)
@@ -286,7 +286,7 @@ def test_patch_scores_are_the_min_mahalanobis_over_the_k_nearest_nodes(images, s
 def test_a_0_5_model_file_loads_as_it_was_fitted(images, tmp_path):
     """0.5 files have no local_aggregation or shrinkage and call the IVF search "fast": the migrations in
     model_io (one table) load them with no aggregation, no shrinkage and the IVF search, scores unchanged."""
-    from somad.model_io import MIGRATIONS, load_model, save_model
+    from somad.io.model_files import MIGRATIONS, load_model, save_model
 
     params = {**TINY, "local_aggregation": 1, "shrinkage": 0.0, "search": "ivf"}
     path = SOMAD(**params).fit(images).save(tmp_path / "m.safetensors")

@@ -1,4 +1,4 @@
-"""Tests for somad.synthetic: layout, determinism, exact masks."""
+"""Tests for somad.io.synthetic: layout, determinism, exact masks."""
 
 from __future__ import annotations
 
@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from somad.datasets import is_mvtec_category, mvtec_test_samples, resolve_train_dir, validate_masks
 from somad.errors import DataError
-from somad.images import load_image, load_mask
-from somad.synthetic import DEFECT_TYPES, make_synthetic_category, render_part
+from somad.io.datasets import is_mvtec_category, mvtec_test_samples, resolve_train_dir, validate_masks
+from somad.io.images import load_image, load_mask
+from somad.io.synthetic import DEFECT_TYPES, make_synthetic_category, render_part
 
 
 def _files(category):

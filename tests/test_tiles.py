@@ -6,7 +6,7 @@ from PIL import Image
 
 from somad import SOMAD
 from somad.errors import SomadError
-from somad.features import Geometry
+from somad.features.extractor import Geometry
 
 TINY = dict(
     weights="none",

@@ -9,9 +9,9 @@ import pytest
 from PIL import Image
 
 from somad import SOMAD, load
-from somad.base import as_items
 from somad.cli import main
-from somad.features import to_original_resolution
+from somad.features.extractor import to_original_resolution
+from somad.methods.base import as_items
 from somad.verdicts import OK, check_frame, estimate_thresholds, predicted_mask, regions
 
 TINY = dict(

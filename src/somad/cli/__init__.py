@@ -11,10 +11,10 @@ import logging
 import signal
 import sys
 
-from .._version import __version__
-from ..errors import SomadError
-from . import benchmark, calibrate, demo, evaluate, fit, predict
-from .common import apply_preset, model_from_args, override_thresholds
+from somad._version import __version__
+from somad.cli import benchmark, calibrate, demo, evaluate, fit, predict
+from somad.cli.common import apply_preset, model_from_args, override_thresholds
+from somad.errors import SomadError
 
 #: Every command: a module with ``add_parser(sub)`` and ``run(args)``, in the order of ``somad --help``.
 COMMANDS = (fit, predict, evaluate, calibrate, benchmark, demo)

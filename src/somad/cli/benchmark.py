@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..benchmark import VARIANTS, _all_cells, _int_list, markdown_table, run_benchmark
-from ..errors import SomadError
-from .common import add_model_args
+from somad.cli.common import add_model_args
+from somad.errors import SomadError
+from somad.evaluation.benchmark import VARIANTS, _all_cells, _int_list, markdown_table, run_benchmark
 
 
 def add_parser(sub) -> None:
@@ -36,14 +36,14 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..methods import METHODS
-    from ..params import PER_METHOD
+    from somad.methods import METHODS
+    from somad.params import PER_METHOD
 
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad:
         raise SomadError(f"unknown method {bad[0]!r}; choose from: {', '.join(METHODS)}")
-    from ..base import BaseDetector
+    from somad.methods.base import BaseDetector
 
     common = {n: getattr(args, n) for n in BaseDetector._get_param_names() if hasattr(args, n)}
     somad_grid = {

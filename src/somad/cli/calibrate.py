@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .common import model_output
+from somad.cli.common import model_output
 
 
 def add_parser(sub) -> None:
@@ -34,7 +34,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..methods import load
+    from somad.methods import load
 
     out = model_output(args.output, args.overwrite)
     model = load(args.model, device=args.device)

@@ -6,14 +6,14 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ..errors import SomadError
-from ..node_search import SEARCHES
+from somad.errors import SomadError
+from somad.som.node_search import SEARCHES
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The model flags: one per parameter of the detectors, from their parameter tables (``somad.params``)."""
-    from ..methods import METHODS, PRESETS
-    from ..params import add_flags
+    from somad.methods import METHODS, PRESETS
+    from somad.params import add_flags
 
     g = p.add_argument_group("model")
     g.add_argument("--method", default="somad", choices=sorted(METHODS), help="detector (default: somad)")
@@ -68,8 +68,8 @@ def _finite_float(text: str) -> float:
 
 def model_from_args(args) -> object:
     """Build an unfitted detector from parsed CLI options: every parameter of the chosen method that has a flag."""
-    from ..methods import METHODS
-    from ..params import PER_METHOD
+    from somad.methods import METHODS
+    from somad.params import PER_METHOD
 
     cls = METHODS[args.method]
     values = {name: getattr(args, name) for name in cls._get_param_names() if hasattr(args, name)}
@@ -78,7 +78,7 @@ def model_from_args(args) -> object:
 
 def apply_preset(args, argv: list[str], parser: argparse.ArgumentParser) -> None:
     """Set the values of ``args.preset`` on ``args``, except those whose flag was given in ``argv``."""
-    from ..methods import PRESETS
+    from somad.methods import PRESETS
 
     values = PRESETS.get(getattr(args, "preset", "default"), {})
     given = set()

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..demo import run_demo
+    from somad.demo import run_demo
 
     result = run_demo(Path(args.output), backbone=args.backbone, device=args.device, overwrite=args.overwrite)
     print(

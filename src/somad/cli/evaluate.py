@@ -4,9 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import SomadError
-from ..evaluate import EVAL_RESOLUTIONS, evaluate_model, format_metrics_table, load_test_samples, write_metrics_json
-from .common import add_run_args, override_thresholds
+from somad.cli.common import add_run_args, override_thresholds
+from somad.errors import SomadError
+from somad.evaluation.protocol import (
+    EVAL_RESOLUTIONS,
+    evaluate_model,
+    format_metrics_table,
+    load_test_samples,
+    write_metrics_json,
+)
 
 
 def add_parser(sub) -> None:
@@ -38,8 +44,8 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..methods import load
-    from ..outputs import staged_output_dir
+    from somad.io.outputs import staged_output_dir
+    from somad.methods import load
 
     if args.category and (args.good_dir or args.defect_dir or args.mask_dir):
         raise SomadError("give either CATEGORY_DIR or --good-dir/--defect-dir/--mask-dir, not both")
@@ -66,7 +72,7 @@ def run(args) -> int:
         )
         write_metrics_json(tmp / "metrics.json", result)
         if not args.no_report:
-            from ..report import write_report
+            from somad.evaluation.report import write_report
 
             write_report(tmp, result, model=model)
     print(format_metrics_table(result))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from .common import add_model_args, add_run_args, model_from_args, model_output
+from somad.cli.common import add_model_args, add_run_args, model_from_args, model_output
 
 
 def add_parser(sub) -> None:

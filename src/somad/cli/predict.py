@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from ..errors import SomadError
-from .common import add_run_args, override_thresholds
+from somad.cli.common import add_run_args, override_thresholds
+from somad.errors import SomadError
 
 
 def add_parser(sub) -> None:
@@ -26,7 +26,7 @@ def add_parser(sub) -> None:
 
 def _input_items(inputs: list[str]):
     """Image items of the predict inputs; every input must exist and every output name must be unique."""
-    from ..base import as_items
+    from somad.methods.base import as_items
 
     for entry in inputs:
         if not Path(entry).exists():
@@ -40,8 +40,8 @@ def _input_items(inputs: list[str]):
 
 
 def run(args) -> int:
-    from ..methods import load
-    from ..outputs import staged_output_dir, write_predictions
+    from somad.io.outputs import staged_output_dir, write_predictions
+    from somad.methods import load
 
     model = load(args.model, device=args.device, search=args.search)
     model.batch_size = args.batch_size

@@ -1,13 +1,13 @@
-"""Anomaly detection methods that share somad's feature pipeline (see ``somad.base``), their registry and ``load``."""
+"""The detectors (SOMAD, PaDiM, PatchCore) on somad's shared feature pipeline (``base``), their registry, ``load``."""
 
 from pathlib import Path
 
-from ..base import BaseDetector
-from ..errors import ModelFileError
-from ..model_io import load_model
-from .padim import PaDiM
-from .patchcore import PatchCore
-from .somad import PRESETS, SOMAD
+from somad.errors import ModelFileError
+from somad.io.model_files import load_model
+from somad.methods.base import BaseDetector
+from somad.methods.padim import PaDiM
+from somad.methods.patchcore import PatchCore
+from somad.methods.somad import PRESETS, SOMAD
 
 METHODS = {"somad": SOMAD, "padim": PaDiM, "patchcore": PatchCore}
 

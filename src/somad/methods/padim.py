@@ -5,7 +5,7 @@ and the sum of outer products (float64, around a per-position reference taken fr
 numerical stability); no feature is kept. Each position gets the mean and the unbiased covariance plus
 ``eps * I`` (the paper's 0.01), stored as the inverse of its Cholesky factor. Score: the Mahalanobis
 distance of each test patch to the Gaussian of its own position; the shared pipeline of
-:class:`somad.base.BaseDetector` then upsamples, blurs and takes the map maximum as image score.
+:class:`somad.methods.base.BaseDetector` then upsamples, blurs and takes the map maximum as image score.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import logging
 
 import torch
 
-from ..base import BaseDetector
-from ..errors import NumericalError, SomadError
-from ..node_stats import inverse_cholesky
-from ..params import Interval, Param
+from somad.errors import NumericalError, SomadError
+from somad.methods.base import BaseDetector
+from somad.params import Interval, Param
+from somad.som.node_stats import inverse_cholesky
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +30,7 @@ class PaDiM(BaseDetector):
     eps : float, default 0.01
         Ridge added to every position's covariance (paper: 0.01).
     **common
-        See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...). ``dims``
+        See :class:`somad.methods.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...). ``dims``
         is the paper's random channel subset (100 of 448 for ResNet-18, 550 of 1792 for Wide-ResNet50-2).
 
     Attributes

@@ -23,10 +23,10 @@ import math
 
 import torch
 
-from ..base import BaseDetector
-from ..errors import NumericalError, SomadError
-from ..node_search import nearest_nodes
-from ..params import Interval, Param
+from somad.errors import NumericalError, SomadError
+from somad.methods.base import BaseDetector
+from somad.params import Interval, Param
+from somad.som.node_search import nearest_nodes
 
 logger = logging.getLogger(__name__)
 
@@ -131,7 +131,7 @@ class PatchCore(BaseDetector):
     projection_dim : int or None, default 128
         Dimension of the random projection used for the coreset distances (``None``: full features).
     **common
-        See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...). The
+        See :class:`somad.methods.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...). The
         features come from the stride-8 and stride-16 stages only, so ``dims`` counts their channels.
 
     Attributes

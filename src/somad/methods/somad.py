@@ -2,13 +2,13 @@
 
 Fit: stream the patch features of the good images, initialise a K x K SOM with the mean feature of each
 image position, train it (batch SOM), assign every training patch to its nearest node and fit one Gaussian
-per node (``somad.node_stats``). Score: for each test patch, the k nearest nodes (Euclidean, to the SOM
+per node (``somad.som.node_stats``). Score: for each test patch, the k nearest nodes (Euclidean, to the SOM
 prototypes), then the minimum Mahalanobis distance to their Gaussians.
 
 What fit keeps in memory: every training patch once, in ``feature_dtype`` (float16 by default: half the
 bytes, ~1e-3 relative rounding, far below the eps ridge) because the node statistics need every patch after
 the SOM is trained; a float32 copy of the SOM's training subset (``som_samples``); the SOM; and the node
-Gaussians. ``search="ivf"`` finds nearest nodes coarse-to-fine (``somad.node_search``) in training and
+Gaussians. ``search="ivf"`` finds nearest nodes coarse-to-fine (``somad.som.node_search``) in training and
 scoring; ``"exact"`` searches exhaustively.
 """
 
@@ -18,16 +18,16 @@ import logging
 
 import torch
 
-from ..base import BaseDetector
-from ..errors import NumericalError, SomadError
-from ..node_search import SEARCH_CHOICES, make_search
-from ..node_stats import (
+from somad.errors import NumericalError, SomadError
+from somad.methods.base import BaseDetector
+from somad.params import Interval, Options, Param
+from somad.som.node_search import SEARCH_CHOICES, make_search
+from somad.som.node_stats import (
     NodeGaussians,
     fit_node_gaussians,
     mahalanobis,
 )
-from ..params import Interval, Options, Param
-from ..som import SelfOrganizingMap
+from somad.som.training import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +60,12 @@ class SOMAD(BaseDetector):
         statistics always use every training patch.
     search : {"ivf", "exact"}, default "ivf"
         Nearest-node search in training and scoring: an inverted-file index over the SOM's nodes, or
-        exhaustive (see ``somad.node_search`` and docs/benchmarks.md for the measured difference).
+        exhaustive (see ``somad.som.node_search`` and docs/benchmarks.md for the measured difference).
     feature_dtype : {"float16", "float32"}, default "float16"
         Precision of the training patches held between the SOM and the node statistics.
     shrinkage : float, default 0.0
         Weight ``a`` of the pooled within-node covariance ``P`` in each node's covariance:
-        ``(1 - a) cov_i + a P + eps I`` (``somad.node_stats``); 0 = the paper's rule.
+        ``(1 - a) cov_i + a P + eps I`` (``somad.som.node_stats``); 0 = the paper's rule.
     local_aggregation : int, default 3
         Each backbone stage is averaged over a ``k x k`` neighbourhood of its own grid before upsampling
         (PatchCore's locally aware patch features; 1 = none, as in the paper). See docs/benchmarks.md for the
@@ -76,7 +76,7 @@ class SOMAD(BaseDetector):
         the metrics were identical to 4 decimals (docs/benchmarks.md). Factors that overflow float16 (a tiny
         ``eps``) are kept in float32, with a warning.
     **common
-        See :class:`somad.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...).
+        See :class:`somad.methods.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...).
 
     Attributes
     ----------

@@ -20,14 +20,14 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from . import metrics
-from .base import BaseDetector, ImageItem
-from .datasets import Sample, folder_test_samples, is_mvtec_category, mvtec_test_samples, validate_masks
-from .errors import DataError, SomadError
-from .features import to_original_resolution
-from .images import load_mask
-from .model_io import atomic_write_text
-from .outputs import write_predictions
+from somad.errors import DataError, SomadError
+from somad.evaluation import metrics
+from somad.features.extractor import to_original_resolution
+from somad.io.datasets import Sample, folder_test_samples, is_mvtec_category, mvtec_test_samples, validate_masks
+from somad.io.images import load_mask
+from somad.io.model_files import atomic_write_text
+from somad.io.outputs import write_predictions
+from somad.methods.base import BaseDetector, ImageItem
 
 logger = logging.getLogger(__name__)
 

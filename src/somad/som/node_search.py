@@ -23,8 +23,8 @@ import logging
 
 import torch
 
-from ._native import kernels
-from .batching import padded_groups
+from somad._native import kernels
+from somad.som.batching import padded_groups
 
 logger = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ Two layouts are understood:
   defective images by file stem (``<stem>_mask.<ext>`` or ``<stem>.<ext>``).
 
 This module only decides which files play which role; decoding lives in
-:mod:`somad.images`.
+:mod:`somad.io.images`.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from somad.errors import DataError
-from somad.images import IMAGE_EXTENSIONS, MASK_HINT, image_size, list_images
+from somad.io.images import IMAGE_EXTENSIONS, MASK_HINT, image_size, list_images
 
 __all__ = [
     "Sample",
@@ -369,7 +369,7 @@ def folder_test_samples(
 def validate_masks(samples: Iterable[Sample]) -> None:
     """Check that every mask exists and has the size of its image.
 
-    Only headers are read (see :func:`somad.images.image_size`).
+    Only headers are read (see :func:`somad.io.images.image_size`).
 
     Parameters
     ----------

@@ -27,10 +27,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ._native import hugepages, kernels
-from ._native.layout import STRIP, packed_size, strip_layout
-from .batching import padded_groups
-from .errors import NumericalError
+from somad._native import hugepages, kernels
+from somad._native.layout import STRIP, packed_size, strip_layout
+from somad.errors import NumericalError
+from somad.som.batching import padded_groups
 
 logger = logging.getLogger(__name__)
 

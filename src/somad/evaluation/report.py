@@ -1,6 +1,6 @@
 """The static HTML report of ``somad evaluate``.
 
-One responsibility: turn an evaluation result (see :func:`somad.evaluate.evaluate_model`) and the
+One responsibility: turn an evaluation result (see :func:`somad.evaluation.protocol.evaluate_model`) and the
 prediction files next to it into ``report.html``, a single page that works when opened from the file
 system: no JavaScript, no network, no external style sheets. It holds
 
@@ -15,7 +15,7 @@ system: no JavaScript, no network, no external style sheets. It holds
 
 Thumbnails (longest side :data:`THUMB_SIZE` pixels) are written under ``report_files/``; the
 thumbnails of the heatmaps and predicted masks link to the full-size files written by
-:func:`somad.outputs.write_predictions`. Every link is relative, so the output folder can be moved.
+:func:`somad.io.outputs.write_predictions`. Every link is relative, so the output folder can be moved.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from urllib.parse import quote
 import numpy as np
 from PIL import Image
 
-from ._version import __version__
-from .images import load_image, load_mask
-from .model_io import atomic_write_text
-from .outputs import output_relpath, save_png
+from somad._version import __version__
+from somad.io.images import load_image, load_mask
+from somad.io.model_files import atomic_write_text
+from somad.io.outputs import output_relpath, save_png
 
 __all__ = ["THUMB_SIZE", "FILES_DIR", "write_report"]
 
@@ -71,9 +71,9 @@ def write_report(out: Path, result: dict, *, model) -> Path:
     ----------
     out : pathlib.Path
         The evaluation output folder; it already holds ``heatmaps/`` (and ``masks/`` when the model has
-        a threshold) as written by :func:`somad.outputs.write_predictions`.
+        a threshold) as written by :func:`somad.io.outputs.write_predictions`.
     result : dict
-        The result of :func:`somad.evaluate.evaluate_model`: ``overall``, ``per_defect_type``,
+        The result of :func:`somad.evaluation.protocol.evaluate_model`: ``overall``, ``per_defect_type``,
         ``records``, ``curves``, ``threshold``, ``n_images``, ``skipped``, ``timing``,
         ``eval_resolution``. Missing entries are shown as unavailable.
     model : fitted detector

@@ -35,8 +35,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from .backbones import backbone_spec, build_backbone
-from .errors import SomadError
+from somad.errors import SomadError
+from somad.features.backbones import backbone_spec, build_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -138,7 +138,7 @@ class FeatureExtractor:
     Parameters
     ----------
     backbone : str
-        A name from :data:`somad.backbones.BACKBONES`.
+        A name from :data:`somad.features.backbones.BACKBONES`.
     weights : str
         ``"default"`` (ImageNet), a state-dict path, or ``"none"`` (random; tests only).
     image_size, crop_size : int, int or None

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .errors import ModelFileError, SomadError
+from somad.errors import ModelFileError, SomadError
 
 logger = logging.getLogger(__name__)
 

@@ -26,11 +26,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from ._version import __version__
-from .backbones import BACKBONES, backbone_spec
-from .datasets import resolve_train_dir
-from .errors import ImageLoadError, ModelFileError, NotFittedError, NumericalError, SomadError
-from .features import (
+from somad._version import __version__
+from somad.errors import ImageLoadError, ModelFileError, NotFittedError, NumericalError, SomadError
+from somad.features.backbones import BACKBONES, backbone_spec
+from somad.features.extractor import (
     FeatureExtractor,
     Geometry,
     TileLayout,
@@ -39,11 +38,12 @@ from .features import (
     to_original_resolution,
     upsample_blur,
 )
-from .images import image_size, list_images, load_image, to_rgb
-from .model_io import save_model
-from .params import Interval, Options, Param, Params, Text, validate
-from .progress import progress_bar
-from .verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
+from somad.io.datasets import resolve_train_dir
+from somad.io.images import image_size, list_images, load_image, to_rgb
+from somad.io.model_files import save_model
+from somad.params import Interval, Options, Param, Params, Text, validate
+from somad.progress import progress_bar
+from somad.verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
 
 logger = logging.getLogger(__name__)
 

@@ -34,11 +34,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .base import Prediction
-from .errors import DataError, SomadError
-from .methods.somad import PRESETS
-from .model_io import atomic_write_text
-from .verdicts import check_frame
+from somad.errors import DataError, SomadError
+from somad.io.model_files import atomic_write_text
+from somad.methods.base import Prediction
+from somad.methods.somad import PRESETS
+from somad.verdicts import check_frame
 
 logger = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ def _peak_rss_gb() -> float:
 
 def categories_of(root: Path) -> list[Path]:
     """An MVTec category, or every category below a data root (up to two levels deep)."""
-    from .datasets import is_mvtec_category
+    from somad.io.datasets import is_mvtec_category
 
     root = Path(root)
     if is_mvtec_category(root):
@@ -89,7 +89,7 @@ def cell_id(cell: dict) -> str:
 def _run_fit(cell: dict) -> dict:
     import torch
 
-    from .methods import METHODS
+    from somad.methods import METHODS
 
     torch.set_num_threads(cell["threads"])
     model = METHODS[cell["method"]](**{**cell["common"], **cell["params"]})  # a variant may set common ones (crop)
@@ -107,8 +107,8 @@ def _run_fit(cell: dict) -> dict:
 
 def _timed_prediction(model, path):
     """Predict one image at batch size 1: (prediction, (total, backbone, after-backbone) seconds)."""
-    from .base import ImageItem
-    from .images import load_image
+    from somad.io.images import load_image
+    from somad.methods.base import ImageItem
 
     t0 = time.perf_counter()
     image = load_image(path)
@@ -134,8 +134,8 @@ def _run_latency(spec: dict) -> dict:
     period of the machine affects all methods alike. Medians in ms per label."""
     import torch
 
-    from .datasets import mvtec_test_samples
-    from .methods import load
+    from somad.io.datasets import mvtec_test_samples
+    from somad.methods import load
 
     torch.set_num_threads(spec["threads"])
     models = {label: load(path) for label, path in spec["models"].items()}
@@ -159,11 +159,11 @@ def _run_latency(spec: dict) -> dict:
 def _run_predict(cell: dict) -> dict:
     import torch
 
-    from . import metrics
-    from .datasets import mvtec_test_samples
-    from .features import to_original_resolution
-    from .images import load_mask
-    from .methods import load
+    from somad.evaluation import metrics
+    from somad.features.extractor import to_original_resolution
+    from somad.io.datasets import mvtec_test_samples
+    from somad.io.images import load_mask
+    from somad.methods import load
 
     torch.set_num_threads(cell["threads"])
     model = load(cell["model"])
@@ -210,7 +210,9 @@ def _cell_main(argv: list[str]) -> int:
 
 
 def _run_phase(phase: str, spec: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", "somad.benchmark", phase, str(spec)], capture_output=True, text=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "somad.evaluation.benchmark", phase, str(spec)], capture_output=True, text=True
+    )
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("SOMAD_CELL_RESULT ")]
     if proc.returncode != 0 or not lines:
         tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]

@@ -19,10 +19,10 @@ from pathlib import Path, PurePath
 import numpy as np
 from PIL import Image
 
-from .errors import SomadError
-from .model_io import ANOTHER_RUN, atomic_write, current_umask, remove_leftovers, temp_prefix
-from .progress import progress_bar
-from .verdicts import REGION_COLUMNS, regions
+from somad.errors import SomadError
+from somad.io.model_files import ANOTHER_RUN, atomic_write, current_umask, remove_leftovers, temp_prefix
+from somad.progress import progress_bar
+from somad.verdicts import REGION_COLUMNS, regions
 
 
 @contextlib.contextmanager
@@ -175,7 +175,7 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     rows : list of [name, score, is_anomalous, status]
     skipped : list of str, one message per unreadable input
     """
-    from .features import to_original_resolution
+    from somad.features.extractor import to_original_resolution
 
     seen: dict[PurePath, str] = {}
     for item in items:

@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ._native import hugepages
-from .errors import ModelFileError, SomadError
+from somad._native import hugepages
+from somad.errors import ModelFileError, SomadError
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +289,7 @@ def _rename_search(config: dict, arrays: dict) -> None:
 
 def _row_packed_whiteners(config: dict, arrays: dict) -> None:
     if "node_whiteners_tril" in arrays and "node_whitener_strips" not in arrays:
-        from ._native.layout import strips_from_rows
+        from somad._native.layout import strips_from_rows
 
         arrays["node_whitener_strips"] = strips_from_rows(arrays.pop("node_whiteners_tril"))
 

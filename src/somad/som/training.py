@@ -17,9 +17,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .errors import SomadError
-from .node_search import make_search
-from .progress import progress_bar
+from somad.errors import SomadError
+from somad.progress import progress_bar
+from somad.som.node_search import make_search
 
 logger = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class SelfOrganizingMap:
     chunk_size : int
         Rows per step when accumulating the epoch's node sums (bounds the float64 copy of the samples).
     search : {"exact", "ivf"}, default "exact"
-        How each epoch finds the best-matching units (see ``somad.node_search``).
+        How each epoch finds the best-matching units (see ``somad.som.node_search``).
 
     Attributes
     ----------

@@ -1,0 +1,1 @@
+"""Patch features: ImageNet backbones and the multi-stage feature extractor (resize, crop, tiles)."""
