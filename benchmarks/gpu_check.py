@@ -46,7 +46,7 @@ def _run(device: str, category: Path, samples, seed: int = 0) -> dict:
             if i:
                 latencies.append(time.perf_counter() - t)
     t = time.perf_counter()
-    scores, _ = model.predict(images)
+    scores, _ = model.predict_maps(images)
     if device == "cuda":
         torch.cuda.synchronize()
     batched_ms = 1000 * (time.perf_counter() - t) / len(images)
@@ -86,8 +86,8 @@ def main() -> int:
         model_path = Path(tmp) / "cpu.safetensors"
         SOMAD(som_size=56, k=4, device="cpu").fit(category).save(model_path)
         paths = [s.path for s in samples]
-        on_cpu = load(model_path, device="cpu").predict(paths)[0]
-        on_gpu = load(model_path, device="cuda").predict(paths)[0]
+        on_cpu = load(model_path, device="cpu").predict_maps(paths)[0]
+        on_gpu = load(model_path, device="cuda").predict_maps(paths)[0]
     a, b = np.array(gpu.pop("scores")), np.array(cpu.pop("scores"))
     result = {
         "gpu": gpu,

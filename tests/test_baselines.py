@@ -182,12 +182,12 @@ def test_padim_mahalanobis_matches_numpy(padim, category):
 def test_padim_save_load_gives_identical_scores(category, tmp_path):
     model = PaDiM(val_fraction=0.2, **TINY).fit(category)
     assert model.pixel_threshold_ < model.image_threshold_  # 0.99 of all good pixels, below the maps' maxima
-    scores, maps = model.predict(category / "test")
+    scores, maps = model.predict_maps(category / "test")
     path = model.save(tmp_path / "padim.safetensors")
     loaded = load(path)
     assert isinstance(loaded, PaDiM) and loaded.get_params() == model.get_params()
     assert loaded.image_threshold_ == model.image_threshold_ and loaded.grid_shape_ == model.grid_shape_
-    scores2, maps2 = loaded.predict(category / "test")
+    scores2, maps2 = loaded.predict_maps(category / "test")
     np.testing.assert_array_equal(scores, scores2)
     np.testing.assert_array_equal(maps, maps2)
     assert torch.equal(loaded.whiteners_, model.whiteners_)
@@ -301,18 +301,18 @@ def test_patchcore_scores_match_brute_force(patchcore, category):
 
 def test_patchcore_save_load_gives_identical_scores(category, tmp_path):
     model = PatchCore(coreset_ratio=0.25, num_neighbors=3, val_fraction=0.2, **TINY).fit(category)
-    scores, maps = model.predict(category / "test")
+    scores, maps = model.predict_maps(category / "test")
     # One held-out image: the image threshold is its own score, the pixel threshold the 0.999-quantile of its
     # map's pixels (every second row and column, as somad.verdicts.estimate_thresholds pools them).
     _, val = model._split(as_items(category, train=True))
-    val_scores, val_maps = model.predict([it.path for it in val])
+    val_scores, val_maps = model.predict_maps([it.path for it in val])
     assert model.image_threshold_ == float(val_scores[0])
     assert model.pixel_threshold_ == pytest.approx(float(np.quantile(val_maps[0][::2, ::2], 0.999)), rel=1e-6)
     path = model.save(tmp_path / "patchcore.safetensors")
     loaded = load(path)
     assert isinstance(loaded, PatchCore) and loaded.get_params() == model.get_params()
     assert torch.equal(loaded.memory_bank_, model.memory_bank_)
-    scores2, maps2 = loaded.predict(category / "test")
+    scores2, maps2 = loaded.predict_maps(category / "test")
     np.testing.assert_array_equal(scores, scores2)
     np.testing.assert_array_equal(maps, maps2)
 

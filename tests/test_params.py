@@ -97,7 +97,8 @@ def test_a_loaded_config_follows_the_same_rules(tmp_path, field, value, fragment
 
 
 def test_scikit_learn_names_keep_their_meaning():
-    """score_samples: the lower, the more abnormal; decision_function: negative = anomalous (scikit-learn's
+    """score_samples: the lower, the more abnormal; decision_function: negative = anomalous; predict: -1
+    anomalous, +1 normal, the sign of decision_function except for frames the input gate refuses (scikit-learn's
     outlier detectors); one (H, W, 3) array is one image."""
     rng = np.random.default_rng(1)
     images = rng.integers(60, 200, (6, 64, 64, 3), dtype=np.uint8)
@@ -105,8 +106,16 @@ def test_scikit_learn_names_keep_their_meaning():
     bright = images[0].copy()
     bright[20:40, 20:40] = 255
     pair = np.stack([images[1], bright])
-    scores, _ = model.predict(pair)
+    scores, _ = model.predict_maps(pair)
     np.testing.assert_array_equal(model.score_samples(pair), -scores)
     decision = model.decision_function(pair)
     np.testing.assert_allclose(decision, model.image_threshold_ - scores, rtol=1e-6)
     assert decision[1] < 0 and model.score_samples(bright)[0] < model.score_samples(images[1])[0]
+    labels = model.predict(pair)
+    assert labels.dtype.kind == "i" and labels.tolist() == np.where(decision < 0, -1, 1).tolist()
+    assert model.predict(images[1]).shape == (1,)  # one (H, W, 3) array is one image
+    blank = np.zeros((64, 64, 3), np.uint8)  # refused by the input gate: anomalous whatever its score
+    assert model.predict(blank).tolist() == [-1]
+    model.image_threshold_ = None
+    with pytest.raises(SomadError, match="no threshold"):
+        model.predict(pair)

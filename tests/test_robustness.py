@@ -393,7 +393,7 @@ def test_image_smaller_than_the_model_input_is_upscaled_with_a_warning(work, mod
     Image.fromarray(pattern((20, 12))).save(path)
     model = load(model_file)
     with caplog.at_level("WARNING"):
-        scores, maps = model.predict([path], resolution="original")
+        scores, maps = model.predict_maps([path], resolution="original")
     assert "smaller than the model input" in caplog.text and "upscaled" in caplog.text
     assert maps[0].shape == (12, 20) and np.isfinite(scores).all()
 
@@ -993,7 +993,7 @@ def test_nan_features_in_predict_are_one_line_numerical_errors(capsys, work, dat
     real = FeatureExtractor.__call__
     monkeypatch.setattr(FeatureExtractor, "__call__", lambda self, b: real(self, b) * float("inf"))
     with pytest.raises(NumericalError):
-        model.predict(data / "good")
+        model.predict_maps(data / "good")
     rc, _, err = cli(capsys, "predict", model_file, data / "good", "-o", work / "out")
     assert_user_error(rc, err, "NaN/Inf features", "000.png")
     assert list(work.iterdir()) == []
@@ -1004,7 +1004,7 @@ def test_singular_node_covariances_at_eps_zero_still_give_finite_scores(data):
     # singular without the ridge.
     model = SOMAD(**{**TINY_PARAMS, "eps": 0.0}).fit(data / "good")
     assert torch.isfinite(model.gaussians_.whiteners).all()
-    scores, maps = model.predict(data / "cat" / "test" / "crack")
+    scores, maps = model.predict_maps(data / "cat" / "test" / "crack")
     assert np.isfinite(scores).all() and np.isfinite(maps).all()
     assert (scores > 0).all()
 
@@ -1014,8 +1014,8 @@ def test_same_seed_gives_bit_identical_scores_on_cpu(data, work):
     a = SOMAD(**TINY_PARAMS, seed=3).fit(data / "good")
     b = SOMAD(**TINY_PARAMS, seed=3).fit(data / "good")
     test = data / "cat" / "test"
-    sa, ma = a.predict([test / "good", test / "crack"])
-    sb, mb = b.predict([test / "good", test / "crack"])
+    sa, ma = a.predict_maps([test / "good", test / "crack"])
+    sb, mb = b.predict_maps([test / "good", test / "crack"])
     assert sa.tobytes() == sb.tobytes() and ma.tobytes() == mb.tobytes()
     a.save(work / "a.safetensors")
     b.save(work / "b.safetensors")

@@ -47,13 +47,13 @@ def test_som_initialisation_equals_position_means(images):
 
 def test_predict_shapes_and_sign(images):
     model = SOMAD(**TINY).fit(images[:6])
-    scores, maps = model.predict(images)
+    scores, maps = model.predict_maps(images)
     assert scores.shape == (8,) and maps.shape == (8, 64, 64)
     assert np.isfinite(scores).all() and np.isfinite(maps).all()
     assert np.allclose(scores, maps.reshape(8, -1).max(1))  # image score = map maximum
     bright = images[:1].copy()
     bright[0, 20:40, 20:40] = 255  # a patch far outside the training distribution scores higher
-    assert model.predict(bright)[0][0] > scores[:6].max()
+    assert model.predict_maps(bright)[0][0] > scores[:6].max()
 
 
 def test_save_load_gives_identical_scores(images, tmp_path):
@@ -62,14 +62,14 @@ def test_save_load_gives_identical_scores(images, tmp_path):
     again = load(path)
     assert np.array_equal(again.channel_indices_, model.channel_indices_)
     assert again.get_params() == model.get_params()
-    a, ma = model.predict(images)
-    b, mb = again.predict(images)
+    a, ma = model.predict_maps(images)
+    b, mb = again.predict_maps(images)
     assert np.array_equal(a, b) and np.array_equal(ma, mb)
 
 
 def test_seeded_fit_is_bit_identical(images):
-    a = SOMAD(**{**TINY, "seed": 7, "dims": 40}).fit(images[:6]).predict(images)[0]
-    b = SOMAD(**{**TINY, "seed": 7, "dims": 40}).fit(images[:6]).predict(images)[0]
+    a = SOMAD(**{**TINY, "seed": 7, "dims": 40}).fit(images[:6]).predict_maps(images)[0]
+    b = SOMAD(**{**TINY, "seed": 7, "dims": 40}).fit(images[:6]).predict_maps(images)[0]
     assert np.array_equal(a, b)
 
 
@@ -88,7 +88,7 @@ def test_channel_subset_is_seeded_and_a_slice_of_all_features(images):
 
 def test_not_fitted_and_parameter_errors(images):
     with pytest.raises(NotFittedError):
-        SOMAD().predict(images)
+        SOMAD().predict_maps(images)
     with pytest.raises(SomadError, match="k=17"):
         SOMAD(**{**TINY, "k": 17}).fit(images)
     with pytest.raises(SomadError, match="eps"):
@@ -111,7 +111,7 @@ def test_float16_factors_halve_the_file_and_keep_the_scores(images, tmp_path):
     assert pb.stat().st_size < 0.6 * pa.stat().st_size
     loaded = load(pb)
     assert loaded.factor_dtype == "float16" and loaded.gaussians_.packed.dtype == torch.float16
-    np.testing.assert_allclose(loaded.predict(images)[0], a.predict(images)[0], rtol=5e-3)
+    np.testing.assert_allclose(loaded.predict_maps(images)[0], a.predict_maps(images)[0], rtol=5e-3)
 
 
 def test_fast_search_scores_like_exact_search_on_a_large_map(images):
@@ -119,9 +119,9 @@ def test_fast_search_scores_like_exact_search_on_a_large_map(images):
     model exhaustively gives nearly the same maps, and the saved model keeps its search choice."""
     model = SOMAD(**{**TINY, "som_size": 32, "k": 4}).fit(images)
     assert model.search == "ivf" and model.gaussians_.counts.sum() == model.n_patches_
-    fast_scores, fast_maps = model.predict(images)
+    fast_scores, fast_maps = model.predict_maps(images)
     model.search = "exact"
-    exact_scores, exact_maps = model.predict(images)
+    exact_scores, exact_maps = model.predict_maps(images)
     assert np.corrcoef(fast_maps.ravel(), exact_maps.ravel())[0, 1] > 0.99
     assert np.mean(np.isclose(fast_maps, exact_maps, rtol=1e-3)) > 0.9
     np.testing.assert_allclose(fast_scores, exact_scores, rtol=0.05)
@@ -130,8 +130,8 @@ def test_fast_search_scores_like_exact_search_on_a_large_map(images):
 def test_float16_feature_store_matches_float32(images):
     a = SOMAD(**{**TINY, "search": "exact", "feature_dtype": "float32"}).fit(images)
     b = SOMAD(**{**TINY, "search": "exact", "feature_dtype": "float16"}).fit(images)
-    sa, ma = a.predict(images)
-    sb, mb = b.predict(images)
+    sa, ma = a.predict_maps(images)
+    sb, mb = b.predict_maps(images)
     np.testing.assert_allclose(sb, sa, rtol=2e-2)
     assert np.corrcoef(ma.ravel(), mb.ravel())[0, 1] > 0.999
 
@@ -190,7 +190,7 @@ def test_synthetic_defects_are_found_with_real_weights(tmp_path):
         image_size=128, crop_size=None, som_size=16, k=4, rough_epochs=10, fine_epochs=8, val_fraction=0.0, device="cpu"
     ).fit(cat)
     samples = mvtec_test_samples(cat)
-    scores, maps = model.predict([s.path for s in samples], resolution="original")
+    scores, maps = model.predict_maps([s.path for s in samples], resolution="original")
     labels = np.array([s.label for s in samples])
     masks = [load_mask(s.mask_path) if s.mask_path else np.zeros(m.shape, bool) for s, m in zip(samples, maps)]
     assert image_auroc(labels, scores) >= 0.9
@@ -209,7 +209,7 @@ def test_a_model_file_from_before_the_search_option_keeps_the_exact_search(image
     save_model(tmp_path / "old.safetensors", config, arrays)
     old = load(tmp_path / "old.safetensors")
     assert (old.search, old.feature_dtype) == ("exact", "float32")
-    np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])
+    np.testing.assert_array_equal(old.predict_maps(images)[0], load(path).predict_maps(images)[0])
 
 
 def test_a_model_file_of_format_version_1_loads_with_the_same_scores(images, tmp_path, monkeypatch):
@@ -229,7 +229,7 @@ def test_a_model_file_of_format_version_1_loads_with_the_same_scores(images, tmp
     assert model_io.load_model(tmp_path / "v1.safetensors")  # readable as written
     old = load(tmp_path / "v1.safetensors")
     assert torch.equal(old.gaussians_.packed, g.packed)
-    np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])
+    np.testing.assert_array_equal(old.predict_maps(images)[0], load(path).predict_maps(images)[0])
 
 
 @pytest.mark.parametrize("shrinkage", [0.0, 0.5])
@@ -297,5 +297,5 @@ def test_a_0_5_model_file_loads_as_it_was_fitted(images, tmp_path):
     save_model(tmp_path / "old.safetensors", config, arrays)
     old = load(tmp_path / "old.safetensors")
     assert (old.local_aggregation, old.shrinkage, old.search) == (1, 0.0, "ivf")
-    np.testing.assert_array_equal(old.predict(images)[0], load(path).predict(images)[0])
+    np.testing.assert_array_equal(old.predict_maps(images)[0], load(path).predict_maps(images)[0])
     assert all(isinstance(what, str) and callable(step) for what, step in MIGRATIONS)

@@ -46,8 +46,8 @@ def test_one_tile_over_a_square_frame_equals_the_untiled_model():
     images = [Image.fromarray(np.clip(rng.normal(128, 25, (64, 64, 3)), 0, 255).astype(np.uint8)) for _ in range(5)]
     plain = SOMAD(**TINY).fit(images)
     tiled = SOMAD(**TINY, tile_size=64).fit(images)
-    a, ma = plain.predict(images)
-    b, mb = tiled.predict(images)
+    a, ma = plain.predict_maps(images)
+    b, mb = tiled.predict_maps(images)
     np.testing.assert_allclose(b, a, rtol=1e-5)
     np.testing.assert_allclose(mb, ma, rtol=1e-4, atol=1e-4)
 
@@ -66,7 +66,7 @@ def test_elongated_images_keep_their_aspect_and_a_defect_at_the_far_end_is_found
     assert layout.size == (64, 320) and len(layout.offsets) > 4  # not squashed to 64 x 64
     bad = strip()
     bad[20:40, 270:290] = (255, 0, 255)  # near the right end of the strip
-    scores, maps = model.predict([Image.fromarray(strip()), Image.fromarray(bad)], resolution="original")
+    scores, maps = model.predict_maps([Image.fromarray(strip()), Image.fromarray(bad)], resolution="original")
     assert scores[1] > scores[0]
     assert maps[1].shape == (60, 300)
     assert np.unravel_index(np.argmax(maps[1]), maps[1].shape)[1] > 240  # the peak is where the defect is

@@ -131,7 +131,7 @@ def test_predict_writes_regions_that_add_up_to_the_masks(model, category, tmp_pa
 # ------------------------------------------------------------------------------------------ thresholds
 def test_thresholds_come_from_held_out_good_images_only(model, category):
     _, val = model._split(as_items(category, train=True))
-    scores, maps = model.predict([it.path for it in val])
+    scores, maps = model.predict_maps([it.path for it in val])
     expected = estimate_thresholds(scores, maps, model.threshold_quantile, model.pixel_threshold_quantile)
     assert (model.threshold_quantile, model.pixel_threshold_quantile) == (0.9, 0.999)  # the defaults
     assert (model.image_threshold_, model.pixel_threshold_) == (expected.image, expected.pixel)
@@ -159,7 +159,7 @@ def test_calibrate_equals_the_fit_whose_held_out_set_is_the_same_images(model, c
     out = tmp_path / "m2.safetensors"
     assert main(["-q", "calibrate", str(path), str(folder), "-o", str(out), "--threshold-quantile", "0.5"]) == 0
     calibrated = load(out)
-    assert calibrated.image_threshold_ == pytest.approx(float(np.quantile(model.predict(folder)[0], 0.5)))
+    assert calibrated.image_threshold_ == pytest.approx(float(np.quantile(model.predict_maps(folder)[0], 0.5)))
     assert calibrated.threshold_info_["expected_false_alarm_rate"] == pytest.approx(0.5)
     assert load(path).image_threshold_ == model.image_threshold_  # the input model is untouched
 
@@ -243,22 +243,22 @@ def test_12bit_image_in_16bit_png_scores_like_its_8bit_version(model, tmp_path):
     twelve = np.round(grey8.astype(np.float64) * 4095 / 255).astype(np.uint16)  # 12-bit camera data
     Image.fromarray(twelve).save(tmp_path / "twelve.png")
     assert Image.open(tmp_path / "twelve.png").mode == "I;16"
-    s8, s12 = model.predict([tmp_path / "eight.png", tmp_path / "twelve.png"])[0]
+    s8, s12 = model.predict_maps([tmp_path / "eight.png", tmp_path / "twelve.png"])[0]
     assert s12 == pytest.approx(s8, rel=0.02)
     assert check_frame(Image.open(tmp_path / "twelve.png").convert("RGB")) != OK  # read naively, near-black
 
 
 # ------------------------------------------------------------------------------------------ inputs and fit
 def test_one_colour_array_is_one_image(model):
-    scores, maps = model.predict(_texture(1, (64, 64)))
+    scores, maps = model.predict_maps(_texture(1, (64, 64)))
     assert scores.shape == (1,) and maps.shape == (1, 64, 64)
 
 
 def test_pil_images_follow_the_file_decoding_rules(model, tmp_path):
     grey = np.asarray(Image.fromarray(_texture(2)).convert("L"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
-    by_path = model.predict(tmp_path / "g16.png")[0]
-    by_pil = model.predict([Image.open(tmp_path / "g16.png")])[0]
+    by_path = model.predict_maps(tmp_path / "g16.png")[0]
+    by_pil = model.predict_maps([Image.open(tmp_path / "g16.png")])[0]
     assert by_pil == pytest.approx(by_path)
 
 

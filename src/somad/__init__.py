@@ -2,7 +2,7 @@
 
 >>> from somad import SOMAD, load
 >>> model = SOMAD(som_size=56, k=4).fit("data/bottle")          # an MVTec category or a folder of good images
->>> scores, maps = model.predict(["a.png", "b.png"])             # (N,), (N, 256, 256); higher = more anomalous
+>>> scores, maps = model.predict_maps(["a.png", "b.png"])             # (N,), (N, 256, 256); higher = more anomalous
 >>> model.save("bottle.safetensors"); model = load("bottle.safetensors")
 """
 

@@ -518,7 +518,18 @@ class BaseDetector(Params):
         for (item, _, image, _), m, s in zip(pending, maps, scores):
             yield Prediction(item, float(s), m, (image.height, image.width), image, check_frame(image))
 
-    def predict(self, images, *, resolution: str = "input", on_error: str = "fail"):
+    def predict(self, images, *, on_error: str = "fail") -> np.ndarray:
+        """scikit-learn's meaning (``IsolationForest.predict``): ``(N,)`` int labels, ``-1`` anomalous, ``+1`` normal.
+
+        An image is anomalous when its score is above the saved threshold or the input gate refused the frame
+        (:meth:`verdict`). For scores and maps use :meth:`predict_maps`; for everything per image (score, map,
+        status) :meth:`predict_iter`. Needs a threshold.
+        """
+        self._require_threshold()
+        flagged = [self.verdict(p) for p in self.predict_iter(images, on_error=on_error)]
+        return np.where(np.asarray(flagged, dtype=bool), -1, 1).astype(np.int64)
+
+    def predict_maps(self, images, *, resolution: str = "input", on_error: str = "fail"):
         """Anomaly scores and maps.
 
         Parameters
@@ -549,18 +560,21 @@ class BaseDetector(Params):
 
     def score_samples(self, images) -> np.ndarray:
         """scikit-learn's meaning: the opposite of the anomaly score, ``(N,)`` (the lower, the more abnormal)."""
-        return -self.predict(images)[0]
+        return -self.predict_maps(images)[0]
 
     def decision_function(self, images) -> np.ndarray:
         """scikit-learn's meaning: ``image_threshold_ - score``, ``(N,)``; negative = anomalous (frames refused by
         the input gate are not marked here: use :meth:`verdict`). Needs a threshold."""
+        self._require_threshold()
+        return self.image_threshold_ + self.score_samples(images)
+
+    def _require_threshold(self) -> None:
         self._check_fitted()
         if self.image_threshold_ is None:
             raise SomadError(
                 "this model has no threshold (fitted with val_fraction=0 or a single image); "
                 "refit with --val-fraction > 0, or run `somad calibrate`"
             )
-        return self.image_threshold_ + self.score_samples(images)
 
     def verdict(self, prediction: Prediction) -> bool | None:
         """Is this image anomalous? Frames refused by the input gate always are; ``None`` without a threshold."""
