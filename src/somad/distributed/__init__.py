@@ -1,0 +1,1 @@
+"""Beyond one machine: Ray batch scoring and distributed fitting."""

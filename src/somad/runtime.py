@@ -1,0 +1,1 @@
+"""Run an exported somad model without torch: onnxruntime (or OpenVINO), numpy and Pillow only."""

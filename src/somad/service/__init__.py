@@ -1,0 +1,1 @@
+"""somad serve: the HTTP inspection service (FastAPI + uvicorn), one model loaded per worker."""
