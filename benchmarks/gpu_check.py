@@ -40,7 +40,7 @@ def _run(device: str, category: Path, samples, seed: int = 0) -> dict:
     with torch.no_grad():
         for i, image in enumerate(images):
             t = time.perf_counter()
-            maps, _ = model._anomaly_maps(model.extractor_(model.extractor_.preprocess(image)[None]))
+            model.predict_maps([image])
             if device == "cuda":
                 torch.cuda.synchronize()
             if i:

@@ -1,6 +1,6 @@
 """Where SOMAD's predict time goes: per-stage medians at batch size 1, and torch.profiler's top operators.
 
-    python benchmarks/profile_predict.py MODEL CATEGORY [--search fast|exact] [--n-images 40]
+    python benchmarks/profile_predict.py MODEL CATEGORY [--search ivf|exact] [--n-images 40]
 
 The stages are the benchmark's own predict step split apart: decode, preprocess, backbone, node search,
 Mahalanobis, upsampling and blur (one step). The first image warms up and is not counted.
@@ -21,7 +21,6 @@ STAGES = ("decode", "preprocess", "backbone", "node search", "mahalanobis", "ups
 def _timed_stages(model, path) -> list[float]:
     from somad.features.extractor import upsample_blur
     from somad.io.images import load_image
-    from somad.som.node_stats import mahalanobis
 
     t = [time.perf_counter()]
     image = load_image(path)
@@ -32,9 +31,9 @@ def _timed_stages(model, path) -> list[float]:
     t.append(time.perf_counter())
     b, d, h, w = feats.shape
     x = feats.permute(0, 2, 3, 1).reshape(-1, d).contiguous()
-    _, nodes = model._node_search()(x, int(model.k))
+    nodes = model.nearest_nodes(x)
     t.append(time.perf_counter())
-    dist = mahalanobis(x, nodes, model.gaussians_).min(1).values.view(b, h, w)
+    dist = model.node_distances(x, nodes).min(1).values.view(b, h, w)
     t.append(time.perf_counter())
     upsample_blur(dist, model.extractor_.geometry.input_size, model.blur_sigma)
     t.append(time.perf_counter())

@@ -279,6 +279,9 @@ def test_patch_scores_are_the_min_mahalanobis_over_the_k_nearest_nodes(images, s
     ).view(b, h, w)
     patch, _ = model._patch_scores(_features(model, images[6:]))
     torch.testing.assert_close(patch.double(), expected, rtol=2e-3, atol=2e-3)
+    nodes = model.nearest_nodes(x.float())  # the public scoring steps give the same sets and distances
+    assert [sorted(r) for r in nodes.tolist()] == [sorted(live[j] for j in r) for r in order.tolist()]
+    torch.testing.assert_close(model.node_distances(x.float(), nodes).min(1).values.view(b, h, w), patch)
     euclidean = torch.cdist(x, torch.stack(means)[live]).min(1).values.view(b, h, w)
     assert not torch.allclose(patch.double(), euclidean, rtol=0.05)
 

@@ -193,11 +193,20 @@ class SOMAD(BaseDetector):
     def _patch_scores(self, feats):
         b, d, h, w = feats.shape
         x = feats.permute(0, 2, 3, 1).reshape(-1, d).contiguous()  # a view of channels-last features: no copy
-        empty = self.gaussians_.empty
-        k = min(int(self.k), int((~empty).sum()))
-        _, nodes = self._node_search()(x, k)
-        dist = mahalanobis(x, nodes, self.gaussians_)
-        return dist.min(1).values.view(b, h, w), None
+        return self.node_distances(x, self.nearest_nodes(x)).min(1).values.view(b, h, w), None
+
+    def nearest_nodes(self, x: torch.Tensor) -> torch.Tensor:
+        """Scoring step 1: the ``k`` nearest non-empty nodes of each patch vector ``x`` ``(P, D)`` by the model's
+        ``search`` (Euclidean, to the SOM prototypes): node indices ``(P, k)``."""
+        self._check_fitted()
+        k = min(int(self.k), int((~self.gaussians_.empty).sum()))
+        return self._node_search()(x, k)[1]
+
+    def node_distances(self, x: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
+        """Scoring step 2: the Mahalanobis distance of each patch ``x`` ``(P, D)`` to each of its ``nodes``
+        ``(P, k)``: ``(P, k)``. A patch's score is the minimum over its nodes."""
+        self._check_fitted()
+        return mahalanobis(x, nodes, self.gaussians_)
 
     def _node_search(self):
         """The scoring search over non-empty nodes, built once per (model, ``search``) and cached."""
