@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from somad.evaluation.benchmark import expand_grid, markdown_table, run_benchmark
 from somad.io.synthetic import make_synthetic_category
 
@@ -51,7 +53,7 @@ def test_benchmark_runs_and_resumes(tmp_path):
 
 
 def test_target_table_reports_ratios_and_verdicts():
-    from somad.evaluation.benchmark import target_table
+    from somad.evaluation.benchmark import performance_targets, target_table
 
     base = dict(category="cat", image_auroc=0.9, pixel_auroc=0.9, au_pro=0.8, model_mb=100.0)
     rows = [
@@ -111,21 +113,22 @@ def test_target_table_reports_ratios_and_verdicts():
             "fit_rss_gb": 1.2,
         },
     ]
-    table = target_table(rows)
-    lines = {
-        ln.split(" | ")[0].lstrip("| "): ln.rstrip(" |").split(" | ")[1:]
-        for ln in table.splitlines()
-        if ln.startswith("| ")
+    found = {g.name: g for g in performance_targets(rows)["cat"]["targets"]}
+    expected = {  # (value, met): the paper-setting fast cell against PaDiM, PatchCore and the exact cell
+        "predict ms: SOMAD / PaDiM": (60 / 100, True),
+        "predict ms: SOMAD / PatchCore": (60 / 50, False),
+        "after-backbone / backbone": (30 / 20, False),
+        "fit s: SOMAD / PaDiM": (30 / 12, True),
+        "fit s: SOMAD / PatchCore": (30 / 24, False),
+        "fit RSS: SOMAD / (PaDiM + SOMAD arrays)": (2.0 / (1.9 + 100 / 1024), False),
+        "au_pro: fast - exact, points": (100 * (0.796 - 0.8), True),
+        "image_auroc: fast - exact, points": (0.0, True),
     }
-    assert lines["predict ms: SOMAD / PaDiM <= 1.25"] == ["0.60", "yes"]
-    assert lines["predict ms: SOMAD / PatchCore <= 1"] == ["1.20", "no"]
-    assert lines["after-backbone / backbone <= 0.5"] == ["1.50", "no"]
-    assert lines["fit s: SOMAD / PaDiM <= 3"] == ["2.50", "yes"]
-    assert lines["fit s: SOMAD / PatchCore <= 0.5"] == ["1.25", "no"]
-    assert lines["fit RSS: SOMAD / (PaDiM + SOMAD arrays) <= 1"] == [f"{2.0 / (1.9 + 100 / 1024):.2f}", "no"]
-    assert lines["au_pro: fast - exact >= -0.5 points"] == ["-0.40", "yes"]
-    assert target_table([r for r in rows if r["method"] != "patchcore"]) == ""  # needs all three methods
-    # Interleaved latency figures, when present, replace the cells' predict figures.
+    for name, (value, met) in expected.items():
+        assert found[name].value == pytest.approx(value) and found[name].met is met, name
+    assert performance_targets([r for r in rows if r["method"] != "patchcore"]) == {}  # needs all three methods
+    assert target_table([r for r in rows if r["method"] != "patchcore"]) == ""
+    # Interleaved latency figures, when present, replace the cells' predict figures; fit figures stay the cells'.
     latency = {
         "cat": {
             "n_images": 5,
@@ -136,11 +139,13 @@ def test_target_table_reports_ratios_and_verdicts():
             },
         }
     }
-    table = target_table(rows, latency)
-    assert "interleaved latency run, 5 images" in table
-    assert "| predict ms: SOMAD / PaDiM <= 1.25 | 0.50 | yes |" in table
-    assert "| after-backbone / backbone <= 0.5 | 1.25 | no |" in table
-    assert "| fit s: SOMAD / PaDiM <= 3 | 2.50 | yes |" in table  # fit figures still from the cells
+    found = {g.name: g for g in performance_targets(rows, latency)["cat"]["targets"]}
+    assert found["predict ms: SOMAD / PaDiM"].value == pytest.approx(0.5)
+    assert found["after-backbone / backbone"].value == pytest.approx(1.25)
+    assert found["fit s: SOMAD / PaDiM"].value == pytest.approx(2.5)
+    table = target_table(rows, latency)  # the markdown shows every target with its verdict
+    for g in found.values():
+        assert any(g.name in ln and ln.endswith(f"| {'yes' if g.met else 'no'} |") for ln in table.splitlines())
 
 
 def test_interleaved_latency_times_every_model(tmp_path):

@@ -30,6 +30,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -440,15 +441,32 @@ def markdown_table(rows: list[dict], latency: dict | None = None) -> str:
     return "\n".join(lines) + "\n" + (f"\n{targets}" if targets else "")
 
 
-def target_table(rows: list[dict], latency: dict | None = None) -> str:
-    """The performance targets of SOMAD at its paper settings (56x56, k=4, default variant) as ratios.
+@dataclass(frozen=True)
+class Target:
+    """One performance target of one category: ``value`` (a ratio, or points for accuracy) against ``limit``."""
+
+    name: str
+    value: float | None
+    limit: float
+    higher_is_better: bool = False
+
+    @property
+    def met(self) -> bool:
+        if self.value is None:
+            return False
+        return self.value >= self.limit if self.higher_is_better else self.value <= self.limit
+
+
+def performance_targets(rows: list[dict], latency: dict | None = None) -> dict[str, dict]:
+    """The performance targets of SOMAD at its paper settings (56x56, k=4, default variant), per category.
 
     Per category with a SOMAD, a PaDiM and a PatchCore cell: predict and fit time ratios, after-backbone
     time over backbone time, fit peak RSS against PaDiM's plus SOMAD's own arrays (its model file), and,
     when the ``exact`` variant ran too, the accuracy difference fast - exact in points. Predict figures come
     from the interleaved latency run (``latency[category]``) when there is one, else from the cells.
+    Returns ``{category: {"targets": [Target, ...], "predict": {method: cell}, "source": str}}``.
     """
-    out = []
+    out = {}
     for cat in sorted({r["category"] for r in rows}):
         s, pd, pc = (_main_cell(rows, m, cat) for m in ("somad", "padim", "patchcore"))
         if not (s and pd and pc):
@@ -467,36 +485,45 @@ def target_table(rows: list[dict], latency: dict | None = None) -> str:
             ),
             None,
         )
-        checks = [
-            ("predict ms: SOMAD / PaDiM <= 1.25", ts["predict_ms"] / tpd["predict_ms"], 1.25),
-            ("predict ms: SOMAD / PatchCore <= 1", ts["predict_ms"] / tpc["predict_ms"], 1.0),
-            ("after-backbone / backbone <= 0.5", ts["post_ms"] / ts["backbone_ms"] if ts.get("post_ms") else None, 0.5),
-            ("fit s: SOMAD / PaDiM <= 3", s["fit_s"] / pd["fit_s"], 3.0),
-            ("fit s: SOMAD / PatchCore <= 0.5", s["fit_s"] / pc["fit_s"], 0.5),
-            (
-                "fit RSS: SOMAD / (PaDiM + SOMAD arrays) <= 1",
+        after = ts["post_ms"] / ts["backbone_ms"] if ts.get("post_ms") else None
+        targets = [
+            Target("predict ms: SOMAD / PaDiM", ts["predict_ms"] / tpd["predict_ms"], 1.25),
+            Target("predict ms: SOMAD / PatchCore", ts["predict_ms"] / tpc["predict_ms"], 1.0),
+            Target("after-backbone / backbone", after, 0.5),
+            Target("fit s: SOMAD / PaDiM", s["fit_s"] / pd["fit_s"], 3.0),
+            Target("fit s: SOMAD / PatchCore", s["fit_s"] / pc["fit_s"], 0.5),
+            Target(
+                "fit RSS: SOMAD / (PaDiM + SOMAD arrays)",
                 s["fit_rss_gb"] / (pd["fit_rss_gb"] + s["model_mb"] / 1024),
                 1.0,
             ),
         ]
+        if ref:
+            targets += [Target(f"{m}: fast - exact, points", 100 * (s[m] - ref[m]), -0.5, True) for m in METRIC_COLUMNS]
         source = f"interleaved latency run, {latency[cat]['n_images']} images" if lat else "the cells above"
+        out[cat] = {"targets": targets, "predict": {"somad": ts, "padim": tpd, "patchcore": tpc}, "source": source}
+    return out
+
+
+def target_table(rows: list[dict], latency: dict | None = None) -> str:
+    """:func:`performance_targets` as markdown: one table per category (empty without all three methods)."""
+    out = []
+    for cat, found in performance_targets(rows, latency).items():
+        ts, tpd, tpc = (found["predict"][m] for m in ("somad", "padim", "patchcore"))
         out += [
             f"#### Targets: {cat}",
             "",
-            f"Predict figures from the {source}: SOMAD {ts['predict_ms']:.1f} "
+            f"Predict figures from the {found['source']}: SOMAD {ts['predict_ms']:.1f} "
             f"(backbone {ts['backbone_ms']:.1f} + after {_fmt(ts.get('post_ms'), 1)}), PaDiM {tpd['predict_ms']:.1f}, "
             f"PatchCore {tpc['predict_ms']:.1f} ms/img.",
             "",
             "| target | measured | met |",
             "|---|---|---|",
         ]
-        out += [
-            f"| {name} | {_fmt(v, 2)} | {'yes' if v is not None and v <= lim else 'no'} |" for name, v, lim in checks
-        ]
-        if ref:
-            for m in METRIC_COLUMNS:
-                delta = 100 * (s[m] - ref[m])
-                out.append(f"| {m}: fast - exact >= -0.5 points | {delta:+.2f} | {'yes' if delta >= -0.5 else 'no'} |")
+        for g in found["targets"]:
+            rule = f"{'>=' if g.higher_is_better else '<='} {g.limit:g}"
+            value = f"{g.value:+.2f}" if g.higher_is_better and g.value is not None else _fmt(g.value, 2)
+            out.append(f"| {g.name} {rule} | {value} | {'yes' if g.met else 'no'} |")
         out.append("")
     return ("### Performance targets (same run)\n\n" + "\n".join(out)) if out else ""
 
