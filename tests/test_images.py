@@ -6,10 +6,12 @@ import io
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from somad.errors import DataError, ImageLoadError, SomadError
-from somad.io.images import IMAGE_EXTENSIONS, image_size, list_images, load_image, load_mask
+from somad.io.images import IMAGE_EXTENSIONS, image_size, list_images, load_image, load_mask, to_rgb
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -113,8 +115,6 @@ def test_camera_bit_depth_in_16bit_png_keeps_its_brightness(tmp_path, bits):
 
 
 def test_16bit_big_endian_mode():
-    from somad.io.images import to_rgb
-
     arr = np.array([[0, 65535, 32896]], dtype=">u2")
     img = Image.frombytes("I;16B", (3, 1), arr.tobytes())
     out = np.asarray(to_rgb(img, "mem"))
@@ -128,10 +128,11 @@ def test_32bit_int_holding_16bit_values(tmp_path):
     np.testing.assert_array_equal(_rgb(path)[0, :, 0], [0, 255, 1])
 
 
-def test_32bit_int_full_range(tmp_path):
-    arr = np.array([[-5, 2**31 - 1, 2**30]], dtype=np.int32)
-    out = _rgb(_save(Image.fromarray(arr), tmp_path / "i32b.tif"))
-    np.testing.assert_array_equal(out[0, :, 0], [0, 255, 128])
+def test_32bit_int_above_16_bits_scaled_by_its_detected_depth(tmp_path):
+    arr = np.array([[0, 2**20 - 1, 2**19]], dtype=np.int32)  # 20-bit data in a 32-bit container
+    np.testing.assert_array_equal(_rgb(_save(Image.fromarray(arr), tmp_path / "i32b.tif"))[0, :, 0], [0, 255, 128])
+    arr = np.array([[0, 2**31 - 1, 2**30]], dtype=np.int32)
+    np.testing.assert_array_equal(_rgb(_save(Image.fromarray(arr), tmp_path / "i32c.tif"))[0, :, 0], [0, 127, 64])
 
 
 def test_float_unit_range(tmp_path):
@@ -406,3 +407,146 @@ def test_load_mask_bad_file(tmp_path):
     with pytest.raises(ImageLoadError) as info:
         load_mask(tmp_path / "m.png")
     _assert_one_line(info, "m.png")
+
+
+# ---------------------------------------------------------------- every mode Pillow returns (issue 16, class 6)
+
+
+@pytest.fixture()
+def tifffile():
+    """Writes the TIFF sample formats Pillow cannot write (signed 16/8-bit, unsigned 32-bit, float64)."""
+    return pytest.importorskip("tifffile")
+
+
+def test_signed_16bit_tiff_is_refused_when_negative_not_read_as_black(tmp_path, tifffile):
+    """0.5.0: Pillow returns a signed 16-bit TIFF as mode I (not I;16S): negative values made it scale by 2**31 - 1,
+    so the image decoded black and scored as a black frame. Now negative values are refused in one line."""
+    path = tmp_path / "s16.tif"
+    tifffile.imwrite(path, np.array([[-1000, 0, 1000, 32767]], dtype=np.int16))
+    assert Image.open(path).mode == "I"
+    with pytest.raises(ImageLoadError) as info:
+        load_image(path)
+    assert "negative values (minimum -1000)" in _assert_one_line(info, "s16.tif")
+    with pytest.raises(ImageLoadError, match="negative"):  # the same rule for the PIL image and the array
+        to_rgb(Image.fromarray(np.array([[-1000, 0, 1000, 32767]], dtype=np.int16)), "mem")
+
+
+def test_signed_16bit_tiff_without_negatives_decodes_like_the_unsigned_png(tmp_path, tifffile):
+    values = np.array([[0, 100, 4000, 4095]], dtype=np.int16)  # a 12-bit camera image in a signed container
+    tifffile.imwrite(tmp_path / "s16.tif", values)
+    Image.fromarray(values.astype(np.uint16)).save(tmp_path / "u16.png")
+    out = _rgb(tmp_path / "s16.tif")
+    np.testing.assert_array_equal(out, _rgb(tmp_path / "u16.png"))
+    np.testing.assert_array_equal(out[0, :, 0], [0, 6, 249, 255])  # scaled by 4095, not 2**31 - 1 (black)
+
+
+def test_uint32_tiff_decodes_by_its_values_not_as_garbage(tmp_path, tifffile):
+    """0.5.0: Pillow returns unsigned 32-bit samples as signed mode I: values from 2**31 turned negative and the
+    image decoded as garbage (negative = black, the rest scaled by 2**31 - 1). The TIFF tags say unsigned."""
+    path = tmp_path / "u32.tif"
+    tifffile.imwrite(path, np.array([[0, 2**31 + 5, 2**32 - 1, 2**30]], dtype=np.uint32))
+    np.testing.assert_array_equal(_rgb(path)[0, :, 0], [0, 128, 255, 64])
+    small = tmp_path / "u32s.tif"
+    tifffile.imwrite(small, np.array([[0, 700, 4095, 100]], dtype=np.uint32))  # 12-bit data, 32-bit container
+    Image.fromarray(np.array([[0, 700, 4095, 100]], dtype=np.uint16)).save(tmp_path / "u16.png")
+    np.testing.assert_array_equal(_rgb(small), _rgb(tmp_path / "u16.png"))
+
+
+def test_signed_8bit_tiff_is_not_read_as_bright(tmp_path, tifffile):
+    """Pillow returns signed 8-bit TIFF samples as mode L: -5 would read as 251."""
+    tifffile.imwrite(tmp_path / "i8.tif", np.array([[0, -5, 100, 127]], dtype=np.int8))
+    with pytest.raises(ImageLoadError, match="negative values"):
+        load_image(tmp_path / "i8.tif")
+    tifffile.imwrite(tmp_path / "i8ok.tif", np.array([[0, 5, 100, 127]], dtype=np.int8))
+    np.testing.assert_array_equal(_rgb(tmp_path / "i8ok.tif")[0, :, 0], [0, 5, 100, 127])
+
+
+def test_a_sample_format_pillow_cannot_read_is_refused_in_one_line(tmp_path, tifffile):
+    tifffile.imwrite(tmp_path / "f64.tif", np.array([[0.0, 0.5]], dtype=np.float64))
+    with pytest.raises(ImageLoadError) as info:
+        load_image(tmp_path / "f64.tif")
+    _assert_one_line(info, "f64.tif")
+
+
+#: Every mode Pillow can return, with the formats that can store it (None: in memory only) and whether
+#: ``Image.fromarray(np.asarray(img))`` gives it back (the numpy array input).
+MODES = {
+    "1": ((".png", ".tif"), True),
+    "L": ((".png", ".tif"), True),
+    "LA": ((".png", ".tif"), True),
+    "La": ((), False),
+    "P": ((".png", ".tif"), False),
+    "PA": ((".tif",), False),
+    "RGB": ((".png", ".tif"), True),
+    "RGBA": ((".png", ".tif"), True),
+    "RGBa": ((), False),
+    "RGBX": ((".tif",), False),
+    "CMYK": ((".tif",), False),
+    "YCbCr": ((".tif",), False),
+    "LAB": ((".tif",), False),
+    "HSV": ((), False),
+    "I": ((".tif",), True),
+    "I;16": ((".png", ".tif"), True),
+    "I;16B": ((".tif",), True),
+    "I;16L": ((".tif",), True),
+    "I;16N": ((), True),
+    "F": ((".tif",), True),
+}
+
+
+def test_the_mode_table_covers_every_mode_pillow_has():
+    assert set(MODES) == set(Image.MODES)
+
+
+def _random_image(mode: str, data) -> Image.Image:
+    h, w = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 6))
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    if mode == "F":
+        top = data.draw(st.sampled_from([1.0, 255.0]))
+        arr = rng.uniform(-0.1 * top, 1.1 * top, (h, w)).astype(np.float32)
+        return Image.fromarray(arr)
+    if mode == "I":
+        top = 2 ** data.draw(st.sampled_from([8, 10, 12, 16, 20, 31])) - 1
+        return Image.fromarray(rng.integers(0, top, (h, w), endpoint=True).astype(np.int32))
+    if mode.startswith("I;16"):
+        top = 2 ** data.draw(st.sampled_from([8, 12, 16])) - 1
+        arr = rng.integers(0, top, (h, w), endpoint=True).astype(np.uint16)
+        return Image.frombytes(mode, (w, h), arr.astype(">u2" if mode == "I;16B" else "<u2").tobytes())
+    if mode == "1":
+        return Image.fromarray(rng.integers(0, 2, (h, w)).astype(bool))
+    img = Image.new(mode, (w, h))
+    raw = rng.integers(0, 256, len(img.tobytes()), dtype=np.uint8).tobytes()
+    img.frombytes(raw)
+    if mode in ("P", "PA"):
+        img.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+    return img
+
+
+@pytest.mark.parametrize("mode", sorted(MODES))
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_every_mode_decodes_the_same_from_a_file_a_pil_image_and_an_array(tmp_path, mode, data):
+    """Property: an image of each mode decodes to one RGB image whether it comes as a file (PNG and TIFF where
+    the format stores the mode), as a PIL image, or as its numpy array; the values follow the module's rules."""
+    img = _random_image(mode, data)
+    expected = np.asarray(to_rgb(img, "mem"))
+    assert expected.dtype == np.uint8 and expected.shape == (img.height, img.width, 3)
+    formats, from_array = MODES[mode]
+    for ext in formats:
+        path = tmp_path / f"x{ext}"
+        img.save(path)
+        np.testing.assert_array_equal(_rgb(path), expected, err_msg=f"{mode} via {ext}")
+    if from_array:
+        again = Image.fromarray(np.asarray(img))
+        np.testing.assert_array_equal(np.asarray(to_rgb(again, "mem")), expected, err_msg=f"{mode} via numpy")
+    # the rules themselves, where they are arithmetic
+    if mode in ("L", "1"):
+        np.testing.assert_array_equal(expected[..., 0], np.asarray(img.convert("L")))
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(img).astype(np.float64)
+        if mode == "F":
+            values = np.nan_to_num(values)
+            white = 1.0 if values.max() <= 1 else 255.0
+        else:
+            white = float(2 ** next(b for b in (8, 10, 12, 14, 16, 20, 24, 32) if values.max() < 2**b) - 1)
+        np.testing.assert_array_equal(expected[..., 0], np.rint(np.clip(values / white, 0, 1) * 255))

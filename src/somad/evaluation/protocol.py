@@ -23,7 +23,7 @@ from PIL import Image
 from somad.errors import DataError, SomadError
 from somad.evaluation import metrics
 from somad.features.extractor import to_original_resolution
-from somad.io.datasets import Sample, folder_test_samples, is_mvtec_category, mvtec_test_samples, validate_masks
+from somad.io.datasets import Sample, folder_test_samples, mvtec_test_samples, validate_masks
 from somad.io.images import load_mask
 from somad.io.model_files import atomic_write_text
 from somad.io.outputs import write_predictions
@@ -37,10 +37,15 @@ EVAL_RESOLUTIONS = ("original", "model")
 def load_test_samples(category: Path | None = None, *, good_dir=None, defect_dirs=(), mask_dir=None) -> list[Sample]:
     """Test samples of an MVTec category, or of the plain folder layout."""
     if category is not None:
-        if not is_mvtec_category(category):
+        # Evaluation reads test/ (and ground_truth/) only: a category without train/ is fine.
+        category = Path(category)
+        if not category.is_dir():
+            what = "does not exist" if not category.exists() else "is not a folder"
+            raise DataError(f"{category}: {what}; pass an MVTec category folder (with test/<defect type>/ folders)")
+        if not (category / "test").is_dir():
             raise DataError(
-                f"{category}: not an MVTec category (expected test/<type>/ folders); "
-                "use --good-dir/--defect-dir/--mask-dir for plain folders"
+                f"{category}: not an MVTec category: no test/ folder (expected test/good/ and test/<defect type>/; "
+                "train/ is not needed to evaluate); for plain folders use --good-dir/--defect-dir/--mask-dir"
             )
         return mvtec_test_samples(category)
     return folder_test_samples(good_dir, defect_dirs, mask_dir)
@@ -194,18 +199,30 @@ def _record(sample: Sample, scored: _Scored) -> dict:
 def _metrics(labels, scores, masks, maps, flags, predicted) -> dict:
     """Image metrics over every image; pixel metrics over the images with a known mask (``masks[i]`` not None).
 
+    A metric that the test set cannot give (AUROC of a test set with one class only) is ``None``, and ``note``
+    says why, in words (metrics.json, the report and the printed table show it).
+
     ``flags`` and ``predicted`` are the model's verdicts and predicted masks (None without a threshold): the
     metrics "at the saved threshold" are computed from them, so they are exactly what the outputs show.
     """
     out = {"n_images": int(len(labels))}
     both = len(set(labels.tolist())) == 2
+    notes = []
     if both:
         out.update(metrics.evaluate_predictions(labels, scores, None, None))
         out["best_balanced_accuracy"] = metrics.best_balanced_accuracy(labels, scores)
+    else:
+        out["image_auroc"] = None
+        only = "defective" if len(labels) and labels.all() else "good"
+        notes.append(f"AUROC needs both good and defective images; the test set has only {only} ones")
     known = [i for i, m in enumerate(masks) if m is not None]
     out["n_images_pixel"] = len(known)
     if known:
         out.update(metrics.pixel_metrics([masks[i] for i in known], [maps[i] for i in known]))
+        if out.get("pixel_auroc") is None and both:
+            notes.append("pixel AUROC and AU-PRO need ground-truth defect pixels; no mask of the test set has one")
+    if notes:
+        out["note"] = "; ".join(notes)
     if flags and flags[0] is not None:
         decided = np.array(flags, dtype=bool)
         out["image_accuracy"] = float(np.mean(decided == labels.astype(bool)))
@@ -257,4 +274,5 @@ def format_metrics_table(result: dict) -> str:
             v = v.get("f1") if isinstance(v, dict) else v
             cells.append(f"{v:>13.4f}" if isinstance(v, (int, float)) else f"{'-':>13}")
         lines.append(f"{name:<14}" + "".join(cells))
+    lines.extend(f"note ({name}): {m['note']}" for name, m in rows if m.get("note"))
     return "\n".join(lines)

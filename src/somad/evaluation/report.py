@@ -545,9 +545,10 @@ def _metrics_table(result: dict) -> str:
             f'<tr{css}><th title="{_e(tip)}">{_e(name)}</th><td class="num">{_e(m.get("n_images", "–"))}</td>'
             f"{''.join(cells)}</tr>"
         )
+    notes = "".join(f'<p class="warn">{_e(name)}: {_e(m["note"])}</p>' for name, m, _ in rows if m.get("note"))
     return (
         f'<table class="metrics"><thead><tr><th>subset</th><th title="number of images">images</th>{head}</tr>'
-        f"</thead><tbody>{''.join(body)}</tbody></table>"
+        f"</thead><tbody>{''.join(body)}</tbody></table>{notes}"
         '<p class="note">Per defect type: that type\'s images against all good test images. '
         "F1-max uses the best threshold on the test set (an upper bound); the accuracies use the model's own "
         "threshold. “–”: not available (one class only, no masks, or no threshold).</p>"

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from somad.errors import DataError
-from somad.io.images import IMAGE_EXTENSIONS, MASK_HINT, image_size, list_images
+from somad.io.images import IMAGE_EXTENSIONS, MASK_HINT, UnlistableFolderError, image_size, list_images
 
 __all__ = [
     "Sample",
@@ -79,7 +79,13 @@ def _examples(paths: Iterable[Path]) -> str:
 
 def _visible_subdirs(folder: Path) -> list[Path]:
     """Non-hidden sub-directories of ``folder``, sorted by name."""
-    return sorted((p for p in folder.iterdir() if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
+    try:
+        entries = list(folder.iterdir())
+    except PermissionError:
+        raise UnlistableFolderError(
+            f"cannot list {folder}: permission denied; give read and execute permission on it or choose another folder"
+        ) from None
+    return sorted((p for p in entries if p.is_dir() and not p.name.startswith(".")), key=lambda p: p.name)
 
 
 def is_mvtec_category(path: str | os.PathLike[str]) -> bool:
@@ -132,6 +138,8 @@ def resolve_train_dir(path: str | os.PathLike[str]) -> Path:
         raise DataError(f"{path}: looks like an MVTec category but has no train/good folder; {expected}")
     try:
         list_images(path, recursive=True)
+    except UnlistableFolderError:
+        raise
     except DataError as exc:
         raise DataError(f"{path}: no images found; {expected}") from exc
     return path
@@ -188,6 +196,7 @@ def mvtec_test_samples(category_dir: str | os.PathLike[str]) -> list[Sample]:
         raise DataError(f"{category_dir}: no test folder; expected an MVTec category with test/<defect type>/ folders")
     gt_dir = category_dir / "ground_truth"
 
+    type_dirs = _visible_subdirs(test_dir)
     stray = [p for p in test_dir.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS]
     if stray:
         logger.warning(
@@ -201,10 +210,12 @@ def mvtec_test_samples(category_dir: str | os.PathLike[str]) -> list[Sample]:
     missing: list[Path] = []
     used_masks: set[Path] = set()
     n_defective = 0
-    for type_dir in _visible_subdirs(test_dir):
+    for type_dir in type_dirs:
         defect_type = type_dir.name
         try:
             images = list_images(type_dir, recursive=True)
+        except UnlistableFolderError:
+            raise
         except DataError:
             logger.warning("%s: test folder has no images; skipping it", type_dir)
             continue

@@ -228,6 +228,8 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     from safetensors import safe_open
 
     path = Path(path)
+    if not path.exists() and path.is_symlink():
+        raise ModelFileError(f"{path}: broken symbolic link (to {os.readlink(path)}); point it at a model file")
     if not path.exists():
         raise ModelFileError(f"{path}: model file not found; train one with `somad fit`")
     if path.is_dir():
@@ -236,13 +238,23 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(
             f"{path}: not a regular file (a pipe or a device?); pass the model file written by `somad fit -o`"
         )
+    _check_readable(path)
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
             arrays = {k: f.get_tensor(k) for k in f.keys()}
         arrays = _read_large_arrays(path, arrays)
+    except MemoryError:
+        raise ModelFileError(
+            f"{path}: not enough memory to load the model file ({path.stat().st_size / 2**20:.0f} MB); free memory"
+        ) from None
     except Exception as exc:
-        raise ModelFileError(f"{path}: not a readable somad model file ({_reason(exc)}); re-run `somad fit`") from None
+        reason = _reason(exc)
+        if "ends early" in reason or "incomplete metadata" in reason or "MetadataIncompleteBuffer" in reason:
+            reason = "truncated: its arrays end early"
+        raise ModelFileError(
+            f"{path}: not a readable somad model file ({reason}); pass the file written by `somad fit`, or re-run it"
+        ) from None
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a somad model (no somad header); pass a file written by `somad fit`")
     try:
@@ -268,6 +280,32 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
     except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting
         raise ModelFileError(f"{path}: config is not valid JSON; re-run `somad fit`") from None
     return migrate(config, arrays)
+
+
+def _check_readable(path: Path) -> None:
+    """One-line errors for a model file that cannot be opened or is not a whole safetensors file, before
+    safetensors reports them in its own words (which named neither the problem nor the fix)."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = os.fstat(f.fileno()).st_size
+    except PermissionError:
+        raise ModelFileError(
+            f"{path}: cannot read the model file: permission denied; make it readable (chmod) or run as its owner"
+        ) from None
+    except OSError as exc:
+        raise ModelFileError(
+            f"{path}: cannot read the model file ({exc.strerror or exc}); check the path and the disk"
+        ) from None
+    not_a_model = "pass the .safetensors file written by `somad fit`, or re-run `somad fit`"
+    if len(head) < 8:
+        raise ModelFileError(
+            f"{path}: not a readable somad model file ({size} bytes: truncated or empty); {not_a_model}"
+        )
+    (length,) = struct.unpack("<Q", head)
+    if length > size - 8:
+        kind = "truncated (its header is cut short)" if length < 100_000_000 else "not a safetensors file"
+        raise ModelFileError(f"{path}: not a readable somad model file ({kind}); {not_a_model}")
 
 
 # ----------------------------------------------------------------------------------------- migrations

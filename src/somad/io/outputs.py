@@ -10,6 +10,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import errno
+import functools
+import logging
 import os
 import shutil
 import tempfile
@@ -23,6 +25,8 @@ from somad.errors import SomadError
 from somad.io.model_files import ANOTHER_RUN, atomic_write, current_umask, remove_leftovers, temp_prefix
 from somad.progress import progress_bar
 from somad.verdicts import REGION_COLUMNS, regions
+
+logger = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
@@ -103,22 +107,48 @@ def save_map(array: np.ndarray, path: Path) -> None:
     np.save(path, np.asarray(array, dtype=np.float32), allow_pickle=False)
 
 
+#: Overlays are blended a band of rows at a time, each band about this many pixels.
+_BAND_PIXELS = 1 << 18
+
+
+@functools.lru_cache(maxsize=1)
+def _jet() -> np.ndarray:
+    """matplotlib's ``jet`` colour map at its 256 entries, ``(256, 3)`` float64 in ``[0, 1]``."""
+    from matplotlib import colormaps
+
+    return colormaps["jet"](np.arange(256))[:, :3]  # integers index the table directly
+
+
 def heatmap_overlay(
     image: Image.Image, anomaly_map: np.ndarray, vmin: float, vmax: float, alpha: float = 0.5
 ) -> Image.Image:
-    """Colour (jet) overlay of ``anomaly_map`` ``(H, W)`` on ``image`` with a fixed colour scale ``[vmin, vmax]``."""
-    from matplotlib import colormaps
+    """Colour (jet) overlay of ``anomaly_map`` ``(H, W)`` on ``image`` with a fixed colour scale ``[vmin, vmax]``.
 
+    Built a band of rows at a time into one ``uint8`` image: about 3 bytes per pixel plus one band in float
+    (a float64 colour image of the whole frame would take about 120 bytes per pixel). The colours are
+    matplotlib's ``jet`` as ``colormaps["jet"](unit)`` gives them (its 256 entries, indexed the same way).
+    """
+    height, width = anomaly_map.shape
+    rgb = image.convert("RGB")
+    if rgb.size != (width, height):
+        rgb = rgb.resize((width, height))
+    base = np.asarray(rgb)
+    out = np.empty((height, width, 3), dtype=np.uint8)
     span = max(vmax - vmin, 1e-12)
-    unit = np.clip((anomaly_map - vmin) / span, 0.0, 1.0)
-    colour = colormaps["jet"](unit)[..., :3]
-    base = np.asarray(image.convert("RGB").resize(anomaly_map.shape[::-1]), dtype=np.float32) / 255.0
-    return Image.fromarray(np.uint8(np.round(255 * ((1 - alpha) * base + alpha * colour))))
+    lut = _jet()
+    rows = max(1, _BAND_PIXELS // max(1, width))
+    for top in range(0, height, rows):
+        band = slice(top, top + rows)
+        unit = np.clip((anomaly_map[band] - vmin) / span, 0.0, 1.0)
+        index = np.minimum((unit * 256).astype(np.intp), 255)  # as matplotlib's Colormap.__call__
+        blend = (1 - alpha) * (base[band].astype(np.float32) / 255.0) + alpha * lut[index]
+        out[band] = np.round(255 * blend).astype(np.uint8)
+    return Image.fromarray(out)
 
 
 def mask_image(mask: np.ndarray) -> Image.Image:
-    """Binary mask PNG: 255 on the predicted defect pixels."""
-    return Image.fromarray(np.where(mask, 255, 0).astype(np.uint8), mode="L")
+    """Binary mask PNG: 255 on the predicted defect pixels (one byte per pixel, no wider temporary)."""
+    return Image.fromarray(np.asarray(mask, dtype=bool).view(np.uint8) * np.uint8(255), mode="L")
 
 
 #: A spreadsheet runs a cell that starts with one of these as a formula.
@@ -151,6 +181,32 @@ def write_csv(path: Path, header: list[str], rows: list[list]) -> None:
     atomic_write(path, write)
 
 
+def _listed(item, skipped: list[str]) -> bool:
+    """Is ``item`` among the ``skipped`` messages (each starts with the path or name of its image)?"""
+    keys = {item.name} | ({str(item.path)} if item.path is not None else set())
+    return any(m.split(": ", 1)[0] in keys for m in skipped)
+
+
+def _write_one(model, pred, geometry, out: Path, *, save_maps: bool, on_map):
+    """The output files of one prediction; returns its ``scores.csv`` row and its ``regions.csv`` rows."""
+    from somad.features.extractor import to_original_resolution
+
+    full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]
+    lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
+    save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
+    flagged = model.verdict(pred)
+    mask = model.mask(pred, full)
+    found = []
+    if mask is not None:
+        save_png(mask_image(mask), out / "masks" / output_relpath(pred.item.name, ".png"))
+        found = [[pred.item.name, i] + r.as_row() for i, r in enumerate(regions(mask, full), 1)]
+    if save_maps:
+        save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
+    if on_map is not None:
+        on_map(pred, full, flagged)
+    return [pred.item.name, f"{pred.score:.6f}", "" if flagged is None else int(flagged), pred.status], found
+
+
 SCORE_COLUMNS = ["path", "score", "is_anomalous", "status"]
 REGION_FILE_COLUMNS = ["path", "region"] + REGION_COLUMNS
 
@@ -164,6 +220,11 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     overlay), ``masks/<relpath>.png`` (binary, when the model has a threshold), ``maps/<relpath>.npy``
     (``save_maps``: float32 map at the original resolution) and ``skipped.csv`` (unreadable inputs).
     Decisions and masks follow ``somad.verdicts``: a mask is non-empty exactly when the image is flagged.
+    "Original resolution" is the decoded image's: an image of more than ``images.MAX_DECODED_PIXELS`` pixels is
+    reduced on decoding, and its outputs are at that size. Memory per image is a few bytes per output pixel
+    (uint8 overlays built in bands, a float32 map). An image whose outputs run out of memory is skipped
+    (``on_error="skip"``, listed in ``skipped.csv``) or fails in one line naming it; running out of memory while
+    scoring a batch fails in one line naming its first image.
 
     Parameters
     ----------
@@ -175,8 +236,6 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     rows : list of [name, score, is_anomalous, status]
     skipped : list of str, one message per unreadable input
     """
-    from somad.features.extractor import to_original_resolution
-
     seen: dict[PurePath, str] = {}
     for item in items:
         rel = output_relpath(item.name, "")
@@ -185,25 +244,36 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
         seen[rel] = item.name
     rows, region_rows, skipped = [], [], []
     geometry = model.extractor_.geometry
+    done: set[str] = set()
     bar = progress_bar(total=len(items), desc="predict", unit="img")
     try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
         for pred in model.predict_iter(items, on_error=on_error, skipped=skipped):
-            full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]
-            lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
-            save_png(
-                heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png")
-            )
-            flagged = model.verdict(pred)
-            mask = model.mask(pred, full)
-            if mask is not None:
-                save_png(mask_image(mask), out / "masks" / output_relpath(pred.item.name, ".png"))
-                region_rows.extend([pred.item.name, i] + r.as_row() for i, r in enumerate(regions(mask, full), 1))
-            if save_maps:
-                save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
-            if on_map is not None:
-                on_map(pred, full, flagged)
-            rows.append([pred.item.name, f"{pred.score:.6f}", "" if flagged is None else int(flagged), pred.status])
+            done.add(pred.item.name)
+            try:
+                row, found = _write_one(model, pred, geometry, out, save_maps=save_maps, on_map=on_map)
+            except MemoryError:
+                h, w = pred.original_size
+                message = (
+                    f"{pred.item.name}: not enough memory to write its outputs ({w}x{h} pixels); "
+                    "free memory, or remove it or use --on-error skip"
+                )
+                if on_error == "fail":
+                    raise SomadError(message) from None
+                for folder, suffix in (("heatmaps", ".png"), ("masks", ".png"), ("maps", ".npy")):
+                    (out / folder / output_relpath(pred.item.name, suffix)).unlink(missing_ok=True)  # no half result
+                logger.warning("skipped %s", message)
+                skipped.append(message)
+                continue
+            rows.append(row)
+            region_rows.extend(found)
             bar.update(1)
+    except MemoryError:
+        # Decoding turns a MemoryError into an ImageLoadError of its image; this one came from scoring a batch.
+        first = next((it.name for it in items if it.name not in done and not _listed(it, skipped)), "an image")
+        raise SomadError(
+            f"{first}: not enough memory to score it (in a batch of {getattr(model, 'batch_size', 'several')}); "
+            "lower --batch-size, free memory, or remove it"
+        ) from None
     finally:
         bar.close()
     write_csv(out / "scores.csv", SCORE_COLUMNS, rows)
