@@ -13,13 +13,37 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="MODEL", help="model file to write (.safetensors)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     add_model_args(p)
+    p.add_argument(
+        "--updatable",
+        action="store_const",
+        const="float32",
+        dest="scatter_dtype",
+        help="SOMAD: keep per-node scatter matrices (float32) so that `somad update` can add good images later "
+        "(= --scatter-dtype float32; a larger file, see docs/scaling.md)",
+    )
     add_run_args(p, "fail")
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="SOMAD: shard feature extraction, SOM epochs and node statistics over Ray workers (ADDRESS: "
+        "'auto' = the running cluster, ray://host:port; none = a local Ray); needs pip install \"somad[ray]\"",
+    )
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N", help="Ray workers (default: one per CPU)")
     p.set_defaults(func=run, parser=p)
 
 
 def run(args) -> int:
     out = model_output(args.output, args.overwrite)
-    model = model_from_args(args).fit(args.train_dir)
+    if getattr(args, "ray", None) is not None:  # sharded over Ray workers (somad.distributed.ray)
+        from somad.distributed.ray import ray_fit, require_ray
+
+        require_ray()
+        model = ray_fit(model_from_args(args), args.train_dir, address=args.ray, workers=args.ray_workers)
+    else:
+        model = model_from_args(args).fit(args.train_dir)
     model.save(out, overwrite=args.overwrite)
     info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
     if getattr(model, "som_", None) is not None:

@@ -21,6 +21,16 @@ def add_parser(sub) -> None:
     p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_run_args(p, "skip", scoring=True)
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help="score on a Ray actor pool (ADDRESS: 'auto' = the running cluster, ray://host:port; none = a local "
+        'Ray); needs pip install "somad[ray]"',
+    )
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N", help="Ray workers (default: one per CPU)")
     p.set_defaults(func=run)
 
 
@@ -47,8 +57,16 @@ def run(args) -> int:
     model.batch_size = args.batch_size
     override_thresholds(model, args)
     items = _input_items(args.inputs)
+    scorer = model
+    if args.ray is not None:  # the same outputs, scored on a Ray actor pool (somad.distributed.ray)
+        from somad.distributed.ray import RayScoredModel, require_ray
+
+        require_ray()
+        scorer = RayScoredModel(
+            model, args.model, address=args.ray, workers=args.ray_workers, device=args.device, search=args.search
+        )
     with staged_output_dir(args.output, overwrite=args.overwrite, inputs=[*args.inputs, args.model]) as tmp:
-        rows, skipped = write_predictions(model, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
+        rows, skipped = write_predictions(scorer, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
         if skipped and not rows:  # leaving the block by an error discards the staged folder: nothing is written
             first = skipped[0].split("; ")[0]  # the reason without its per-image hint
             raise SomadError(

@@ -14,24 +14,33 @@ scoring; ``"exact"`` searches exhaustively.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 
 import torch
 
 from somad.errors import NumericalError, SomadError
-from somad.methods.base import BaseDetector
+from somad.methods.base import BaseDetector, as_items, training_set_hash
 from somad.params import Interval, Options, Param
 from somad.som.node_search import SEARCH_CHOICES, make_search
 from somad.som.node_stats import (
     NodeGaussians,
+    NodeMoments,
     fit_node_gaussians,
+    gaussians_from_moments,
     mahalanobis,
+    tril_size,
 )
 from somad.som.training import SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
 
 DTYPES = {"float16": torch.float16, "float32": torch.float32}
+SCATTER_DTYPES = {"float32": torch.float32, "float64": torch.float64}
+NOT_UPDATABLE = (
+    "{path}has no per-node scatter matrices (fitted without --updatable, or by somad < 0.7); "
+    "refit with `somad fit --updatable` (somad >= 0.7) to enable update"
+)
 
 
 #: Named configurations. ``paper``: the ICIP 2021 paper's pipeline as somad 0.5.0 ran it by default (resize 256,
@@ -75,6 +84,10 @@ class SOMAD(BaseDetector):
         halves both and the bytes scoring reads per image (it computes in float32); on the shared datasets
         the metrics were identical to 4 decimals (docs/benchmarks.md). Factors that overflow float16 (a tiny
         ``eps``) are kept in float32, with a warning.
+    scatter_dtype : {None, "float32", "float64"}, default None
+        Keep each node's count, mean and scatter matrix (lower triangle) in the model, in this precision, so
+        that :meth:`update` can merge more good images later (``somad fit --updatable`` = ``"float32"``).
+        ``None``: not kept (the file is about 2.8x smaller at 176 dims; measured in docs/scaling.md).
     **common
         See :class:`somad.methods.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...).
 
@@ -107,6 +120,12 @@ class SOMAD(BaseDetector):
         "local_aggregation": Param(
             Interval(int, 1, 15), "average each backbone stage over a KxK neighbourhood (odd K; 1 = none)"
         ),
+        "scatter_dtype": Param(
+            Options(tuple(SCATTER_DTYPES)),
+            "keep per-node scatter matrices in the model in this precision, so that `somad update` can add good "
+            "images later (--updatable = float32)",
+            none="not kept, the model cannot be updated",
+        ),
     }
     _scoring = ("k", "search")
 
@@ -124,9 +143,11 @@ class SOMAD(BaseDetector):
         factor_dtype="float16",
         local_aggregation=3,
         shrinkage=0.0,
+        scatter_dtype=None,
         **common,
     ):
         super().__init__(**common)
+        self.scatter_dtype = scatter_dtype
         self.shrinkage = shrinkage
         self.local_aggregation = local_aggregation
         self.som_size = som_size
@@ -186,9 +207,99 @@ class SOMAD(BaseDetector):
             float(self.eps),
             dtype=DTYPES[self.factor_dtype],
             shrinkage=float(self.shrinkage),
+            keep_moments=self.scatter_dtype is not None,
         )
         self.n_patches_ = int(x.shape[0])
+        self.updates_ = []
         self._searcher = None
+
+    # ------------------------------------------------------------------ update
+    def update(self, images) -> SOMAD:
+        """Merge more good images into the node statistics, with the SOM held fixed; no refit.
+
+        Each patch of ``images`` is assigned to its nearest node exactly as ``fit`` assigns its training patches
+        (the fit-time ``search`` over all nodes, features rounded to ``feature_dtype``), and each node's count,
+        mean and scatter are merged with the stored ones (``NodeMoments.merge``, float64). The Gaussians are
+        then rebuilt by fit's rule (eps, shrinkage, one-member and empty nodes), so ``fit(A).update(B)`` gives
+        the node statistics that fitting on ``A + B`` would give with the SOM that ``fit(A)`` trained (tested).
+        Nodes that were empty and receive patches enter the scoring search.
+
+        Why not ``partial_fit``: scikit-learn's ``partial_fit`` would also train the SOM on the new data; here
+        the map is frozen (its topology and the IVF lists stay as fitted), only the Gaussians learn.
+
+        The thresholds are kept: they were estimated on images held out of the fit, and the new images, now
+        part of the statistics, would score optimistically low. Re-estimate them with :meth:`calibrate` on
+        other held-out good images (``somad update --calibrate GOOD_DIR``).
+
+        Needs a model fitted with ``scatter_dtype`` set (``somad fit --updatable``); the images go through the
+        model's own feature extractor (backbone, image size, crop, tiles, channel subset).
+        """
+        self._check_fitted()
+        self._validate_params()
+        moments = stored = self.check_updatable()
+        d = moments.dims
+        search = make_search(self.som_.weights_, self.som_.size, self.search)
+        items = as_items(images, train=True)
+        self.skipped_ = []
+        n_before = int(moments.counts.sum())
+        for feats in self._feature_batches(items):
+            x = self._patch_rows(feats)
+            if x.shape[1] != d:
+                raise SomadError(
+                    f"the features have {x.shape[1]} dimensions, the model's node statistics {d}: the images must "
+                    f"go through the model's own extractor ({self.backbone}); refit instead"
+                )
+            batch = self.assign_moments(x, search)
+            # The first merge copies the stored statistics to float64; later ones update that copy in place.
+            moments = moments.merge(batch, inplace=moments is not stored)
+        self.merge_moments(moments, n_images=len(items) - len(self.skipped_), n_before=n_before)
+        # The training-set hash now names the history: the fit's images, then each update's, in order.
+        added = training_set_hash(items)
+        self.updates_[-1]["images_sha256"] = added
+        if getattr(self, "train_set_sha256_", None):
+            self.train_set_sha256_ = hashlib.sha256(f"{self.train_set_sha256_}+{added}".encode()).hexdigest()
+        return self
+
+    def assign_moments(self, x: torch.Tensor, search=None) -> NodeMoments:
+        """The node statistics of patch rows ``x`` ``(N, D)`` (already in ``feature_dtype``), each assigned to its
+        nearest node as ``fit`` assigns (the fit-time search over all nodes). Used by :meth:`update` and by
+        distributed fits (per shard)."""
+        search = search or make_search(self.som_.weights_, self.som_.size, self.search)
+        _, assignment = search(x, 1)
+        return NodeMoments.of(x, assignment[:, 0], self.som_.weights_.shape[0])
+
+    def merge_moments(self, moments: NodeMoments, *, n_images: int, n_before: int | None = None) -> None:
+        """Replace the node statistics by ``moments`` (the stored ones merged with new patches') and rebuild the
+        Gaussians by fit's rule; ``n_images`` images were added."""
+        n_before = int(self.gaussians_.counts.sum()) if n_before is None else n_before
+        self.gaussians_ = gaussians_from_moments(
+            moments,
+            self.som_.weights_,
+            float(self.eps),
+            dtype=DTYPES[self.factor_dtype],
+            shrinkage=float(self.shrinkage),
+        )
+        added = int(moments.counts.sum()) - n_before
+        self.n_patches_ = int(self.n_patches_ or n_before) + added
+        self.n_train_images_ = int(self.n_train_images_) + int(n_images)
+        self.updates_ = [*getattr(self, "updates_", []), {"n_images": int(n_images), "n_patches": added}]
+        self._searcher = None
+        logger.info("merged %d images (%d patches) into the node statistics", n_images, added)
+
+    def check_updatable(self, path="") -> NodeMoments:
+        """The stored node statistics; a one-line SomadError (naming ``path``) when the model has none."""
+        moments = self.gaussians_.moments
+        if moments is None or self.scatter_dtype is None:
+            raise SomadError(NOT_UPDATABLE.format(path=f"{path}: " if path else "this model "))
+        return moments
+
+    def _patch_rows(self, feats: torch.Tensor) -> torch.Tensor:
+        """Features ``(b, D, h, w)`` -> patch rows ``(b*h*w, D)`` in ``feature_dtype``, in fit's order."""
+        d = feats.shape[1]
+        x = feats.permute(0, 2, 3, 1).reshape(-1, d).to(DTYPES[self.feature_dtype])
+        if not torch.isfinite(x).all():
+            raise NumericalError(f"training features overflow {self.feature_dtype}; refit with feature_dtype='float32'")
+        return x
 
     def _patch_scores(self, feats):
         b, d, h, w = feats.shape
@@ -227,6 +338,11 @@ class SOMAD(BaseDetector):
             "node_means": g.means,
             "node_whitener_strips": g.packed,  # packed whiteners, as held in memory (somad._native.layout.strip_layout)
             "node_counts": g.counts,
+            **(
+                {"node_scatter_tril": g.moments.scatter.to(SCATTER_DTYPES[self.scatter_dtype])}
+                if self.scatter_dtype is not None and g.moments is not None
+                else {}
+            ),
         }
 
     def _state_info(self):
@@ -234,6 +350,7 @@ class SOMAD(BaseDetector):
             "quantization_error": self.som_.quantization_error_,
             "topographic_error": self.som_.topographic_error_,
             "n_patches": self.n_patches_,
+            "updates": getattr(self, "updates_", []),
         }
 
     def _set_state(self, arrays, state):
@@ -249,10 +366,18 @@ class SOMAD(BaseDetector):
         if tuple(arrays["node_means"].shape) != (m, d):
             raise ValueError(f"node_means has shape {tuple(arrays['node_means'].shape)}, expected ({m}, {d})")
         g = NodeGaussians.from_arrays(arrays["node_means"], arrays["node_whitener_strips"], arrays["node_counts"])
+        scatter = arrays.get("node_scatter_tril")
+        if (scatter is None) != (self.scatter_dtype is None):
+            raise ValueError(f"node_scatter_tril is {'absent' if scatter is None else 'present'}, config disagrees")
+        if scatter is not None:
+            if tuple(scatter.shape) != (m, tril_size(d)) or not scatter.is_floating_point():
+                raise ValueError(f"node_scatter_tril has shape {tuple(scatter.shape)}, expected ({m}, {tril_size(d)})")
+            g.moments = NodeMoments(g.counts, arrays["node_means"].double(), scatter)
         self.gaussians_ = g.to(self.device_)
         self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
         self.som_.weights_ = weights.to(self.device_)
         self.som_.quantization_error_ = state.get("quantization_error")
         self.som_.topographic_error_ = state.get("topographic_error")
         self.n_patches_ = state.get("n_patches")
+        self.updates_ = list(state.get("updates") or [])
         self._searcher = None

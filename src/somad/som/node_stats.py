@@ -18,6 +18,13 @@ The pooled within-node covariance is ``sum_i S_i / sum_i (n_i - 1)`` over nodes 
 the scatter matrix); zero when there are none. Each covariance is stored as the inverse of its Cholesky
 factor, ``W_i = L_i^{-1}`` (lower triangular, packed in strips of 16 rows: :func:`strip_layout`), so that
 ``d_i(x)^2 = ||W_i (x - mu_i)||^2``.
+
+Mergeable statistics (:class:`NodeMoments`): every rule above needs only each node's count ``n_i``, mean
+``mu_i`` and scatter ``S_i`` (the sum of outer products about the mean, the un-normalised covariance). Two sets
+of them, from two sets of patches assigned with the same SOM, combine exactly by Chan, Golub and LeVeque's
+pairwise formula (:meth:`NodeMoments.merge`), so the Gaussians of ``A + B`` follow from those of ``A`` and the
+patches of ``B`` alone (``SOMAD.update``, and the per-shard statistics of a distributed fit);
+:func:`gaussians_from_moments` applies the rule above to them.
 """
 
 from __future__ import annotations
@@ -63,6 +70,7 @@ class NodeGaussians:
     means: torch.Tensor
     packed: torch.Tensor
     counts: torch.Tensor
+    moments: NodeMoments | None = field(default=None, repr=False, compare=False)  # kept when the model is updatable
     _torch_layout: tuple | None = field(default=None, repr=False, compare=False)  # (blocks, shifts), built lazily
 
     @property
@@ -123,7 +131,132 @@ class NodeGaussians:
         return cls(means.float().contiguous(), packed.contiguous(), counts.long())
 
     def to(self, device) -> NodeGaussians:
-        return NodeGaussians(self.means.to(device), self.packed.to(device), self.counts.to(device))
+        moments = None if self.moments is None else self.moments.to(device)
+        return NodeGaussians(self.means.to(device), self.packed.to(device), self.counts.to(device), moments)
+
+
+def tril_size(d: int) -> int:
+    """Entries of a row-packed ``D x D`` lower triangle (``torch.tril_indices`` order)."""
+    return d * (d + 1) // 2
+
+
+@dataclass
+class NodeMoments:
+    """Per-node sufficient statistics of the patches assigned to each node, mergeable across patch sets.
+
+    Attributes
+    ----------
+    counts : tensor (M,) int64, members per node
+    means : tensor (M, D) float64 (any value where the count is 0)
+    scatter : tensor (M, D*(D+1)/2), the lower triangle of ``S_i = sum_j (x_j - mu_i)(x_j - mu_i)^T``, row-packed
+        (``torch.tril_indices`` order); float64 when computed, or the dtype it was stored in (read float64)
+    """
+
+    counts: torch.Tensor
+    means: torch.Tensor
+    scatter: torch.Tensor
+
+    @property
+    def dims(self) -> int:
+        return self.means.shape[1]
+
+    @classmethod
+    def zeros(cls, m: int, d: int, device=None) -> NodeMoments:
+        return cls(
+            torch.zeros(m, dtype=torch.int64, device=device),
+            torch.zeros(m, d, dtype=torch.float64, device=device),
+            torch.zeros(m, tril_size(d), dtype=torch.float64, device=device),
+        )
+
+    @classmethod
+    def of(cls, x: torch.Tensor, assignment: torch.Tensor, m: int, *, max_elements: int = 1 << 24) -> NodeMoments:
+        """The statistics of vectors ``x`` ``(N, D)`` assigned to nodes ``assignment`` ``(N,)``, in float64: the
+        means first, then each node's scatter about its own mean (no cancellation), as ``fit_node_gaussians``."""
+        d = x.shape[1]
+        device = x.device
+        assignment = assignment.to(device)
+        counts = torch.bincount(assignment, minlength=m)
+        sums = torch.zeros(m, d, dtype=torch.float64, device=device)
+        for start in range(0, x.shape[0], 65536):
+            sums.index_add_(0, assignment[start : start + 65536], x[start : start + 65536].to(torch.float64))
+        means = sums / counts.clamp_min(1)[:, None]
+        scatter = torch.zeros(m, tril_size(d), dtype=torch.float64, device=device)
+        for ids, s in _group_scatters(x, assignment, counts, means, max_elements):
+            scatter[ids] = _tril(s)
+        return cls(counts, means, scatter)
+
+    def merge(self, other: NodeMoments, *, inplace: bool = False) -> NodeMoments:
+        """The statistics of both patch sets (Chan et al.'s pairwise update, float64):
+        ``n = n_a + n_b``, ``mu = mu_a + delta n_b / n``, ``S = S_a + S_b + delta delta^T n_a n_b / n`` with
+        ``delta = mu_b - mu_a``. Only the nodes ``other`` has members in change. ``inplace``: update this
+        object's arrays where they are already float64 (no copy of the ``M x D(D+1)/2`` scatter)."""
+        if other.means.shape != self.means.shape:
+            raise ValueError(
+                f"node statistics of shape {tuple(other.means.shape)} cannot merge into {tuple(self.means.shape)}"
+            )
+        counts = self.counts + other.counts.to(self.counts.device)
+        own = inplace and self.means.dtype == torch.float64
+        means = self.means if own else self.means.double().clone()
+        own = inplace and self.scatter.dtype == torch.float64
+        scatter = self.scatter if own else self.scatter.double()
+        scatter = scatter.clone() if (scatter is self.scatter and not own) else scatter
+        ids = torch.nonzero(other.counts > 0).flatten().to(self.counts.device)
+        rows, cols = torch.tril_indices(self.dims, self.dims, device=self.means.device)
+        for start in range(0, ids.numel(), 256):  # node chunks: (256, D*(D+1)/2) temporaries
+            sel = ids[start : start + 256]
+            na, nb = self.counts[sel].double(), other.counts[sel].double()
+            n = na + nb
+            mb = other.means[sel].double()
+            delta = mb - means[sel]
+            means[sel] = means[sel] + delta * (nb / n)[:, None]
+            cross = delta[:, rows] * delta[:, cols] * (na * nb / n)[:, None]
+            scatter[sel] = scatter[sel] + other.scatter[sel].double() + cross
+        if inplace:
+            self.counts, self.means, self.scatter = counts, means, scatter
+            return self
+        return NodeMoments(counts, means, scatter)
+
+    def dense(self, ids: torch.Tensor) -> torch.Tensor:
+        """The full scatter matrices ``(G, D, D)`` float64 of nodes ``ids``."""
+        d = self.dims
+        rows, cols = torch.tril_indices(d, d, device=self.scatter.device)
+        tril = self.scatter[ids].double()
+        out = torch.zeros(ids.numel(), d, d, dtype=torch.float64, device=self.scatter.device)
+        out[:, rows, cols] = tril
+        out[:, cols, rows] = tril
+        return out
+
+    def to(self, device) -> NodeMoments:
+        return NodeMoments(self.counts.to(device), self.means.to(device), self.scatter.to(device))
+
+
+def _tril(dense: torch.Tensor) -> torch.Tensor:
+    d = dense.shape[-1]
+    rows, cols = torch.tril_indices(d, d, device=dense.device)
+    return dense[:, rows, cols]
+
+
+def _group_scatters(x, assignment, counts, means, max_elements):
+    """Yield ``(ids, scatter)``: the scatter matrices ``(G, D, D)`` float64 of groups of nodes with 2 or more
+    members about their means, computed member block by member block (a huge node never needs a huge copy)."""
+    m, d = means.shape
+    device = means.device
+    groups = padded_groups(
+        assignment, m, max_elements=max(1, max_elements // d), max_groups=max(1, max_elements // (d * d))
+    )
+    for ids, rows, valid in groups:
+        many = counts[ids] >= 2
+        if not bool(many.any()):
+            continue
+        ids, rows, valid = ids[many], rows[many], valid[many]
+        scatter = torch.empty(ids.numel(), d, d, dtype=torch.float64, device=device)
+        centre = means[ids][:, None, :]
+        step = max(1, max_elements // (ids.numel() * d))
+        for c in range(0, rows.shape[1], step):
+            members = x[rows[:, c : c + step].clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
+            members.sub_(centre).mul_(valid[:, c : c + step, None])
+            scatter.baddbmm_(members.transpose(1, 2), members, beta=1.0 if c else 0.0)
+        yield ids, scatter
 
 
 def _shifts(blocks, bounds, means: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -145,6 +278,7 @@ def fit_node_gaussians(
     max_elements: int = 1 << 24,
     dtype: torch.dtype = torch.float32,
     shrinkage: float = 0.0,
+    keep_moments: bool = False,
 ) -> NodeGaussians:
     """Fit the per-node Gaussians (see the module docstring for the rule).
 
@@ -159,9 +293,17 @@ def fit_node_gaussians(
     dtype : torch.float32 or torch.float16
         Storage of the whitener triangles (float16: half the memory and file; scoring computes in float32).
         Factors that overflow float16 switch the whole array to float32 (logged).
+    keep_moments : bool
+        Also keep each node's :class:`NodeMoments` (``.moments``), so that more patches can be merged later
+        (:func:`gaussians_from_moments`); costs ``M * D * (D + 1) / 2`` float64 in memory.
     """
     m, d = prototypes.shape
     device = prototypes.device
+    if keep_moments:
+        moments = NodeMoments.of(x.to(device), assignment, m, max_elements=max_elements)
+        return gaussians_from_moments(
+            moments, prototypes, eps, max_elements=max_elements, dtype=dtype, shrinkage=shrinkage
+        )
     assignment = assignment.to(device)
     counts = torch.bincount(assignment, minlength=m)
     sums = torch.zeros(m, d, dtype=torch.float64, device=device)
@@ -215,6 +357,53 @@ def fit_node_gaussians(
     if not torch.isfinite(means).all():
         raise NumericalError(NON_FINITE)
     return NodeGaussians(means, packed, counts)
+
+
+def gaussians_from_moments(
+    moments: NodeMoments,
+    prototypes: torch.Tensor,
+    eps: float,
+    *,
+    max_elements: int = 1 << 24,
+    dtype: torch.dtype = torch.float32,
+    shrinkage: float = 0.0,
+) -> NodeGaussians:
+    """The per-node Gaussians of the module docstring's rule from per-node statistics (the same result as
+    :func:`fit_node_gaussians` on the patches they summarise, within float64 rounding); ``.moments`` keeps them.
+    """
+    m, d = prototypes.shape
+    device = prototypes.device
+    moments = moments.to(device)
+    counts = moments.counts
+    means = torch.where(counts[:, None] > 0, moments.means.double(), prototypes.double())
+    many = torch.nonzero(counts >= 2).flatten()
+    step = max(1, max_elements // (d * d))
+    pooled = torch.zeros(d, d, dtype=torch.float64, device=device)
+    for start in range(0, many.numel(), step):  # pass 1: the pooled within-node covariance
+        pooled += moments.dense(many[start : start + step]).sum(0)
+    dof = int((counts - 1).clamp_min(0).sum())
+    pooled = pooled / dof if dof else pooled
+    packed = hugepages.zeros((m, packed_size(d)), dtype, device)
+    for start in range(0, many.numel(), step):  # pass 2: each node's covariance and whitener
+        ids = many[start : start + step]
+        cov = moments.dense(ids).div_((counts[ids] - 1).double()[:, None, None])
+        if shrinkage > 0:
+            cov.mul_(1.0 - shrinkage).add_(pooled, alpha=shrinkage)
+        cov.diagonal(dim1=-2, dim2=-1).add_(eps)
+        packed = _store(packed, ids, inverse_cholesky(cov))
+    few = counts < 2
+    if bool(few.any()):
+        eye = torch.eye(d, dtype=torch.float64, device=device)
+        packed = _store(packed, torch.nonzero(few).flatten(), inverse_cholesky((pooled + eps * eye)[None]))
+        logger.info(
+            "%d empty and %d one-member SOM nodes use the pooled covariance",
+            int((counts == 0).sum()),
+            int((counts == 1).sum()),
+        )
+    means = means.float()
+    if not torch.isfinite(means).all():
+        raise NumericalError(NON_FINITE)
+    return NodeGaussians(means, packed, counts.clone(), moments)
 
 
 def _pooled_covariance(x: torch.Tensor, counts: torch.Tensor, means: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
