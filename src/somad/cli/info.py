@@ -1,0 +1,72 @@
+"""``somad info``: what a model file holds (method, backbone, geometry, thresholds, training set, hashes)."""
+
+from __future__ import annotations
+
+import json
+
+NOT_RECORDED = "not recorded"
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "info",
+        help="describe a model file",
+        description="Describe a model file: method, backbone, input geometry, thresholds and how they were set, "
+        "training set, format version and hashes. The file is read whole and its content hash checked.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from somad.service.model_info import describe
+
+    info = describe(args.model, verify=True)
+    if args.json:
+        print(json.dumps(info, indent=2, sort_keys=True))
+    else:
+        print(text(info))
+    return 0
+
+
+def _value(value, fmt: str = "{}") -> str:
+    return NOT_RECORDED if value is None else fmt.format(value)
+
+
+def text(info: dict) -> str:
+    """The human-readable description of :func:`somad.service.model_info.describe`'s result."""
+    from somad.service.model_info import threshold_source
+
+    g = info["geometry"]
+    if g.get("tile_size"):
+        geometry = (
+            f"shorter side resized to {g['image_size']}, {g['tile_size']} px tiles (overlap {g['tile_overlap']:g})"
+        )
+    elif g.get("crop_size"):
+        geometry = f"resized to {g['image_size']}x{g['image_size']}, center crop {g['crop_size']}"
+    else:
+        geometry = f"resized to {g['image_size']}x{g['image_size']}, whole frame (no crop, no tiles)"
+    shown = {"backbone", "weights", "image_size", "crop_size", "tile_size", "tile_overlap"}
+    params = ", ".join(f"{k}={v}" for k, v in sorted(info["params"].items()) if k not in shown)
+    lines = [
+        ("file", info["path"]),
+        ("method", info["method"]),
+        ("backbone", f"{info['backbone']} (weights: {info['weights']})"),
+        ("input", geometry),
+        ("preset", _value(info["preset"])),
+        ("parameters", params),
+        ("image threshold", _value(info["image_threshold"], "{:.6g}")),
+        ("pixel threshold", _value(info["pixel_threshold"], "{:.6g}")),
+        ("thresholds set by", threshold_source(info["threshold_info"])),
+        ("training images", _value(info["n_train_images"])),
+        ("held-out images", _value(info["n_val_images"])),
+        ("training set sha256", _value(info["train_set_sha256"])),
+        ("fit time", _value(info["fit_seconds"], "{:.1f} s")),
+        ("written by", f"somad {_value(info['somad_version'])}"),
+        ("format version", _value(info["format_version"])),
+        ("content sha256", _value(info["content_sha256"])),
+        ("file sha256", f"{info['file_sha256']} ({info['file_bytes']} bytes)"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in lines)

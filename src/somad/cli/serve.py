@@ -1,0 +1,125 @@
+"""``somad serve``: the HTTP inspection service (FastAPI + uvicorn; ``pip install "somad[serve]"``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+
+from somad.errors import SomadError
+
+INSTALL_HINT = 'somad serve needs FastAPI and uvicorn; install them with: pip install "somad[serve]"'
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "serve",
+        help="serve a model over HTTP (POST /v1/predict)",
+        description="Serve a model over HTTP: POST /v1/predict (one image), POST /v1/predict/batch, "
+        'GET /v1/model, GET /health. Needs the serve extra: pip install "somad[serve]".',
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=_int_range(0, 65535), default=8000, help="port (default 8000)")
+    p.add_argument(
+        "--workers",
+        type=_int_range(1, 256),
+        default=1,
+        help="worker processes, each with its own copy of the model (default 1)",
+    )
+    p.add_argument(
+        "--max-body-mb",
+        type=_positive_float,
+        default=20.0,
+        metavar="MB",
+        help="largest request body; larger ones get 413 (default 20)",
+    )
+    p.add_argument(
+        "--max-queue",
+        type=_int_range(1, 100000),
+        default=32,
+        metavar="N",
+        help="requests that may wait for inference per worker; more get 503 (default 32)",
+    )
+    p.add_argument(
+        "--max-megapixels",
+        type=_positive_float,
+        default=40.0,
+        metavar="MP",
+        help="largest image, in millions of pixels; larger ones get 413 before decoding (default 40)",
+    )
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: as saved in the model")
+    p.set_defaults(func=run)
+
+
+def _int_range(lo: int, hi: int):
+    def parse(text: str) -> int:
+        value = int(text)
+        if not lo <= value <= hi:
+            raise argparse.ArgumentTypeError(f"{value} is not in [{lo}, {hi}]")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
+def run(args) -> int:
+    try:
+        import fastapi  # noqa: F401
+        import multipart  # noqa: F401
+        import uvicorn
+    except ImportError:
+        raise SomadError(INSTALL_HINT) from None
+
+    from somad.service.app import CONFIG_ENV, create_app
+    from somad.service.model_info import read_metadata
+
+    settings = {
+        "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
+        "max_queue": args.max_queue,
+        "max_pixels": int(args.max_megapixels * 1e6),
+        "device": args.device,
+    }
+    common = {
+        "host": args.host,
+        "port": args.port,
+        "log_config": None,  # somad's logging (one line per request from somad.service), not uvicorn's
+        "access_log": False,
+        "timeout_graceful_shutdown": 60,  # SIGTERM: stop accepting, finish the requests in flight, exit
+    }
+    if args.workers == 1:
+        from somad.methods import load
+
+        model = load(args.model, device=args.device)  # a bad model file: one line, exit 2, before listening
+        app = create_app(args.model, model=model, **settings)
+        config = uvicorn.Config(app, **common)
+    else:
+        read_metadata(args.model)  # a missing or foreign file: one line, exit 2; each worker loads and checks it
+        threads = max(1, (os.cpu_count() or 1) // args.workers)
+        level = logging.getLogger().getEffectiveLevel()
+        os.environ[CONFIG_ENV] = json.dumps(
+            {"model_path": args.model, "torch_threads": threads, "log_level": level, **settings}
+        )
+        config = uvicorn.Config("somad.service.app:app_from_env", factory=True, workers=args.workers, **common)
+    # uvicorn handles SIGTERM and SIGINT while it runs (graceful shutdown) and raises the signal again once it
+    # has finished: by then nothing is left to interrupt, so SIGTERM ends the command normally (exit 0).
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
+    server = uvicorn.Server(config)
+    if args.workers == 1:
+        server.run()
+        if not server.started:
+            raise SomadError(f"the service did not start on {args.host}:{args.port}; see the log above")
+    else:
+        from uvicorn.supervisors import Multiprocess
+
+        sock = config.bind_socket()
+        Multiprocess(config, sockets=[sock]).run()
+    return 0

@@ -1,0 +1,457 @@
+"""The HTTP service: a FastAPI app scoring images with one model, loaded once per worker process.
+
+Endpoints (README "Service" has the details)::
+
+    POST /v1/predict        one image: raw bytes (image/png, image/jpeg, image/tiff, image/bmp, image/webp,
+                            application/octet-stream) or multipart/form-data with the field ``file``
+                            ?heatmap=png  ?mask=png  ?regions=1
+    POST /v1/predict/batch  several images: multipart/form-data, fields ``files``; one result per image, in order
+    GET  /v1/model          what the model file says about itself (somad.service.model_info) + the service limits
+    GET  /health            liveness and queue depth
+
+Every refused request is a 4xx (503 when overloaded) with ``{"detail": "<one-line reason>"}``. Bodies are
+counted while they are read (413 as soon as one exceeds ``max_body_bytes``); image sizes are checked from the
+header before decoding. Decoding runs on a thread pool, in parallel; inference runs on one thread per worker
+(``somad.service.inference``), behind a queue of at most ``max_queue`` waiting requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import logging
+import os
+import time
+from contextlib import asynccontextmanager
+from dataclasses import asdict
+from pathlib import Path
+from typing import Literal
+
+from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+
+from somad._version import __version__
+from somad.errors import ImageLoadError, SomadError
+from somad.features.extractor import to_original_resolution
+from somad.io.outputs import heatmap_overlay, mask_image
+from somad.service.decoding import PixelLimitError, decode_image
+from somad.service.inference import InferenceWorker, Overloaded
+from somad.service.model_info import describe
+from somad.verdicts import regions
+
+logger = logging.getLogger("somad.service")
+
+#: Content types of a raw image body.
+RAW_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "image/webp", "application/octet-stream")
+MULTIPART = "multipart/form-data"
+MB = 1024 * 1024
+DEFAULTS = {"max_body_bytes": 20 * MB, "max_queue": 32, "max_pixels": 40_000_000, "max_batch_files": 64}
+#: Requests a worker receives, decodes or scores at once beyond its queue (``max_queue``); more get 503.
+ACTIVE_MARGIN = 16
+#: Environment variable through which ``somad serve --workers N`` passes the settings to each worker process.
+CONFIG_ENV = "SOMAD_SERVE_CONFIG"
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+def create_app(
+    model_path: str | os.PathLike,
+    *,
+    max_body_bytes: int = DEFAULTS["max_body_bytes"],
+    max_queue: int = DEFAULTS["max_queue"],
+    max_pixels: int = DEFAULTS["max_pixels"],
+    max_batch_files: int = DEFAULTS["max_batch_files"],
+    device: str | None = None,
+    model=None,
+) -> FastAPI:
+    """The service's app for the model file ``model_path``; the model is loaded when the app starts (lifespan),
+    unless an already loaded ``model`` (of that file) is given.
+
+    Parameters
+    ----------
+    max_body_bytes : a request body larger than this is refused with 413, as soon as that many bytes arrived
+    max_queue : requests that may wait for the inference thread; one more gets 503
+    max_pixels : an image whose header says more pixels than this is refused with 413, before decoding
+    max_batch_files : images one ``/v1/predict/batch`` request may hold (more: 413)
+    device : ``"cpu"``, ``"cuda"`` or ``"auto"``; default: as saved in the model
+    """
+    for name, value in (("max_body_bytes", max_body_bytes), ("max_queue", max_queue), ("max_pixels", max_pixels)):
+        if int(value) < 1:
+            raise SomadError(f"{name}={value} is invalid; it must be at least 1")
+    path = Path(model_path)
+    limits = {
+        "max_body_bytes": int(max_body_bytes),
+        "max_queue": int(max_queue),
+        "max_pixels": int(max_pixels),
+        "max_batch_files": int(max_batch_files),
+    }
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        from somad.methods import load
+
+        t0 = time.perf_counter()
+        loaded = model if model is not None else await run_in_threadpool(load, path, device=device)
+        info = await run_in_threadpool(describe, path, verify=False)
+        worker = InferenceWorker(loaded, max_queue=limits["max_queue"], max_batch=loaded.batch_size).start()
+        app.state.model, app.state.info, app.state.worker = loaded, info, worker
+        logger.info(
+            "serving %s (%s, %s) on %s; loaded in %.1f s",
+            path,
+            info["method"],
+            info["backbone"],
+            loaded.device_,
+            time.perf_counter() - t0,
+        )
+        try:
+            yield
+        finally:
+            await run_in_threadpool(worker.close, 30.0)
+
+    app = FastAPI(title="somad", version=__version__, lifespan=lifespan)
+    app.state.limits = limits
+    app.state.active = 0
+    app.add_middleware(Admission)
+    app.add_middleware(RequestLog)  # added last: the outermost, so that it logs the 503s of Admission too
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(Exception, _internal_error)
+
+    @app.get("/health")
+    async def health(request: Request) -> dict:
+        worker = request.app.state.worker
+        return {"status": "ok", "queue": worker.waiting, "max_queue": worker.max_queue}
+
+    @app.get("/v1/model")
+    async def model_info(request: Request) -> dict:
+        state = request.app.state
+        m = state.model
+        return {
+            **state.info,
+            "image_threshold": m.image_threshold_,
+            "pixel_threshold": m.pixel_threshold_,
+            "threshold_info": m.threshold_info_,
+            "device": str(m.device_),
+            "service": {"somad_version": __version__, **limits},
+        }
+
+    @app.post("/v1/predict")
+    async def predict(
+        request: Request,
+        heatmap: Literal["png"] | None = Query(None, description="add a base64 PNG heatmap overlay"),
+        mask: Literal["png"] | None = Query(None, description="add the base64 PNG predicted mask"),
+        regions: bool = Query(False, description="add the predicted defect regions"),
+    ) -> dict:
+        t0 = time.perf_counter()
+        worker = request.app.state.worker
+        kind = _content_type(request)
+        if kind == MULTIPART:
+            form = await _read_form(request, max_files=1)
+            try:
+                uploads = [v for k, v in form.multi_items() if k == "file"]
+                if not uploads or not isinstance(uploads[0], UploadFile):
+                    raise HTTPException(400, "multipart request has no file field 'file'; send the image as 'file'")
+                name = uploads[0].filename or "file"
+                data = await uploads[0].read()
+            finally:
+                await form.close()
+        elif kind in RAW_TYPES:
+            name, data = "request body", await _read_body(request)
+        else:
+            raise HTTPException(415, _unsupported(kind, batch=False))
+        if not data:
+            raise HTTPException(400, f"{name}: empty body; send the image's bytes")
+        t1 = time.perf_counter()
+        try:
+            max_pixels = request.app.state.limits["max_pixels"]
+            image = await run_in_threadpool(worker.cpu_bound, decode_image, data, name, max_pixels)
+        except PixelLimitError as exc:
+            raise HTTPException(413, str(exc)) from None
+        except ImageLoadError as exc:
+            raise HTTPException(400, str(exc)) from None
+        del data
+        t2 = time.perf_counter()
+        job = _submit(worker, [image])
+        try:
+            (pred,) = await asyncio.wrap_future(job.future)
+        except SomadError as exc:
+            raise HTTPException(422, f"{name}: {exc}") from None
+        options = {"heatmap": heatmap == "png", "mask": mask == "png", "regions": regions}
+        result = await run_in_threadpool(_result, request.app.state.model, pred, options)
+        result["timings_ms"] = {
+            "decode": round(1000 * (t2 - t1), 3),
+            "queue": round(job.queue_ms, 3),
+            "inference": round(job.inference_ms, 3),
+            "total": round(1000 * (time.perf_counter() - t0), 3),
+        }
+        return result
+
+    @app.post("/v1/predict/batch")
+    async def predict_batch(
+        request: Request,
+        heatmap: Literal["png"] | None = Query(None, description="add a base64 PNG heatmap overlay"),
+        mask: Literal["png"] | None = Query(None, description="add the base64 PNG predicted mask"),
+        regions: bool = Query(False, description="add the predicted defect regions"),
+    ) -> dict:
+        t0 = time.perf_counter()
+        worker = request.app.state.worker
+        kind = _content_type(request)
+        if kind != MULTIPART:
+            raise HTTPException(415, _unsupported(kind, batch=True))
+        limits = request.app.state.limits
+        form = await _read_form(request, max_files=limits["max_batch_files"])
+        try:
+            uploads = [v for k, v in form.multi_items() if k == "files" and isinstance(v, UploadFile)]
+            if not uploads:
+                raise HTTPException(400, "multipart request has no file fields 'files'; send each image as 'files'")
+            names = [u.filename or f"files[{i}]" for i, u in enumerate(uploads)]
+            blobs = [await u.read() for u in uploads]
+        finally:
+            await form.close()
+        t1 = time.perf_counter()
+        decoded = await asyncio.gather(
+            *(
+                run_in_threadpool(worker.cpu_bound, _decode_or_error, b, n, limits["max_pixels"])
+                for b, n in zip(blobs, names)
+            )
+        )
+        del blobs
+        t2 = time.perf_counter()
+        images = [d for d in decoded if not isinstance(d, dict)]
+        preds, job = [], None
+        if images:
+            job = _submit(worker, images)
+            try:
+                preds = await asyncio.wrap_future(job.future)
+            except SomadError as exc:
+                raise HTTPException(422, str(exc)) from None
+        options = {"heatmap": heatmap == "png", "mask": mask == "png", "regions": regions}
+        it = iter(preds)
+        results = []
+        for i, (name, d) in enumerate(zip(names, decoded)):
+            entry = (
+                d
+                if isinstance(d, dict)
+                else await run_in_threadpool(_result, request.app.state.model, next(it), options)
+            )
+            results.append({"index": i, "filename": name, **entry})
+        return {
+            "results": results,
+            "n_images": len(results),
+            "n_failed": sum(1 for r in results if "error" in r),
+            "timings_ms": {
+                "decode": round(1000 * (t2 - t1), 3),
+                "queue": round(job.queue_ms, 3) if job else 0.0,
+                "inference": round(job.inference_ms, 3) if job else 0.0,
+                "total": round(1000 * (time.perf_counter() - t0), 3),
+            },
+        }
+
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """The app of ``somad serve --workers N``: each worker process builds it from :data:`CONFIG_ENV`."""
+    config = json.loads(os.environ[CONFIG_ENV])
+    level = config.pop("log_level", None)
+    if level is not None:  # a spawned worker starts with no logging set up: the same as the command's
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+    threads = config.pop("torch_threads", None)
+    if threads:
+        import torch
+
+        torch.set_num_threads(int(threads))
+    return create_app(config.pop("model_path"), **config)
+
+
+# ----------------------------------------------------------------------------------------- helpers
+def _submit(worker: InferenceWorker, images):
+    try:
+        return worker.submit(images)
+    except Overloaded as exc:
+        raise HTTPException(503, f"overloaded: {exc}; retry later") from None
+
+
+def _content_type(request: Request) -> str:
+    return request.headers.get("content-type", "").split(";", 1)[0].strip().lower()
+
+
+def _unsupported(kind: str, *, batch: bool) -> str:
+    got = f"content type {kind!r}" if kind else "no content type"
+    if batch:
+        return f"{got} is not accepted; send multipart/form-data with one 'files' field per image"
+    return f"{got} is not accepted; send the image bytes as one of {', '.join(RAW_TYPES)}, or {MULTIPART} ('file')"
+
+
+def _too_large(limit: int) -> HTTPException:
+    return HTTPException(413, f"request body over the limit of {limit / MB:g} MB (--max-body-mb); send a smaller image")
+
+
+async def _limited_stream(request: Request, limit: int):
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _BodyTooLarge
+        yield chunk
+
+
+def _check_declared_length(request: Request, limit: int) -> None:
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+
+
+async def _read_body(request: Request) -> bytes:
+    """The body, refused with 413 as soon as it exceeds the limit (declared or counted while it arrives)."""
+    limit = request.app.state.limits["max_body_bytes"]
+    _check_declared_length(request, limit)
+    chunks = []
+    try:
+        async for chunk in _limited_stream(request, limit):
+            chunks.append(chunk)
+    except _BodyTooLarge:
+        raise _too_large(limit) from None
+    return b"".join(chunks)
+
+
+async def _read_form(request: Request, *, max_files: int):
+    """A multipart form read under the body limit (files over 1 MB are spooled to temporary files)."""
+    limit = request.app.state.limits["max_body_bytes"]
+    _check_declared_length(request, limit)
+    parser = MultiPartParser(request.headers, _limited_stream(request, limit), max_files=max_files, max_fields=16)
+    try:
+        return await parser.parse()
+    except _BodyTooLarge:
+        raise _too_large(limit) from None
+    except MultiPartException as exc:
+        text = " ".join(str(exc.message).split())
+        if text.startswith("Too many files"):
+            raise HTTPException(413, f"{text} (per request)") from None
+        raise HTTPException(400, f"malformed multipart body ({text})") from None
+
+
+def _decode_or_error(data: bytes, name: str, max_pixels: int):
+    """The decoded image, or the per-item error of a batch: ``{"error": reason, "status_code": 4xx}``."""
+    if not data:
+        return {"error": f"{name}: empty file (0 bytes)", "status_code": 400}
+    try:
+        return decode_image(data, name, max_pixels)
+    except PixelLimitError as exc:
+        return {"error": str(exc), "status_code": 413}
+    except ImageLoadError as exc:
+        return {"error": str(exc), "status_code": 400}
+
+
+def _png_base64(image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _result(model, pred, options: dict) -> dict:
+    """The JSON answer for one prediction (verdict and masks by ``somad.verdicts``, as ``somad predict``)."""
+    flagged = model.verdict(pred)
+    out = {
+        "score": float(pred.score),
+        "is_anomalous": flagged,
+        "threshold": model.image_threshold_,
+        "pixel_threshold": model.pixel_threshold_,
+        "status": pred.status,
+        "width": pred.original_size[1],
+        "height": pred.original_size[0],
+    }
+    if not (options["heatmap"] or options["mask"] or options["regions"]):
+        return out
+    full = to_original_resolution(pred.map[None], model.extractor_.geometry, [pred.original_size])[0]
+    if options["heatmap"]:
+        lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
+        out["heatmap_png"] = _png_base64(heatmap_overlay(pred.image, full, lo, hi))
+    predicted = model.mask(pred, full)  # None without a threshold; non-empty exactly when flagged
+    if options["mask"]:
+        out["mask_png"] = None if predicted is None else _png_base64(mask_image(predicted))
+    if options["regions"]:
+        out["regions"] = None if predicted is None else [asdict(r) for r in regions(predicted, full)]
+    return out
+
+
+class Admission:
+    """ASGI middleware: refuse a ``POST /v1/predict...`` with 503 before its body is read when the inference
+    queue is full, or when ``max_queue + ACTIVE_MARGIN`` requests are already being received, decoded or scored
+    by this worker (so that memory is bounded however many clients connect)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http" or scope.get("method") != "POST" or not scope["path"].startswith("/v1/predict"):
+            await self.app(scope, receive, send)
+            return
+        state = scope["app"].state
+        worker = getattr(state, "worker", None)
+        busy = worker is not None and worker.full()
+        if busy or state.active >= state.limits["max_queue"] + ACTIVE_MARGIN:
+            why = f"{worker.waiting} requests wait for inference" if busy else f"{state.active} requests in progress"
+            response = JSONResponse({"detail": f"overloaded: {why} (--max-queue); retry later"}, status_code=503)
+            await response(scope, receive, send)
+            return
+        state.active += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            state.active -= 1
+
+
+class RequestLog:
+    """ASGI middleware: one log line per request (method, path, status, latency)."""
+
+    def __init__(self, app) -> None:
+        self.app = app
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        status = [500]
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            query = scope.get("query_string", b"").decode("latin-1")
+            logger.info(
+                "%s %s%s %d %.1f ms",
+                scope.get("method", "?"),
+                scope.get("path", "?"),
+                f"?{query}" if query else "",
+                status[0],
+                1000 * (time.perf_counter() - t0),
+            )
+
+
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    parts = []
+    for error in exc.errors():
+        where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "body"))
+        parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
+    return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.error("internal error on %s %s", request.method, request.url.path, exc_info=exc)
+    return JSONResponse({"detail": f"internal error ({type(exc).__name__}); see the server log"}, status_code=500)
+
+
+__all__ = ["CONFIG_ENV", "DEFAULTS", "create_app", "app_from_env"]
