@@ -7,6 +7,14 @@
 """
 
 from somad._version import __version__
-from somad.methods import METHODS, SOMAD, PaDiM, PatchCore, load
 
 __all__ = ["SOMAD", "PaDiM", "PatchCore", "METHODS", "load", "__version__"]
+
+
+def __getattr__(name):
+    # The detectors (and torch) are imported on first use, so that ``somad.runtime`` runs without torch.
+    if name in ("SOMAD", "PaDiM", "PatchCore", "METHODS", "load"):
+        from somad import methods
+
+        return getattr(methods, name)
+    raise AttributeError(f"module 'somad' has no attribute {name!r}")

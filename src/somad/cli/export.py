@@ -1,0 +1,45 @@
+"""``somad export``: a fitted model as one ONNX graph (backbone + scoring), to run without torch."""
+
+from __future__ import annotations
+
+import json
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser(
+        "export",
+        help="export a fitted model as one ONNX graph (run it without torch: somad.runtime.OnnxDetector)",
+        description="Write DIR/model.onnx (uint8 images (N, S, S, 3) in; score (N,) and anomaly_map (N, S, S) "
+        "out) and DIR/somad_export.json (thresholds, input size, geometry, normalisation, source model hash). "
+        "The graph is checked against the native path under onnxruntime before the folder is written.",
+    )
+    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
+    p.add_argument(
+        "--format",
+        default="onnx",
+        choices=["onnx"],
+        help="onnx (the only format for now)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--no-check", action="store_true", help="skip the onnxruntime check against the native path (no onnxruntime)"
+    )
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    from somad.export.onnx import META_FILE, export_model
+
+    out = export_model(args.model, args.output, format=args.format, overwrite=args.overwrite, check=not args.no_check)
+    meta = json.loads((out / META_FILE).read_text())
+    check = meta.get("parity_check")
+    if check:
+        print(
+            f"checked against the native path on {check['images']} generated images: max relative score "
+            f"difference {check['max_rel_score_diff']:.1e}, max map difference {check['max_abs_map_diff']:.1e}"
+        )
+    size = meta["geometry"]["input_size"]
+    print(f"graph input: image uint8 (N, {size}, {size}, 3); outputs: score (N,), anomaly_map (N, {size}, {size})")
+    print(f"wrote {out} ({', '.join(meta['files'])}, {META_FILE})")
+    return 0

@@ -1,0 +1,168 @@
+"""somad export (ONNX) and the torch-free runtime: parity with the native path, the CLI, the refusals."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from somad import SOMAD, PaDiM, PatchCore, load
+from somad.cli import main
+from somad.errors import SomadError
+
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from somad.export.onnx import META_FILE, MODEL_FILE, ExportError, export_model  # noqa: E402
+from somad.runtime import OnnxDetector  # noqa: E402
+
+TINY = dict(weights="none", image_size=64, device="cpu", val_fraction=0.25, seed=3)
+SOMAD_TINY = dict(som_size=5, k=3, rough_epochs=2, fine_epochs=1)
+
+
+def textured(n, seed, height=80, width=72, defect=False):
+    """uint8 (n, H, W, 3): smooth stripes plus noise; with ``defect``, a bright square in the middle."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 120 + 40 * np.sin(xx / 5.0)[..., None] + 10 * np.cos(yy / 7.0)[..., None]
+    out = np.clip(base[None] + rng.normal(0, 8, (n, height, width, 3)), 0, 255).astype(np.uint8)
+    if defect:
+        out[:, 30:46, 28:44] = 250
+    return out
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    """A tiny SOMAD model file, its ONNX export (through the CLI), and test images incl. a blank frame."""
+    root = tmp_path_factory.mktemp("export")
+    model_path = SOMAD(**TINY, **SOMAD_TINY).fit(textured(8, 0)).save(root / "m.safetensors")
+    out = root / "onnx"
+    assert main(["export", str(model_path), "-o", str(out)]) == 0
+    files = []
+    images = [*textured(3, 1), *textured(3, 2, defect=True), *textured(1, 4, 96, 64)]  # last: another size
+    images.append(np.zeros((70, 90, 3), np.uint8))  # blank: refused by the input gate
+    for i, a in enumerate(images):
+        files.append(root / f"img{i}.png")
+        Image.fromarray(a).save(files[-1])
+    return model_path, out, files
+
+
+def native_results(model, files):
+    return [(p.score, p.map.numpy(), p.status, model.verdict(p)) for p in model.predict_iter(files)]
+
+
+def test_export_writes_graph_and_description(fitted):
+    model_path, out, _ = fitted
+    assert sorted(p.name for p in out.iterdir()) == sorted([META_FILE, MODEL_FILE])
+    meta = json.loads((out / META_FILE).read_text())
+    native = load(model_path)
+    assert meta["method"] == "somad"
+    assert meta["image_threshold"] == native.image_threshold_ and meta["pixel_threshold"] == native.pixel_threshold_
+    assert meta["geometry"]["input_size"] == 64 and meta["geometry"]["crop_size"] is None
+    assert meta["normalisation"]["mean"] == list(native.extractor_.spec.mean)
+    assert len(meta["source_model"]["sha256"]) == 64 and meta["parity_check"]["max_rel_score_diff"] <= 1e-3
+    graph = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    (inp,) = graph.get_inputs()
+    assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [64, 64, 3])
+    assert [o.name for o in graph.get_outputs()] == ["score", "anomaly_map"]
+
+
+def test_onnx_matches_native_exact_path(fitted):
+    model_path, out, files = fitted
+    native = load(model_path, search="exact")
+    ref = native_results(native, files)
+    scores = np.array([r[0] for r in ref])
+    # A threshold between two middle scores of the valid images, so that both verdicts occur and none is a tie.
+    valid = np.sort(scores[:-1])
+    threshold = float((valid[3] + valid[4]) / 2)
+    native.image_threshold_ = threshold
+    detector = OnnxDetector(out, threshold=threshold, threads=1)
+    found = detector.predict(files)
+    assert [d.name for d in found] == [f.name for f in files]
+    for (score, m, status, _), d in zip(ref, found):
+        assert abs(d.score - score) <= 1e-3 * abs(score)
+        assert d.anomaly_map.shape == m.shape == (64, 64)
+        assert np.max(np.abs(d.anomaly_map - m)) <= 1e-3 * max(1.0, float(np.abs(m).max()))
+        assert d.status == status
+    verdicts = [native.verdict(p) for p in native.predict_iter(files)]
+    assert [d.is_anomalous for d in found] == verdicts
+    assert True in verdicts[:-1] and False in verdicts[:-1]
+    blank = found[-1]
+    assert blank.status.startswith("invalid_input") and blank.is_anomalous and blank.mask.all()
+    assert all((d.mask is not None and d.mask.any()) == d.is_anomalous for d in found)
+
+
+def test_batches_pil_and_arrays_give_the_same_scores(fitted):
+    _, out, files = fitted
+    detector = OnnxDetector(out, threads=1)
+    one = detector.predict_maps(files[:4])[0]
+    batched = detector.predict_maps(files[:4], batch_size=3)[0]
+    pil = detector.predict_maps([Image.open(f) for f in files[:4]])[0]
+    arrays = detector.predict_maps(np.stack([np.asarray(Image.open(f)) for f in files[:4]]))[0]
+    np.testing.assert_allclose(batched, one, rtol=1e-5)
+    np.testing.assert_array_equal(pil, one)
+    np.testing.assert_array_equal(arrays, one)
+    with pytest.raises(SomadError, match="uint8"):
+        detector.run(np.zeros((1, 32, 32, 3), np.uint8))
+
+
+def test_runtime_runs_without_torch(fitted):
+    _, out, files = fitted
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.modules["torch"] = None  # any import of torch now fails
+        from somad.runtime import OnnxDetector
+        found = OnnxDetector({str(out)!r}, threads=1).predict([{str(files[0])!r}, {str(files[-1])!r}])
+        print(repr(found[0].score), found[1].status)
+        print(sorted(m for m in sys.modules if m.split(".")[0] in ("torchvision", "timm", "scipy", "sklearn")))
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    score_line, modules_line = result.stdout.strip().splitlines()
+    score, status = score_line.split(" ", 1)
+    assert float(score) == OnnxDetector(out, threads=1).predict(files[0])[0].score
+    assert status.startswith("invalid_input") and modules_line == "[]"
+
+
+@pytest.mark.parametrize("cls", [PaDiM, PatchCore])
+def test_baselines_export_with_parity(tmp_path, cls):
+    model = cls(**TINY).fit(textured(6, 0))
+    out = export_model(model, tmp_path / "onnx")
+    images = np.concatenate([textured(2, 1), textured(2, 2, defect=True)])
+    scores, maps = model.predict_maps(images)
+    found_scores, found_maps = OnnxDetector(out, threads=1).predict_maps(images)
+    np.testing.assert_allclose(found_scores, scores, rtol=1e-3)
+    assert np.max(np.abs(found_maps - maps)) <= 1e-3 * max(1.0, float(np.abs(maps).max()))
+    assert json.loads((out / META_FILE).read_text())["method"] == cls.method
+
+
+def test_tiled_model_is_refused_in_one_line(tmp_path, capsys):
+    path = SOMAD(**TINY, **SOMAD_TINY, tile_size=32).fit(textured(4, 0)).save(tmp_path / "tiled.safetensors")
+    with pytest.raises(ExportError) as info:
+        export_model(path, tmp_path / "out")
+    assert "tiled" in str(info.value) and "\n" not in str(info.value)
+    assert main(["export", str(path), "-o", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.startswith(f"error: {path}: tiled somad models")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_existing_output_without_overwrite(fitted, tmp_path, capsys):
+    model_path, _, _ = fitted
+    out = tmp_path / "exported"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    assert main(["export", str(model_path), "-o", str(out), "--no-check"]) == 2
+    assert "already exists" in capsys.readouterr().err and (out / "keep.txt").exists()
+    assert main(["export", str(model_path), "-o", str(out), "--overwrite", "--no-check"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted([META_FILE, MODEL_FILE])
+    assert json.loads((out / META_FILE).read_text())["parity_check"] is None
+
+
+def test_not_an_export_folder(tmp_path):
+    with pytest.raises(SomadError, match="not a somad export folder"):
+        OnnxDetector(tmp_path)
