@@ -10,9 +10,10 @@ from PIL import Image
 
 from somad import SOMAD, load
 from somad.cli import main
+from somad.errors import SomadError
 from somad.features.extractor import to_original_resolution
 from somad.methods.base import as_items
-from somad.verdicts import OK, check_frame, estimate_thresholds, predicted_mask, regions
+from somad.verdicts import OK, check_frame, estimate_thresholds, normalized_score, pool_pixels, predicted_mask, regions
 
 TINY = dict(
     weights="none",
@@ -132,7 +133,8 @@ def test_predict_writes_regions_that_add_up_to_the_masks(model, category, tmp_pa
 def test_thresholds_come_from_held_out_good_images_only(model, category):
     _, val = model._split(as_items(category, train=True))
     scores, maps = model.predict_maps([it.path for it in val])
-    expected = estimate_thresholds(scores, maps, model.threshold_quantile, model.pixel_threshold_quantile)
+    pixels = [pool_pixels(m) for m in maps]
+    expected = estimate_thresholds(scores, pixels, model.threshold_quantile, model.pixel_threshold_quantile)
     assert (model.threshold_quantile, model.pixel_threshold_quantile) == (0.9, 0.999)  # the defaults
     assert (model.image_threshold_, model.pixel_threshold_) == (expected.image, expected.pixel)
     assert model.n_val_images_ == len(val) == 3
@@ -162,6 +164,27 @@ def test_calibrate_equals_the_fit_whose_held_out_set_is_the_same_images(model, c
     assert calibrated.image_threshold_ == pytest.approx(float(np.quantile(model.predict_maps(folder)[0], 0.5)))
     assert calibrated.threshold_info_["expected_false_alarm_rate"] == pytest.approx(0.5)
     assert load(path).image_threshold_ == model.image_threshold_  # the input model is untouched
+
+
+def test_normalized_scores_put_the_threshold_at_one_half(model, category, tmp_path):
+    """The optional [0, 1] scale: the median held-out good score -> 0, the threshold -> 0.5, monotone and
+    clipped, so normalized > 0.5 exactly when the image is flagged by its score; it survives save and load."""
+    t, ref = 10.0, 6.0
+    s = np.array([-5.0, 6.0, 8.0, 10.0, np.nextafter(10.0, 11.0), 12.0, 14.0, 100.0])
+    n = normalized_score(s, t, ref)
+    assert n.tolist()[:4] == [0.0, 0.0, 0.25, 0.5] and n.tolist()[5:] == [0.75, 1.0, 1.0]
+    assert ((n > 0.5) == (s > t)).all() and (np.diff(n) >= 0).all()
+    _, val = model._split(as_items(category, train=True))
+    assert model.threshold_info_["good_score_median"] == pytest.approx(float(np.median(model.predict_maps(val)[0])))
+    scores = model.predict_maps(category / "test")[0]
+    normalized = model.normalized_scores(scores)
+    assert ((normalized > 0.5) == (scores > model.image_threshold_)).all()
+    assert model.normalized_scores([model.image_threshold_]).tolist() == [0.5]
+    again = load(model.save(tmp_path / "m.safetensors"))
+    np.testing.assert_array_equal(again.normalized_scores(scores), normalized)
+    again.threshold_info_ = {"source": "fit", "n_images": 3}  # a file from before somad 0.7
+    with pytest.raises(SomadError, match="somad calibrate"):
+        again.normalized_scores(scores)
 
 
 def test_threshold_flags_override_the_model(model, category, tmp_path, capsys):

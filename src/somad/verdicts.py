@@ -119,30 +119,51 @@ class Thresholds:
     n_images: int
     quantile: float
     pixel_quantile: float
+    reference: float  #: the median good score: 0 on the normalised scale
 
     @property
     def expected_false_alarm_rate(self) -> float:
         return 1.0 - self.quantile
 
 
+def pool_pixels(anomaly_map) -> np.ndarray:
+    """The pixels of a map at the model input that calibration pools: every second pixel of every second row
+    (the maps are blurred, so neighbours carry the same information), as float32. A quarter of the map, so
+    calibrating on thousands of images holds a quarter of their maps, not every map whole."""
+    return np.array(np.asarray(anomaly_map, dtype=np.float32)[::2, ::2].ravel())
+
+
 def estimate_thresholds(
-    scores: Sequence[float], maps: Sequence[np.ndarray], quantile: float, pixel_quantile: float
+    scores: Sequence[float], pixels: Sequence[np.ndarray], quantile: float, pixel_quantile: float
 ) -> Thresholds:
     """Thresholds from good images only: ``quantile`` of their scores, ``pixel_quantile`` of their map pixels.
 
-    ``maps`` are the images' maps at the model input; every second pixel of every second row is pooled
-    (the maps are blurred, so neighbours carry the same information), which keeps calibration on thousands of
-    images in bounded memory. The result depends only on these images, never on defective ones.
+    ``pixels`` holds each image's :func:`pool_pixels`. The result depends only on these images, never on
+    defective ones.
     """
     scores = np.asarray(scores, dtype=np.float64)
-    pixels = np.concatenate([np.asarray(m, dtype=np.float32)[::2, ::2].ravel() for m in maps])
+    pixels = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in pixels])
     return Thresholds(
         float(np.quantile(scores, quantile)),
         float(np.quantile(pixels, pixel_quantile)),
         int(scores.size),
         float(quantile),
         float(pixel_quantile),
+        float(np.median(scores)),
     )
+
+
+def normalized_score(score, threshold: float, reference: float) -> np.ndarray:
+    """Scores on a [0, 1] scale with the threshold at 0.5, as anomalib users know them.
+
+    Linear in the score: ``reference`` (the median score of the good images the threshold came from) maps to 0,
+    the threshold to 0.5 and ``threshold + (threshold - reference)`` to 1; values beyond are clipped. It is
+    monotone, so ``normalized > 0.5`` exactly when ``score > threshold`` (:func:`is_anomalous`); the scale
+    only reads more easily, it decides nothing.
+    """
+    spread = max(float(threshold) - float(reference), 1e-12)
+    n = 0.5 + 0.5 * (np.asarray(score, dtype=np.float64) - float(threshold)) / spread
+    return np.clip(n, 0.0, 1.0)
 
 
 # ----------------------------------------------------------------------------------------- input gate

@@ -103,7 +103,8 @@ def override_thresholds(model, args) -> None:
                 f"{args.model}: the model has no threshold to complete; give both --threshold and "
                 "--pixel-threshold, or run `somad calibrate` first"
             )
-        model.threshold_info_ = {"source": "command line", "n_images": None}
+        median = (model.threshold_info_ or {}).get("good_score_median")  # the normalised scale's 0 stays
+        model.threshold_info_ = {"source": "command line", "n_images": None, "good_score_median": median}
 
 
 def model_output(path: str, overwrite: bool) -> Path:
@@ -115,4 +116,27 @@ def model_output(path: str, overwrite: bool) -> Path:
         raise SomadError(f"{out}: exists and is not a regular file (a device or a pipe?); choose another -o")
     if out.exists() and not overwrite:
         raise SomadError(f"{out}: model file already exists; pass --overwrite or choose another -o")
+    _check_writable(out)
     return out
+
+
+def _check_writable(out: Path) -> None:
+    """Fail now, not after the work, if the model file could not be written: a temporary file is created and
+    removed in its folder (or in the nearest existing folder above it, where the save would create the rest)."""
+    import os
+    import tempfile
+
+    folder = out.absolute().parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SomadError(f"{out}: {folder} is not a folder; choose another -o")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{out.name}.{os.getpid()}.", suffix=".probe", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        reason = "permission denied" if isinstance(exc, PermissionError) else (exc.strerror or str(exc))
+        raise SomadError(
+            f"{out}: cannot write in {folder} ({reason}); choose another -o or make the folder writable"
+        ) from None

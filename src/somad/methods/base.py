@@ -14,6 +14,7 @@ Sign convention: higher = more anomalous, everywhere. Nothing is normalised with
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -43,7 +44,16 @@ from somad.io.images import image_size, list_images, load_image, to_rgb
 from somad.io.model_files import save_model
 from somad.params import Interval, Options, Param, Params, Text, validate
 from somad.progress import progress_bar
-from somad.verdicts import OK, Thresholds, check_frame, estimate_thresholds, is_anomalous, predicted_mask
+from somad.verdicts import (
+    OK,
+    Thresholds,
+    check_frame,
+    estimate_thresholds,
+    is_anomalous,
+    normalized_score,
+    pool_pixels,
+    predicted_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -318,8 +328,9 @@ class BaseDetector(Params):
             len(val),
             self.extractor_.dims,
         )
-        self._fit_features(self._feature_batches(train), self._count_inputs(train))
+        self._fit_items(train)
         self.n_train_images_ = len(train) - len(self.skipped_)
+        self.train_set_sha256_ = training_set_hash(train)
         self.image_threshold_ = self.pixel_threshold_ = self.display_range_ = None
         self.n_val_images_ = 0
         self.threshold_info_ = None
@@ -445,18 +456,20 @@ class BaseDetector(Params):
 
     def _set_thresholds(self, val: list[ImageItem], *, source: str) -> bool:
         """Thresholds from good images ``val`` (``somad.verdicts.estimate_thresholds``); False if none is usable."""
-        scores, maps, names = [], [], []
+        scores, pixels, medians, names = [], [], [], []
         for p in self.predict_iter(val, on_error="skip"):
             if p.valid:
+                m = p.map.cpu().numpy()
                 scores.append(p.score)
-                maps.append(p.map.cpu().numpy())
+                pixels.append(pool_pixels(m))  # a quarter of each map is kept, not the maps whole
+                medians.append(float(np.median(m)))
                 names.append(p.item.name)
         if not scores:
             return False
-        t = estimate_thresholds(scores, maps, float(self.threshold_quantile), float(self.pixel_threshold_quantile))
+        t = estimate_thresholds(scores, pixels, float(self.threshold_quantile), float(self.pixel_threshold_quantile))
         self._apply_thresholds(t, source)
         # Fixed colour scale for heatmaps: a typical good pixel (median) to twice the distance to the pixel threshold.
-        floor = float(np.median([np.median(m) for m in maps]))
+        floor = float(np.median(medians))
         self.display_range_ = (floor, floor + 2.0 * max(self.pixel_threshold_ - floor, 1e-6))
         _warn_outliers(np.asarray(scores), names)
         logger.info(
@@ -478,6 +491,7 @@ class BaseDetector(Params):
             "quantile": t.quantile,
             "pixel_quantile": t.pixel_quantile,
             "expected_false_alarm_rate": t.expected_false_alarm_rate,
+            "good_score_median": t.reference,
         }
 
     # ------------------------------------------------------------------ predict
@@ -568,6 +582,18 @@ class BaseDetector(Params):
         self._require_threshold()
         return self.image_threshold_ + self.score_samples(images)
 
+    def normalized_scores(self, scores) -> np.ndarray:
+        """Anomaly scores on a [0, 1] scale with the image threshold at 0.5 (``somad.verdicts.normalized_score``):
+        the median held-out good score maps to 0. Needs thresholds set by fit or calibrate in somad 0.7 or later."""
+        self._require_threshold()
+        reference = (self.threshold_info_ or {}).get("good_score_median")
+        if reference is None:
+            raise SomadError(
+                "this model's thresholds do not record the good images' median score, which the normalised scale "
+                "needs (a file from before somad 0.7); run `somad calibrate` with good images"
+            )
+        return normalized_score(scores, self.image_threshold_, reference)
+
     def _require_threshold(self) -> None:
         self._check_fitted()
         if self.image_threshold_ is None:
@@ -619,6 +645,11 @@ class BaseDetector(Params):
         return maps, torch.stack(scores)
 
     # ------------------------------------------------------------------ subclass hooks
+    def _fit_items(self, train: list[ImageItem]) -> None:
+        """Learn from the training images (their unreadable ones appended to ``skipped_``): here, streamed through
+        the extractor into ``_fit_features``; ``somad.distributed`` replaces it to shard the work over workers."""
+        self._fit_features(self._feature_batches(train), self._count_inputs(train))
+
     def _fit_features(self, batches: Iterable[torch.Tensor], n_images: int) -> None:
         raise NotImplementedError
 
@@ -646,6 +677,7 @@ class BaseDetector(Params):
             "image_threshold": self.image_threshold_,
             "pixel_threshold": self.pixel_threshold_,
             "n_train_images": self.n_train_images_,
+            "train_set_sha256": getattr(self, "train_set_sha256_", None),
             "n_val_images": self.n_val_images_,
             "fit_seconds": self.fit_seconds_,
             "display_range": self.display_range_,
@@ -700,12 +732,18 @@ class BaseDetector(Params):
         model.image_threshold_ = state["image_threshold"]
         model.pixel_threshold_ = state["pixel_threshold"]
         model.n_train_images_ = state["n_train_images"]
+        model.train_set_sha256_ = state.get("train_set_sha256")  # absent in files before 0.7
         model.n_val_images_ = state["n_val_images"]
         model.fit_seconds_ = state["fit_seconds"]
         model.display_range_ = tuple(state["display_range"]) if state.get("display_range") else None
         model.threshold_info_ = state.get("threshold_info")
-        for key in ("image_threshold", "pixel_threshold"):
-            value = state[key]
+        if not isinstance(model.threshold_info_, (dict, type(None))):
+            raise ModelFileError(
+                f"{path}: threshold_info is {model.threshold_info_!r}, not a table; re-run `somad fit`"
+            )
+        median = (model.threshold_info_ or {}).get("good_score_median")
+        checked = {"image_threshold": model.image_threshold_, "pixel_threshold": model.pixel_threshold_}
+        for key, value in {**checked, "threshold_info.good_score_median": median}.items():
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)
             ):
@@ -723,6 +761,24 @@ class BaseDetector(Params):
             ) from None
         model.extractor_ = model._make_extractor()
         return model
+
+
+def training_set_hash(items: Sequence[ImageItem]) -> str:
+    """SHA-256 over the training images in order: each one's name, then its file's bytes (or, for an in-memory
+    image, its pixels). Saved in the model so that the training set can be identified later."""
+    h = hashlib.sha256()
+    for item in items:
+        h.update(f"{item.name}|".encode(errors="surrogateescape"))
+        if item.path is None:
+            h.update(item.image.tobytes())
+            continue
+        try:
+            with open(item.path, "rb") as f:
+                while chunk := f.read(1 << 20):
+                    h.update(chunk)
+        except OSError:
+            h.update(b"<unreadable>")
+    return h.hexdigest()
 
 
 def _all_finite(a: torch.Tensor) -> bool:
