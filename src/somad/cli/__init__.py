@@ -12,12 +12,12 @@ import signal
 import sys
 
 from somad._version import __version__
-from somad.cli import benchmark, calibrate, demo, evaluate, fit, predict
+from somad.cli import benchmark, calibrate, demo, evaluate, export, fit, info, predict, serve, update
 from somad.cli.common import apply_preset, model_from_args, override_thresholds
 from somad.errors import SomadError
 
 #: Every command: a module with ``add_parser(sub)`` and ``run(args)``, in the order of ``somad --help``.
-COMMANDS = (fit, predict, evaluate, calibrate, benchmark, demo)
+COMMANDS = (fit, predict, evaluate, calibrate, update, benchmark, demo, serve, info, export)
 
 logger = logging.getLogger("somad")
 
