@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from somad.errors import DataError, ImageLoadError, SomadError
-from somad.io.images import IMAGE_EXTENSIONS, image_size, list_images, load_image, load_mask, to_rgb
+from somad.io.images import IMAGE_EXTENSIONS, decode_bytes, image_size, list_images, load_image, load_mask, to_rgb
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -527,7 +527,8 @@ def _random_image(mode: str, data) -> Image.Image:
 @given(data=st.data())
 def test_every_mode_decodes_the_same_from_a_file_a_pil_image_and_an_array(tmp_path, mode, data):
     """Property: an image of each mode decodes to one RGB image whether it comes as a file (PNG and TIFF where
-    the format stores the mode), as a PIL image, or as its numpy array; the values follow the module's rules."""
+    the format stores the mode), as the file's bytes in memory (an upload), as a PIL image, or as its numpy
+    array; the values follow the module's rules."""
     img = _random_image(mode, data)
     expected = np.asarray(to_rgb(img, "mem"))
     assert expected.dtype == np.uint8 and expected.shape == (img.height, img.width, 3)
@@ -536,6 +537,8 @@ def test_every_mode_decodes_the_same_from_a_file_a_pil_image_and_an_array(tmp_pa
         path = tmp_path / f"x{ext}"
         img.save(path)
         np.testing.assert_array_equal(_rgb(path), expected, err_msg=f"{mode} via {ext}")
+        uploaded = decode_bytes(path.read_bytes(), f"upload{ext}")  # the service's path: the same bytes in memory
+        np.testing.assert_array_equal(np.asarray(uploaded), expected, err_msg=f"{mode} via {ext} bytes")
     if from_array:
         again = Image.fromarray(np.asarray(img))
         np.testing.assert_array_equal(np.asarray(to_rgb(again, "mem")), expected, err_msg=f"{mode} via numpy")

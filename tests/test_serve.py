@@ -264,7 +264,7 @@ def test_refused_inputs_get_4xx_with_a_reason_and_the_server_lives(server):
             yield big[i : i + 16 * 1024]
 
     _refused(post(chunks()), 413, "over the limit of 0.25 MB")
-    _refused(post(_png(np.full((1000, 1000, 3), 90, np.uint8))), 413, "exceeds the service's limit of 0.3 megapixels")
+    _refused(post(_png(np.full((1000, 1000, 3), 90, np.uint8))), 413, "exceeds the limit of 0.3 megapixels")
     _refused(httpx.post(url, files={"other": ("x.png", png, "image/png")}, timeout=TIMEOUT), 400, "'file'")
     bad_multipart = b'--zzz\r\nContent-Disposition: form-data; name="file"; filename="a"\r\n\r\nabc'
     _refused(post(bad_multipart, "multipart/form-data; boundary=other"), 400, "")

@@ -14,6 +14,10 @@ class ImageLoadError(SomadError):
     """An image file could not be decoded or converted."""
 
 
+class PixelLimitError(ImageLoadError):
+    """An image has more pixels than the caller accepts (the service's limit)."""
+
+
 class DataError(SomadError):
     """A dataset folder is missing, empty or inconsistent."""
 

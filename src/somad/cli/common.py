@@ -27,6 +27,20 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_flags(g, {"SOMAD": METHODS["somad"], "PaDiM": METHODS["padim"], "PatchCore": METHODS["patchcore"]})
 
 
+def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--ray [ADDRESS]`` and ``--ray-workers N`` of fit and predict."""
+    p.add_argument(
+        "--ray",
+        nargs="?",
+        const="local",
+        default=None,
+        metavar="ADDRESS",
+        help=f"{what} (ADDRESS: 'auto' = the running cluster, ray://host:port; none = a local Ray); "
+        'needs pip install "somad[ray]"',
+    )
+    p.add_argument("--ray-workers", type=int, default=None, metavar="N", help="Ray workers (default: one per CPU)")
+
+
 def add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: bool = False) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
     if scoring:  # predict and evaluate: overrides of a loaded model's scoring and decisions

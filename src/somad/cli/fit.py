@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from somad.cli.common import add_model_args, add_run_args, model_from_args, model_output
+from somad.cli.common import add_model_args, add_ray_args, add_run_args, model_from_args, model_output
 
 
 def add_parser(sub) -> None:
@@ -22,16 +22,7 @@ def add_parser(sub) -> None:
         "(= --scatter-dtype float32; a larger file, see docs/scaling.md)",
     )
     add_run_args(p, "fail")
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="SOMAD: shard feature extraction, SOM epochs and node statistics over Ray workers (ADDRESS: "
-        "'auto' = the running cluster, ray://host:port; none = a local Ray); needs pip install \"somad[ray]\"",
-    )
-    p.add_argument("--ray-workers", type=int, default=None, metavar="N", help="Ray workers (default: one per CPU)")
+    add_ray_args(p, "SOMAD: shard feature extraction, SOM epochs and node statistics over Ray workers")
     p.set_defaults(func=run, parser=p)
 
 

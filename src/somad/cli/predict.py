@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from somad.cli.common import add_run_args, override_thresholds
+from somad.cli.common import add_ray_args, add_run_args, override_thresholds
 from somad.errors import SomadError
 
 
@@ -21,16 +21,7 @@ def add_parser(sub) -> None:
     p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_run_args(p, "skip", scoring=True)
-    p.add_argument(
-        "--ray",
-        nargs="?",
-        const="local",
-        default=None,
-        metavar="ADDRESS",
-        help="score on a Ray actor pool (ADDRESS: 'auto' = the running cluster, ray://host:port; none = a local "
-        'Ray); needs pip install "somad[ray]"',
-    )
-    p.add_argument("--ray-workers", type=int, default=None, metavar="N", help="Ray workers (default: one per CPU)")
+    add_ray_args(p, "score on a Ray actor pool")
     p.set_defaults(func=run)
 
 

@@ -53,17 +53,19 @@ files fail to load (unless some other code has switched that flag on).
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import struct
 import warnings
 import zlib
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 from PIL import ExifTags, Image, UnidentifiedImageError
 
-from somad.errors import DataError, ImageLoadError
+from somad.errors import DataError, ImageLoadError, PixelLimitError
 
 __all__ = [
     "to_rgb",
@@ -156,58 +158,92 @@ def _open(path: Path, *, load: bool = True, hint: str = _SKIP_HINT, reduce: bool
     ``load`` only the header facts needed by :func:`image_size` are returned.
     """
     _check_file(path)
+    with _decoding(path, hint), open(path, "rb") as fh:
+        return _decode(fh, path, load=load, reduce=reduce)
+
+
+def decode_bytes(data: bytes, name: str, *, max_pixels: int | None = None, formats=None) -> Image.Image:
+    """Decode an image held in memory (an upload) by the same rules as a file: :func:`load_image`'s orientation,
+    mode and bit-depth rules and its reduction of huge images, so the same bytes give the same RGB image.
+
+    ``max_pixels``: refuse (:class:`PixelLimitError`) an image whose header says more pixels, before any pixel
+    is decoded. ``formats``: the Pillow formats accepted (default: any). Errors are one line naming ``name``.
+    """
+    path = Path(name)
+    if not data:
+        raise ImageLoadError(f"{name}: empty image (0 bytes)")
+    with _decoding(path, ""):
+        if max_pixels is not None:
+            with Image.open(io.BytesIO(data), formats=formats) as img:
+                width, height = img.size
+            if width * height > max_pixels:
+                raise PixelLimitError(
+                    f"{name}: image of {width}x{height} pixels exceeds the limit of {max_pixels / 1e6:g} megapixels; "
+                    "send a smaller image"
+                )
+        return _decode(io.BytesIO(data), path, load=True, reduce=True, formats=formats)
+
+
+@contextmanager
+def _decoding(path: Path, hint: str):
+    """Turn every decoding failure (a ``MemoryError`` included) into a one-line :class:`ImageLoadError`."""
     try:
-        # Pillow's DecompressionBombWarning (over 89 MP) is replaced by this module's own warning of the reduction;
-        # its DecompressionBombError (over twice that) still refuses the file.
-        with open(path, "rb") as fh, warnings.catch_warnings():
-            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            img = Image.open(fh)
-            if not load:
-                return _HeaderOnly(img, path, reduce)
-            full_size = img.size
-            factor = decoding_factor(*img.size) if reduce else 1
-            scale = _jpeg_scale(factor) if img.format == "JPEG" else 1
-            if scale > 1:
-                # DCT scaling decodes at 1/2, 1/4 or 1/8 of the size directly, never holding the full frame; the
-                # rest of the factor is a box filter, so the result has the size of any other format's.
-                img.draft(img.mode, (-(-img.width // scale), -(-img.height // scale)))
-                if img.size != (-(-full_size[0] // scale), -(-full_size[1] // scale)):
-                    raise _fail(path, "JPEG reduced decoding gave an unexpected size", "re-save it as PNG")
-                factor //= scale
-            header_size = img.size
-            storage = _storage(img)
-            img.load()
-            if img.size != header_size:
-                # Pillow applies TIFF orientation itself while loading and reports the
-                # upright size up front; some Pillow versions garble uncompressed TIFFs
-                # with a transposing orientation. Refuse rather than return wrong pixels.
-                raise _fail(
-                    path,
-                    f"decoded size {img.size[0]}x{img.size[1]} differs from the header's "
-                    f"{header_size[0]}x{header_size[1]} (WxH), probably a mishandled orientation tag",
-                    "re-save it without an orientation tag, or remove it or use --on-error skip",
-                )
-            orientation = _loaded_orientation(img, path)  # Pillow's TIFF reader has applied its own already
-            rgb = _convert(img, path, factor=factor, storage=storage)
-            del img  # the full-size decode is released before the orientation is applied
-            if factor * scale > 1:
-                logger.warning(
-                    "%s: %dx%d pixels (WxH), decoded at 1/%d of its size (%dx%d): more than %d pixels",
-                    path,
-                    full_size[0],
-                    full_size[1],
-                    factor * scale,
-                    rgb.width,
-                    rgb.height,
-                    MAX_DECODED_PIXELS,
-                )
-            return _orient(rgb, orientation)
+        yield
     except ImageLoadError:
         raise
     except Image.DecompressionBombError as exc:
         raise _fail(path, _describe(exc), "") from exc
     except _DECODE_ERRORS as exc:
         raise _fail(path, _describe(exc), hint) from exc
+
+
+def _decode(fh, path: Path, *, load: bool, reduce: bool, formats=None) -> Image.Image | _HeaderOnly:
+    """:func:`_open`'s work on an open binary stream ``fh`` (``path`` names it in messages)."""
+    # Pillow's DecompressionBombWarning (over 89 MP) is replaced by this module's own warning of the reduction;
+    # its DecompressionBombError (over twice that) still refuses the file.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        img = Image.open(fh, formats=formats)
+        if not load:
+            return _HeaderOnly(img, path, reduce)
+        full_size = img.size
+        factor = decoding_factor(*img.size) if reduce else 1
+        scale = _jpeg_scale(factor) if img.format == "JPEG" else 1
+        if scale > 1:
+            # DCT scaling decodes at 1/2, 1/4 or 1/8 of the size directly, never holding the full frame; the
+            # rest of the factor is a box filter, so the result has the size of any other format's.
+            img.draft(img.mode, (-(-img.width // scale), -(-img.height // scale)))
+            if img.size != (-(-full_size[0] // scale), -(-full_size[1] // scale)):
+                raise _fail(path, "JPEG reduced decoding gave an unexpected size", "re-save it as PNG")
+            factor //= scale
+        header_size = img.size
+        storage = _storage(img)
+        img.load()
+        if img.size != header_size:
+            # Pillow applies TIFF orientation itself while loading and reports the
+            # upright size up front; some Pillow versions garble uncompressed TIFFs
+            # with a transposing orientation. Refuse rather than return wrong pixels.
+            raise _fail(
+                path,
+                f"decoded size {img.size[0]}x{img.size[1]} differs from the header's "
+                f"{header_size[0]}x{header_size[1]} (WxH), probably a mishandled orientation tag",
+                "re-save it without an orientation tag, or remove it or use --on-error skip",
+            )
+        orientation = _loaded_orientation(img, path)  # Pillow's TIFF reader has applied its own already
+        rgb = _convert(img, path, factor=factor, storage=storage)
+        del img  # the full-size decode is released before the orientation is applied
+        if factor * scale > 1:
+            logger.warning(
+                "%s: %dx%d pixels (WxH), decoded at 1/%d of its size (%dx%d): more than %d pixels",
+                path,
+                full_size[0],
+                full_size[1],
+                factor * scale,
+                rgb.width,
+                rgb.height,
+                MAX_DECODED_PIXELS,
+            )
+        return _orient(rgb, orientation)
 
 
 class _HeaderOnly:

@@ -27,9 +27,9 @@ import time
 from contextlib import asynccontextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from fastapi import FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -60,6 +60,15 @@ CONFIG_ENV = "SOMAD_SERVE_CONFIG"
 
 class _BodyTooLarge(Exception):
     pass
+
+
+def _extras(
+    heatmap: Literal["png"] | None = Query(None, description="add a base64 PNG heatmap overlay"),
+    mask: Literal["png"] | None = Query(None, description="add the base64 PNG predicted mask"),
+    regions: bool = Query(False, description="add the predicted defect regions"),
+) -> dict:
+    """The optional parts of a prediction, from the query string of both predict endpoints."""
+    return {"heatmap": heatmap == "png", "mask": mask == "png", "regions": regions}
 
 
 def create_app(
@@ -145,9 +154,7 @@ def create_app(
     @app.post("/v1/predict")
     async def predict(
         request: Request,
-        heatmap: Literal["png"] | None = Query(None, description="add a base64 PNG heatmap overlay"),
-        mask: Literal["png"] | None = Query(None, description="add the base64 PNG predicted mask"),
-        regions: bool = Query(False, description="add the predicted defect regions"),
+        options: Annotated[dict, Depends(_extras)],
     ) -> dict:
         t0 = time.perf_counter()
         worker = request.app.state.worker
@@ -183,7 +190,6 @@ def create_app(
             (pred,) = await asyncio.wrap_future(job.future)
         except SomadError as exc:
             raise HTTPException(422, f"{name}: {exc}") from None
-        options = {"heatmap": heatmap == "png", "mask": mask == "png", "regions": regions}
         result = await run_in_threadpool(_result, request.app.state.model, pred, options)
         result["timings_ms"] = {
             "decode": round(1000 * (t2 - t1), 3),
@@ -196,9 +202,7 @@ def create_app(
     @app.post("/v1/predict/batch")
     async def predict_batch(
         request: Request,
-        heatmap: Literal["png"] | None = Query(None, description="add a base64 PNG heatmap overlay"),
-        mask: Literal["png"] | None = Query(None, description="add the base64 PNG predicted mask"),
-        regions: bool = Query(False, description="add the predicted defect regions"),
+        options: Annotated[dict, Depends(_extras)],
     ) -> dict:
         t0 = time.perf_counter()
         worker = request.app.state.worker
@@ -232,7 +236,6 @@ def create_app(
                 preds = await asyncio.wrap_future(job.future)
             except SomadError as exc:
                 raise HTTPException(422, str(exc)) from None
-        options = {"heatmap": heatmap == "png", "mask": mask == "png", "regions": regions}
         it = iter(preds)
         results = []
         for i, (name, d) in enumerate(zip(names, decoded)):

@@ -172,15 +172,9 @@ class NodeMoments:
     def of(cls, x: torch.Tensor, assignment: torch.Tensor, m: int, *, max_elements: int = 1 << 24) -> NodeMoments:
         """The statistics of vectors ``x`` ``(N, D)`` assigned to nodes ``assignment`` ``(N,)``, in float64: the
         means first, then each node's scatter about its own mean (no cancellation), as ``fit_node_gaussians``."""
-        d = x.shape[1]
-        device = x.device
-        assignment = assignment.to(device)
-        counts = torch.bincount(assignment, minlength=m)
-        sums = torch.zeros(m, d, dtype=torch.float64, device=device)
-        for start in range(0, x.shape[0], 65536):
-            sums.index_add_(0, assignment[start : start + 65536], x[start : start + 65536].to(torch.float64))
-        means = sums / counts.clamp_min(1)[:, None]
-        scatter = torch.zeros(m, tril_size(d), dtype=torch.float64, device=device)
+        assignment = assignment.to(x.device)
+        counts, means = _member_means(x, assignment, m, x.device)
+        scatter = torch.zeros(m, tril_size(x.shape[1]), dtype=torch.float64, device=x.device)
         for ids, s in _group_scatters(x, assignment, counts, means, max_elements):
             scatter[ids] = _tril(s)
         return cls(counts, means, scatter)
@@ -251,12 +245,23 @@ def _group_scatters(x, assignment, counts, means, max_elements):
         ids, rows, valid = ids[many], rows[many], valid[many]
         scatter = torch.empty(ids.numel(), d, d, dtype=torch.float64, device=device)
         centre = means[ids][:, None, :]
-        step = max(1, max_elements // (ids.numel() * d))
+        step = max(1, max_elements // (ids.numel() * d))  # members per pass: a huge node never needs a huge copy
         for c in range(0, rows.shape[1], step):
+            # Padding entries point one past the end: clamp them to a real row, then zero them with the mask.
             members = x[rows[:, c : c + step].clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
             members.sub_(centre).mul_(valid[:, c : c + step, None])
+            # (+)= outer products of the centred members; the first pass writes, so no zero-filled buffer
             scatter.baddbmm_(members.transpose(1, 2), members, beta=1.0 if c else 0.0)
         yield ids, scatter
+
+
+def _member_means(x: torch.Tensor, assignment: torch.Tensor, m: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Members per node ``(M,)`` and their mean ``(M, D)`` in float64 (zero for an empty node)."""
+    counts = torch.bincount(assignment, minlength=m)
+    sums = torch.zeros(m, x.shape[1], dtype=torch.float64, device=device)
+    for start in range(0, x.shape[0], 65536):
+        sums.index_add_(0, assignment[start : start + 65536], x[start : start + 65536].to(device, torch.float64))
+    return counts, sums / counts.clamp_min(1)[:, None]
 
 
 def _shifts(blocks, bounds, means: torch.Tensor, chunk: int = 256) -> torch.Tensor:
@@ -305,11 +310,8 @@ def fit_node_gaussians(
             moments, prototypes, eps, max_elements=max_elements, dtype=dtype, shrinkage=shrinkage
         )
     assignment = assignment.to(device)
-    counts = torch.bincount(assignment, minlength=m)
-    sums = torch.zeros(m, d, dtype=torch.float64, device=device)
-    for start in range(0, x.shape[0], 65536):
-        sums.index_add_(0, assignment[start : start + 65536], x[start : start + 65536].to(device, torch.float64))
-    means = torch.where(counts[:, None] > 0, sums / counts.clamp_min(1)[:, None], prototypes.double())
+    counts, means = _member_means(x, assignment, m, device)
+    means = torch.where(counts[:, None] > 0, means, prototypes.double())
 
     # On CPU the whiteners may sit on huge pages (scoring reads them all, in a new order, for every image).
     packed = hugepages.zeros((m, packed_size(d)), dtype, device)
@@ -317,23 +319,7 @@ def fit_node_gaussians(
     dof = 0
     eye = torch.eye(d, dtype=torch.float64, device=device)
     target = _pooled_covariance(x, counts, means) if shrinkage > 0 else None
-    groups = padded_groups(
-        assignment, m, max_elements=max(1, max_elements // d), max_groups=max(1, max_elements // (d * d))
-    )
-    for ids, rows, valid in groups:
-        many = counts[ids] >= 2
-        if not bool(many.any()):
-            continue
-        ids, rows, valid = ids[many], rows[many], valid[many]
-        scatter = torch.empty(ids.numel(), d, d, dtype=torch.float64, device=device)
-        centre = means[ids][:, None, :]
-        step = max(1, max_elements // (ids.numel() * d))  # members per pass: a huge node never needs a huge copy
-        for c in range(0, rows.shape[1], step):
-            # Padding entries point one past the end: clamp them to a real row, then zero them with the mask.
-            members = x[rows[:, c : c + step].clamp_max(x.shape[0] - 1).to(x.device)].to(device, torch.float64)
-            members.sub_(centre).mul_(valid[:, c : c + step, None])
-            # (+)= outer products of the centred members; the first pass writes, so no zero-filled buffer
-            scatter.baddbmm_(members.transpose(1, 2), members, beta=1.0 if c else 0.0)
+    for ids, scatter in _group_scatters(x, assignment, counts, means, max_elements):
         pooled += scatter.sum(0)
         dof += int((counts[ids] - 1).sum())
         cov = scatter.div_((counts[ids] - 1).double()[:, None, None])  # in place: these are the group's largest arrays
