@@ -302,3 +302,25 @@ def test_a_0_5_model_file_loads_as_it_was_fitted(images, tmp_path):
     assert (old.local_aggregation, old.shrinkage, old.search) == (1, 0.0, "ivf")
     np.testing.assert_array_equal(old.predict_maps(images)[0], load(path).predict_maps(images)[0])
     assert all(isinstance(what, str) and callable(step) for what, step in MIGRATIONS)
+
+
+def test_a_0_6_model_file_loads_with_the_same_scores(images, tmp_path):
+    """0.6 files have no scatter_dtype, no training-set hash and no median good score: they load as fitted,
+    cannot be updated or give normalised scores (each a one-line error saying what to run), and score the same."""
+    from somad.io.model_files import load_model, save_model
+
+    path = SOMAD(**{**TINY, "val_fraction": 0.25}).fit(images).save(tmp_path / "m.safetensors")
+    config, arrays = load_model(path)
+    del config["params"]["scatter_dtype"], config["state"]["train_set_sha256"]
+    del config["state"]["threshold_info"]["good_score_median"]
+    old = load(save_model(tmp_path / "old.safetensors", config, arrays))
+    assert old.scatter_dtype is None and old.train_set_sha256_ is None
+    np.testing.assert_array_equal(old.predict_maps(images)[0], load(path).predict_maps(images)[0])
+    assert old.image_threshold_ == load(path).image_threshold_
+    for call, fix in (
+        (lambda: old.normalized_scores([1.0]), "somad calibrate"),
+        (lambda: old.update(images), "--updatable"),
+    ):
+        with pytest.raises(SomadError, match=fix) as info:
+            call()
+        assert "\n" not in str(info.value)
