@@ -317,7 +317,6 @@ def fit_node_gaussians(
     packed = hugepages.zeros((m, packed_size(d)), dtype, device)
     pooled = torch.zeros(d, d, dtype=torch.float64, device=device)
     dof = 0
-    eye = torch.eye(d, dtype=torch.float64, device=device)
     target = _pooled_covariance(x, counts, means) if shrinkage > 0 else None
     for ids, scatter in _group_scatters(x, assignment, counts, means, max_elements):
         pooled += scatter.sum(0)
@@ -331,18 +330,7 @@ def fit_node_gaussians(
     pooled = pooled / dof if dof else pooled
     if target is not None:
         pooled = target
-    few = counts < 2
-    if bool(few.any()):
-        packed = _store(packed, torch.nonzero(few).flatten(), inverse_cholesky((pooled + eps * eye)[None]))
-        logger.info(
-            "%d empty and %d one-member SOM nodes use the pooled covariance",
-            int((counts == 0).sum()),
-            int((counts == 1).sum()),
-        )
-    means = means.float()
-    if not torch.isfinite(means).all():
-        raise NumericalError(NON_FINITE)
-    return NodeGaussians(means, packed, counts)
+    return _with_pooled_rule(packed, counts, means, pooled, eps)
 
 
 def gaussians_from_moments(
@@ -377,9 +365,15 @@ def gaussians_from_moments(
             cov.mul_(1.0 - shrinkage).add_(pooled, alpha=shrinkage)
         cov.diagonal(dim1=-2, dim2=-1).add_(eps)
         packed = _store(packed, ids, inverse_cholesky(cov))
+    return _with_pooled_rule(packed, counts.clone(), means, pooled, eps, moments)
+
+
+def _with_pooled_rule(packed, counts, means, pooled, eps: float, moments=None) -> NodeGaussians:
+    """The last step of both paths: nodes with fewer than two members get the pooled covariance (+ eps I),
+    then the means are checked and the Gaussians assembled."""
     few = counts < 2
     if bool(few.any()):
-        eye = torch.eye(d, dtype=torch.float64, device=device)
+        eye = torch.eye(pooled.shape[0], dtype=torch.float64, device=pooled.device)
         packed = _store(packed, torch.nonzero(few).flatten(), inverse_cholesky((pooled + eps * eye)[None]))
         logger.info(
             "%d empty and %d one-member SOM nodes use the pooled covariance",
@@ -389,7 +383,7 @@ def gaussians_from_moments(
     means = means.float()
     if not torch.isfinite(means).all():
         raise NumericalError(NON_FINITE)
-    return NodeGaussians(means, packed, counts.clone(), moments)
+    return NodeGaussians(means, packed, counts, moments)
 
 
 def _pooled_covariance(x: torch.Tensor, counts: torch.Tensor, means: torch.Tensor, chunk: int = 65536) -> torch.Tensor:
