@@ -29,7 +29,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Annotated, Literal
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
@@ -133,131 +133,141 @@ def create_app(
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _internal_error)
 
-    @app.get("/health")
-    async def health(request: Request) -> dict:
-        worker = request.app.state.worker
-        return {"status": "ok", "queue": worker.waiting, "max_queue": worker.max_queue}
-
-    @app.get("/v1/model")
-    async def model_info(request: Request) -> dict:
-        state = request.app.state
-        m = state.model
-        return {
-            **state.info,
-            "image_threshold": m.image_threshold_,
-            "pixel_threshold": m.pixel_threshold_,
-            "threshold_info": m.threshold_info_,
-            "device": str(m.device_),
-            "service": {"somad_version": __version__, **limits},
-        }
-
-    @app.post("/v1/predict")
-    async def predict(
-        request: Request,
-        options: Annotated[dict, Depends(_extras)],
-    ) -> dict:
-        t0 = time.perf_counter()
-        worker = request.app.state.worker
-        kind = _content_type(request)
-        if kind == MULTIPART:
-            form = await _read_form(request, max_files=1)
-            try:
-                uploads = [v for k, v in form.multi_items() if k == "file"]
-                if not uploads or not isinstance(uploads[0], UploadFile):
-                    raise HTTPException(400, "multipart request has no file field 'file'; send the image as 'file'")
-                name = uploads[0].filename or "file"
-                data = await uploads[0].read()
-            finally:
-                await form.close()
-        elif kind in RAW_TYPES:
-            name, data = "request body", await _read_body(request)
-        else:
-            raise HTTPException(415, _unsupported(kind, batch=False))
-        if not data:
-            raise HTTPException(400, f"{name}: empty body; send the image's bytes")
-        t1 = time.perf_counter()
-        try:
-            max_pixels = request.app.state.limits["max_pixels"]
-            image = await run_in_threadpool(worker.cpu_bound, decode_image, data, name, max_pixels)
-        except PixelLimitError as exc:
-            raise HTTPException(413, str(exc)) from None
-        except ImageLoadError as exc:
-            raise HTTPException(400, str(exc)) from None
-        del data
-        t2 = time.perf_counter()
-        job = _submit(worker, [image])
-        try:
-            (pred,) = await asyncio.wrap_future(job.future)
-        except SomadError as exc:
-            raise HTTPException(422, f"{name}: {exc}") from None
-        result = await run_in_threadpool(_result, request.app.state.model, pred, options)
-        result["timings_ms"] = {
-            "decode": round(1000 * (t2 - t1), 3),
-            "queue": round(job.queue_ms, 3),
-            "inference": round(job.inference_ms, 3),
-            "total": round(1000 * (time.perf_counter() - t0), 3),
-        }
-        return result
-
-    @app.post("/v1/predict/batch")
-    async def predict_batch(
-        request: Request,
-        options: Annotated[dict, Depends(_extras)],
-    ) -> dict:
-        t0 = time.perf_counter()
-        worker = request.app.state.worker
-        kind = _content_type(request)
-        if kind != MULTIPART:
-            raise HTTPException(415, _unsupported(kind, batch=True))
-        limits = request.app.state.limits
-        form = await _read_form(request, max_files=limits["max_batch_files"])
-        try:
-            uploads = [v for k, v in form.multi_items() if k == "files" and isinstance(v, UploadFile)]
-            if not uploads:
-                raise HTTPException(400, "multipart request has no file fields 'files'; send each image as 'files'")
-            names = [u.filename or f"files[{i}]" for i, u in enumerate(uploads)]
-            blobs = [await u.read() for u in uploads]
-        finally:
-            await form.close()
-        t1 = time.perf_counter()
-        decoded = await asyncio.gather(
-            *(
-                run_in_threadpool(worker.cpu_bound, _decode_or_error, b, n, limits["max_pixels"])
-                for b, n in zip(blobs, names)
-            )
-        )
-        del blobs
-        t2 = time.perf_counter()
-        images = [d for d in decoded if not isinstance(d, dict)]
-        preds, job = [], None
-        if images:
-            job = _submit(worker, images)
-            try:
-                preds = await asyncio.wrap_future(job.future)
-            except SomadError as exc:
-                raise HTTPException(422, str(exc)) from None
-        it = iter(preds)
-        results = []
-        for i, (name, d) in enumerate(zip(names, decoded)):
-            entry = (
-                d
-                if isinstance(d, dict)
-                else await run_in_threadpool(_result, request.app.state.model, next(it), options)
-            )
-            results.append({"index": i, "filename": name, **entry})
-        return {
-            "results": results,
-            "n_images": len(results),
-            "n_failed": sum(1 for r in results if "error" in r),
-            "timings_ms": {
-                "decode": round(1000 * (t2 - t1), 3),
-                "queue": round(job.queue_ms, 3) if job else 0.0,
-                "inference": round(job.inference_ms, 3) if job else 0.0,
-                "total": round(1000 * (time.perf_counter() - t0), 3),
-            },
-        }
-
+    app.include_router(router)
     return app
+
+
+#: The endpoints; each reads the model, its worker and the limits from ``request.app.state``.
+router = APIRouter()
+
+
+@router.get("/health")
+async def health(request: Request) -> dict:
+    worker = request.app.state.worker
+    return {"status": "ok", "queue": worker.waiting, "max_queue": worker.max_queue}
+
+
+@router.get("/v1/model")
+async def model_info(request: Request) -> dict:
+    state = request.app.state
+    m = state.model
+    return {
+        **state.info,
+        "image_threshold": m.image_threshold_,
+        "pixel_threshold": m.pixel_threshold_,
+        "threshold_info": m.threshold_info_,
+        "device": str(m.device_),
+        "service": {"somad_version": __version__, **state.limits},
+    }
+
+
+@router.post("/v1/predict")
+async def predict(
+    request: Request,
+    options: Annotated[dict, Depends(_extras)],
+) -> dict:
+    t0 = time.perf_counter()
+    worker = request.app.state.worker
+    name, data = await _one_upload(request)
+    if not data:
+        raise HTTPException(400, f"{name}: empty body; send the image's bytes")
+    t1 = time.perf_counter()
+    try:
+        max_pixels = request.app.state.limits["max_pixels"]
+        image = await run_in_threadpool(worker.cpu_bound, decode_image, data, name, max_pixels)
+    except PixelLimitError as exc:
+        raise HTTPException(413, str(exc)) from None
+    except ImageLoadError as exc:
+        raise HTTPException(400, str(exc)) from None
+    del data
+    t2 = time.perf_counter()
+    job = _submit(worker, [image])
+    try:
+        (pred,) = await asyncio.wrap_future(job.future)
+    except SomadError as exc:
+        raise HTTPException(422, f"{name}: {exc}") from None
+    result = await run_in_threadpool(_result, request.app.state.model, pred, options)
+    result["timings_ms"] = {
+        "decode": round(1000 * (t2 - t1), 3),
+        "queue": round(job.queue_ms, 3),
+        "inference": round(job.inference_ms, 3),
+        "total": round(1000 * (time.perf_counter() - t0), 3),
+    }
+    return result
+
+
+@router.post("/v1/predict/batch")
+async def predict_batch(
+    request: Request,
+    options: Annotated[dict, Depends(_extras)],
+) -> dict:
+    t0 = time.perf_counter()
+    worker = request.app.state.worker
+    kind = _content_type(request)
+    if kind != MULTIPART:
+        raise HTTPException(415, _unsupported(kind, batch=True))
+    limits = request.app.state.limits
+    form = await _read_form(request, max_files=limits["max_batch_files"])
+    try:
+        uploads = [v for k, v in form.multi_items() if k == "files" and isinstance(v, UploadFile)]
+        if not uploads:
+            raise HTTPException(400, "multipart request has no file fields 'files'; send each image as 'files'")
+        names = [u.filename or f"files[{i}]" for i, u in enumerate(uploads)]
+        blobs = [await u.read() for u in uploads]
+    finally:
+        await form.close()
+    t1 = time.perf_counter()
+    decoded = await asyncio.gather(
+        *(
+            run_in_threadpool(worker.cpu_bound, _decode_or_error, b, n, limits["max_pixels"])
+            for b, n in zip(blobs, names)
+        )
+    )
+    del blobs
+    t2 = time.perf_counter()
+    images = [d for d in decoded if not isinstance(d, dict)]
+    preds, job = [], None
+    if images:
+        job = _submit(worker, images)
+        try:
+            preds = await asyncio.wrap_future(job.future)
+        except SomadError as exc:
+            raise HTTPException(422, str(exc)) from None
+    it = iter(preds)
+    results = []
+    for i, (name, d) in enumerate(zip(names, decoded)):
+        entry = (
+            d if isinstance(d, dict) else await run_in_threadpool(_result, request.app.state.model, next(it), options)
+        )
+        results.append({"index": i, "filename": name, **entry})
+    return {
+        "results": results,
+        "n_images": len(results),
+        "n_failed": sum(1 for r in results if "error" in r),
+        "timings_ms": {
+            "decode": round(1000 * (t2 - t1), 3),
+            "queue": round(job.queue_ms, 3) if job else 0.0,
+            "inference": round(job.inference_ms, 3) if job else 0.0,
+            "total": round(1000 * (time.perf_counter() - t0), 3),
+        },
+    }
+
+
+async def _one_upload(request: Request) -> tuple[str, bytes]:
+    """The image of a ``/v1/predict`` request and its name: the raw body, or the multipart field ``file``."""
+    kind = _content_type(request)
+    if kind in RAW_TYPES:
+        return "request body", await _read_body(request)
+    if kind != MULTIPART:
+        raise HTTPException(415, _unsupported(kind, batch=False))
+    form = await _read_form(request, max_files=1)
+    try:
+        uploads = [v for k, v in form.multi_items() if k == "file"]
+        if not uploads or not isinstance(uploads[0], UploadFile):
+            raise HTTPException(400, "multipart request has no file field 'file'; send the image as 'file'")
+        return uploads[0].filename or "file", await uploads[0].read()
+    finally:
+        await form.close()
 
 
 def app_from_env() -> FastAPI:
