@@ -7,6 +7,7 @@ import textwrap
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from somad import SOMAD, PaDiM, PatchCore, load
@@ -166,3 +167,69 @@ def test_cli_refuses_an_existing_output_without_overwrite(fitted, tmp_path, caps
 def test_not_an_export_folder(tmp_path):
     with pytest.raises(SomadError, match="not a somad export folder"):
         OnnxDetector(tmp_path)
+
+
+@pytest.fixture(scope="module")
+def ivf_model():
+    """A tiny SOMAD model whose SOM (32 x 32 = 1024 nodes, ``IVF_MIN_NODES``) is searched by its IVF index."""
+    model = SOMAD(**TINY, som_size=32, k=3, rough_epochs=2, fine_epochs=1).fit(textured(8, 0))
+    return model
+
+
+def test_ivf_model_exports_its_own_search(ivf_model, tmp_path):
+    from somad.som.node_search import IVFSearch
+
+    index = ivf_model._node_search()
+    assert ivf_model.search == "ivf" and isinstance(index, IVFSearch) and index.nprobe < index.nlist
+    out = export_model(ivf_model, tmp_path / "onnx")
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["scoring"]["search"] == "ivf" and meta["scoring"]["nprobe"] == index.nprobe
+    assert meta["scoring"]["nlist"] == index.nlist and meta["parity_check"]["native_search"] == "ivf"
+    noise = np.random.default_rng(5).integers(0, 256, (2, 80, 72, 3), np.uint8)
+    images = np.concatenate([textured(3, 1), textured(3, 2, defect=True), noise])
+    scores, maps = ivf_model.predict_maps(images)
+    found_scores, found_maps = OnnxDetector(out, threads=1).predict_maps(images)
+    np.testing.assert_allclose(found_scores, scores, rtol=1e-3)
+    assert np.max(np.abs(found_maps - maps)) <= 1e-3 * max(1.0, float(np.abs(maps).max()))
+    threshold = float(np.median(scores))
+    assert ((found_scores > threshold) == (scores > threshold)).all()
+    path = ivf_model.save(tmp_path / "ivf.safetensors")
+    assert main(["export", str(path), "-o", str(tmp_path / "exact"), "--search", "exact", "--no-check"]) == 0
+    assert json.loads((tmp_path / "exact" / META_FILE).read_text())["scoring"]["search"] == "exact"
+    assert ivf_model.search == "ivf"  # the export worked on a copy
+
+
+def test_ivf_graph_selects_the_native_ivf_nodes():
+    """The graph's IVF nodes pick the k nodes of ``IVFSearch`` itself, misses included (an index probing 2 of
+    64 lists of random nodes misses many true neighbours), not the exact ones."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    from somad.export.onnx import _ivf_nodes
+    from somad.som.node_search import IVFSearch, nearest_nodes
+
+    gen = torch.Generator().manual_seed(0)
+    weights = torch.randn(1024, 64, generator=gen)
+    exclude = torch.zeros(1024, dtype=torch.bool)
+    exclude[::7] = True  # empty nodes: never returned
+    keep = ~exclude
+    index = IVFSearch(weights, 32, nprobe=2, exclude=exclude, coarse_dims=16)
+    x = torch.randn(500, 64, generator=gen)
+    k = 3
+    _, native = index.search(x, k)
+    _, exact = nearest_nodes(x, weights, k, exclude=exclude)
+    assert (native != exact).any(1).float().mean() > 0.2  # the index does miss neighbours here
+
+    const = lambda name, a: numpy_helper.from_array(np.array(a, order="C"), name)  # noqa: E731
+    nodes, inits = _ivf_nodes(index, "x", "k", "idx", keep, const, unit=4)  # units of 4: runs span several
+    graph = helper.make_graph(
+        nodes,
+        "ivf",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["q", 64])],
+        [helper.make_tensor_value_info("idx", TensorProto.INT64, ["q", k])],
+        [*inits, const("k", np.array([k], np.int64))],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    session = ort.InferenceSession(proto.SerializeToString(), providers=["CPUExecutionProvider"])
+    (idx,) = session.run(None, {"x": x.numpy()})
+    found = torch.nonzero(keep).flatten()[torch.from_numpy(idx)]  # kept-node positions -> node ids
+    assert (found.sort(1).values == native.sort(1).values).all(1).float().mean() >= 0.998

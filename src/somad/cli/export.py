@@ -23,6 +23,12 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     p.add_argument(
+        "--search",
+        default="model",
+        choices=["model", "exact", "ivf"],
+        help="SOMAD's nearest-node search in the graph: the model's own (default), exhaustive, or its IVF index",
+    )
+    p.add_argument(
         "--no-check", action="store_true", help="skip the onnxruntime check against the native path (no onnxruntime)"
     )
     p.set_defaults(func=run)
@@ -31,7 +37,14 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from somad.export.onnx import META_FILE, export_model
 
-    out = export_model(args.model, args.output, format=args.format, overwrite=args.overwrite, check=not args.no_check)
+    out = export_model(
+        args.model,
+        args.output,
+        format=args.format,
+        overwrite=args.overwrite,
+        check=not args.no_check,
+        search=None if args.search == "model" else args.search,
+    )
     meta = json.loads((out / META_FILE).read_text())
     check = meta.get("parity_check")
     if check:

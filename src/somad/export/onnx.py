@@ -9,16 +9,20 @@ PatchCore, their scoring are traced from torch modules; SOMAD's scoring is built
   exactly as ``FeatureExtractor.preprocess`` does (``somad.runtime.OnnxDetector`` does all of this);
 * ``x / 255``, the backbone's normalisation ``(x - mean) / std``, the backbone, and the feature stages as
   ``FeatureExtractor`` combines them (channel subset, local aggregation, bilinear upsampling, concatenation);
-* the method's patch scores: SOMAD: exhaustive k nearest SOM nodes (Euclidean, non-empty nodes only), then the
-  minimum Mahalanobis distance over those k nodes (:func:`somad_scoring_nodes`); PaDiM: the
+* the method's patch scores: SOMAD: the k nearest SOM nodes (Euclidean, non-empty nodes only) found as the
+  model's own ``search`` finds them (exhaustive, or its IVF index), then the minimum Mahalanobis distance over
+  those k nodes (:func:`somad_scoring_nodes`); PaDiM: the
   Mahalanobis distance to each position's Gaussian; PatchCore: the distance to the nearest memory-bank patch;
 * bilinear upsampling to ``S x S`` and the Gaussian blur (``features.extractor.upsample_blur``'s two
   matrices);
 * outputs ``score`` ``(N,)`` float32 (the map maximum; PatchCore: its reweighted image score) and
   ``anomaly_map`` ``(N, S, S)`` float32.
 
-The nearest-node search in the graph is exhaustive: it equals the native path with ``search="exact"``; the
-native default (``"ivf"``) can differ where its index misses one of the k nearest nodes.
+The nearest-node search in the graph is the model's own (``export_model(search=None)``): for ``search="ivf"`` the
+graph holds the native :class:`~somad.som.node_search.IVFSearch` index built at load (its principal axes, coarse
+centres and the list of each node) and probes the same ``nprobe`` lists, so it selects the same k nodes as the
+native IVF path; ``search="exact"`` (or an index that falls back to exhaustive: fewer than
+``IVF_MIN_NODES`` nodes) gives the exhaustive graph.
 
 :func:`export_model` writes ``DIR/model.onnx`` and ``DIR/somad_export.json`` (thresholds, geometry,
 normalisation, source model hash...) into a staged folder renamed into place, after checking the graph
@@ -47,6 +51,7 @@ from somad.io.outputs import staged_output_dir
 from somad.methods import PaDiM, PatchCore, load
 from somad.methods.base import BaseDetector
 from somad.methods.somad import SOMAD
+from somad.som.node_search import SEARCH_CHOICES, IVFSearch
 from somad.som.node_stats import row_blocks
 
 logger = logging.getLogger(__name__)
@@ -62,7 +67,7 @@ INPUT_NAME = "image"
 OUTPUT_NAMES = ("score", "anomaly_map")
 #: Graph constants beyond this many bytes do not fit one ONNX protobuf file (2 GiB).
 MAX_CONSTANT_BYTES = 1_900_000_000
-#: The export check: largest relative score difference allowed between the graph and the native exact path.
+#: The export check: largest relative score difference allowed between the graph and the native path (same search).
 PARITY_RTOL = 1e-3
 
 
@@ -113,10 +118,13 @@ UNIT = 16
 UNITS_PER_STEP = 32
 
 
-def somad_scoring_nodes(model: SOMAD, features: str, unit: int = UNIT, step: int = UNITS_PER_STEP):
+def somad_scoring_nodes(model: SOMAD, features: str, unit: int = UNIT, step: int = UNITS_PER_STEP, search=None):
     """The SOMAD scoring as ONNX nodes appended after ``features`` ``(N, D, h, w)``: patch scores ``(N, h, w)``.
 
-    1. Exhaustive k nearest non-empty nodes: ``-2 x.w + ||w||^2`` for every node (``MatMul``), ``TopK``.
+    1. k nearest non-empty nodes: exhaustive, ``-2 x.w + ||w||^2`` for every node (``MatMul``), ``TopK``; or,
+       with ``search`` an :class:`IVFSearch` over the same non-empty nodes (the model's ``_node_search()``),
+       that index's search (:func:`_ivf_nodes`: the same probed lists and the k nearest of their members, so
+       the graph picks the nodes of the native IVF path).
     2. The (patch, node) pairs are sorted by node (``TopK`` over the node ids) and centred on their node's mean.
        Each node's run of pairs is cut into *units* of at most ``unit`` pairs; a ``Loop`` takes ``step`` units
        at a time: it gathers their whiteners and pairs and whitens them in one batched product,
@@ -138,6 +146,7 @@ def somad_scoring_nodes(model: SOMAD, features: str, unit: int = UNIT, step: int
     whiteners = g.whiteners.cpu()[keep]  # (M', D, D) lower triangular, as stored (float16 or float32)
     bounds = row_blocks(whiteners.shape[1])  # row blocks: rows lo:hi of W only touch columns 0:hi
     k = min(int(model.k), int(keep.sum()))
+    ivf = isinstance(search, IVFSearch) and k <= search.nprobe * search.min_size_  # else it searches exhaustively
     d = prototypes.shape[1]
     h = w = model.extractor_.grid_size
     wide = whiteners.dtype != torch.float32
@@ -292,7 +301,167 @@ def somad_scoring_nodes(model: SOMAD, features: str, unit: int = UNIT, step: int
         n("Sqrt", ["somad_min_sq0"], ["somad_patch_flat"]),
         n("Reshape", ["somad_patch_flat", "somad_grid"], ["somad_patch"]),  # (N, h, w)
     ]
+    if ivf:  # the exhaustive MatMul, Add and TopK give way to the index's search
+        i = next(j for j, node in enumerate(nodes) if node.op_type == "MatMul")
+        assert [node.op_type for node in nodes[i : i + 3]] == ["MatMul", "Add", "TopK"]
+        nodes[i : i + 3], ivf_inits = _ivf_nodes(search, "somad_x", "somad_k", "somad_knn", keep, const)
+        inits = [t for t in inits if t.name not in ("somad_proto_t_m2", "somad_proto_sq")] + ivf_inits
     return nodes, inits, "somad_patch"
+
+
+#: IVF graph: (query, probed list) pairs are compared with their list's members in units of at most IVF_UNIT pairs.
+IVF_UNIT = 32
+
+
+def _ivf_nodes(search: IVFSearch, x: str, k: str, out: str, keep: torch.Tensor, const, unit: int = IVF_UNIT):
+    """ONNX nodes: ``out`` ``(Q, k)``, the k nearest nodes of queries ``x`` ``(Q, D)`` as :class:`IVFSearch`
+    ``search`` finds them, as positions among the kept nodes ``keep`` (the nodes the index searches).
+
+    1. The queries are projected on the index's principal axes (``x A^T + shift``), ranked against its coarse
+       centres (``||c||^2 - 2 x_c.c``) and their ``nprobe`` nearest lists kept (``TopK``), as the native index.
+    2. The (query, list) pairs are sorted by list; each list's run of pairs is cut into units of at most
+       ``unit`` pairs, and every unit is compared with its list's members in one batched ``MatMul``
+       (``||w||^2 - 2 x.w``; a list's members are padded to the longest list with ``||w||^2 = inf``): about
+       ``nprobe * L / M`` of the exhaustive product (L the longest list).
+    3. The candidates go back to pair order; the k smallest of each query's ``nprobe * L`` candidates
+       (``TopK``) are the native IVF search's k nodes.
+    """
+    from onnx import TensorProto, helper
+
+    ids = torch.nonzero(keep).flatten()
+    if not torch.equal(search._ids.cpu(), ids):
+        raise ExportError("the IVF index does not search the model's non-empty nodes; reload the model and retry")
+    w = search._weights.float().cpu()
+    members = search.members_.cpu()  # (C, L) node ids, padded with M
+    valid = members < w.shape[0]
+    position = torch.zeros(w.shape[0] + 1, dtype=torch.int64)
+    position[ids] = torch.arange(ids.numel())  # node id -> position among the kept nodes
+    member_w = torch.cat([w, torch.zeros(1, w.shape[1])])[members]  # (C, L, D), padding rows zero
+    member_sq = (member_w * member_w).sum(-1).masked_fill(~valid, float("inf"))  # (C, L): padding never wins
+    length = members.shape[1]
+    if search._projection is not None:
+        axes_t, shift = (t.float().cpu().numpy() for t in search._projection)  # (D, R), (R,)
+    centres = search._coarse_centres.float().cpu().numpy()  # (C, R): in the projected space, else (C, D)
+    i64 = lambda v: np.array(v, np.int64)  # noqa: E731
+    inits = [
+        const("somad_ivf_centres_t_m2", (-2.0 * centres.T).astype(np.float32)),
+        const("somad_ivf_centre_sq", search._coarse_sq.float().cpu().numpy()),
+        const("somad_ivf_nprobe", i64([search.nprobe])),
+        const("somad_ivf_nprobe0", i64(search.nprobe)),
+        const("somad_ivf_members_t_m2", (-2.0 * member_w.transpose(1, 2)).contiguous().numpy()),  # (C, D, L)
+        const("somad_ivf_member_sq", member_sq.numpy()),  # (C, L)
+        const("somad_ivf_member_pos", position[members].numpy()),  # (C, L): kept positions (padding: 0, inf far)
+        const("somad_ivf_flat", i64([-1])),
+        const("somad_ivf_rows_l", i64([-1, length])),
+        const("somad_ivf_axis0", i64([0])),
+        const("somad_ivf_axis1", i64([1])),
+        const("somad_ivf_zero", i64(0)),
+        const("somad_ivf_one", i64(1)),
+        const("somad_ivf_ones1", i64([1])),
+        const("somad_ivf_unit", i64(unit)),
+        const("somad_ivf_unit_m1", i64(unit - 1)),
+        const("somad_ivf_slots", i64(np.arange(unit))),  # (unit,)
+        const("somad_ivf_slots_row", i64(np.arange(unit)[None])),  # (1, unit)
+        const("somad_ivf_pad_queries", i64(np.zeros(unit))),  # slots past the last pair read query 0 (dropped)
+    ]
+    n = helper.make_node
+    nodes = []
+    coarse = x
+    if search._projection is not None:
+        inits += [const("somad_ivf_axes_t", axes_t), const("somad_ivf_shift", shift)]
+        nodes += [
+            n("MatMul", [x, "somad_ivf_axes_t"], ["somad_ivf_xa"]),
+            n("Add", ["somad_ivf_xa", "somad_ivf_shift"], ["somad_ivf_xc"]),  # (Q, R): on the principal axes
+        ]
+        coarse = "somad_ivf_xc"
+    zero_i64 = helper.make_tensor("zero", TensorProto.INT64, [1], [0])
+    nodes += [
+        n("MatMul", [coarse, "somad_ivf_centres_t_m2"], ["somad_ivf_xcc"]),
+        n("Add", ["somad_ivf_xcc", "somad_ivf_centre_sq"], ["somad_ivf_rank"]),  # (Q, C), as IVFSearch.coarse
+        n("TopK", ["somad_ivf_rank", "somad_ivf_nprobe"], ["somad_ivf_pd", "somad_ivf_probes"], axis=1, largest=0),
+        # (query, list) pairs, pair j = (query j // nprobe, list), sorted by list.
+        n("Reshape", ["somad_ivf_probes", "somad_ivf_flat"], ["somad_ivf_pair_list"]),
+        n("Shape", ["somad_ivf_pair_list"], ["somad_ivf_n_pairs"]),  # (1,)
+        n("Cast", ["somad_ivf_pair_list"], ["somad_ivf_pair_list_f"], to=TensorProto.FLOAT),  # list ids < 2^24
+        n(
+            "TopK",
+            ["somad_ivf_pair_list_f", "somad_ivf_n_pairs"],
+            ["somad_ivf_sorted_f", "somad_ivf_order"],
+            axis=0,
+            largest=0,
+        ),
+        n("Gather", ["somad_ivf_pair_list", "somad_ivf_order"], ["somad_ivf_sorted_list"]),
+        n("Div", ["somad_ivf_order", "somad_ivf_nprobe0"], ["somad_ivf_sorted_query"]),
+        n("Concat", ["somad_ivf_sorted_query", "somad_ivf_pad_queries"], ["somad_ivf_query_pad"], axis=0),
+        # Runs of equal lists, and their units of at most `unit` pairs (as the whitening units below).
+        n(
+            "Unique",
+            ["somad_ivf_sorted_list"],
+            ["somad_ivf_uniq", "somad_ivf_u_idx", "somad_ivf_u_inv", "somad_ivf_u_count"],
+            sorted=1,
+        ),
+        n("CumSum", ["somad_ivf_u_count", "somad_ivf_zero"], ["somad_ivf_u_start"], exclusive=1),
+        n("Add", ["somad_ivf_u_count", "somad_ivf_unit_m1"], ["somad_ivf_u_count_up"]),
+        n("Div", ["somad_ivf_u_count_up", "somad_ivf_unit"], ["somad_ivf_u_units"]),
+        n("CumSum", ["somad_ivf_u_units", "somad_ivf_zero"], ["somad_ivf_u_first_unit"], exclusive=1),
+        n("ReduceSum", ["somad_ivf_u_units"], ["somad_ivf_n_units1"], keepdims=1),
+        n("Squeeze", ["somad_ivf_n_units1"], ["somad_ivf_n_units"]),
+        n("ConstantOfShape", ["somad_ivf_n_units1"], ["somad_ivf_marks0"], value=zero_i64),
+        n("Shape", ["somad_ivf_uniq"], ["somad_ivf_n_runs1"]),
+        n("Expand", ["somad_ivf_ones1", "somad_ivf_n_runs1"], ["somad_ivf_run_ones"]),
+        n(
+            "ScatterElements",
+            ["somad_ivf_marks0", "somad_ivf_u_first_unit", "somad_ivf_run_ones"],
+            ["somad_ivf_marks"],
+            axis=0,
+        ),
+        n("CumSum", ["somad_ivf_marks", "somad_ivf_zero"], ["somad_ivf_owner1"]),
+        n("Sub", ["somad_ivf_owner1", "somad_ivf_one"], ["somad_ivf_owner"]),  # (U,): each unit's run
+        n("Range", ["somad_ivf_zero", "somad_ivf_n_units", "somad_ivf_one"], ["somad_ivf_unit_ids"]),
+        n("Gather", ["somad_ivf_u_first_unit", "somad_ivf_owner"], ["somad_ivf_owner_first"]),
+        n("Sub", ["somad_ivf_unit_ids", "somad_ivf_owner_first"], ["somad_ivf_rank_in_run"]),
+        n("Mul", ["somad_ivf_rank_in_run", "somad_ivf_unit"], ["somad_ivf_rank_rows"]),
+        n("Gather", ["somad_ivf_u_start", "somad_ivf_owner"], ["somad_ivf_owner_start"]),
+        n("Add", ["somad_ivf_owner_start", "somad_ivf_rank_rows"], ["somad_ivf_unit_row0"]),
+        n("Gather", ["somad_ivf_u_count", "somad_ivf_owner"], ["somad_ivf_owner_count"]),
+        n("Sub", ["somad_ivf_owner_count", "somad_ivf_rank_rows"], ["somad_ivf_left"]),
+        n("Min", ["somad_ivf_left", "somad_ivf_unit"], ["somad_ivf_unit_len"]),  # pairs in each unit, 1..unit
+        n("Gather", ["somad_ivf_uniq", "somad_ivf_owner"], ["somad_ivf_unit_list"]),  # (U,)
+        # One batched product: (U, unit, D) pairs @ (U, D, L) their list's members.
+        n("Unsqueeze", ["somad_ivf_unit_row0", "somad_ivf_axis1"], ["somad_ivf_row0c"]),
+        n("Add", ["somad_ivf_row0c", "somad_ivf_slots"], ["somad_ivf_rows_idx"]),  # (U, unit)
+        n("Gather", ["somad_ivf_query_pad", "somad_ivf_rows_idx"], ["somad_ivf_rows_q"]),  # (U, unit) queries
+        n("Gather", [x, "somad_ivf_rows_q"], ["somad_ivf_rows"]),  # (U, unit, D): each unit's queries
+        n("Gather", ["somad_ivf_members_t_m2", "somad_ivf_unit_list"], ["somad_ivf_unit_w"]),  # (U, D, L)
+        n("MatMul", ["somad_ivf_rows", "somad_ivf_unit_w"], ["somad_ivf_dot"]),  # (U, unit, L): -2 x.w
+        n("Gather", ["somad_ivf_member_sq", "somad_ivf_unit_list"], ["somad_ivf_unit_sq"]),  # (U, L)
+        n("Unsqueeze", ["somad_ivf_unit_sq", "somad_ivf_axis1"], ["somad_ivf_unit_sq3"]),
+        n("Add", ["somad_ivf_dot", "somad_ivf_unit_sq3"], ["somad_ivf_unit_d"]),  # ||x - w||^2 - ||x||^2
+        n("Reshape", ["somad_ivf_unit_d", "somad_ivf_rows_l"], ["somad_ivf_slot_d"]),  # (U unit, L)
+        n("Unsqueeze", ["somad_ivf_unit_len", "somad_ivf_axis1"], ["somad_ivf_len_col"]),
+        n("Less", ["somad_ivf_slots_row", "somad_ivf_len_col"], ["somad_ivf_slot_valid2"]),  # (U, unit)
+        n("Reshape", ["somad_ivf_slot_valid2", "somad_ivf_flat"], ["somad_ivf_slot_valid"]),
+        n("Compress", ["somad_ivf_slot_d", "somad_ivf_slot_valid"], ["somad_ivf_sorted_d"], axis=0),  # (pairs, L)
+        # Back to pair order (the inverse permutation of `order`), then the k smallest per query.
+        n("Squeeze", ["somad_ivf_n_pairs"], ["somad_ivf_n_pairs0"]),
+        n("Range", ["somad_ivf_zero", "somad_ivf_n_pairs0", "somad_ivf_one"], ["somad_ivf_pair_ids"]),
+        n(
+            "ScatterElements",
+            ["somad_ivf_pair_ids", "somad_ivf_order", "somad_ivf_pair_ids"],
+            ["somad_ivf_inverse"],
+            axis=0,
+        ),
+        n("Gather", ["somad_ivf_sorted_d", "somad_ivf_inverse"], ["somad_ivf_pair_d"]),  # (pairs, L)
+        n("Shape", ["somad_ivf_probes"], ["somad_ivf_qp"]),
+        n("Slice", ["somad_ivf_qp", "somad_ivf_axis0", "somad_ivf_ones1"], ["somad_ivf_q1"]),
+        n("Concat", ["somad_ivf_q1", "somad_ivf_flat"], ["somad_ivf_q_cands"], axis=0),  # (Q, -1)
+        n("Reshape", ["somad_ivf_pair_d", "somad_ivf_q_cands"], ["somad_ivf_cand_d"]),  # (Q, nprobe L)
+        n("TopK", ["somad_ivf_cand_d", k], ["somad_ivf_knn_d", "somad_ivf_pos"], axis=1, largest=0, sorted=1),
+        n("Gather", ["somad_ivf_member_pos", "somad_ivf_probes"], ["somad_ivf_cand_nodes3"]),  # (Q, nprobe, L)
+        n("Reshape", ["somad_ivf_cand_nodes3", "somad_ivf_q_cands"], ["somad_ivf_cand_nodes"]),
+        n("GatherElements", ["somad_ivf_cand_nodes", "somad_ivf_pos"], [out], axis=1),  # (Q, k)
+    ]
+    return nodes, inits
 
 
 class PadimScorer(nn.Module):
@@ -437,7 +606,7 @@ def _trace(module: nn.Module, path: Path, input_size: int, outputs: list[str], o
 
 def write_onnx(model: BaseDetector, path: Path) -> None:
     """Write the whole graph of ``model`` to ``path`` (see the module docstring), in opset :data:`OPSET` (the
-    SOMAD nodes use its operator signatures)."""
+    SOMAD nodes use its operator signatures). A SOMAD model's nearest-node search is its ``search``'s."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
@@ -448,7 +617,7 @@ def write_onnx(model: BaseDetector, path: Path) -> None:
     _trace(FeatureGraph(model.extractor_), path, size, ["features"], OPSET)
     proto = onnx.load(str(path))
     graph = proto.graph
-    nodes, inits, patch = somad_scoring_nodes(model, "features")
+    nodes, inits, patch = somad_scoring_nodes(model, "features", search=model._node_search())
     resize = resize_blur(model).numpy()
     inits += [numpy_helper.from_array(resize, "map_rows"), numpy_helper.from_array(resize.T.copy(), "map_cols_t")]
     nodes += [
@@ -490,7 +659,7 @@ def native_scores(model: BaseDetector, images: np.ndarray) -> tuple[np.ndarray, 
 
 
 def check_parity(model: BaseDetector, onnx_path: Path) -> dict:
-    """Run the written graph under onnxruntime and the native exact path on :func:`parity_images`."""
+    """Run the written graph under onnxruntime and the native path (the same search) on :func:`parity_images`."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -573,12 +742,18 @@ def export_metadata(model: BaseDetector, source: Path | None, fmt: str, opset: i
 def _scoring_info(model: BaseDetector) -> dict:
     if isinstance(model, SOMAD):
         n_empty = int(model.gaussians_.empty.sum())
-        return {
+        k = min(int(model.k), model.som_.weights_.shape[0] - n_empty)
+        index = model._node_search()
+        info = {
             "search": "exact",
-            "k": min(int(model.k), model.som_.weights_.shape[0] - n_empty),
+            "model_search": model.search,
+            "k": k,
             "nodes": int(model.som_.weights_.shape[0]),
             "empty_nodes_excluded": n_empty,
         }
+        if isinstance(index, IVFSearch) and k <= index.nprobe * index.min_size_:
+            info.update(search="ivf", nlist=index.nlist, nprobe=index.nprobe, coarse_dims=index.coarse_dims)
+        return info
     if isinstance(model, PatchCore):
         return {"memory_bank_size": int(model.memory_bank_.shape[0]), "num_neighbors": int(model.num_neighbors)}
     return {}
@@ -591,16 +766,20 @@ def export_model(
     format: str = "onnx",
     overwrite: bool = False,
     check: bool = True,
+    search: str | None = None,
 ) -> Path:
     """Export a fitted model (a model file or a fitted detector) to the folder ``out``.
 
-    Writes ``out/model.onnx`` and ``out/somad_export.json`` in a temporary folder renamed into place. With
-    ``check`` the graph is run under onnxruntime on two generated images and compared with the native path
-    (``search="exact"``): a relative score difference above :data:`PARITY_RTOL` is an error; the figures are
-    saved in the JSON file.
+    Writes ``out/model.onnx`` and ``out/somad_export.json`` in a temporary folder renamed into place. The graph's
+    nearest-node search (SOMAD) is ``search`` (``"ivf"`` or ``"exact"``), by default the model's own. With
+    ``check`` the graph is run under onnxruntime on two generated images and compared with the native path with
+    that search: a relative score difference above :data:`PARITY_RTOL` is an error; the figures are saved in
+    the JSON file.
     """
     if format not in FORMATS:
         raise ExportError(f"format {format!r} is not supported; valid: {', '.join(FORMATS)}")
+    if search not in (None, *SEARCH_CHOICES):
+        raise ExportError(f"search {search!r} is not supported; valid: {', '.join(SEARCH_CHOICES)}")
     source = None
     if isinstance(model, BaseDetector):
         model._check_fitted()
@@ -609,8 +788,12 @@ def export_model(
         source = Path(model)
         where = str(source)
         model = load(source, device="cpu")
-    if getattr(model, "search", "exact") != "exact" or model.device_.type != "cpu":
-        model = _exact_cpu_copy(model)
+    if isinstance(model, SOMAD):
+        search = search or model.search
+        if search != model.search or model.device_.type != "cpu":
+            model = _cpu_copy(model, search)
+    elif model.device_.type != "cpu":
+        model = _cpu_copy(model)
     check_exportable(model, where)
     with staged_output_dir(out, overwrite=overwrite, inputs=[source] if source is not None else ()) as tmp:
         t0 = time.perf_counter()
@@ -630,13 +813,13 @@ def export_model(
     return Path(out)
 
 
-def _exact_cpu_copy(model: BaseDetector) -> BaseDetector:
-    """The same detector scoring on CPU with the exhaustive search (the graph's), without touching ``model``."""
+def _cpu_copy(model: BaseDetector, search: str | None = None) -> BaseDetector:
+    """The same detector scoring on CPU (SOMAD: with ``search``, the graph's), without touching ``model``."""
     import copy
 
     clone = copy.copy(model)
     if isinstance(clone, SOMAD):
-        clone.search = "exact"
+        clone.search = search or model.search
         clone._searcher = None
         clone.gaussians_ = model.gaussians_.to("cpu")
         clone.som_ = copy.copy(model.som_)
