@@ -433,7 +433,7 @@ def test_fit_single_image_keeps_no_threshold_and_says_so(capsys, work):
     assert model.image_threshold_ is None and model.n_val_images_ == 0
     rc, _, err = cli(capsys, "predict", out, train, "-o", work / "out")
     assert rc == 0, err
-    assert (work / "out" / "scores.csv").read_text().splitlines()[1].endswith(",,ok")  # no decision
+    assert (work / "out" / "scores.csv").read_text().splitlines()[1].endswith(",,ok,")  # no decision, no scale
     assert not (work / "out" / "masks").exists()
 
 

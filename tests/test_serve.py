@@ -163,6 +163,7 @@ def test_predict_raw_bytes_scores_as_the_library(server, model):
     assert body["score"] == pytest.approx(_reference(model, array), rel=1e-5)
     assert body["is_anomalous"] == (body["score"] > model.image_threshold_)
     assert body["threshold"] == model.image_threshold_ and body["status"] == "ok"
+    assert body["normalized_score"] == pytest.approx(float(model.normalized_scores([body["score"]])[0]), abs=1e-6)
     assert (body["width"], body["height"]) == (96, 72)
     assert set(body["timings_ms"]) >= {"decode", "inference", "total"}
     assert body["timings_ms"]["total"] >= body["timings_ms"]["inference"] > 0

@@ -180,8 +180,14 @@ def test_normalized_scores_put_the_threshold_at_one_half(model, category, tmp_pa
     normalized = model.normalized_scores(scores)
     assert ((normalized > 0.5) == (scores > model.image_threshold_)).all()
     assert model.normalized_scores([model.image_threshold_]).tolist() == [0.5]
-    again = load(model.save(tmp_path / "m.safetensors"))
+    path = model.save(tmp_path / "m.safetensors")
+    again = load(path)
     np.testing.assert_array_equal(again.normalized_scores(scores), normalized)
+    assert main(["-q", "predict", str(path), str(category / "test"), "-o", str(tmp_path / "out")]) == 0
+    for r in _rows(tmp_path / "out" / "scores.csv"):  # the CSV column, with the same > 0.5 rule as is_anomalous
+        n = float(r["normalized_score"])
+        assert n == pytest.approx(float(model.normalized_scores([float(r["score"])])[0]), abs=1e-5)
+        assert (n > 0.5) == (r["is_anomalous"] == "1")
     again.threshold_info_ = {"source": "fit", "n_images": 3}  # a file from before somad 0.7
     with pytest.raises(SomadError, match="somad calibrate"):
         again.normalized_scores(scores)

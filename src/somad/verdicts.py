@@ -166,6 +166,15 @@ def normalized_score(score, threshold: float, reference: float) -> np.ndarray:
     return np.clip(n, 0.0, 1.0)
 
 
+def normalized_or_none(score: float, threshold: float | None, threshold_info: dict | None) -> float | None:
+    """One score's :func:`normalized_score` from a model's threshold and ``threshold_info_`` (its median good
+    score), or ``None`` where they do not record it (no threshold; files from before somad 0.7)."""
+    reference = (threshold_info or {}).get("good_score_median")
+    if threshold is None or reference is None:
+        return None
+    return float(normalized_score(score, threshold, reference))
+
+
 # ----------------------------------------------------------------------------------------- input gate
 def check_frame(image: Image.Image) -> str:
     """``OK``, or ``"invalid_input: <reason>"`` for a frame no inspection should pass as good.

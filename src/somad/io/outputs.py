@@ -24,7 +24,7 @@ from PIL import Image
 from somad.errors import SomadError
 from somad.io.model_files import ANOTHER_RUN, atomic_write, current_umask, remove_leftovers, temp_prefix
 from somad.progress import progress_bar
-from somad.verdicts import REGION_COLUMNS, regions
+from somad.verdicts import REGION_COLUMNS, normalized_or_none, regions
 
 logger = logging.getLogger(__name__)
 
@@ -204,17 +204,26 @@ def _write_one(model, pred, geometry, out: Path, *, save_maps: bool, on_map):
         save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
     if on_map is not None:
         on_map(pred, full, flagged)
-    return [pred.item.name, f"{pred.score:.6f}", "" if flagged is None else int(flagged), pred.status], found
+    row = [pred.item.name, f"{pred.score:.6f}", "" if flagged is None else int(flagged), pred.status]
+    return row + [_normalized(model, pred.score)], found
 
 
-SCORE_COLUMNS = ["path", "score", "is_anomalous", "status"]
+def _normalized(model, score: float) -> str:
+    """The ``normalized_score`` cell (``somad.verdicts.normalized_or_none``); empty where the model's thresholds
+    do not record what it needs."""
+    n = normalized_or_none(score, getattr(model, "image_threshold_", None), getattr(model, "threshold_info_", None))
+    return "" if n is None else f"{n:.6f}"
+
+
+SCORE_COLUMNS = ["path", "score", "is_anomalous", "status", "normalized_score"]
 REGION_FILE_COLUMNS = ["path", "region"] + REGION_COLUMNS
 
 
 def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str, on_map=None):
     """Score ``items`` with a fitted ``model`` and write its result files into ``out``.
 
-    Writes ``scores.csv`` (path, score, is_anomalous, status), ``regions.csv`` (one row per connected
+    Writes ``scores.csv`` (path, score, is_anomalous, status, normalized_score: the [0, 1] scale with the
+    threshold at 0.5, empty for models from before 0.7), ``regions.csv`` (one row per connected
     predicted defect region of each flagged image: area in pixels, bounding box ``x0, y0, x1, y1`` with
     exclusive ends, peak and mean map value, at the original resolution), ``heatmaps/<relpath>.png`` (colour
     overlay), ``masks/<relpath>.png`` (binary, when the model has a threshold), ``maps/<relpath>.npy``
@@ -233,7 +242,7 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
 
     Returns
     -------
-    rows : list of [name, score, is_anomalous, status]
+    rows : list of [name, score, is_anomalous, status, normalized_score]
     skipped : list of str, one message per unreadable input
     """
     seen: dict[PurePath, str] = {}

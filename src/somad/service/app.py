@@ -43,7 +43,7 @@ from somad.io.outputs import heatmap_overlay, mask_image
 from somad.service.decoding import PixelLimitError, decode_image
 from somad.service.inference import InferenceWorker, Overloaded
 from somad.service.model_info import describe
-from somad.verdicts import regions
+from somad.verdicts import normalized_or_none, regions
 
 logger = logging.getLogger("somad.service")
 
@@ -376,6 +376,7 @@ def _result(model, pred, options: dict) -> dict:
         "score": float(pred.score),
         "is_anomalous": flagged,
         "threshold": model.image_threshold_,
+        "normalized_score": normalized_or_none(pred.score, model.image_threshold_, model.threshold_info_),
         "pixel_threshold": model.pixel_threshold_,
         "status": pred.status,
         "width": pred.original_size[1],
