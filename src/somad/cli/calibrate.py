@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from somad.cli.common import model_output
+from somad.cli.common import add_model_rewrite_args, model_output
 
 
 def add_parser(sub) -> None:
@@ -12,10 +12,7 @@ def add_parser(sub) -> None:
         description="Re-estimate a model's image and pixel thresholds from a folder of good images "
         "(the same estimate fit makes from its held-out images) and write a new model file.",
     )
-    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
-    p.add_argument("good_dir", metavar="GOOD_DIR", help="folder of good images (or an MVTec category: train/good)")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL2", help="model file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    add_model_rewrite_args(p, model_help="model file written by `somad fit`", images_metavar="GOOD_DIR")
     p.add_argument(
         "--threshold-quantile",
         type=float,
@@ -28,8 +25,6 @@ def add_parser(sub) -> None:
         default=None,
         help="pixel threshold quantile (default: the model's, normally 0.999)",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
     p.set_defaults(func=run)
 
 

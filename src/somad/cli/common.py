@@ -27,6 +27,17 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_flags(g, {"SOMAD": METHODS["somad"], "PaDiM": METHODS["padim"], "PatchCore": METHODS["patchcore"]})
 
 
+def add_model_rewrite_args(p: argparse.ArgumentParser, *, model_help: str, images_metavar: str) -> None:
+    """The arguments of a command that reads a model and good images and writes a new model file (calibrate,
+    update): MODEL, the images, ``-o MODEL2``, ``--overwrite``, ``--device`` and ``--batch-size``."""
+    p.add_argument("model", metavar="MODEL", help=model_help)
+    p.add_argument("good_dir", metavar=images_metavar, help="folder of good images (or an MVTec category: train/good)")
+    p.add_argument("-o", "--output", required=True, metavar="MODEL2", help="model file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
+    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
+
+
 def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     """``--ray [ADDRESS]`` and ``--ray-workers N`` of fit and predict."""
     p.add_argument(

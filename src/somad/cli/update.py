@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from somad.cli.common import model_output
+from somad.cli.common import add_model_rewrite_args, model_output
 from somad.errors import SomadError
 
 
@@ -16,10 +16,7 @@ def add_parser(sub) -> None:
         "held fixed (the model must be fitted with --updatable), and write a new model file. The thresholds are "
         "kept unless --calibrate names held-out good images to re-estimate them from.",
     )
-    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit --updatable`")
-    p.add_argument("good_dir", metavar="GOOD_IMAGES", help="folder of good images (or an MVTec category: train/good)")
-    p.add_argument("-o", "--output", required=True, metavar="MODEL2", help="model file to write")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
+    add_model_rewrite_args(p, model_help="model file written by `somad fit --updatable`", images_metavar="GOOD_IMAGES")
     p.add_argument(
         "--calibrate",
         metavar="GOOD_DIR",
@@ -27,8 +24,6 @@ def add_parser(sub) -> None:
         help="after the merge, re-estimate the thresholds from these held-out good images (not the merged "
         "ones: they would score optimistically low); default: keep the model's thresholds",
     )
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
     p.add_argument(
         "--on-error",
         default="fail",
