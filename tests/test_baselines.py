@@ -19,7 +19,6 @@ from somad.cli import main
 from somad.features.extractor import FeatureExtractor, local_mean
 from somad.io.images import list_images, load_image
 from somad.io.synthetic import make_synthetic_category
-from somad.methods.base import as_items
 from somad.methods.patchcore import coreset_size, greedy_coreset, random_projection, reweighted_score
 from somad.som.node_search import nearest_nodes
 
@@ -304,7 +303,7 @@ def test_patchcore_save_load_gives_identical_scores(category, tmp_path):
     scores, maps = model.predict_maps(category / "test")
     # One held-out image: the image threshold is its own score, the pixel threshold the 0.999-quantile of its
     # map's pixels (every second row and column, as somad.verdicts.estimate_thresholds pools them).
-    _, val = model._split(as_items(category, train=True))
+    _, val = model.held_out_split(category)
     val_scores, val_maps = model.predict_maps([it.path for it in val])
     assert model.image_threshold_ == float(val_scores[0])
     assert model.pixel_threshold_ == pytest.approx(float(np.quantile(val_maps[0][::2, ::2], 0.999)), rel=1e-6)

@@ -3,6 +3,7 @@ images only (fit, calibrate, command-line overrides) and the input gate."""
 
 import csv
 import logging
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,6 @@ from somad import SOMAD, load
 from somad.cli import main
 from somad.errors import SomadError
 from somad.features.extractor import to_original_resolution
-from somad.methods.base import as_items
 from somad.verdicts import OK, check_frame, estimate_thresholds, normalized_score, pool_pixels, predicted_mask, regions
 
 TINY = dict(
@@ -131,7 +131,7 @@ def test_predict_writes_regions_that_add_up_to_the_masks(model, category, tmp_pa
 
 # ------------------------------------------------------------------------------------------ thresholds
 def test_thresholds_come_from_held_out_good_images_only(model, category):
-    _, val = model._split(as_items(category, train=True))
+    _, val = model.held_out_split(category)
     scores, maps = model.predict_maps([it.path for it in val])
     pixels = [pool_pixels(m) for m in maps]
     expected = estimate_thresholds(scores, pixels, model.threshold_quantile, model.pixel_threshold_quantile)
@@ -145,8 +145,28 @@ def test_thresholds_come_from_held_out_good_images_only(model, category):
     assert (other.image_threshold_, other.pixel_threshold_) == (model.image_threshold_, model.pixel_threshold_)
 
 
+def test_a_validation_good_folder_is_the_held_out_set_and_every_training_image_is_trained_on(category, tmp_path):
+    """MVTec 3D-AD ships ``validation/good``: fit holds those images out and trains on all of ``train/good``."""
+    root = tmp_path / "part3d"
+    shutil.copytree(category, root)
+    (root / "validation" / "good").mkdir(parents=True)
+    for i in range(5):
+        Image.fromarray(_texture(300 + i)).save(root / "validation" / "good" / f"{i:03d}.png")
+    model = SOMAD(**TINY)
+    train, held_out = model.held_out_split(root)
+    assert len(train) == 12 and sorted(it.path.name for it in held_out) == [f"{i:03d}.png" for i in range(5)]
+    assert all(it.path.parent == root / "validation" / "good" for it in held_out)
+    model.fit(root)
+    assert (model.n_train_images_, model.n_val_images_) == (12, 5)
+    scores, _ = model.predict_maps(root / "validation" / "good")
+    assert model.image_threshold_ == pytest.approx(float(np.quantile(scores.astype(np.float64), 0.9)), rel=1e-6)
+    # without it, a seeded tenth of train/good is held out
+    train, held_out = model.held_out_split(category)
+    assert (len(train), len(held_out)) == (11, 1) and {it.path.parent.name for it in held_out} == {"good"}
+
+
 def test_calibrate_equals_the_fit_whose_held_out_set_is_the_same_images(model, category, tmp_path):
-    _, val = model._split(as_items(category, train=True))
+    _, val = model.held_out_split(category)
     folder = tmp_path / "good"
     folder.mkdir()
     for it in val:
@@ -174,7 +194,7 @@ def test_normalized_scores_put_the_threshold_at_one_half(model, category, tmp_pa
     n = normalized_score(s, t, ref)
     assert n.tolist()[:4] == [0.0, 0.0, 0.25, 0.5] and n.tolist()[5:] == [0.75, 1.0, 1.0]
     assert ((n > 0.5) == (s > t)).all() and (np.diff(n) >= 0).all()
-    _, val = model._split(as_items(category, train=True))
+    _, val = model.held_out_split(category)
     assert model.threshold_info_["good_score_median"] == pytest.approx(float(np.median(model.predict_maps(val)[0])))
     scores = model.predict_maps(category / "test")[0]
     normalized = model.normalized_scores(scores)

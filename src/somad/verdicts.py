@@ -133,6 +133,13 @@ def pool_pixels(anomaly_map) -> np.ndarray:
     return np.array(np.asarray(anomaly_map, dtype=np.float32)[::2, ::2].ravel())
 
 
+def image_threshold(scores: Sequence[float], quantile: float) -> float:
+    """The image threshold from good images' scores: their ``quantile`` (linear interpolation between order
+    statistics, distribution-free). A new good image then scores above it with probability about
+    ``1 - quantile``."""
+    return float(np.quantile(np.asarray(scores, dtype=np.float64), quantile))
+
+
 def estimate_thresholds(
     scores: Sequence[float], pixels: Sequence[np.ndarray], quantile: float, pixel_quantile: float
 ) -> Thresholds:
@@ -144,7 +151,7 @@ def estimate_thresholds(
     scores = np.asarray(scores, dtype=np.float64)
     pixels = np.concatenate([np.asarray(m, dtype=np.float32).ravel() for m in pixels])
     return Thresholds(
-        float(np.quantile(scores, quantile)),
+        image_threshold(scores, quantile),
         float(np.quantile(pixels, pixel_quantile)),
         int(scores.size),
         float(quantile),

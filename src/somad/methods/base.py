@@ -310,12 +310,8 @@ class BaseDetector(Params):
         self._validate_params()
         t0 = time.perf_counter()
         torch.manual_seed(self.seed)
-        items = as_items(images, train=True)
-        train, val = self._split(items)
-        _warn_defect_folders(items)
-        held_out = validation_items(images) if self.val_fraction else []
-        if held_out:  # the data set's own validation split (MVTec 3D-AD): train on every training image
-            train, val = items, held_out
+        train, val = self.held_out_split(images)
+        _warn_defect_folders(train + val)
         self.device_ = resolve_device(self.device)
         total = sum(_channels(self.backbone)[s] for s in self._stages)
         self.channel_indices_ = select_channels(total, self.dims, self.seed)
@@ -352,6 +348,18 @@ class BaseDetector(Params):
         if not self._set_thresholds(as_items(images, train=True), source="calibrate"):
             raise SomadError("no usable good image to calibrate on (all unreadable or refused by the input gate)")
         return self
+
+    def held_out_split(self, images) -> tuple[list[ImageItem], list[ImageItem]]:
+        """The images ``fit`` trains on, and the good images it holds out to set the thresholds.
+
+        An MVTec 3D-AD category's own ``validation/good`` folder is the held-out set when it has one (and every
+        training image is trained on); otherwise a seeded ``val_fraction`` of the training images is.
+        """
+        items = as_items(images, train=True)
+        held_out = validation_items(images) if self.val_fraction else []
+        if held_out:
+            return items, held_out
+        return self._split(items)
 
     def _split(self, items: list[ImageItem]) -> tuple[list[ImageItem], list[ImageItem]]:
         n_val = int(round(self.val_fraction * len(items)))
