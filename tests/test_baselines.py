@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from somad import METHODS, PaDiM, PatchCore, load
 from somad.cli import main
+from somad.features.backbones import BACKBONES
 from somad.features.extractor import FeatureExtractor, local_mean
 from somad.io.images import list_images, load_image
 from somad.io.synthetic import make_synthetic_category
@@ -74,6 +75,26 @@ def test_default_feature_extractor_is_the_multiscale_concatenation():
         # Channels-last: the patch vectors the scorers read, (B*h*w, D), are a view, not a copy.
         assert out.is_contiguous(memory_format=torch.channels_last)
         assert out.permute(0, 2, 3, 1).reshape(-1, out.shape[1]).data_ptr() == out.data_ptr()
+
+
+@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
+def test_efficientnet_lite_stops_at_the_stride_16_stage_with_the_same_outputs(name):
+    """The stride-32 stages that timm's features_only model still runs are cut; the returned maps are equal."""
+    import timm
+
+    from somad.features.backbones import build_backbone
+
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 96, 80)  # not square, sides not powers of 2: TF "SAME" padding is uneven
+    ours = build_backbone(name, "none", seed=5)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(5)
+        full = timm.create_model(f"tf_{name}", pretrained=False, features_only=True, out_indices=(1, 2, 3)).eval()
+    assert (len(ours.blocks), len(full.blocks)) == (5, 7)
+    with torch.no_grad():
+        got, expected = ours(x), full(x)
+    assert [t.shape[1] for t in got] == list(BACKBONES[name].channels)
+    assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
 def test_cpu_batches_go_through_the_backbone_in_small_groups_with_the_same_features():
