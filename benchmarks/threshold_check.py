@@ -9,9 +9,10 @@ This script scores the category's test images and the good images the model's th
 
 - ``saved``: balanced accuracy, true-negative and true-positive rates at the saved threshold;
 - ``best``: the best balanced accuracy over all thresholds (an oracle, chosen on the test set itself) and the
-  quantile of the held-out scores where its threshold sits; ``split_half_best``: the same oracle made honest,
-  the threshold chosen on a random half of the test images and scored on the other half (mean over
-  ``--subsets`` splits), which is what any threshold could be expected to reach on new images;
+  quantile of the held-out scores where its threshold sits; ``split_half_best``: the same oracle without its
+  optimism, the threshold chosen on a random half of the test images and scored on the other half (mean over
+  ``--subsets`` splits; ``somad.evaluation.metrics.split_half_balanced_accuracy``), which is what a threshold
+  picked with labelled defects could be expected to reach on new images;
 - ``by_quantile``: the gap at other quantiles of the held-out scores (the rule of
   ``somad.verdicts.image_threshold``);
 - ``small_held_out``: the balanced accuracy when the threshold rests on only 5 held-out images (random
@@ -46,7 +47,12 @@ def _scores_and_edges(model, paths, edge: int = 16) -> tuple[np.ndarray, np.ndar
 
 def main(argv: list[str] | None = None) -> int:
     from somad import load
-    from somad.evaluation.metrics import best_balanced_accuracy
+    from somad.evaluation.metrics import (
+        balanced_accuracy,
+        best_balanced_accuracy,
+        best_balanced_threshold,
+        split_half_balanced_accuracy,
+    )
     from somad.io.datasets import mvtec_test_samples
     from somad.verdicts import image_threshold
 
@@ -69,30 +75,12 @@ def main(argv: list[str] | None = None) -> int:
     _, held_out = model.held_out_split(args.category)
     v, held_edge = _scores_and_edges(model, [it.path for it in held_out])
 
-    def bacc(t, idx=slice(None)):
-        """Balanced accuracy of ``score > t`` (the rule of ``somad.verdicts.is_anomalous``) for each of ``t``."""
-        flagged = s[idx][None, :] > np.atleast_1d(t)[:, None]
-        yy = y[idx]
-        r = (flagged[:, yy == 1].mean(1) + (~flagged[:, yy == 0]).mean(1)) / 2
-        return float(r[0]) if np.ndim(t) == 0 else r
-
-    def best_threshold(idx) -> float:
-        """The best threshold on the images ``idx``: the midpoint of the best gap between consecutive scores."""
-        u = np.unique(s[idx])
-        cuts = np.r_[u[0] - 1.0, (u[:-1] + u[1:]) / 2, u[-1] + 1.0]
-        return float(cuts[np.argmax(bacc(cuts, idx))])
+    def bacc(t: float) -> float:
+        return balanced_accuracy(y, s > t)  # score > t: the rule of somad.verdicts.is_anomalous
 
     t_saved = float(model.image_threshold_)
-    best = best_balanced_accuracy(y, s)
-    t_best = best_threshold(slice(None))
-    halves = []
-    for _ in range(args.subsets):
-        a = np.zeros(y.size, bool)
-        for c in (0, 1):  # stratified: half of each class on either side
-            members = np.flatnonzero(y == c)
-            a[rng.choice(members, members.size // 2, replace=False)] = True
-        if all(len(np.unique(y[m])) == 2 for m in (a, ~a)):
-            halves.append(bacc(best_threshold(a), ~a))
+    best, t_best = best_balanced_accuracy(y, s), best_balanced_threshold(y, s)
+    split_half = split_half_balanced_accuracy(y, s, n_splits=args.subsets)
     q = (model.threshold_info_ or {}).get("quantile") or model.threshold_quantile
     small = []
     if v.size > 5:
@@ -116,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
             "held_out_quantile": float(np.mean(v <= t_best)),
             "gap_points": 100 * (best - saved),
         },
-        "split_half_best": float(np.mean(halves)) if halves else None,
+        "split_half_best": split_half,
         "by_quantile": {
             str(x): {"threshold": image_threshold(v, x), "gap_points": 100 * (best - bacc(image_threshold(v, x)))}
             for x in map(float, args.quantiles.split(","))

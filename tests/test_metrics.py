@@ -267,8 +267,35 @@ def test_balanced_accuracy_and_its_best_over_thresholds():
     # brute force over every cut: flag the scores above each distinct value (and above -inf)
     brute = max(balanced_accuracy(labels, scores > t) for t in np.r_[scores, -np.inf])
     assert best_balanced_accuracy(labels, scores) == pytest.approx(brute) == pytest.approx((1 + 0.75) / 2)
+    # the threshold that reaches it: midway between 0.3 (the highest not flagged) and 0.7 (the lowest flagged)
+    assert metrics.best_balanced_threshold(labels, scores) == pytest.approx(0.5)
+    # reversed scores: no cut beats 0.5, and of the cuts that reach it the one that flags fewest is taken
+    assert metrics.best_balanced_threshold([0, 1, 1], [0.9, 0.2, 0.3]) == np.inf
     # ties: two images with one score are flagged together, never one of them alone
     assert best_balanced_accuracy([0, 1], [0.5, 0.5]) == pytest.approx(0.5)
+
+
+def test_split_half_balanced_accuracy_scores_each_half_s_best_threshold_on_the_other_half():
+    from somad.evaluation.metrics import best_balanced_accuracy, split_half_balanced_accuracy
+
+    # Goods 0, 1 and defects 2, 3: the four stratified splits pick their threshold between their own good and
+    # defect (1.5, 1, 2 or 1.5 on the first half) and score the rest: 1, 1, 0.5 (3 > 2 but not 2 > 2), 1.
+    assert split_half_balanced_accuracy([0, 0, 1, 1], [0, 1, 2, 3], n_splits=4000) == pytest.approx(0.875, abs=0.01)
+    assert best_balanced_accuracy([0, 0, 1, 1], [0, 1, 2, 3]) == 1.0
+    # a wide gap between goods and defects: every half's threshold falls in it
+    y = np.r_[np.zeros(10, int), np.ones(10, int)]
+    wide = np.r_[np.linspace(0, 1, 10), np.linspace(10, 11, 10)]
+    assert split_half_balanced_accuracy(y, wide) == 1.0
+    # scores that carry no information: the best threshold of a test set looks good, out of sample it is chance
+    rng = np.random.default_rng(0)
+    y = np.r_[np.zeros(25, int), np.ones(87, int)]
+    noise = rng.random(y.size)
+    assert best_balanced_accuracy(y, noise) > 0.55
+    assert abs(split_half_balanced_accuracy(y, noise) - 0.5) < 0.05
+    # seeded, and refused where a half would lack a class
+    assert split_half_balanced_accuracy(y, noise, seed=3) == split_half_balanced_accuracy(y, noise, seed=3)
+    with pytest.raises(metrics.MetricInputError, match="at least 2 good and 2 defective"):
+        split_half_balanced_accuracy([0, 1, 1], [0.1, 0.5, 0.9])
 
 
 def test_mask_metrics_f1_region_overlap_and_good_false_positives():

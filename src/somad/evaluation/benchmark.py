@@ -48,6 +48,7 @@ METRIC_COLUMNS = ["image_auroc", "pixel_auroc", "au_pro"]
 DECISION_COLUMNS = [
     "balanced_accuracy",
     "best_balanced_accuracy",
+    "split_half_balanced_accuracy",
     "pixel_f1",
     "pixel_f1_max",
     "region_overlap",
@@ -186,6 +187,8 @@ def _run_predict(cell: dict) -> dict:
     labels = np.array([s.label for s in samples])
     m = metrics.evaluate_predictions(labels, np.array(scores), masks, maps)
     m["best_balanced_accuracy"] = metrics.best_balanced_accuracy(labels, np.array(scores))
+    if min(np.bincount(labels, minlength=2)) >= 2:
+        m["split_half_balanced_accuracy"] = metrics.split_half_balanced_accuracy(labels, np.array(scores))
     if flags and flags[0] is not None:
         m["balanced_accuracy"] = metrics.balanced_accuracy(labels, np.array(flags, dtype=bool))
         m.update(metrics.mask_metrics(masks, predicted))
@@ -410,6 +413,10 @@ def markdown_table(rows: list[dict], latency: dict | None = None) -> str:
         ("au_pro", "AU-PRO (FPR 0.3)"),
         ("balanced_accuracy", "Balanced accuracy at the saved threshold"),
         ("best_balanced_accuracy", "Best balanced accuracy over all thresholds (oracle)"),
+        (
+            "split_half_balanced_accuracy",
+            "Best threshold of one half of the test images, scored on the other half (mean of 200 splits)",
+        ),
         ("pixel_f1", "Pixel F1 of the saved masks"),
         ("pixel_f1_max", "Pixel F1-max (oracle)"),
         ("region_overlap", "Mean IoU of each ground-truth region with the saved mask"),

@@ -52,6 +52,8 @@ __all__ = [
     "accuracy_at_threshold",
     "balanced_accuracy",
     "best_balanced_accuracy",
+    "best_balanced_threshold",
+    "split_half_balanced_accuracy",
     "mask_metrics",
     "evaluate_predictions",
 ]
@@ -474,19 +476,82 @@ def balanced_accuracy(labels, decisions) -> float:
     return float((d[y == 1].mean() + (~d[y == 0]).mean()) / 2.0)
 
 
-def best_balanced_accuracy(labels, scores) -> float:
-    """The highest balanced accuracy over all thresholds ``score > t`` (an oracle, as F1-max is)."""
-    y = _as_labels(labels)
-    s = _as_scores(scores, y.shape[0])
-    _require_both_classes(y, "balanced accuracy")
+def _best_cut(y: np.ndarray, s: np.ndarray) -> tuple[float, float]:
+    """The highest balanced accuracy of ``score > t`` over all ``t``, and a ``t`` that reaches it: the midpoint
+    of the gap between the scores on either side of the best cut (``-inf`` / ``inf`` when flagging all / none
+    is best)."""
     order = np.argsort(-s, kind="stable")
     s_sorted, y_sorted = s[order], y[order]
     # flag the top j images (j = 0..N); only cuts between distinct scores are realisable thresholds
     tp = np.concatenate([[0], np.cumsum(y_sorted)])
     fp = np.concatenate([[0], np.cumsum(1 - y_sorted)])
     cut = np.concatenate([[True], s_sorted[1:] < s_sorted[:-1], [True]])
-    bacc = (tp / y.sum() + 1.0 - fp / (y.size - y.sum())) / 2.0
-    return float(bacc[cut].max())
+    bacc = np.where(cut, (tp / y.sum() + 1.0 - fp / (y.size - y.sum())) / 2.0, -np.inf)
+    j = int(np.argmax(bacc))
+    if j == 0:
+        return float(bacc[j]), np.inf  # flag none
+    if j == s.size:
+        return float(bacc[j]), -np.inf  # flag all
+    return float(bacc[j]), float((s_sorted[j - 1] + s_sorted[j]) / 2.0)
+
+
+def best_balanced_accuracy(labels, scores) -> float:
+    """The highest balanced accuracy over all thresholds ``score > t`` (an oracle, as F1-max is).
+
+    It picks the threshold on the images it then scores, so on a small test set it is optimistic; see
+    :func:`split_half_balanced_accuracy` for the same oracle scored on images it did not see.
+    """
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.shape[0])
+    _require_both_classes(y, "balanced accuracy")
+    return _best_cut(y, s)[0]
+
+
+def best_balanced_threshold(labels, scores) -> float:
+    """A threshold at which ``score > t`` reaches :func:`best_balanced_accuracy` (an oracle): the midpoint of
+    the gap between the scores on either side of the best cut; ``-inf`` / ``inf`` where flagging every / no
+    image is best."""
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.shape[0])
+    _require_both_classes(y, "balanced accuracy")
+    return _best_cut(y, s)[1]
+
+
+def split_half_balanced_accuracy(labels, scores, n_splits: int = 200, seed: int = 0) -> float:
+    """The balanced accuracy that the best threshold of one half of the images reaches on the other half.
+
+    The images are split at random into two halves, each with half of the good and half of the defective
+    images; the threshold of :func:`best_balanced_accuracy` on one half is scored (``score > t``) on the other.
+    The mean over ``n_splits`` seeded splits is what picking the threshold with labelled defects can be
+    expected to reach on new images, without the optimism of scoring it on the images it was picked on.
+
+    Parameters
+    ----------
+    labels, scores : array_like, shape (N,)
+        0/1 ground truth (at least 2 of each) and anomaly scores.
+    n_splits : int, default 200
+    seed : int, default 0
+
+    Returns
+    -------
+    float
+        Mean balanced accuracy in [0, 1].
+    """
+    y = _as_labels(labels)
+    s = _as_scores(scores, y.shape[0])
+    _require_both_classes(y, "balanced accuracy")
+    groups = [np.flatnonzero(y == c) for c in (0, 1)]
+    if min(g.size for g in groups) < 2:
+        raise MetricInputError("a split-half balanced accuracy needs at least 2 good and 2 defective images")
+    rng = np.random.default_rng(seed)
+    found = []
+    for _ in range(int(n_splits)):
+        first = np.zeros(y.size, dtype=bool)
+        for g in groups:
+            first[rng.choice(g, g.size // 2, replace=False)] = True
+        t = _best_cut(y[first], s[first])[1]
+        found.append(balanced_accuracy(y[~first], s[~first] > t))
+    return float(np.mean(found))
 
 
 def mask_metrics(masks: Sequence, predicted: Sequence) -> dict:

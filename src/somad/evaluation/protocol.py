@@ -211,6 +211,8 @@ def _metrics(labels, scores, masks, maps, flags, predicted) -> dict:
     if both:
         out.update(metrics.evaluate_predictions(labels, scores, None, None))
         out["best_balanced_accuracy"] = metrics.best_balanced_accuracy(labels, scores)
+        if min(np.bincount(labels, minlength=2)) >= 2:
+            out["split_half_balanced_accuracy"] = metrics.split_half_balanced_accuracy(labels, scores)
     else:
         out["image_auroc"] = None
         only = "defective" if len(labels) and labels.all() else "good"
@@ -260,6 +262,7 @@ def format_metrics_table(result: dict) -> str:
         "au_pro": "AU-PRO",
         "balanced_accuracy": "bal acc",
         "best_balanced_accuracy": "best bal acc",
+        "split_half_balanced_accuracy": "split-half",
         "pixel_f1": "pix F1",
         "pixel_f1_max": "pix F1-max",
         "region_overlap": "region IoU",

@@ -54,6 +54,11 @@ _METRIC_COLUMNS = [
     ("pixel_f1_max", "F1-max pixel", "best F1 over all pixel thresholds (an oracle threshold)"),
     ("balanced_accuracy", "Balanced acc.", "mean of the true-positive and true-negative rates at the model threshold"),
     ("best_balanced_accuracy", "Best bal. acc.", "best balanced accuracy over all thresholds (an oracle threshold)"),
+    (
+        "split_half_balanced_accuracy",
+        "Split-half bal. acc.",
+        "the best threshold of one half of the test images, scored on the other half (mean of 200 splits)",
+    ),
     ("pixel_f1", "Pixel F1", "F1 of the predicted masks (at the model thresholds) against the ground truth"),
     ("region_overlap", "Region IoU", "mean IoU of each ground-truth region with its image's predicted mask"),
     ("good_fp_rate", "Good FP px", "fraction of the pixels of good test images inside a predicted mask"),
