@@ -70,8 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     if model.image_threshold_ is None:
         raise SystemExit(f"{args.model} has no saved threshold; fit with held-out images or run somad calibrate")
     samples = mvtec_test_samples(args.category)
-    y = np.array([s.label for s in samples])
-    s, test_edge = _scores_and_edges(model, [s.path for s in samples])
+    y = np.array([x.label for x in samples])
+    s, test_edge = _scores_and_edges(model, [x.path for x in samples])
     _, held_out = model.held_out_split(args.category)
     v, held_edge = _scores_and_edges(model, [it.path for it in held_out])
 
