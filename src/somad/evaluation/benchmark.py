@@ -186,9 +186,7 @@ def _run_predict(cell: dict) -> dict:
             predicted.append(model.mask(pred, full))
     labels = np.array([s.label for s in samples])
     m = metrics.evaluate_predictions(labels, np.array(scores), masks, maps)
-    m["best_balanced_accuracy"] = metrics.best_balanced_accuracy(labels, np.array(scores))
-    if min(np.bincount(labels, minlength=2)) >= 2:
-        m["split_half_balanced_accuracy"] = metrics.split_half_balanced_accuracy(labels, np.array(scores))
+    m.update(metrics.oracle_balanced_accuracies(labels, np.array(scores)))
     if flags and flags[0] is not None:
         m["balanced_accuracy"] = metrics.balanced_accuracy(labels, np.array(flags, dtype=bool))
         m.update(metrics.mask_metrics(masks, predicted))

@@ -54,6 +54,7 @@ __all__ = [
     "best_balanced_accuracy",
     "best_balanced_threshold",
     "split_half_balanced_accuracy",
+    "oracle_balanced_accuracies",
     "mask_metrics",
     "evaluate_predictions",
 ]
@@ -552,6 +553,15 @@ def split_half_balanced_accuracy(labels, scores, n_splits: int = 200, seed: int 
         t = _best_cut(y[first], s[first])[1]
         found.append(balanced_accuracy(y[~first], s[~first] > t))
     return float(np.mean(found))
+
+
+def oracle_balanced_accuracies(labels, scores) -> dict:
+    """The two oracle balanced accuracies shown next to the one at a model's threshold:
+    ``best_balanced_accuracy`` and, where each class has at least 2 images, ``split_half_balanced_accuracy``."""
+    out = {"best_balanced_accuracy": best_balanced_accuracy(labels, scores)}
+    if min(np.bincount(_as_labels(labels), minlength=2)) >= 2:
+        out["split_half_balanced_accuracy"] = split_half_balanced_accuracy(labels, scores)
+    return out
 
 
 def mask_metrics(masks: Sequence, predicted: Sequence) -> dict:

@@ -210,9 +210,7 @@ def _metrics(labels, scores, masks, maps, flags, predicted) -> dict:
     notes = []
     if both:
         out.update(metrics.evaluate_predictions(labels, scores, None, None))
-        out["best_balanced_accuracy"] = metrics.best_balanced_accuracy(labels, scores)
-        if min(np.bincount(labels, minlength=2)) >= 2:
-            out["split_half_balanced_accuracy"] = metrics.split_half_balanced_accuracy(labels, scores)
+        out.update(metrics.oracle_balanced_accuracies(labels, scores))
     else:
         out["image_auroc"] = None
         only = "defective" if len(labels) and labels.all() else "good"
