@@ -10,21 +10,13 @@ import sys
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny
 from PIL import Image
 
 from somad import SOMAD, load
 from somad.cli import main
 
-TINY = dict(
-    weights="none",
-    image_size=64,
-    som_size=4,
-    k=2,
-    rough_epochs=2,
-    fine_epochs=2,
-    device="cpu",
-    batch_size=4,
-)
+TINY = tiny(fine_epochs=2)
 
 
 @pytest.fixture(scope="module")

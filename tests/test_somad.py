@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from _tiny import tiny
 from PIL import Image
 
 from somad import SOMAD, load
@@ -11,18 +12,7 @@ from somad.errors import NotFittedError, SomadError
 from somad.evaluation.metrics import image_auroc, pixel_auroc
 from somad.features.extractor import FeatureExtractor, Geometry, gaussian_blur, select_channels, to_original_resolution
 
-TINY = dict(
-    weights="none",
-    image_size=64,
-    crop_size=None,
-    som_size=4,
-    k=2,
-    rough_epochs=2,
-    fine_epochs=1,
-    val_fraction=0.0,
-    device="cpu",
-    batch_size=4,
-)
+TINY = tiny(crop_size=None, val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")

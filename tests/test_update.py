@@ -9,6 +9,7 @@ import hashlib
 import numpy as np
 import pytest
 import torch
+from _tiny import tiny
 from PIL import Image
 
 from somad import SOMAD, load
@@ -19,17 +20,7 @@ from somad.methods.base import as_items, training_set_hash
 from somad.som.node_search import make_search
 from somad.som.node_stats import NodeMoments, fit_node_gaussians, gaussians_from_moments
 
-TINY = dict(
-    weights="none",
-    image_size=64,
-    som_size=4,
-    k=2,
-    rough_epochs=2,
-    fine_epochs=1,
-    val_fraction=0.0,
-    device="cpu",
-    batch_size=4,
-)
+TINY = tiny(val_fraction=0.0)
 
 
 @pytest.fixture(scope="module")

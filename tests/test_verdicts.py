@@ -7,6 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
+from _tiny import tiny
 from PIL import Image
 
 from somad import SOMAD, load
@@ -15,17 +16,7 @@ from somad.errors import SomadError
 from somad.features.extractor import to_original_resolution
 from somad.verdicts import OK, check_frame, estimate_thresholds, normalized_score, pool_pixels, predicted_mask, regions
 
-TINY = dict(
-    weights="none",
-    image_size=64,
-    som_size=4,
-    k=2,
-    rough_epochs=2,
-    fine_epochs=1,
-    device="cpu",
-    batch_size=4,
-    local_aggregation=1,
-)
+TINY = tiny(local_aggregation=1)
 
 
 def _texture(seed: int, size=(80, 100)) -> np.ndarray:
