@@ -2,24 +2,14 @@
 
 import numpy as np
 import pytest
+from _tiny import tiny
 from PIL import Image
 
 from somad import SOMAD
 from somad.errors import SomadError
 from somad.features.extractor import Geometry
 
-TINY = dict(
-    weights="none",
-    image_size=64,
-    som_size=4,
-    k=2,
-    rough_epochs=1,
-    fine_epochs=1,
-    device="cpu",
-    batch_size=4,
-    local_aggregation=3,
-    val_fraction=0.0,
-)
+TINY = tiny(rough_epochs=1, local_aggregation=3, val_fraction=0.0)
 
 
 @pytest.mark.parametrize("size", [(96, 200), (500, 1240), (64, 64), (632, 105), (1600, 800)])
