@@ -25,8 +25,10 @@ Two options serve other methods (the defaults give the pipeline above):
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -105,6 +107,23 @@ MAX_ASPECT = 8
 
 CPU_GROUP = 4  # images per backbone pass on CPU (see FeatureExtractor.__call__)
 
+#: Environment variable: set to 1 for features that do not depend on the number of threads (see :func:`deterministic`).
+DETERMINISTIC_ENV = "SOMAD_DETERMINISTIC"
+
+
+def deterministic() -> bool:
+    """Whether the backbone runs with thread-count-invariant arithmetic (``SOMAD_DETERMINISTIC=1``).
+
+    oneDNN, torch's fast CPU convolution library, splits its sums differently with 1 thread than with 2 or more,
+    so the features of one image differ by up to ~2e-5 between thread counts (measured on EfficientNet-Lite0;
+    docs/benchmarks.md "somad 0.8.0"). The default configuration does not notice; the paper's eps 0.01 does, because
+    nodes with fewer members than dimensions have a null space whose orientation depends on every member. With this
+    set, the convolutions use ATen's own kernels, whose sums do not depend on the thread count (the rest of the
+    pipeline already does not): every figure is then the same at any thread count on one machine, at about 7x the
+    backbone's time on CPU. On CUDA it also asks cuDNN for deterministic algorithms.
+    """
+    return os.environ.get(DETERMINISTIC_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
 
 def select_channels(total: int, dims: int | None, seed: int) -> np.ndarray:
     """Seeded random channel subset, sorted (the order does not matter for the Gaussian statistics).
@@ -154,6 +173,8 @@ class FeatureExtractor:
         that of the finest chosen stage.
     local_aggregation : int, default 1
         Odd kernel size of the neighbourhood mean applied to each stage (:func:`local_mean`); 1 = none.
+    padding : {"zeros", "replicate"}, default "zeros"
+        How the backbone's convolutions pad at the frame's edge (``backbones.set_padding``).
     """
 
     def __init__(
@@ -170,6 +191,7 @@ class FeatureExtractor:
         local_aggregation: int = 1,
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
+        padding: str = "zeros",
     ):
         self.spec = backbone_spec(backbone)
         if crop_size is not None and crop_size > image_size:
@@ -197,7 +219,7 @@ class FeatureExtractor:
         stage_channels = tuple(self.spec.channels[s] for s in self.stages)
         total = sum(stage_channels)
         self.channel_indices = np.arange(total) if channel_indices is None else np.asarray(channel_indices, np.int64)
-        self.model = build_backbone(backbone, weights, seed=seed).to(device)
+        self.model = build_backbone(backbone, weights, seed=seed, padding=padding).to(device)
         self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
         # Per stage: which of its channels are kept (selecting before upsampling saves work).
@@ -277,7 +299,13 @@ class FeatureExtractor:
             return torch.cat([self(group) for group in batch.split(CPU_GROUP)])
         x = (batch.to(self.device, torch.float32) - self._mean) / self._std
         # No TF32 in the GPU convolutions: full float32 keeps GPU features within float tolerance of the CPU's.
-        with torch.backends.cudnn.flags(enabled=torch.backends.cudnn.enabled, allow_tf32=False):
+        exact = deterministic()
+        with (
+            torch.backends.cudnn.flags(
+                enabled=torch.backends.cudnn.enabled, allow_tf32=False, deterministic=exact, benchmark=False
+            ),
+            _without_onednn(exact),
+        ):
             outputs = self.model(x)
         stages = [outputs[s] for s in self.stages]
         size = stages[0].shape[-2:]
@@ -293,6 +321,18 @@ class FeatureExtractor:
                 stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             parts.append(stage)
         return torch.cat(parts, dim=1)
+
+
+@contextlib.contextmanager
+def _without_onednn(active: bool):
+    """Run the block with torch's oneDNN CPU kernels switched off (``active``), then restore the setting."""
+    before = torch.backends.mkldnn.enabled
+    if active:
+        torch.backends.mkldnn.enabled = False
+    try:
+        yield
+    finally:
+        torch.backends.mkldnn.enabled = before
 
 
 def check_stages(stages: Sequence[int], n_stages: int = 3) -> tuple[int, ...]:
