@@ -97,52 +97,6 @@ def test_efficientnet_lite_stops_at_the_stride_16_stage_with_the_same_outputs(na
     assert all(torch.equal(a, b) for a, b in zip(got, expected))
 
 
-def test_same_padded_convolutions_pad_as_timm_does_then_by_the_chosen_mode():
-    """The replacement of timm's TF-"SAME" convolution pads exactly as timm does (checked with zeros), at even and
-    odd sizes, for the 3x3 and 5x5 stride-2 kernels of EfficientNet-Lite."""
-    from timm.layers import Conv2dSame
-
-    from somad.features.backbones import _SamePaddedConv
-
-    torch.manual_seed(0)
-    for k in (3, 5):
-        conv = Conv2dSame(3, 4, k, stride=2)
-        for h, w in ((64, 64), (65, 67), (31, 40)):
-            x = torch.randn(1, 3, h, w)
-            with torch.no_grad():
-                assert torch.equal(_SamePaddedConv(conv, "constant")(x), conv(x))
-                assert _SamePaddedConv(conv, "replicate")(x).shape == conv(x).shape
-
-
-@pytest.mark.parametrize("name", ["efficientnet_lite0", "efficientnet_lite2"])
-def test_replicate_padding_puts_no_frame_around_the_image(name):
-    """A uniform image: with zero padding the edge patches' features differ from the middle's (the padding is a
-    frame that is not in the image); with replicate padding every position of every stage is the same."""
-    from somad.features.backbones import build_backbone
-
-    x = torch.full((1, 3, 64, 80), 0.3)
-    with torch.no_grad():
-        zeros = build_backbone(name, "none", seed=1)(x)
-        replicate = build_backbone(name, "none", seed=1, padding="replicate")(x)
-    for z, r in zip(zeros, replicate):
-        assert float(z.std(dim=(2, 3)).max()) > 1e-3
-        assert float((r - r[:, :, :1, :1]).abs().max()) <= 1e-5 * max(1.0, float(r.abs().max()))
-
-
-def test_replicate_padding_changes_only_what_the_padding_reaches():
-    """The stride-4 stage: equal in the middle of a 128 px image (the padding's reach is a few patches), unequal in
-    the corner. The weights are the same; only the padding differs."""
-    from somad.features.backbones import build_backbone
-
-    torch.manual_seed(2)
-    x = torch.rand(1, 3, 128, 128)
-    with torch.no_grad():
-        zeros = build_backbone("efficientnet_lite0", "none", seed=3)(x)[0]
-        replicate = build_backbone("efficientnet_lite0", "none", seed=3, padding="replicate")(x)[0]
-    torch.testing.assert_close(zeros[..., 12:20, 12:20], replicate[..., 12:20, 12:20], rtol=1e-5, atol=1e-5)
-    assert not torch.allclose(zeros[..., 0, 0], replicate[..., 0, 0], rtol=1e-3, atol=1e-3)
-
-
 def test_deterministic_features_do_not_depend_on_the_thread_count(monkeypatch):
     """SOMAD_DETERMINISTIC=1: the same features, bit for bit, at 1 and 2 threads (oneDNN's sums differ)."""
     from somad.features.extractor import DETERMINISTIC_ENV, deterministic

@@ -28,7 +28,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from somad.errors import ModelFileError, SomadError
@@ -88,14 +87,7 @@ def backbone_spec(name: str) -> BackboneSpec:
         raise SomadError(f"unknown backbone {name!r}; choose one of: {', '.join(BACKBONES)}") from None
 
 
-#: How the convolutions pad their input at the frame's edge: ``zeros`` as the backbones were trained, or
-#: ``replicate`` (the edge pixel repeated; see :func:`set_padding`).
-PADDINGS = ("zeros", "replicate")
-
-
-def build_backbone(
-    name: str, weights: str | os.PathLike = "default", *, seed: int = 0, padding: str = "zeros"
-) -> nn.Module:
+def build_backbone(name: str, weights: str | os.PathLike = "default", *, seed: int = 0) -> nn.Module:
     """Build backbone ``name`` in eval mode, returning a list of 3 feature maps (strides 4, 8, 16).
 
     Parameters
@@ -106,8 +98,6 @@ def build_backbone(
         ``"default"``: the ImageNet weights; a path: a local state dict; ``"none"``: random init (tests only).
     seed : int
         Seed of the random initialisation (only matters for ``weights="none"``).
-    padding : {"zeros", "replicate"}
-        How every convolution pads its input (:func:`set_padding`).
     """
     spec = backbone_spec(name)
     with torch.random.fork_rng(devices=[]):
@@ -116,54 +106,10 @@ def build_backbone(
             model = _build_efficientnet_lite(name, weights)
         else:
             model = _build_torchvision(name, weights)
-    set_padding(model, padding)
     model.eval()
     for p in model.parameters():
         p.requires_grad_(False)
     return model
-
-
-def set_padding(model: nn.Module, mode: str) -> nn.Module:
-    """Make every padded convolution of ``model`` pad with ``mode`` (in place; ``"zeros"`` changes nothing).
-
-    With zero padding, a convolution at the frame's edge sees a frame of value 0 around the image: after the
-    ImageNet normalisation, a mid-grey border. On a dark background that is a bright edge which exists in no
-    part, and the patches along the frame's edge carry it through every stage (docs/benchmarks.md "somad
-    0.8.0"). ``"replicate"`` repeats the edge pixel instead, so an edge patch's features describe what is there.
-    Plain convolutions take it as their ``padding_mode``; timm's TF-"SAME" convolutions (which pad
-    asymmetrically before a stride-2 convolution) are replaced by :class:`_SamePaddedConv`.
-    """
-    if mode not in PADDINGS:
-        raise SomadError(f"padding={mode!r} is invalid; choose one of: {', '.join(PADDINGS)}")
-    if mode == "zeros":
-        return model
-    from timm.layers import Conv2dSame
-
-    for parent in list(model.modules()):
-        for child_name, child in list(parent.named_children()):
-            if isinstance(child, Conv2dSame):
-                setattr(parent, child_name, _SamePaddedConv(child, mode))
-            elif isinstance(child, nn.Conv2d) and any(child.padding):
-                child.padding_mode = mode
-    return model
-
-
-class _SamePaddedConv(nn.Module):
-    """A TF-"SAME" convolution (timm's ``Conv2dSame``: the padding depends on the input size, the larger half at
-    the end) that pads by ``mode`` instead of with zeros; the same weights."""
-
-    def __init__(self, conv: nn.Conv2d, mode: str):
-        super().__init__()
-        self.conv, self.mode = conv, mode
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        c = self.conv
-        pads = []
-        for size, k, stride, dilation in zip(x.shape[:-3:-1], c.kernel_size[::-1], c.stride[::-1], c.dilation[::-1]):
-            total = max((-(-size // stride) - 1) * stride + (k - 1) * dilation + 1 - size, 0)
-            pads += [total // 2, total - total // 2]
-        x = F.pad(x, pads, mode=self.mode)
-        return F.conv2d(x, c.weight, c.bias, c.stride, 0, c.dilation, c.groups)
 
 
 # --------------------------------------------------------------------------------------------- EfficientNet-Lite

@@ -173,8 +173,6 @@ class FeatureExtractor:
         that of the finest chosen stage.
     local_aggregation : int, default 1
         Odd kernel size of the neighbourhood mean applied to each stage (:func:`local_mean`); 1 = none.
-    padding : {"zeros", "replicate"}, default "zeros"
-        How the backbone's convolutions pad at the frame's edge (``backbones.set_padding``).
     """
 
     def __init__(
@@ -191,7 +189,6 @@ class FeatureExtractor:
         local_aggregation: int = 1,
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
-        padding: str = "zeros",
     ):
         self.spec = backbone_spec(backbone)
         if crop_size is not None and crop_size > image_size:
@@ -219,7 +216,7 @@ class FeatureExtractor:
         stage_channels = tuple(self.spec.channels[s] for s in self.stages)
         total = sum(stage_channels)
         self.channel_indices = np.arange(total) if channel_indices is None else np.asarray(channel_indices, np.int64)
-        self.model = build_backbone(backbone, weights, seed=seed, padding=padding).to(device)
+        self.model = build_backbone(backbone, weights, seed=seed).to(device)
         self._mean = torch.tensor(self.spec.mean, device=device).view(1, 3, 1, 1)
         self._std = torch.tensor(self.spec.std, device=device).view(1, 3, 1, 1)
         # Per stage: which of its channels are kept (selecting before upsampling saves work).
