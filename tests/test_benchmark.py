@@ -164,3 +164,28 @@ def test_interleaved_latency_times_every_model(tmp_path):
     assert result["n_images"] == 3 and set(result["methods"]) == {"somad", "padim"}
     for figures in result["methods"].values():
         assert 0 < figures["backbone_ms"] < figures["predict_ms"] and 0 < figures["post_ms"] < figures["predict_ms"]
+
+
+def test_a_category_without_masks_leaves_pixel_metrics_out_as_evaluate_does(tmp_path):
+    import shutil
+
+    from somad.evaluation.protocol import evaluate_model, load_test_samples
+    from somad.methods import load
+
+    cat = make_synthetic_category(tmp_path / "data", n_train=6, n_test_good=3, n_test_defect=3, size=64, seed=1)
+    shutil.rmtree(cat / "ground_truth")
+    out = tmp_path / "bench"
+    common = {**COMMON, "val_fraction": 0.34}  # thresholds, so that the saved masks are scored
+    (row,) = run_benchmark([cat], out, methods=["padim"], common=common, own={}, somad_grid={}, threads=1)
+    assert row["image_auroc"] is not None and row["balanced_accuracy"] is not None
+    for key in ("pixel_auroc", "au_pro", "pixel_f1", "pixel_f1_max", "region_overlap"):
+        assert row[key] is None, key
+    # the false-positive pixel rate is the good test images' alone, as evaluate computes it
+    model = load(next((out / "models").glob("*.safetensors")))
+    evaluated = evaluate_model(model, load_test_samples(cat))["overall"]
+    assert row["good_fp_rate"] == pytest.approx(evaluated["good_fp_rate"]) and evaluated["pixel_f1"] is None
+    md = (out / "results.md").read_text()
+    for title in ("### Pixel AUROC", "### Pixel F1 of the saved masks"):
+        table = md.split(title)[1].split("###")[0]
+        assert "| padim | n/a |" in table, table
+    assert "n/a: the category cannot give the figure" in md

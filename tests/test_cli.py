@@ -116,6 +116,32 @@ def test_evaluate_at_model_resolution(model_file, category, tmp_path):
     assert metrics["eval_resolution"] == "model" and not (out / "report.html").exists()
 
 
+def test_anomalib_verbs_run_the_somad_commands(model_file, category, tmp_path, capsys):
+    """`somad train` is `somad fit` and `somad test` is `somad evaluate`, each said in one line on stderr."""
+    out = tmp_path / "trained.safetensors"
+    assert main(["-q", "train", str(category), "-o", str(out), *TINY]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == "note: `somad train` (anomalib's verb) is the same as `somad fit`; running that" and out.is_file()
+    assert main(["-q", "test", str(model_file), str(category), "-o", str(tmp_path / "e"), "--no-report"]) == 0
+    assert "is the same as `somad evaluate`" in capsys.readouterr().err
+    assert json.loads((tmp_path / "e" / "metrics.json").read_text())["overall"]["image_auroc"] is not None
+
+
+def test_a_category_without_masks_has_no_pixel_metrics(model_file, tmp_path):
+    """Without ground-truth masks there is nothing to measure pixels against: no pixel figure, not a 0."""
+    import shutil
+
+    cat = make_synthetic_category(tmp_path / "data", n_train=4, n_test_good=3, n_test_defect=4, size=80, seed=5)
+    shutil.rmtree(cat / "ground_truth")
+    out = tmp_path / "eval"
+    assert main(["-q", "evaluate", str(model_file), str(cat), "-o", str(out), "--no-report"]) == 0
+    overall = json.loads((out / "metrics.json").read_text())["overall"]
+    assert overall["image_auroc"] is not None and overall["n_images_pixel"] == 3  # the good images' (empty) masks
+    for key in ("pixel_auroc", "au_pro", "pixel_f1_max", "pixel_f1", "region_overlap"):
+        assert overall[key] is None, key
+    assert overall["good_fp_rate"] is not None  # the good test images need no mask
+
+
 def test_defect_without_mask_counts_for_image_metrics_only(model_file, tmp_path):
     cat = make_synthetic_category(tmp_path / "data", n_train=4, n_test_good=3, n_test_defect=4, size=80, seed=5)
     dropped = sorted((cat / "ground_truth" / "spot").glob("*_mask.png"))[0]

@@ -90,6 +90,9 @@ def test_onnx_matches_native_exact_path(fitted):
         assert d.status == status
     verdicts = [native.verdict(p) for p in native.predict_iter(files)]
     assert [d.is_anomalous for d in found] == verdicts
+    # the normalised score: the runtime computes the native number from the JSON's thresholds (one function)
+    assert [d.normalized_score for d in found] == native.normalized_scores([d.score for d in found]).tolist()
+    assert all((d.normalized_score > 0.5) == (d.score > threshold) for d in found)
     assert True in verdicts[:-1] and False in verdicts[:-1]
     blank = found[-1]
     assert blank.status.startswith("invalid_input") and blank.is_anomalous and blank.mask.all()

@@ -193,7 +193,8 @@ def test_any_single_corrupted_field_fails_at_load_in_one_line(setup, tmp_path, m
     config, arrays = load_model(path)
     cases = []
     for name, value in config["params"].items():
-        bad = 123 if isinstance(value, str) else float("nan") if isinstance(value, (int, float)) else "x"
+        # A list is refused by every rule (a text, a choice, a number, or either: cv takes "auto" or a fold count)
+        bad = [123] if isinstance(value, str) else float("nan") if isinstance(value, (int, float)) else "x"
         cases.append(("params", name, bad))
     cases += [("state", "image_threshold", float("nan")), ("state", "pixel_threshold", "high")]
     cases += [("arrays", name, "nan") for name, a in arrays.items() if a.is_floating_point()]
@@ -484,3 +485,89 @@ def test_fit_into_a_read_only_folder_fails_before_the_fit(setup, tmp_path, monke
         capsys, ["fit", good, "-o", target / "new" / "m.safetensors", "--weights", "none"], "cannot write in"
     )
     assert fits == [] and list(target.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------- issue 26, item 6
+@pytest.mark.parametrize("value", ["0", "-1", "5000", "two"])
+def test_batch_size_is_validated_by_every_command_and_the_api(setup, tmp_path, capsys, value):
+    """``predict --batch-size 0`` (or -1) scored the whole run as one batch: about 10 MB per extra image."""
+    from somad import load
+    from somad.errors import SomadError
+
+    root, good, model = setup
+    commands = [
+        ["predict", model, good, "-o", tmp_path / "p"],
+        ["evaluate", model, "--good-dir", good, "-o", tmp_path / "e"],
+        ["calibrate", model, good, "-o", tmp_path / "c.safetensors"],
+        ["update", model, good, "-o", tmp_path / "u.safetensors"],
+        ["fit", good, "-o", tmp_path / "f.safetensors"],
+        ["benchmark", good, "-o", tmp_path / "b"],
+    ]
+    for argv in commands:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            main([*map(str, argv), "--batch-size", value])
+        assert info.value.code == 2 and "--batch-size" in capsys.readouterr().err
+    assert not any(tmp_path.iterdir())
+    if value.lstrip("-").isdigit():
+        with pytest.raises(SomadError, match="batch_size"):
+            next(load(model).predict_iter(good, batch_size=int(value)))
+
+
+def test_info_writes_a_models_escape_sequences_out(setup, tmp_path, capsys):
+    """``somad info`` printed a model's strings raw: terminal escape sequences reached the terminal."""
+    from _forge import rewrite
+
+    _, _, model = setup
+
+    def plant(config):
+        config["somad_version"] = "0.7\x1b[2J\x1b]0;title\x07"
+        config["state"]["threshold_info"]["source"] = "fit\x1b[1A\r\u202eevil"
+
+    forged = rewrite(model, tmp_path / "escapes.safetensors", edit_config=plant)
+    capsys.readouterr()
+    assert main(["info", str(forged)]) == 0
+    out = capsys.readouterr().out
+    assert "\x1b" not in out and "\x07" not in out and "\r" not in out and "\u202e" not in out
+    assert "0.7\\x1b[2J\\x1b]0;title\\x07" in out and "fit\\x1b[1A\\r\\u202eevil" in out
+
+
+def test_predict_never_reads_inputs_from_its_own_output(setup, tmp_path, capsys):
+    """With ``-o`` inside the folder predicted, a rerun scored the previous run's heatmaps and masks as inputs."""
+    import shutil
+
+    _, good, model = setup
+    folder = shutil.copytree(good, tmp_path / "images")
+    out = folder / "results"
+    assert main(["-q", "predict", str(model), str(folder), "-o", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["-q", "predict", str(model), str(folder), "-o", str(out), "--overwrite"]) == 0
+    assert "left out 16 file(s) inside the output folder" in capsys.readouterr().err  # 8 heatmaps, 8 masks
+    with open(out / "scores.csv", newline="") as f:
+        assert [row["path"] for row in csv.DictReader(f)] == sorted(p.name for p in good.iterdir())
+    solo = tmp_path / "solo"  # a folder whose only images are an earlier run's outputs: nothing left to score
+    assert main(["-q", "predict", str(model), str(good), "-o", str(solo / "results")]) == 0
+    _one_line_error(capsys, ["predict", model, solo, "-o", solo / "results", "--overwrite"], "holds every input")
+    assert (solo / "results" / "scores.csv").is_file()
+
+
+def test_an_output_that_is_a_file_or_the_current_folder_is_refused_with_the_right_fix(
+    setup, tmp_path, capsys, monkeypatch
+):
+    """``-o FILE`` suggested --overwrite, which then failed; ``-o . --overwrite`` said 'Device or resource busy'."""
+    _, good, model = setup
+    existing = tmp_path / "notes.txt"
+    existing.write_text("keep")
+    for extra in ([], ["--overwrite"]):
+        _one_line_error(capsys, ["predict", model, good, "-o", existing, *extra], "exists and is not a folder")
+        assert existing.read_text() == "keep"
+    here = tmp_path / "here"
+    here.mkdir()
+    monkeypatch.chdir(here)
+    for out, words in ((".", "is the current folder, which"), ("..", "or one above it")):
+        for extra in ([], ["--overwrite"]):
+            capsys.readouterr()
+            assert main(["-q", "predict", str(model), str(good), "-o", out, *extra]) == 2
+            err = capsys.readouterr().err
+            assert words in err and "--overwrite" not in err and "busy" not in err
+    assert here.is_dir() and not any(here.iterdir()) and existing.read_text() == "keep"

@@ -11,7 +11,16 @@ from hypothesis import strategies as st
 from PIL import Image, ImageFile
 
 from somad.errors import DataError, ImageLoadError, SomadError
-from somad.io.images import IMAGE_EXTENSIONS, decode_bytes, image_size, list_images, load_image, load_mask, to_rgb
+from somad.io.images import (
+    IMAGE_EXTENSIONS,
+    array_to_rgb,
+    decode_bytes,
+    image_size,
+    list_images,
+    load_image,
+    load_mask,
+    to_rgb,
+)
 
 
 def _save(img: Image.Image, path, **kwargs):
@@ -542,6 +551,8 @@ def test_every_mode_decodes_the_same_from_a_file_a_pil_image_and_an_array(tmp_pa
     if from_array:
         again = Image.fromarray(np.asarray(img))
         np.testing.assert_array_equal(np.asarray(to_rgb(again, "mem")), expected, err_msg=f"{mode} via numpy")
+        frame = array_to_rgb(np.asarray(img), "frame")  # the array itself, as a camera frame passed to predict
+        np.testing.assert_array_equal(np.asarray(frame), expected, err_msg=f"{mode} as a numpy frame")
     # the rules themselves, where they are arithmetic
     if mode in ("L", "1"):
         np.testing.assert_array_equal(expected[..., 0], np.asarray(img.convert("L")))

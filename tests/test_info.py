@@ -12,7 +12,7 @@ from somad import SOMAD
 from somad.cli import main
 from somad.io.model_files import load_model, save_model
 
-TINY = dict(weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu")
+TINY = dict(weights="none", image_size=64, som_size=4, k=2, rough_epochs=1, fine_epochs=1, device="cpu", cv="holdout")
 
 
 def _write_images(folder, seed, n=10):

@@ -315,6 +315,10 @@ def test_mask_metrics_f1_region_overlap_and_good_false_positives():
     # IoU with the whole predicted mask of the image: A 4/(4+10), B 10/(25+4)
     assert m["region_overlap"] == pytest.approx((4 / 14 + 10 / 29) / 2)
     assert m["good_fp_rate"] == pytest.approx(2 / 20)
+    # no ground-truth defect pixel (good images only, or no masks): no F1 to give, not 0
+    only_good = mask_metrics([np.zeros((4, 5), bool)], [good_pred])
+    assert only_good["pixel_f1"] is None and only_good["region_overlap"] is None
+    assert only_good["good_fp_rate"] == pytest.approx(2 / 20)
 
 
 # ------------------------------------------------------------------------------------------

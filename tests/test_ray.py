@@ -100,7 +100,7 @@ def test_a_killed_worker_is_restarted_and_no_image_is_lost_or_repeated(ray_local
 
 def test_ray_fit_matches_the_local_fit(ray_local, folders, tmp_path, capsys):
     """`somad fit --ray` on 2 workers against a local fit with the same parameters and seed."""
-    params = {**TINY, "som_samples": 1500, "val_fraction": 0.2, "scatter_dtype": "float32"}  # of 8 x 256 patches
+    params = {**TINY, "som_samples": 1500, "val_fraction": 0.2, "scatter_dtype": "float32"}  # of 10 x 256 patches
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as each Ray worker: the same feature arithmetic (float16 patches amplify rounding)
     try:
@@ -119,10 +119,12 @@ def test_ray_fit_matches_the_local_fit(ray_local, folders, tmp_path, capsys):
     w, v = remote.gaussians_.whiteners.float(), local.gaussians_.whiteners.float()
     assert float((w - v).abs().max()) <= 2e-3 * float(v.abs().max())  # float16 factors: an ulp at most
     assert remote.som_.quantization_error_ == pytest.approx(local.som_.quantization_error_, rel=1e-5)
+    # 10 images: cross-fitted (the fold models sharded too), thresholds from all 10 out-of-fold scores
+    assert remote.threshold_info_["rule"] == local.threshold_info_["rule"] == "cross_fit"
     assert remote.image_threshold_ == pytest.approx(local.image_threshold_, rel=1e-4)
     test = sorted(str(p) for p in (folders / "test").glob("0*.png"))
     assert np.allclose(remote.predict_maps(test)[0], local.predict_maps(test)[0], rtol=1e-4)
-    assert remote.n_train_images_ == local.n_train_images_ == 8 and remote.n_patches_ == local.n_patches_ == 8 * 256
+    assert remote.n_train_images_ == local.n_train_images_ == 10 and remote.n_patches_ == local.n_patches_ == 10 * 256
     assert remote.check_updatable() is not None  # per-shard moments merged: the model stays updatable
     capsys.readouterr()
     padim = ["-q", "fit", str(folders / "train"), "-o", str(tmp_path / "p.safetensors"), "--method", "padim"]

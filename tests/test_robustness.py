@@ -240,7 +240,7 @@ def test_fit_on_error_skip_trains_on_the_rest_and_lists_the_skipped(capsys, work
     rc, stdout, err = cli(capsys, "fit", train, "-o", out, "--on-error", "skip", *TINY)
     assert rc == 0, err
     assert "fitted somad on 3 images" in stdout
-    assert f"skipped {len(BAD_KINDS)} unreadable training image(s)" in err
+    assert f"left out {len(BAD_KINDS)} training image(s), unreadable or refused by the input gate" in err
     for kind in BAD_KINDS:
         assert str(train / kind) in err
     assert load(out).n_train_images_ == 3
@@ -439,7 +439,7 @@ def test_fit_single_image_keeps_no_threshold_and_says_so(capsys, work):
 
 def test_library_warns_when_val_fraction_holds_out_nothing(data, caplog):
     with caplog.at_level("WARNING"):
-        model = SOMAD(**{**TINY_PARAMS, "val_fraction": 0.1}).fit(data / "good")  # round(0.4) = 0 images
+        model = SOMAD(**{**TINY_PARAMS, "val_fraction": 0.1, "cv": "holdout"}).fit(data / "good")  # round(0.4) = 0
     assert model.image_threshold_ is None
     assert "holds out none" in caplog.text
 
@@ -560,7 +560,6 @@ def test_unknown_method_on_the_cli(capsys, work, data):
         (["--val-fraction", "nan"], ["val_fraction=nan"]),
         (["--threshold-quantile", "0"], ["threshold_quantile=0.0"]),
         (["--rough-epochs", "-1"], ["rough_epochs"]),
-        (["--batch-size", "0"], ["batch_size=0"]),
         (["--image-size", "16"], ["image_size=16", ">= 32"]),
         (["--crop", "128"], ["crop_size=128", "image_size=64"]),
         (["--blur-sigma", "-1"], ["blur_sigma=-1.0"]),
@@ -801,11 +800,11 @@ REJECTED = {
     "invalid_json_config": (_invalid_json_config, "config is not valid JSON"),
     "config_not_an_object": (_config_not_an_object, "not a JSON object"),
     "unknown_method": (_unknown_method, "unknown method 'magic'"),
-    "config_without_params": (_config_without_params, "do not fit a somad model"),
+    "config_without_params": (_config_without_params, "params: it is missing"),
     "unknown_parameter": (_unknown_parameter, "do not fit a somad model"),
-    "missing_array": (_missing_array, "arrays do not match the config"),
+    "missing_array": (_missing_array, "arrays.som_weights: it is missing"),
     "wrong_array_shape": (_wrong_array_shape, "arrays do not match the config"),
-    "scalar_array": (_scalar_array, "do not fit a somad model"),
+    "scalar_array": (_scalar_array, "must have 1 non-empty dimension"),
 }
 
 

@@ -146,8 +146,10 @@ def test_model_endpoint_describes_the_file(server, model_file, model):
     assert info["params"]["som_size"] == 4 and info["params"]["k"] == 2
     assert info["geometry"]["image_size"] == 64 and info["geometry"]["crop_size"] is None
     assert info["image_threshold"] == model.image_threshold_ and info["pixel_threshold"] == model.pixel_threshold_
-    assert info["threshold_info"]["source"] == "fit" and info["threshold_info"]["n_images"] == 3
-    assert info["n_train_images"] == 9 == model.n_train_images_
+    # 12 good images: fewer than 30, so fit cross-fits (every image trained on, all 12 scored out of fold)
+    assert info["threshold_info"]["source"] == "fit" and info["threshold_info"]["n_images"] == 12
+    assert info["threshold_info"]["rule"] == "cross_fit"
+    assert info["n_train_images"] == 12 == model.n_train_images_
     assert info["train_set_sha256"] == model.train_set_sha256_ and len(info["train_set_sha256"]) == 64
     assert info["content_sha256"] == header["sha256"]
     assert info["file_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
@@ -432,3 +434,56 @@ def test_serve_a_missing_or_foreign_model_is_one_line(tmp_path, capsys, workers)
         assert main(["serve", str(path), "--workers", workers, "--port", str(_free_port())]) == 2
         err = capsys.readouterr().err.strip()
         assert err.count("\n") == 0 and err.startswith(f"error: {path}") and fragment in err
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_serve_with_a_verify_key_refuses_unsigned_and_serves_signed(model_file, model, tmp_path, capsys, workers):
+    """``--verify-key``: an unsigned or wrongly signed model is one line and exit 2 before the port opens; a signed
+    one is served, and ``/v1/model`` says its signature was verified."""
+    from somad.cli import main
+    from somad.service.app import create_app
+
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    (keys / "key").write_bytes(b"s" * 32)
+    (keys / "other").write_bytes(b"t" * 32)
+    signed = model.save(tmp_path / "signed.safetensors", sign_key=keys / "key")
+    for path, key, fragment in ((model_file, "key", "is not signed"), (signed, "other", "signature does not match")):
+        capsys.readouterr()
+        argv = ["serve", str(path), "--workers", workers, "--port", str(_free_port()), "--verify-key"]
+        assert main([*argv, str(keys / key)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith(f"error: {path}") and fragment in err
+    if workers == "1":
+        with in_process(create_app(signed, verify_key=keys / "key")) as url:
+            info = httpx.get(f"{url}/v1/model", timeout=TIMEOUT).json()
+            assert info["signature"] == "verified" and info["path"] == "signed.safetensors"  # no server path
+
+
+def test_a_corrupt_model_is_one_line_before_the_port_opens_with_several_workers(model_file, tmp_path, capsys):
+    """Issue 26: with --workers 2 a hash mismatch was never reported (each worker failed and was respawned)."""
+    from somad.cli import main
+
+    corrupt = tmp_path / "corrupt.safetensors"
+    data = bytearray(model_file.read_bytes())
+    data[-10] ^= 0xFF  # one byte of the last array
+    corrupt.write_bytes(bytes(data))
+    for workers in ("1", "2"):
+        capsys.readouterr()
+        assert main(["serve", str(corrupt), "--workers", workers, "--port", str(_free_port())]) == 2
+        err = capsys.readouterr().err.strip()
+        assert err.count("\n") == 0 and err.startswith(f"error: {corrupt}") and "content hash mismatch" in err
+
+
+def test_binding_beyond_loopback_is_warned_about(tmp_path, capsys):
+    from somad.cli import main
+    from somad.cli.serve import exposure_warning
+
+    for host in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost"):
+        assert exposure_warning(host, 8000) is None
+    for host in ("0.0.0.0", "::", "192.168.1.20", "inspection.local"):
+        assert "listens beyond this machine" in exposure_warning(host, 8000)
+    missing = tmp_path / "none.safetensors"
+    assert main(["serve", str(missing), "--host", "0.0.0.0", "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("warning: --host 0.0.0.0 listens beyond this machine") and f"error: {missing}" in err

@@ -5,6 +5,7 @@ The oracle: fit(A) then update(B) must give the node statistics that fit's own c
 """
 
 import hashlib
+import logging
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from somad.methods import METHODS
 from somad.methods.base import as_items, training_set_hash
 from somad.som.node_search import make_search
 from somad.som.node_stats import NodeMoments, fit_node_gaussians, gaussians_from_moments
+from somad.verdicts import far_above
 
 TINY = tiny(val_fraction=0.0)
 
@@ -208,3 +210,48 @@ def test_update_keeps_the_extractor_and_refuses_features_of_another_size(images)
     x = _patch_rows(other, images[4:5])  # 20-d features of another extractor
     with pytest.raises(ValueError, match="cannot merge"):
         model.check_updatable().merge(NodeMoments.of(x, torch.zeros(len(x), dtype=torch.long), 16))
+
+
+def test_update_then_calibrate_on_the_merged_images_is_refused(images, tmp_path, capsys):
+    """The merged images join the training images' fingerprints: calibrating on them is refused, by the API after
+    the update and by `somad update --calibrate` before any feature is extracted; other good images pass."""
+    a = _write_folder(tmp_path / "a", images[:8])
+    b = _write_folder(tmp_path / "b", images[8:10])
+    held = _write_folder(tmp_path / "held", images[10:])
+    model = SOMAD(**{**TINY, "val_fraction": 0.25, "cv": "holdout"}, scatter_dtype="float32").fit(a)
+    path = model.save(tmp_path / "m.safetensors")
+    assert len(model.train_image_digests_) == 6
+    model.update(b, accept_outliers=True)
+    assert len(model.train_image_digests_) == 8
+    with pytest.raises(SomadError, match=r"^2 of 2 images to calibrate on were trained on .*biased low"):
+        model.calibrate(b)
+    again = load(model.save(tmp_path / "m2.safetensors"))  # the fingerprints are saved
+    with pytest.raises(SomadError, match="were trained on"):
+        again.calibrate(b)
+    out = tmp_path / "m3.safetensors"
+    assert main(["-q", "update", str(path), str(b), "-o", str(out), "--calibrate", str(b)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: 2 of 2 images to calibrate on were trained on") and "\n" not in err
+    assert not out.exists()
+    args = ["-q", "update", str(path), str(b), "-o", str(out), "--calibrate", str(held), "--accept-outliers"]
+    assert main(args) == 0 and load(out).threshold_info_["n_images"] == 2
+
+
+def test_update_refuses_an_image_far_above_the_threshold(images, tmp_path, caplog):
+    model = SOMAD(**{**TINY, "val_fraction": 0.25, "cv": "holdout"}, scatter_dtype="float32").fit(images[:8])
+    rng = np.random.default_rng(5)
+    off = np.clip(
+        rng.integers(0, 256, (1, 8, 8, 3)).repeat(8, 1).repeat(8, 2) + rng.normal(0, 10, (1, 64, 64, 3)), 0, 255
+    )
+    offered = np.concatenate([images[8:10], off.astype(np.uint8)])
+    scores = model.predict_maps(offered)[0]
+    assert far_above(scores, model.image_threshold_, model.threshold_info_).tolist() == [False, False, True]
+    counts = model.gaussians_.counts.clone()
+    with pytest.raises(SomadError, match=r"^update: 1 of 3 images offered as good .*array_00002.*--accept-outliers"):
+        model.update(offered)
+    assert torch.equal(model.gaussians_.counts, counts) and model.n_train_images_ == 6  # nothing merged
+    model.update(offered[:2])  # the good ones alone pass
+    assert model.n_train_images_ == 8
+    with caplog.at_level(logging.WARNING, logger="somad"):
+        model.update(offered[2:], accept_outliers=True)
+    assert model.n_train_images_ == 9 and any("accepted" in r.getMessage() for r in caplog.records)

@@ -14,9 +14,20 @@ from somad import SOMAD, load
 from somad.cli import main
 from somad.errors import SomadError
 from somad.features.extractor import to_original_resolution
-from somad.verdicts import OK, check_frame, estimate_thresholds, normalized_score, pool_pixels, predicted_mask, regions
+from somad.verdicts import (
+    OK,
+    check_frame,
+    estimate_thresholds,
+    good_score_summary,
+    normalized_or_none,
+    normalized_score,
+    pool_pixels,
+    predicted_mask,
+    regions,
+    scale_resolution,
+)
 
-TINY = tiny(local_aggregation=1)
+TINY = tiny(local_aggregation=1, cv="holdout")  # the hold-out these tests examine (cross-fitting: test_cross_fit)
 
 
 def _texture(seed: int, size=(80, 100)) -> np.ndarray:
@@ -177,16 +188,74 @@ def test_calibrate_equals_the_fit_whose_held_out_set_is_the_same_images(model, c
     assert load(path).image_threshold_ == model.image_threshold_  # the input model is untouched
 
 
-def test_normalized_scores_put_the_threshold_at_one_half(model, category, tmp_path):
-    """The optional [0, 1] scale: the median held-out good score -> 0, the threshold -> 0.5, monotone and
-    clipped, so normalized > 0.5 exactly when the image is flagged by its score; it survives save and load."""
-    t, ref = 10.0, 6.0
-    s = np.array([-5.0, 6.0, 8.0, 10.0, np.nextafter(10.0, 11.0), 12.0, 14.0, 100.0])
-    n = normalized_score(s, t, ref)
-    assert n.tolist()[:4] == [0.0, 0.0, 0.25, 0.5] and n.tolist()[5:] == [0.75, 1.0, 1.0]
-    assert ((n > 0.5) == (s > t)).all() and (np.diff(n) >= 0).all()
+def _scale_is_a_decision_scale(n, s, t):
+    """Monotone, > 0.5 exactly when s > t, strictly increasing above t."""
+    assert (np.diff(n) >= 0).all() and ((n > 0.5) == (s > t)).all()
+    assert (np.diff(n[s > t]) > 0).all() and (n < 1).all()
+
+
+def test_normalized_score_is_the_good_scores_cdf_below_the_threshold_and_never_saturates_above():
+    rng = np.random.default_rng(0)
+    good = np.sort(rng.gamma(4.0, 2.0, 57))
+    t, m = float(np.quantile(good, 0.9)), float(np.median(good))
+    info = {"good_scores": good_score_summary(good), "good_score_median": m}
+    s = np.concatenate([np.linspace(-3.0, 3 * t, 20001), t * np.logspace(0.5, 12, 200)])
+    s.sort()
+    n = normalized_score(s, t, info)
+    _scale_is_a_decision_scale(n, s, t)
+    assert normalized_score(t, t, info) == 0.5 and normalized_score(np.nextafter(t, np.inf), t, info) > 0.5
+    assert normalized_score(np.inf, t, info) == 1.0 and normalized_score(-1.0, t, info) == 0.0
+    # below: 0.5 * F(s) / F(t), F the empirical CDF (order statistic i of n at i / (n + 1)), linear in between
+    f = np.arange(1, good.size + 1) / (good.size + 1.0)
+    f_t = np.interp(t, good, f)
+    below = good < t
+    np.testing.assert_allclose(normalized_score(good[below], t, info), 0.5 * f[below] / f_t, rtol=1e-12)
+    a, b = good[3], good[4]
+    mid = normalized_score((a + b) / 2, t, info)
+    assert mid == pytest.approx(0.5 * (f[3] + f[4]) / 2 / f_t)
+    assert normalized_score(good[0] / 2, t, info) == pytest.approx(0.25 * f[0] / f_t)  # from 0 at score 0
+    # above: 1 - 0.5 (t - m) / (s - m): twice as far from the median as the threshold -> 0.75, ten times -> 0.95
+    assert normalized_score([m + 2 * (t - m), m + 10 * (t - m)], t, info) == pytest.approx([0.75, 0.95])
+    # a threshold set by hand above every good score: still strictly increasing up to it
+    high = 2 * good[-1]
+    n = normalized_score(s, high, info)
+    _scale_is_a_decision_scale(n, s, high)
+    assert (np.diff(normalized_score(np.linspace(good[-1], high, 50), high, info)) > 0).all()
+    # ties among the good scores, and a threshold below the median: still a decision scale
+    tied = {"good_scores": [1.0, 2.0, 2.0, 2.0, 3.0], "good_score_median": 2.0}
+    for threshold in (2.0, 1.5, 2.5):
+        _scale_is_a_decision_scale(normalized_score(s, threshold, tied), s, threshold)
+
+
+def test_more_than_a_thousand_good_scores_are_kept_as_quantiles():
+    scores = np.random.default_rng(1).normal(10.0, 1.0, 5000)
+    kept = good_score_summary(scores)
+    assert len(kept) == 1000 and kept == sorted(kept)
+    assert kept[0] > scores.min() and kept[-1] < scores.max()
+    assert np.median(kept) == pytest.approx(np.median(scores), abs=0.02)
+
+
+def test_normalized_score_of_a_0_7_file_falls_back_to_its_median():
+    """Files of somad 0.7 record only the median good score: 0 at score 0, 0.25 / quantile at the median, 0.5 at
+    the threshold, and the same rule as above beyond it."""
+    t, m = 10.0, 6.0
+    info = {"source": "fit", "n_images": 9, "quantile": 0.9, "good_score_median": m}
+    s = np.linspace(-2.0, 100.0, 5001)
+    n = normalized_score(s, t, info)
+    _scale_is_a_decision_scale(n, s, t)
+    assert normalized_score([0.0, 3.0, m, 8.0, t, 14.0], t, info) == pytest.approx(
+        [0.0, 0.125 / 0.9, 0.25 / 0.9, (0.25 / 0.9 + 0.5) / 2, 0.5, 0.75]
+    )
+    assert normalized_or_none(7.0, t, {"source": "fit"}) is None  # before 0.7: nothing to scale by
+    assert normalized_or_none(7.0, None, info) is None
+
+
+def test_normalized_scores_of_a_model_survive_save_load_and_reach_the_csv(model, category, tmp_path):
     _, val = model.held_out_split(category)
-    assert model.threshold_info_["good_score_median"] == pytest.approx(float(np.median(model.predict_maps(val)[0])))
+    held = np.sort(model.predict_maps(val)[0].astype(np.float64))
+    info = model.threshold_info_
+    assert info["good_scores"] == pytest.approx(held.tolist()) and info["good_score_median"] == np.median(held)
+    assert scale_resolution(info) == 1 / len(held)
     scores = model.predict_maps(category / "test")[0]
     normalized = model.normalized_scores(scores)
     assert ((normalized > 0.5) == (scores > model.image_threshold_)).all()
@@ -195,11 +264,11 @@ def test_normalized_scores_put_the_threshold_at_one_half(model, category, tmp_pa
     again = load(path)
     np.testing.assert_array_equal(again.normalized_scores(scores), normalized)
     assert main(["-q", "predict", str(path), str(category / "test"), "-o", str(tmp_path / "out")]) == 0
-    spread = model.image_threshold_ - model.threshold_info_["good_score_median"]
+    by_name = {p.item.name: p.score for p in model.predict_iter(category / "test")}
     for r in _rows(tmp_path / "out" / "scores.csv"):  # the CSV column, with the same > 0.5 rule as is_anomalous
-        n = float(r["normalized_score"])  # both cells are written to 6 decimals: the score's rounding, scaled
-        assert n == pytest.approx(float(model.normalized_scores([float(r["score"])])[0]), abs=1e-6 + 1e-6 / spread)
-        assert (n > 0.5) == (r["is_anomalous"] == "1")
+        expected = float(model.normalized_scores([by_name[r["path"]]])[0])
+        assert float(r["normalized_score"]) == pytest.approx(expected, abs=1e-6)
+        assert (float(r["normalized_score"]) > 0.5) == (r["is_anomalous"] == "1")
     again.threshold_info_ = {"source": "fit", "n_images": 3}  # a file from before somad 0.7
     with pytest.raises(SomadError, match="somad calibrate"):
         again.normalized_scores(scores)

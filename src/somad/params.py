@@ -77,10 +77,33 @@ class Text:
 
 
 @dataclass(frozen=True)
+class Either:
+    """A value that one of ``rules`` accepts, e.g. ``"auto"`` or a whole number of folds."""
+
+    rules: tuple
+
+    def check(self, value) -> str | None:
+        problems = [rule.check(value) for rule in self.rules]
+        return None if None in problems else "; or ".join(problems)
+
+    def parse(self, text: str):
+        """The first reading of ``text`` that its rule accepts (else the last reading: its check says why)."""
+        value = text
+        for rule in self.rules:
+            try:
+                value = rule.parse(text)
+            except ValueError:
+                continue
+            if rule.check(value) is None:
+                return value
+        return value
+
+
+@dataclass(frozen=True)
 class Param:
     """One row of a ``_parameters`` table.
 
-    rule : Interval, Options or Text
+    rule : Interval, Options, Text or Either
     help : str
         Command-line help (the default is appended).
     none : str or None
@@ -91,7 +114,7 @@ class Param:
         False for parameters with no model flag (set per command, e.g. ``device``).
     """
 
-    rule: Interval | Options | Text
+    rule: Interval | Options | Text | Either
     help: str
     none: str | None = None
     flag: str | None = None

@@ -1,14 +1,18 @@
 """Run an exported somad model without torch: onnxruntime, numpy and Pillow only.
 
 ``somad export MODEL -o DIR`` writes ``DIR/model.onnx`` and ``DIR/somad_export.json``
-(``somad.export.onnx``). :class:`OnnxDetector` reads them and scores images the way the native path does:
+(``somad.export.onnx``; the contract: ``somad.io.export_format``). :class:`OnnxDetector` verifies them
+(``export_format.read_export``: the description's fields and own hash, the graph's SHA-256, with a key its
+signature) and scores images the way the native path does:
 
-1. decode with somad's rules (``somad.io.images``: files, PIL images, uint8 arrays; 16-bit, palette, alpha...);
+1. decode with somad's rules (``somad.io.inputs``, ``somad.io.images``: files, PIL images, numpy frames;
+   16-bit, float, palette, alpha...);
 2. resize to ``image_size x image_size`` with ``PIL.Image.resize(..., Image.BILINEAR)`` and keep the central
    ``input_size`` square (the model's crop, if any): the pixels ``FeatureExtractor.preprocess`` feeds the
    backbone;
 3. run the graph on the uint8 ``(N, S, S, 3)`` batch: ``score`` ``(N,)`` and ``anomaly_map`` ``(N, S, S)``;
-4. apply the input gate (``somad.verdicts.check_frame``) and the decision rule (``score > image_threshold``,
+4. apply the input gate (``somad.verdicts.check_frame``, with the limits the model learned from its training
+   images: ``input_gate``) and the decision rule (``score > image_threshold``,
    refused frames always anomalous), and the predicted mask (``somad.verdicts.predicted_mask``).
 
 This module imports nothing that imports torch (a test runs it with torch made unimportable).
@@ -16,7 +20,6 @@ This module imports nothing that imports torch (a test runs it with torch made u
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,12 +29,11 @@ import numpy as np
 from PIL import Image
 
 from somad.errors import ModelFileError, SomadError
-from somad.io.images import list_images, load_image, to_rgb
-from somad.verdicts import OK, check_frame, is_anomalous, predicted_mask
+from somad.io.export_format import INPUT_NAME, META_FILE, MODEL_FILE, OUTPUT_NAMES, read_export
+from somad.io.inputs import as_items
+from somad.io.schema import BATCH_SIZE
+from somad.verdicts import OK, FrameGate, check_frame, is_anomalous, normalized_or_none, predicted_mask
 
-MODEL_FILE = "model.onnx"
-META_FILE = "somad_export.json"
-EXPORT_VERSION = 1
 BACKENDS = ("onnxruntime",)
 
 
@@ -48,6 +50,8 @@ class Detection:
     status : ``"ok"`` or ``"invalid_input: <reason>"`` (the input gate)
     original_size : (height, width)
     mask : ndarray (S, S) bool or None, the predicted defect mask at the model input
+    normalized_score : float or None, the [0, 1] scale with the threshold at 0.5 (``None`` without a threshold
+        or where the export records no good scores)
     """
 
     name: str
@@ -57,6 +61,7 @@ class Detection:
     status: str
     original_size: tuple[int, int]
     mask: np.ndarray | None = None
+    normalized_score: float | None = None  #: ``somad.verdicts.normalized_score``, as the native path gives it
 
     @property
     def valid(self) -> bool:
@@ -77,6 +82,13 @@ class OnnxDetector:
         from other work in the process, e.g. torch, between runs).
     threshold, pixel_threshold : float, optional
         Override the exported thresholds.
+    verify_key : bytes, or the path of a key file, optional
+        Refuse an export that is unsigned or not signed with this key (``somad export --sign-key``;
+        ``somad.io.integrity``). Without it the export is still checked against its own hashes.
+
+    The export is verified before the first image (``somad.io.export_format.read_export``): the description field
+    by field and against its own hash, the graph's bytes against the hash the description records (the bytes
+    loaded are the bytes hashed); any mismatch is one ``ModelFileError`` line naming the files.
     """
 
     def __init__(
@@ -88,31 +100,28 @@ class OnnxDetector:
         spinning: bool = True,
         threshold: float | None = None,
         pixel_threshold: float | None = None,
+        verify_key: bytes | str | os.PathLike | None = None,
     ):
         self.path = Path(path)
         if backend not in BACKENDS:
             raise SomadError(f"backend {backend!r} is not supported; valid: {', '.join(BACKENDS)}")
         meta_path = self.path / META_FILE
-        if not meta_path.is_file() or not (self.path / MODEL_FILE).is_file():
-            raise ModelFileError(
-                f"{self.path}: not a somad export folder (no {META_FILE} or {MODEL_FILE}); run `somad export`"
-            )
+        # The description checked field by field and against its own hash, the graph's bytes against the
+        # description (and, with a key, the signature): before anything is scored (somad.io.export_format).
+        self.meta, graph = read_export(self.path, verify_key)
+        geometry = self.meta["geometry"]
+        self.image_size = int(geometry["image_size"])
+        self.input_size = int(geometry["input_size"])
+        self.crop_offset = int(geometry["crop_offset"])
         try:
-            self.meta = json.loads(meta_path.read_text())
-            geometry = self.meta["geometry"]
-            self.image_size = int(geometry["image_size"])
-            self.input_size = int(geometry["input_size"])
-            self.crop_offset = int(geometry["crop_offset"])
-            version = int(self.meta["export_version"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            self.gate_ = FrameGate.from_dict(self.meta.get("input_gate"))  # None in older exports: the fixed rule
+        except (ValueError, KeyError, TypeError) as exc:
             raise ModelFileError(f"{meta_path}: unreadable export description ({exc}); re-run `somad export`") from None
-        if version > EXPORT_VERSION:
-            raise ModelFileError(f"{meta_path}: export version {version} is newer than this somad's; upgrade somad")
         self.method = self.meta.get("method")
         self.image_threshold_ = self.meta.get("image_threshold") if threshold is None else float(threshold)
         self.pixel_threshold_ = self.meta.get("pixel_threshold") if pixel_threshold is None else float(pixel_threshold)
         self.backend = backend
-        self._run = _onnxruntime_runner(self.path / MODEL_FILE, threads, spinning)
+        self._run = _onnxruntime_runner(graph, self.path / MODEL_FILE, self.input_size, threads, spinning)
 
     # ------------------------------------------------------------------ inputs
     def preprocess(self, image: Image.Image) -> np.ndarray:
@@ -122,38 +131,10 @@ class OnnxDetector:
         return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8)[o : o + s, o : o + s])
 
     def _decoded(self, images) -> Iterator[tuple[str, Image.Image]]:
-        """Images as the native path accepts them: a folder, a path, PIL images, a sequence of these, or a uint8
-        array ``(H, W, 3)``, ``(N, H, W)`` or ``(N, H, W, 3)``; decoded one at a time."""
-        if isinstance(images, np.ndarray):
-            if images.ndim == 3 and images.shape[-1] == 3:
-                images = images[None]
-            if images.ndim not in (3, 4) or images.dtype != np.uint8 or (images.ndim == 4 and images.shape[-1] != 3):
-                raise SomadError(
-                    f"image arrays must be uint8 of shape (H, W, 3), (N, H, W) or (N, H, W, 3), "
-                    f"got {images.dtype} {images.shape}"
-                )
-            for i, a in enumerate(images):
-                yield f"array_{i:05d}", Image.fromarray(a).convert("RGB")
-            return
-        if isinstance(images, (str, os.PathLike, Image.Image)):
-            images = [images]
-        count = 0
-        for entry in images:
-            if isinstance(entry, Image.Image):
-                name = f"image_{count:05d}"
-                yield name, to_rgb(entry, name)
-                count += 1
-                continue
-            path = Path(entry)
-            if path.is_dir():
-                for p in list_images(path):
-                    yield str(p.relative_to(path)), load_image(p)
-                    count += 1
-            else:
-                yield path.name, load_image(path)
-                count += 1
-        if not count:
-            raise SomadError("no images given; pass a folder of images or a list of image files")
+        """Images as the native path accepts them (``somad.io.inputs.as_items``: folders, paths, PIL images, numpy
+        frames, sequences of these), decoded one at a time."""
+        for item in as_items(images):
+            yield item.name, item.load()
 
     # ------------------------------------------------------------------ scoring
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -166,6 +147,9 @@ class OnnxDetector:
 
     def predict_iter(self, images, *, batch_size: int = 1) -> Iterator[Detection]:
         """One :class:`Detection` per image, ``batch_size`` images per graph run."""
+        problem = BATCH_SIZE.check(batch_size)
+        if problem:  # 0 or -1 would run every image as one batch
+            raise SomadError(f"batch_size={batch_size!r} is invalid: {problem}")
         pending: list[tuple[str, Image.Image]] = []
         for entry in self._decoded(images):
             pending.append(entry)
@@ -188,17 +172,19 @@ class OnnxDetector:
         batch = np.stack([self.preprocess(image) for _, image in pending])
         scores, maps = self.run(batch)
         for (name, image), score, m in zip(pending, scores, maps):
-            status = check_frame(image)
+            status = check_frame(image, self.gate_)
             flagged = (
                 None
                 if self.image_threshold_ is None
                 else (True if status != OK else is_anomalous(score, self.image_threshold_))
             )
             mask = predicted_mask(m, flagged, self.pixel_threshold_, valid=status == OK)
-            yield Detection(name, float(score), flagged, m, status, (image.height, image.width), mask)
+            n = normalized_or_none(float(score), self.image_threshold_, self.meta.get("threshold_info"))
+            yield Detection(name, float(score), flagged, m, status, (image.height, image.width), mask, n)
 
 
-def _onnxruntime_runner(path: Path, threads: int | None, spinning: bool = True):
+def _onnxruntime_runner(graph: bytes, path: Path, size: int, threads: int | None, spinning: bool = True):
+    """A session of the graph's bytes ``graph`` (read from ``path``), checked to take the described input."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -211,12 +197,19 @@ def _onnxruntime_runner(path: Path, threads: int | None, spinning: bool = True):
     if not spinning:
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
-        session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(graph, options, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable graphs
         raise ModelFileError(
             f"{path}: onnxruntime cannot load it ({type(exc).__name__}); re-run `somad export`"
         ) from None
-    return lambda batch: session.run(["score", "anomaly_map"], {"image": batch})
+    inputs, outputs = session.get_inputs(), {o.name for o in session.get_outputs()}
+    shape = list(inputs[0].shape[1:]) if len(inputs) == 1 else None
+    if shape != [size, size, 3] or inputs[0].name != INPUT_NAME or not outputs >= set(OUTPUT_NAMES):
+        raise ModelFileError(
+            f"{path}: the graph does not take uint8 {INPUT_NAME} (N, {size}, {size}, 3) to {', '.join(OUTPUT_NAMES)} "
+            f"as its description ({META_FILE}) says; re-run `somad export`"
+        )
+    return lambda batch: session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
 
 
 __all__ = ["Detection", "OnnxDetector"]

@@ -13,17 +13,23 @@ import sys
 
 from somad._version import __version__
 from somad.cli import benchmark, calibrate, demo, evaluate, export, fit, info, predict, serve, update
-from somad.cli.common import apply_preset, model_from_args, override_thresholds
+from somad.cli.common import apply_preset, model_from_args, override_thresholds, printable
 from somad.errors import SomadError
 
 #: Every command: a module with ``add_parser(sub)`` and ``run(args)``, in the order of ``somad --help``.
 COMMANDS = (fit, predict, evaluate, calibrate, update, benchmark, demo, serve, info, export)
+#: anomalib's verbs, run as the somad command that does the same (with a note on stderr).
+ALIASES = {"train": "fit", "test": "evaluate"}
 
 logger = logging.getLogger("somad")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="somad", description="Unsupervised visual anomaly detection with SOMAD.")
+    parser = argparse.ArgumentParser(
+        prog="somad",
+        description="Unsupervised visual anomaly detection with SOMAD.",
+        epilog="anomalib's verbs work too: " + ", ".join(f"`somad {a}` is `somad {c}`" for a, c in ALIASES.items()),
+    )
     parser.add_argument("--version", action="version", version=f"somad {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings only, no progress bars")
@@ -37,9 +43,19 @@ def _raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
+def _aliased(argv: list[str]) -> list[str]:
+    """``argv`` with an anomalib verb (:data:`ALIASES`) in the command's place replaced by somad's, said on stderr."""
+    at = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)  # the global options take no value
+    if at is None or argv[at] not in ALIASES:
+        return argv
+    verb, command = argv[at], ALIASES[argv[at]]
+    print(f"note: `somad {verb}` (anomalib's verb) is the same as `somad {command}`; running that", file=sys.stderr)
+    return argv[:at] + [command] + argv[at + 1 :]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = _aliased(sys.argv[1:] if argv is None else list(argv))
     args = parser.parse_args(argv)
     if getattr(args, "parser", None) is not None:
         apply_preset(args, argv, args.parser)
@@ -53,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except SomadError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)  # a file name or a model string may hold escapes
         return 2
     except OSError as exc:  # a file system problem (permissions, no space, a file where a folder should be)
         where = f"{exc.filename}: " if exc.filename else ""
@@ -68,4 +84,4 @@ if __name__ == "__main__":
     sys.exit(main())
 
 
-__all__ = ["COMMANDS", "apply_preset", "build_parser", "main", "model_from_args", "override_thresholds"]
+__all__ = ["ALIASES", "COMMANDS", "apply_preset", "build_parser", "main", "model_from_args", "override_thresholds"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from somad.cli.common import add_model_args
+from somad.cli.common import add_model_args, batch_size
 from somad.errors import SomadError
 from somad.evaluation.benchmark import VARIANTS, _all_cells, _int_list, markdown_table, run_benchmark
 
@@ -31,7 +31,7 @@ def add_parser(sub) -> None:
     p.add_argument("--force", action="store_true", help="recompute finished cells")
     add_model_args(p)
     p.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default cpu")
-    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--batch-size", type=batch_size, default=16, help="images per backbone batch (default 16)")
     p.set_defaults(func=run, parser=p)
 
 

@@ -4,10 +4,21 @@ threshold overrides."""
 from __future__ import annotations
 
 import argparse
+import re
 from pathlib import Path
 
 from somad.errors import SomadError
 from somad.som.node_search import SEARCHES
+
+#: Characters a terminal may act on: C0 and C1 controls, DEL, and the bidirectional and other invisible format
+#: characters (a model's strings, or a file name, could otherwise move the cursor, retitle the window or reorder
+#: the line).
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u200b-\u200f\u202a-\u202e\u2060-\u2069\ufeff]")
+
+
+def printable(text) -> str:
+    """``text`` with every character a terminal could act on written as its escape (``\\x1b``, ``\\u202e``)."""
+    return _UNPRINTABLE.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
@@ -27,15 +38,25 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     add_flags(g, {"SOMAD": METHODS["somad"], "PaDiM": METHODS["padim"], "PatchCore": METHODS["patchcore"]})
 
 
-def add_model_rewrite_args(p: argparse.ArgumentParser, *, model_help: str, images_metavar: str) -> None:
+def add_model_rewrite_args(
+    p: argparse.ArgumentParser, *, model_help: str, images_metavar: str, images_help: str
+) -> None:
     """The arguments of a command that reads a model and good images and writes a new model file (calibrate,
-    update): MODEL, the images, ``-o MODEL2``, ``--overwrite``, ``--device`` and ``--batch-size``."""
+    update): MODEL, the images, ``-o MODEL2``, ``--overwrite``, ``--device``, ``--batch-size``,
+    ``--accept-outliers``, ``--sign-key`` and ``--verify-key``."""
     p.add_argument("model", metavar="MODEL", help=model_help)
-    p.add_argument("good_dir", metavar=images_metavar, help="folder of good images (or an MVTec category: train/good)")
+    p.add_argument("good_dir", metavar=images_metavar, help=images_help)
+    p.add_argument(
+        "--accept-outliers",
+        action="store_true",
+        help="take images that score far above the model's threshold as good too (by default refused, listed: "
+        "above every held-out good score and twice as far from their median as the threshold; defects?)",
+    )
     p.add_argument("-o", "--output", required=True, metavar="MODEL2", help="model file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing model file")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
-    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
+    p.add_argument("--batch-size", type=batch_size, default=16, help="images per backbone batch (default 16)")
+    add_key_args(p, sign=True, verify=True)
 
 
 def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
@@ -75,12 +96,63 @@ def add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: 
             metavar="VALUE",
             help="pixel threshold of the masks of flagged images (default: the model's)",
         )
-    p.add_argument("--batch-size", type=int, default=16, help="images per backbone batch (default 16)")
+    p.add_argument("--batch-size", type=batch_size, default=16, help="images per backbone batch (default 16)")
     p.add_argument(
         "--on-error",
         default=on_error_default,
         choices=["fail", "skip"],
         help=f"unreadable images: stop, or skip and list them (default {on_error_default})",
+    )
+
+
+def batch_size(text: str) -> int:
+    """``--batch-size``: the detectors' own rule for ``batch_size`` (their parameter table), at parse time."""
+    from somad.methods.base import BaseDetector
+
+    rule = BaseDetector._table()["batch_size"].rule
+    try:
+        value = rule.parse(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    problem = rule.check(value)
+    if problem:
+        raise argparse.ArgumentTypeError(f"{text!r} is invalid: {problem}")
+    return value
+
+
+def add_key_args(p: argparse.ArgumentParser, *, sign: bool = False, verify: bool = False) -> None:
+    """``--sign-key KEY`` (a command that writes a model or an export) and ``--verify-key KEY`` (one that reads
+    a model); see ``somad.io.integrity``."""
+    if sign:
+        p.add_argument(
+            "--sign-key",
+            metavar="KEY",
+            default=None,
+            help="sign what is written with the secret key in this file (HMAC-SHA-256), so that --verify-key can "
+            "prove it unchanged; keep the key away from the model folder",
+        )
+    if verify:
+        p.add_argument(
+            "--verify-key",
+            metavar="KEY",
+            default=None,
+            help="refuse a model that is not signed with the secret key in this file (see --sign-key)",
+        )
+
+
+def keys(args, model: str | None = None, output: str | None = None) -> tuple[bytes | None, bytes | None]:
+    """The ``--sign-key`` and ``--verify-key`` of ``args``, read now (a bad key file fails before any work); a
+    warning when a key file sits beside the model it verifies or the output it signs."""
+    from somad.io.integrity import read_key, warn_key_beside
+
+    sign_path, verify_path = getattr(args, "sign_key", None), getattr(args, "verify_key", None)
+    if sign_path is not None and output is not None:
+        warn_key_beside(sign_path, output)
+    if verify_path is not None and model is not None:
+        warn_key_beside(verify_path, model)
+    return (
+        None if sign_path is None else read_key(sign_path),
+        None if verify_path is None else read_key(verify_path),
     )
 
 
@@ -128,8 +200,8 @@ def override_thresholds(model, args) -> None:
                 f"{args.model}: the model has no threshold to complete; give both --threshold and "
                 "--pixel-threshold, or run `somad calibrate` first"
             )
-        median = (model.threshold_info_ or {}).get("good_score_median")  # the normalised scale's 0 stays
-        model.threshold_info_ = {"source": "command line", "n_images": None, "good_score_median": median}
+        kept = {k: (model.threshold_info_ or {}).get(k) for k in ("good_score_median", "good_scores")}
+        model.threshold_info_ = {"source": "command line", "n_images": None, **kept}  # the normalised scale's basis
 
 
 def model_output(path: str, overwrite: bool) -> Path:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from somad.cli.common import add_run_args, override_thresholds
+from somad.cli.common import add_key_args, add_run_args, keys, override_thresholds
 from somad.errors import SomadError
 from somad.evaluation.protocol import (
     EVAL_RESOLUTIONS,
@@ -40,6 +40,7 @@ def add_parser(sub) -> None:
     p.add_argument("--no-report", action="store_true", help="skip report.html")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_run_args(p, "skip", scoring=True)
+    add_key_args(p, verify=True)
     p.set_defaults(func=run)
 
 
@@ -51,7 +52,8 @@ def run(args) -> int:
         raise SomadError("give either CATEGORY_DIR or --good-dir/--defect-dir/--mask-dir, not both")
     if not args.category and not (args.good_dir or args.defect_dir):
         raise SomadError("no test data: give an MVTec CATEGORY_DIR or --good-dir/--defect-dir")
-    model = load(args.model, device=args.device, search=args.search)
+    _, verify_key = keys(args, model=args.model)
+    model = load(args.model, device=args.device, search=args.search, verify_key=verify_key)
     model.batch_size = args.batch_size
     override_thresholds(model, args)
     samples = load_test_samples(

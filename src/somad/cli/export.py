@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from somad.cli.common import add_key_args, keys
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser(
@@ -31,12 +33,14 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--no-check", action="store_true", help="skip the onnxruntime check against the native path (no onnxruntime)"
     )
+    add_key_args(p, sign=True, verify=True)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from somad.export.onnx import META_FILE, export_model
 
+    sign_key, verify_key = keys(args, model=args.model, output=args.output)
     out = export_model(
         args.model,
         args.output,
@@ -44,6 +48,8 @@ def run(args) -> int:
         overwrite=args.overwrite,
         check=not args.no_check,
         search=None if args.search == "model" else args.search,
+        sign_key=sign_key,
+        verify_key=verify_key,
     )
     meta = json.loads((out / META_FILE).read_text())
     check = meta.get("parity_check")

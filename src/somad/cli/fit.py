@@ -4,7 +4,16 @@ from __future__ import annotations
 
 import sys
 
-from somad.cli.common import add_model_args, add_ray_args, add_run_args, model_from_args, model_output
+from somad.cli.common import (
+    add_key_args,
+    add_model_args,
+    add_ray_args,
+    add_run_args,
+    keys,
+    model_from_args,
+    model_output,
+)
+from somad.verdicts import FALSE_ALARM_LEVEL
 
 
 def add_parser(sub) -> None:
@@ -23,11 +32,13 @@ def add_parser(sub) -> None:
     )
     add_run_args(p, "fail")
     add_ray_args(p, "SOMAD: shard feature extraction, SOM epochs and node statistics over Ray workers")
+    add_key_args(p, sign=True)
     p.set_defaults(func=run, parser=p)
 
 
 def run(args) -> int:
     out = model_output(args.output, args.overwrite)
+    sign_key, _ = keys(args, output=args.output)
     if getattr(args, "ray", None) is not None:  # sharded over Ray workers (somad.distributed.ray)
         from somad.distributed.ray import ray_fit, require_ray
 
@@ -35,7 +46,7 @@ def run(args) -> int:
         model = ray_fit(model_from_args(args), args.train_dir, address=args.ray, workers=args.ray_workers)
     else:
         model = model_from_args(args).fit(args.train_dir)
-    model.save(out, overwrite=args.overwrite)
+    model.save(out, overwrite=args.overwrite, sign_key=sign_key)
     info = [f"fitted {model.method} on {model.n_train_images_} images in {model.fit_seconds_:.1f} s"]
     if getattr(model, "som_", None) is not None:
         info.append(
@@ -43,7 +54,19 @@ def run(args) -> int:
             f"topographic error {model.som_.topographic_error_:.4f}"
         )
     if model.image_threshold_ is not None:
-        info.append(f"threshold {model.image_threshold_:.4f} from {model.n_val_images_} held-out images")
+        t = model.threshold_info_ or {}
+        if t.get("rule") == "cross_fit":
+            what = f"the out-of-fold scores of {model.n_val_images_} images ({t['folds']}-fold cross-fitting)"
+        else:
+            what = f"{model.n_val_images_} held-out images"
+        line = f"threshold {model.image_threshold_:.4f} from {what}"
+        if t.get("false_alarm_rate_interval"):
+            low, high = t["false_alarm_rate_interval"]
+            line += (
+                f" (expected false alarms {100 * t['expected_false_alarm_rate']:.0f}%, "
+                f"{100 * FALSE_ALARM_LEVEL:.0f}% interval {100 * low:.0f}-{100 * high:.0f}%)"
+            )
+        info.append(line)
     elif not model.val_fraction:
         info.append("no threshold (--val-fraction 0): predict writes scores, no decisions or masks")
     print("; ".join(info))
@@ -55,7 +78,10 @@ def run(args) -> int:
             file=sys.stderr,
         )
     if model.skipped_:
-        print(f"skipped {len(model.skipped_)} unreadable training image(s):", file=sys.stderr)
+        print(
+            f"left out {len(model.skipped_)} training image(s), unreadable or refused by the input gate:",
+            file=sys.stderr,
+        )
         for line in model.skipped_:
             print(f"  {line}", file=sys.stderr)
     print(f"wrote {out}")

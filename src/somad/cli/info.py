@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from somad.cli.common import add_key_args, keys, printable
+
 NOT_RECORDED = "not recorded"
 
 
@@ -16,13 +18,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
     p.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
+    add_key_args(p, verify=True)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
     from somad.service.model_info import describe
 
-    info = describe(args.model, verify=True)
+    _, verify_key = keys(args, model=args.model)
+    info = describe(args.model, verify=True, verify_key=verify_key)
     if args.json:
         print(json.dumps(info, indent=2, sort_keys=True))
     else:
@@ -36,7 +40,7 @@ def _value(value, fmt: str = "{}") -> str:
 
 def text(info: dict) -> str:
     """The human-readable description of :func:`somad.service.model_info.describe`'s result."""
-    from somad.service.model_info import threshold_source
+    from somad.service.model_info import scale_source, threshold_source
 
     g = info["geometry"]
     if g.get("tile_size"):
@@ -59,6 +63,7 @@ def text(info: dict) -> str:
         ("image threshold", _value(info["image_threshold"], "{:.6g}")),
         ("pixel threshold", _value(info["pixel_threshold"], "{:.6g}")),
         ("thresholds set by", threshold_source(info["threshold_info"])),
+        ("normalised scale", scale_source(info["threshold_info"])),
         ("training images", _value(info["n_train_images"])),
         ("held-out images", _value(info["n_val_images"])),
         ("training set sha256", _value(info["train_set_sha256"])),
@@ -66,7 +71,15 @@ def text(info: dict) -> str:
         ("written by", f"somad {_value(info['somad_version'])}"),
         ("format version", _value(info["format_version"])),
         ("content sha256", _value(info["content_sha256"])),
+        ("signature", _SIGNATURE[info.get("signature")]),
         ("file sha256", f"{info['file_sha256']} ({info['file_bytes']} bytes)"),
     ]
     width = max(len(k) for k, _ in lines)
-    return "\n".join(f"{k + ':':<{width + 1}} {v}" for k, v in lines)
+    return "\n".join(f"{k + ':':<{width + 1}} {printable(v)}" for k, v in lines)
+
+
+_SIGNATURE = {
+    "verified": "HMAC-SHA-256, verified with --verify-key",
+    "present": "HMAC-SHA-256, not verified (pass --verify-key KEY)",
+    None: "none (the content hash proves integrity, not origin; see --sign-key)",
+}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from somad.cli.common import add_ray_args, add_run_args, override_thresholds
+from somad.cli.common import add_key_args, add_ray_args, add_run_args, keys, override_thresholds
 from somad.errors import SomadError
 
 
@@ -22,17 +22,33 @@ def add_parser(sub) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_run_args(p, "skip", scoring=True)
     add_ray_args(p, "score on a Ray actor pool")
+    add_key_args(p, verify=True)
     p.set_defaults(func=run)
 
 
-def _input_items(inputs: list[str]):
-    """Image items of the predict inputs; every input must exist and every output name must be unique."""
+def _input_items(inputs: list[str], output: str):
+    """Image items of the predict inputs; every input must exist and every output name must be unique. Files inside
+    the output folder (an earlier run's heatmaps and masks, when ``-o`` lies inside an input folder) are never
+    inputs: they are left out, and said so."""
+    from somad.io.outputs import inside
     from somad.methods.base import as_items
 
     for entry in inputs:
         if not Path(entry).exists():
             raise SomadError(f"{entry}: no such file or folder; check the path")
     items = as_items(inputs)
+    if any(inside(entry, output) for entry in inputs):
+        return items  # the output would replace an input: refused whole by staged_output_dir
+    kept = [it for it in items if it.path is None or not inside(it.path, output)]
+    if len(kept) < len(items):
+        if not kept:
+            raise SomadError(f"{output}: holds every input image; predict images outside the output folder")
+        print(
+            f"left out {len(items) - len(kept)} file(s) inside the output folder {output} (an earlier run's "
+            "results are never inputs)",
+            file=sys.stderr,
+        )
+    items = kept
     names = [it.name for it in items]
     if len(set(names)) != len(names):
         dup = next(n for n in names if names.count(n) > 1)
@@ -44,10 +60,11 @@ def run(args) -> int:
     from somad.io.outputs import staged_output_dir, write_predictions
     from somad.methods import load
 
-    model = load(args.model, device=args.device, search=args.search)
+    _, verify_key = keys(args, model=args.model)
+    model = load(args.model, device=args.device, search=args.search, verify_key=verify_key)
     model.batch_size = args.batch_size
     override_thresholds(model, args)
-    items = _input_items(args.inputs)
+    items = _input_items(args.inputs, args.output)
     scorer = model
     if args.ray is not None:  # the same outputs, scored on a Ray actor pool (somad.distributed.ray)
         from somad.distributed.ray import RayScoredModel, require_ray

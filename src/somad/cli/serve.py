@@ -7,7 +7,9 @@ import json
 import logging
 import os
 import signal
+import sys
 
+from somad.cli.common import add_key_args, keys
 from somad.errors import SomadError
 
 INSTALL_HINT = 'somad serve needs FastAPI and uvicorn; install them with: pip install "somad[serve]"'
@@ -51,7 +53,26 @@ def add_parser(sub) -> None:
         help="largest image, in millions of pixels; larger ones get 413 before decoding (default 40)",
     )
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: as saved in the model")
+    add_key_args(p, verify=True)
     p.set_defaults(func=run)
+
+
+def exposure_warning(host: str, port: int) -> str | None:
+    """A warning when ``host`` is not a loopback address: the service has no authentication, so every machine that
+    can reach the port can score images and read the model's description."""
+    import ipaddress
+
+    name = host.strip("[]")
+    try:
+        loopback = name == "localhost" or ipaddress.ip_address(name).is_loopback
+    except ValueError:  # a host name: it may resolve to any interface
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"warning: --host {host} listens beyond this machine, without authentication: anyone who can reach port "
+        f"{port} can use the model; serve on 127.0.0.1 behind a proxy that authenticates, or firewall the port"
+    )
 
 
 def _int_range(lo: int, hi: int):
@@ -80,7 +101,12 @@ def run(args) -> int:
         raise SomadError(INSTALL_HINT) from None
 
     from somad.service.app import CONFIG_ENV, create_app
-    from somad.service.model_info import read_metadata
+    from somad.service.model_info import describe
+
+    warning = exposure_warning(args.host, args.port)
+    if warning:  # said first, before the model is loaded
+        print(warning, file=sys.stderr)
+    _, verify_key = keys(args, model=args.model)
 
     settings = {
         "max_body_bytes": int(args.max_body_mb * 1024 * 1024),
@@ -98,11 +124,16 @@ def run(args) -> int:
     if args.workers == 1:
         from somad.methods import load
 
-        model = load(args.model, device=args.device)  # a bad model file: one line, exit 2, before listening
+        # A bad or wrongly signed model file: one line, exit 2, before listening.
+        model = load(args.model, device=args.device, verify_key=verify_key)
         app = create_app(args.model, model=model, **settings)
         config = uvicorn.Config(app, **common)
     else:
-        read_metadata(args.model)  # a missing or foreign file: one line, exit 2; each worker loads and checks it
+        # The whole file checked here, before the port opens (hash, every field, with a key its signature): a bad
+        # file is one line and exit 2, not workers that fail and are respawned. Each worker loads it again.
+        describe(args.model, verify=True, verify_key=verify_key)
+        if verify_key is not None:
+            settings["verify_key"] = os.path.abspath(args.verify_key)  # the key file's path, never the key
         threads = max(1, (os.cpu_count() or 1) // args.workers)
         level = logging.getLogger().getEffectiveLevel()
         os.environ[CONFIG_ENV] = json.dumps(

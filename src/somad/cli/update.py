@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from somad.cli.common import add_model_rewrite_args, model_output
+from somad.cli.common import add_model_rewrite_args, keys, model_output
 from somad.errors import SomadError
 
 
@@ -16,13 +16,18 @@ def add_parser(sub) -> None:
         "held fixed (the model must be fitted with --updatable), and write a new model file. The thresholds are "
         "kept unless --calibrate names held-out good images to re-estimate them from.",
     )
-    add_model_rewrite_args(p, model_help="model file written by `somad fit --updatable`", images_metavar="GOOD_IMAGES")
+    add_model_rewrite_args(
+        p,
+        model_help="model file written by `somad fit --updatable`",
+        images_metavar="GOOD_IMAGES",
+        images_help="folder of good images to merge (or an MVTec category: its train/good)",
+    )
     p.add_argument(
         "--calibrate",
         metavar="GOOD_DIR",
         default=None,
         help="after the merge, re-estimate the thresholds from these held-out good images (not the merged "
-        "ones: they would score optimistically low); default: keep the model's thresholds",
+        "ones, nor the fit's: they score optimistically low, and are refused); default: keep the model's thresholds",
     )
     p.add_argument(
         "--on-error",
@@ -37,7 +42,8 @@ def run(args) -> int:
     from somad.methods import load
 
     out = model_output(args.output, args.overwrite)
-    model = load(args.model, device=args.device)
+    sign_key, verify_key = keys(args, model=args.model, output=args.output)
+    model = load(args.model, device=args.device, verify_key=verify_key)
     if model.method != "somad":
         raise SomadError(
             f"{args.model}: is a {model.method} model; update merges node statistics of SOMAD models only, "
@@ -46,11 +52,13 @@ def run(args) -> int:
     model.check_updatable(args.model)  # refuse a model without scatter matrices before extracting any feature
     model.batch_size = args.batch_size
     model.on_error = args.on_error
+    if args.calibrate is not None:  # refuse trained or about-to-be-merged images before any feature is extracted
+        model.check_held_out(args.calibrate, also=args.good_dir)
     before = int(model.n_train_images_)
-    model.update(args.good_dir)
+    model.update(args.good_dir, accept_outliers=args.accept_outliers)
     if args.calibrate is not None:
-        model.calibrate(args.calibrate)
-    model.save(out, overwrite=args.overwrite)
+        model.calibrate(args.calibrate, accept_outliers=args.accept_outliers)
+    model.save(out, overwrite=args.overwrite, sign_key=sign_key)
     added = model.updates_[-1]
     print(
         f"merged {added['n_images']} images ({added['n_patches']} patches) into {before} training images' "

@@ -227,9 +227,10 @@ def ray_predictions(
 class _FitShard:
     """One actor of a distributed fit: extracts and keeps its shard's training patches."""
 
-    def __init__(self, params: dict, channel_indices, device: str):
+    def __init__(self, params: dict, channel_indices, device: str, gate: dict | None = None):
         from somad.features.extractor import resolve_device
         from somad.methods import METHODS
+        from somad.verdicts import FrameGate
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
         model = METHODS["somad"](**params)
@@ -237,6 +238,7 @@ class _FitShard:
         model.channel_indices_ = np.asarray(channel_indices)
         model.extractor_ = model._make_extractor()
         model.skipped_ = []
+        model.gate_ = FrameGate.from_dict(gate)  # the input gate the fit learned from all training images
         self.model = model
         self.x = self.sub = self.search = self.projected = None
 
@@ -341,7 +343,8 @@ def _fit_sharded(model, train, ray, workers) -> None:
     shards = [train[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
     params = model.get_params()
     actor = ray.remote(num_cpus=1, max_restarts=0)(_FitShard)
-    pool = [actor.remote(params, model.channel_indices_.tolist(), params["device"]) for _ in shards]
+    gate = model.gate_.as_dict() if getattr(model, "gate_", None) else None
+    pool = [actor.remote(params, model.channel_indices_.tolist(), params["device"], gate) for _ in shards]
     try:
         info = ray.get(
             [a.extract.remote([(it.name, str(Path(it.path).resolve())) for it in s]) for a, s in zip(pool, shards)]

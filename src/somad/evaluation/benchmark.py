@@ -54,6 +54,8 @@ DECISION_COLUMNS = [
     "region_overlap",
     "good_fp_rate",
 ]
+#: A results.md cell whose figure the category cannot give (e.g. pixel metrics without ground-truth masks).
+NOT_MEASURED = "n/a"
 COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "post_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
 VARIANTS = {
     "fast": {"search": "ivf", "feature_dtype": "float16", "factor_dtype": "float16"},
@@ -126,7 +128,7 @@ def _timed_prediction(model, path):
         maps[0],
         (image.height, image.width),
         image,
-        check_frame(image),
+        check_frame(image, model.gate_),
     )
     return pred, (t3 - t0, t2 - t1, t3 - t2)
 
@@ -161,7 +163,7 @@ def _run_latency(spec: dict) -> dict:
 def _run_predict(cell: dict) -> dict:
     import torch
 
-    from somad.evaluation import metrics
+    from somad.evaluation.protocol import prediction_metrics
     from somad.features.extractor import to_original_resolution
     from somad.io.datasets import mvtec_test_samples
     from somad.io.images import load_mask
@@ -181,17 +183,18 @@ def _run_predict(cell: dict) -> dict:
             full = to_original_resolution(pred.map[None], model.extractor_.geometry, [pred.original_size])[0]
             scores.append(pred.score)
             maps.append(full)
-            masks.append(load_mask(s.mask_path, shape=full.shape) if s.mask_path else np.zeros(full.shape, bool))
+            # As evaluate: a good image's mask is empty; a defective image without a mask file has none (None) and is
+            # left out of the pixel metrics, which are None (n/a) when no defective image has a mask.
+            if s.mask_path:
+                masks.append(load_mask(s.mask_path, shape=full.shape))
+            else:
+                masks.append(np.zeros(full.shape, bool) if s.label == 0 else None)
             flags.append(model.verdict(pred))
             predicted.append(model.mask(pred, full))
     labels = np.array([s.label for s in samples])
-    m = metrics.evaluate_predictions(labels, np.array(scores), masks, maps)
-    m.update(metrics.oracle_balanced_accuracies(labels, np.array(scores)))
-    if flags and flags[0] is not None:
-        m["balanced_accuracy"] = metrics.balanced_accuracy(labels, np.array(flags, dtype=bool))
-        m.update(metrics.mask_metrics(masks, predicted))
+    m = prediction_metrics(labels, np.array(scores), masks, maps, flags, predicted)
     return {
-        **{k: m[k] for k in METRIC_COLUMNS},
+        **{k: m.get(k) for k in METRIC_COLUMNS},
         **{k: m.get(k) for k in DECISION_COLUMNS},
         "predict_ms": 1000 * statistics.median(total),
         "backbone_ms": 1000 * statistics.median(backbone),
@@ -424,8 +427,11 @@ def markdown_table(rows: list[dict], latency: dict | None = None) -> str:
         for lab in labels:
             vals = [by.get((lab, c), {}).get(metric) for c in cats]
             mean = float(np.mean([v for v in vals if v is not None])) if any(v is not None for v in vals) else None
-            lines.append(f"| {lab} | " + " | ".join(_fmt(v) for v in vals) + f" | {_fmt(mean)} |")
+            cells = [_fmt(v) if v is not None or (lab, c) not in by else NOT_MEASURED for v, c in zip(vals, cats)]
+            lines.append(f"| {lab} | " + " | ".join(cells) + f" | {_fmt(mean)} |")
         lines.append("")
+    if any(r.get(m) is None for r in rows for m in METRIC_COLUMNS + DECISION_COLUMNS):
+        lines += [f"{NOT_MEASURED}: the category cannot give the figure (pixel metrics need ground-truth masks).", ""]
     lines += [
         "### Cost",
         "",

@@ -567,9 +567,10 @@ def oracle_balanced_accuracies(labels, scores) -> dict:
 def mask_metrics(masks: Sequence, predicted: Sequence) -> dict:
     """Quality of binary predicted masks against ground-truth masks (pooled over images).
 
-    Returns ``pixel_f1`` (F1 of all pooled pixels), ``region_overlap`` (the mean, over every 8-connected
-    ground-truth region, of its IoU with the predicted mask of its image) and ``good_fp_rate`` (the fraction
-    of pixels of defect-free images that are predicted defective; ``None`` without such an image).
+    Returns ``pixel_f1`` (F1 of all pooled pixels; ``None`` when no mask has a defect pixel: there is nothing to
+    find, so no F1), ``region_overlap`` (the mean, over every 8-connected ground-truth region, of its IoU with the
+    predicted mask of its image) and ``good_fp_rate`` (the fraction of pixels of defect-free images that are
+    predicted defective; ``None`` without such an image).
     """
     from scipy import ndimage
 
@@ -592,7 +593,7 @@ def mask_metrics(masks: Sequence, predicted: Sequence) -> dict:
             region = labels == i
             ious.append(float((region & pm).sum()) / float((region | pm).sum()))
     return {
-        "pixel_f1": 2.0 * tp / max(2 * tp + fp + fn, 1),
+        "pixel_f1": 2.0 * tp / (2 * tp + fp + fn) if tp + fn else None,
         "region_overlap": float(np.mean(ious)) if ious else None,
         "good_fp_rate": good_fp / good_n if good_n else None,
     }

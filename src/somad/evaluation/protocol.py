@@ -111,11 +111,11 @@ def evaluate_model(
     masks = [_ground_truth(by_name[n], kept[n], model, eval_resolution) for n in names]
     flags = [kept[n].flagged for n in names]
     predicted = [kept[n].mask for n in names]
-    result = {"overall": _metrics(labels, scores, masks, maps, flags, predicted), "per_defect_type": {}}
+    result = {"overall": prediction_metrics(labels, scores, masks, maps, flags, predicted), "per_defect_type": {}}
     for t in sorted({by_name[n].defect_type for n in names} - {"good"}):
         sel = [i for i, n in enumerate(names) if by_name[n].defect_type in (t, "good")]
         pick = lambda values: [values[i] for i in sel]  # noqa: B023 - used at once
-        result["per_defect_type"][t] = _metrics(
+        result["per_defect_type"][t] = prediction_metrics(
             labels[sel], scores[sel], pick(masks), pick(maps), pick(flags), pick(predicted)
         )
     result["records"] = [_record(by_name[n], kept[n]) for n in names]
@@ -196,8 +196,10 @@ def _record(sample: Sample, scored: _Scored) -> dict:
     }
 
 
-def _metrics(labels, scores, masks, maps, flags, predicted) -> dict:
-    """Image metrics over every image; pixel metrics over the images with a known mask (``masks[i]`` not None).
+def prediction_metrics(labels, scores, masks, maps, flags, predicted) -> dict:
+    """Image metrics over every image; pixel metrics over the images with a known mask (``masks[i]`` not None:
+    a good image's is empty, a defective image without a mask file has none). ``evaluate`` and the benchmark
+    compute their figures here.
 
     A metric that the test set cannot give (AUROC of a test set with one class only) is ``None``, and ``note``
     says why, in words (metrics.json, the report and the printed table show it).

@@ -34,6 +34,7 @@ from somad._version import __version__
 from somad.io.images import load_image, load_mask
 from somad.io.model_files import atomic_write_text
 from somad.io.outputs import output_relpath, save_png
+from somad.verdicts import FALSE_ALARM_LEVEL
 
 __all__ = ["THUMB_SIZE", "FILES_DIR", "write_report"]
 
@@ -447,10 +448,22 @@ def _threshold_text(result: dict, model) -> str:
         where = (
             "given to <code>somad calibrate</code>" if info.get("source") == "calibrate" else "held out from fitting"
         )
+        if info.get("rule") == "cross_fit":
+            where = (
+                f"all trained on, each scored by a model fitted without it ({_e(info.get('folds'))}-fold cross-fitting)"
+            )
+        rate = info.get("expected_false_alarm_rate", 1 - q if isinstance(q, (int, float)) else None)
+        interval = info.get("false_alarm_rate_interval")
         pq = info.get("pixel_quantile")
         origin = (
             f"the {_e(q)}-quantile of the scores of <b>{_e(n_val)}</b> good images {where} (expected false-alarm "
-            f"rate {_e(_fmt(1 - q if isinstance(q, (int, float)) else None, 3))})"
+            f"rate {_e(_fmt(rate, 3))}"
+            + (
+                f", {100 * FALSE_ALARM_LEVEL:.0f}% interval {_e(_fmt(interval[0], 3))} to {_e(_fmt(interval[1], 3))}"
+                if interval
+                else ""
+            )
+            + ")"
             + (f", and the {_e(pq)}-quantile of their map pixels." if pq is not None else ".")
         )
     text = (
@@ -463,7 +476,7 @@ def _threshold_text(result: dict, model) -> str:
     )
     if isinstance(n_val, int) and n_val < 10:
         text += (
-            f'<p class="warn">Only {n_val} held-out image{"s" if n_val != 1 else ""}: the threshold is a '
+            f'<p class="warn">Only {n_val} good image{"s" if n_val != 1 else ""} set the threshold: it is a '
             "rough estimate; fit on more good images or a larger validation fraction.</p>"
         )
     return text

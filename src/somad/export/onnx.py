@@ -25,13 +25,14 @@ native IVF path; ``search="exact"`` (or an index that falls back to exhaustive: 
 ``IVF_MIN_NODES`` nodes) gives the exhaustive graph.
 
 :func:`export_model` writes ``DIR/model.onnx`` and ``DIR/somad_export.json`` (thresholds, geometry,
-normalisation, source model hash...) into a staged folder renamed into place, after checking the graph
-under onnxruntime against the native path on two generated images.
+normalisation, source model hash, the graph's SHA-256, its own hash and, with a key, its signature) into a staged
+folder renamed into place whole, after checking the graph under onnxruntime against the native path on two
+generated images. The file names, version, tensor names and the description's schema are declared once, in the
+torch-free ``somad.io.export_format``, which the runtime reads them with.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -47,6 +48,8 @@ from torch import nn
 from somad._version import __version__
 from somad.errors import SomadError
 from somad.features.extractor import FeatureExtractor, _resize_blur_matrix, local_mean
+from somad.io.export_format import EXPORT_VERSION, FORMATS, INPUT_NAME, META_FILE, MODEL_FILE, OUTPUT_NAMES, seal
+from somad.io.integrity import as_key, file_sha256
 from somad.io.outputs import staged_output_dir
 from somad.methods import PaDiM, PatchCore, load
 from somad.methods.base import BaseDetector
@@ -56,15 +59,9 @@ from somad.som.node_stats import row_blocks
 
 logger = logging.getLogger(__name__)
 
-#: OpenVINO (2026.4) is not offered: it fails to convert SOMAD's Loop (with a Concat-carried loop) or runs it to
-#: an empty output (with a tensor sequence), and its CPU plugin infers in bf16 unless told f32.
-FORMATS = ("onnx",)
-EXPORT_VERSION = 1
+# FORMATS (export_format): OpenVINO (2026.4) is not offered: it fails to convert SOMAD's Loop (with a Concat-carried
+# loop) or runs it to an empty output (with a tensor sequence), and its CPU plugin infers in bf16 unless told f32.
 OPSET = 17
-MODEL_FILE = "model.onnx"
-META_FILE = "somad_export.json"
-INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map")
 #: Graph constants beyond this many bytes do not fit one ONNX protobuf file (2 GiB).
 MAX_CONSTANT_BYTES = 1_900_000_000
 #: The export check: largest relative score difference allowed between the graph and the native path (same search).
@@ -546,14 +543,6 @@ class ExportGraph(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------- export
-def file_sha256(path: str | os.PathLike) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def check_exportable(model: BaseDetector, where: str) -> None:
     """Raise a one-line :class:`ExportError` for models this exporter does not handle."""
     if not isinstance(model, (SOMAD, PaDiM, PatchCore)):
@@ -704,6 +693,7 @@ def export_metadata(model: BaseDetector, source: Path | None, fmt: str, opset: i
         "pixel_threshold": model.pixel_threshold_,
         "display_range": list(model.display_range_) if model.display_range_ else None,
         "threshold_info": model.threshold_info_,
+        "input_gate": model.gate_.as_dict() if getattr(model, "gate_", None) else None,
         "geometry": {
             "image_size": g.image_size,
             "crop_size": g.crop_size,
@@ -767,19 +757,24 @@ def export_model(
     overwrite: bool = False,
     check: bool = True,
     search: str | None = None,
+    sign_key: bytes | str | os.PathLike | None = None,
+    verify_key: bytes | str | os.PathLike | None = None,
 ) -> Path:
     """Export a fitted model (a model file or a fitted detector) to the folder ``out``.
 
-    Writes ``out/model.onnx`` and ``out/somad_export.json`` in a temporary folder renamed into place. The graph's
-    nearest-node search (SOMAD) is ``search`` (``"ivf"`` or ``"exact"``), by default the model's own. With
+    Writes ``out/model.onnx`` and ``out/somad_export.json`` in a temporary folder renamed into place whole. The
+    graph's nearest-node search (SOMAD) is ``search`` (``"ivf"`` or ``"exact"``), by default the model's own. With
     ``check`` the graph is run under onnxruntime on two generated images and compared with the native path with
     that search: a relative score difference above :data:`PARITY_RTOL` is an error; the figures are saved in
-    the JSON file.
+    the JSON file. The description records the graph's SHA-256 and its own (``export_format.seal``); with
+    ``sign_key`` (the key's bytes or its file) it is signed, and ``verify_key`` refuses a model file that is not
+    signed with that key.
     """
     if format not in FORMATS:
         raise ExportError(f"format {format!r} is not supported; valid: {', '.join(FORMATS)}")
     if search not in (None, *SEARCH_CHOICES):
         raise ExportError(f"search {search!r} is not supported; valid: {', '.join(SEARCH_CHOICES)}")
+    sign_key = as_key(sign_key)  # a bad key file fails now, not after the export
     source = None
     if isinstance(model, BaseDetector):
         model._check_fitted()
@@ -787,7 +782,7 @@ def export_model(
     else:
         source = Path(model)
         where = str(source)
-        model = load(source, device="cpu")
+        model = load(source, device="cpu", verify_key=verify_key)
     if isinstance(model, SOMAD):
         search = search or model.search
         if search != model.search or model.device_.type != "cpu":
@@ -809,6 +804,7 @@ def export_model(
             )
         meta = export_metadata(model, source, format, OPSET, parity)
         meta["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        meta = seal(meta, sign_key)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return Path(out)
 

@@ -2,7 +2,8 @@
 
 This module has one responsibility: turning a file on disk into an 8-bit RGB
 :class:`PIL.Image.Image` (or, for masks, a boolean array), or failing with a one-line
-:class:`~somad.errors.ImageLoadError` that names the file and says what to do.
+:class:`~somad.errors.ImageLoadError` that names the file and says what to do. Images already in memory (a PIL
+image, :func:`to_rgb`; a numpy camera frame, :func:`array_to_rgb`) are converted by the same rules.
 
 The EXIF orientation tag is applied as :func:`PIL.ImageOps.exif_transpose` would, to the converted image (Pillow's
 TIFF reader applies the TIFF orientation tag itself while loading). A TIFF whose decoded
@@ -69,6 +70,8 @@ from somad.errors import DataError, ImageLoadError, PixelLimitError
 
 __all__ = [
     "to_rgb",
+    "array_to_rgb",
+    "ARRAY_RULE",
     "IMAGE_EXTENSIONS",
     "load_image",
     "image_size",
@@ -375,45 +378,64 @@ class _GreyRule:
     def __init__(self, img: Image.Image, path: Path, storage: str | None) -> None:
         self.storage = storage
         self.float = img.mode == "F"
-        lo, hi, top_finite = None, None, None
-        for _, band in _bands(img, _band_rows(img)):
-            arr = _samples(band, storage)
-            if arr.ndim != 2:
-                raise _fail(
-                    path, f"unsupported image mode {img.mode} (shape {arr.shape})", "convert it to an 8-bit RGB PNG"
-                )
-            if arr.size == 0:
-                continue
-            if self.float:
-                finite = arr[np.isfinite(arr)]
-                if finite.size:
-                    t = float(finite.max())
-                    top_finite = t if top_finite is None else max(top_finite, t)
-            else:
-                b_lo, b_hi = int(arr.min()), int(arr.max())
-                lo = b_lo if lo is None else min(lo, b_lo)
-                hi = b_hi if hi is None else max(hi, b_hi)
-        if self.float:
-            self.white = 1.0 if top_finite is None or top_finite <= 1.0 else 255.0
-            return
-        if lo is not None and lo < 0:
-            raise _fail(
-                path,
-                f"signed image with negative values (minimum {lo}); somad reads integer samples as unsigned grey "
-                "levels and will not guess where black is",
-                "save it as unsigned 8 or 16-bit (e.g. add an offset), or as float in [0, 1]",
-            )
-        top = hi or 0
-        bits = next(b for b in BIT_DEPTHS if top < 2**b)
-        self.white = float(2**bits - 1)
+
+        def samples():  # one band at a time: no full-size copy is held
+            for _, band in _bands(img, _band_rows(img)):
+                arr = _samples(band, storage)
+                if arr.ndim != 2:
+                    raise _fail(
+                        path, f"unsupported image mode {img.mode} (shape {arr.shape})", "convert it to an 8-bit RGB PNG"
+                    )
+                yield arr
+
+        self.white = _white_level(samples(), self.float, path)
 
     def grey(self, band: Image.Image) -> np.ndarray:
         """The 8-bit grey levels of one band."""
-        arr = _samples(band, self.storage)
-        if self.float:
-            data = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
-            return _to_uint8(data / self.white)
-        return _to_uint8(arr.astype(np.float64) / self.white)
+        return _scaled(_samples(band, self.storage), self.float, self.white)
+
+
+def _white_level(samples, is_float: bool, path) -> float:
+    """The value that decodes to 255 (the module's rules): for float samples 1.0 when the largest finite value is
+    at most 1, else 255.0; for integer samples ``2**bits - 1`` of the smallest of :data:`BIT_DEPTHS` that holds the
+    largest value. Negative integer samples are refused (:class:`ImageLoadError`)."""
+    lo, hi, top_finite = None, None, None
+    for arr in samples:
+        if arr.size == 0:
+            continue
+        if is_float:
+            finite = arr[np.isfinite(arr)]
+            if finite.size:
+                t = float(finite.max())
+                top_finite = t if top_finite is None else max(top_finite, t)
+        else:
+            b_lo, b_hi = int(arr.min()), int(arr.max())
+            lo = b_lo if lo is None else min(lo, b_lo)
+            hi = b_hi if hi is None else max(hi, b_hi)
+    if is_float:
+        return 1.0 if top_finite is None or top_finite <= 1.0 else 255.0
+    if lo is not None and lo < 0:
+        raise _fail(
+            path,
+            f"signed image with negative values (minimum {lo}); somad reads integer samples as unsigned grey "
+            "levels and will not guess where black is",
+            "save it as unsigned 8 or 16-bit (e.g. add an offset), or as float in [0, 1]",
+        )
+    top = hi or 0
+    if top >= 2 ** BIT_DEPTHS[-1]:
+        raise _fail(
+            path, f"integer samples up to {top} exceed {BIT_DEPTHS[-1]} bits", "scale them to 16 bits or float [0, 1]"
+        )
+    bits = next(b for b in BIT_DEPTHS if top < 2**b)
+    return float(2**bits - 1)
+
+
+def _scaled(arr: np.ndarray, is_float: bool, white: float) -> np.ndarray:
+    """Samples divided by their :func:`_white_level`, as ``uint8`` (float NaN decodes as 0)."""
+    if is_float:
+        data = np.nan_to_num(arr.astype(np.float64), nan=0.0, posinf=np.inf, neginf=-np.inf)
+        return _to_uint8(data / white)
+    return _to_uint8(arr.astype(np.float64) / white)
 
 
 def _is_numeric(mode: str, storage: str | None) -> bool:
@@ -473,6 +495,38 @@ def _convert(img: Image.Image, path, *, factor: int = 1, storage: str | None = N
 def to_rgb(img: Image.Image, path: Path) -> Image.Image:
     """Convert a decoded image of any supported mode into mode ``"RGB"`` (the module's rules; never reduced)."""
     return _convert(img, path)
+
+
+#: What :func:`array_to_rgb` accepts, in words (for error messages).
+ARRAY_RULE = (
+    "an image array is (H, W) or (H, W, C), C = 1 (grey), 2 (grey, alpha), 3 (RGB) or 4 (RGBA; alpha dropped), of "
+    "uint8, bool, another non-negative integer type (scaled by its bit depth, as 16-bit files) or float ([0, 1] or "
+    "[0, 255])"
+)
+
+
+def array_to_rgb(array: np.ndarray, name: str) -> Image.Image:
+    """One image held in a numpy array (a camera frame) -> mode ``"RGB"`` by the rules of files (never reduced).
+
+    ``(H, W)`` and ``(H, W, 1)`` are grey, ``(H, W, 2)`` grey with alpha, ``(H, W, 3)`` colour and ``(H, W, 4)``
+    colour with alpha; alpha is dropped, as from files. ``uint8`` is used as is; ``bool`` as a bilevel file (0 or
+    255); other integer types by the integer rule (scaled by the bit depth detected from the largest value, over
+    all channels: a 12-bit frame in ``uint16`` keeps its brightness; negative values refused); float types by the
+    float rule (NaN is 0; ``[0, 1]`` if the largest finite value is at most 1, else ``[0, 255]``, clipped).
+    Anything else: :class:`ImageLoadError` naming ``name`` (a shape or dtype outside :data:`ARRAY_RULE`, an empty
+    frame).
+    """
+    a = np.asarray(array)
+    if a.ndim == 3 and a.shape[2] in (1, 2, 3, 4):
+        a = a[:, :, 0] if a.shape[2] < 3 else a[:, :, :3]
+    if not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] == 3)) or 0 in a.shape or a.dtype.kind not in "biuf":
+        raise ImageLoadError(_one_line(f"{name}: {a.dtype} array of shape {np.shape(array)}; {ARRAY_RULE}"))
+    if a.dtype == bool:
+        a = a.astype(np.uint8) * 255
+    elif a.dtype != np.uint8:
+        is_float = a.dtype.kind == "f"
+        a = _scaled(a, is_float, _white_level([a], is_float, name))
+    return Image.fromarray(np.ascontiguousarray(a)).convert("RGB")  # uint8 (H, W): mode L; (H, W, 3): RGB
 
 
 def load_image(path: str | os.PathLike[str]) -> Image.Image:

@@ -7,7 +7,14 @@ little-endian arrays behind a JSON header, and the header's ``__metadata__`` car
 * ``format_version``: an integer; files from a newer version are rejected;
 * ``config``: the JSON config from which :func:`somad.load` rebuilds the detector;
 * ``sha256``: a hash of the config and every array (name, dtype, shape, bytes); a truncated or tampered
-  file fails the check.
+  file fails the check;
+* ``signature`` (optional, ``save_model(sign_key=...)``): an HMAC-SHA-256 of the format, its version and that
+  hash under a secret key (``somad.io.integrity``); ``load_model(verify_key=...)`` refuses a file without a
+  matching one. The hash alone is integrity: whoever can write the file can recompute it. The signature is
+  authenticity, as long as the key is kept away from the model folder.
+
+What the config holds is checked field by field when the detector is rebuilt (``somad.io.schema``, the
+methods' ``_state_fields`` and ``_array_fields``).
 
 Writes are atomic: a temporary file in the target folder is written, flushed, fsynced and renamed over
 the target, so an interrupted save leaves the previous file intact or no file at all.
@@ -20,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import struct
 import tempfile
@@ -30,12 +38,15 @@ import torch
 
 from somad._native import hugepages
 from somad.errors import ModelFileError, SomadError
+from somad.io.integrity import as_key, check_signature, sign
 
 logger = logging.getLogger(__name__)
 
 FORMAT = "somad"
 ANOTHER_RUN = "{path}: was written by another run meanwhile; pass --overwrite or choose another -o"
 FORMAT_VERSION = 2  # 2 (somad 0.5): SOMAD whiteners packed in 16-row strips; version 1 files still load
+#: The commands that sign model files (named in the fix of an unsigned or wrongly signed file).
+SIGNERS = "somad fit/calibrate/update"
 
 
 def content_hash(config_json: str, arrays: dict[str, torch.Tensor]) -> str:
@@ -155,10 +166,17 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def save_model(
-    path: str | os.PathLike, config: dict, arrays: dict[str, torch.Tensor | np.ndarray], *, overwrite: bool = True
+    path: str | os.PathLike,
+    config: dict,
+    arrays: dict[str, torch.Tensor | np.ndarray],
+    *,
+    overwrite: bool = True,
+    sign_key: bytes | str | os.PathLike | None = None,
 ) -> Path:
     """Write ``arrays`` and ``config`` atomically to ``path`` (a ``.safetensors`` file); without ``overwrite``,
-    an existing file is never replaced (see :func:`atomic_write`)."""
+    an existing file is never replaced (see :func:`atomic_write`). ``sign_key`` (the key's bytes or its file)
+    adds the header's ``signature``."""
+    key = as_key(sign_key)
     tensors = {
         k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous())
         for k, v in arrays.items()
@@ -170,6 +188,8 @@ def save_model(
         "config": config_json,
         "sha256": content_hash(config_json, tensors),
     }
+    if key is not None:
+        metadata["signature"] = sign(key, "model", FORMAT, metadata["format_version"], metadata["sha256"])
     path = Path(path)
     atomic_write(path, lambda tmp: _save_file(tensors, tmp, metadata), overwrite=overwrite)
     return path
@@ -223,11 +243,15 @@ def _read_large_arrays(path: Path, arrays: dict[str, torch.Tensor]) -> dict[str,
     return arrays
 
 
-def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Read and verify a model file; every failure is a one-line :class:`ModelFileError`."""
+def load_model(
+    path: str | os.PathLike, verify_key: bytes | str | os.PathLike | None = None
+) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Read and verify a model file; every failure is a one-line :class:`ModelFileError`. With ``verify_key`` (the
+    key's bytes or its file) a file that is unsigned or not signed with that key is refused."""
     from safetensors import safe_open
 
     path = Path(path)
+    key = as_key(verify_key)
     if not path.exists() and path.is_symlink():
         raise ModelFileError(f"{path}: broken symbolic link (to {os.readlink(path)}); point it at a model file")
     if not path.exists():
@@ -257,12 +281,12 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         ) from None
     if metadata.get("format") != FORMAT:
         raise ModelFileError(f"{path}: not a somad model (no somad header); pass a file written by `somad fit`")
-    try:
-        version = int(metadata.get("format_version", ""))
-    except ValueError:
+    version_text = metadata.get("format_version", "")
+    version = int(version_text) if re.fullmatch("[0-9]{1,6}", version_text) else 0
+    if version < 1:
         raise ModelFileError(
-            f"{path}: invalid format version {metadata.get('format_version')!r}; re-run `somad fit`"
-        ) from None
+            f"{path}: invalid format version {version_text!r} (1 to {FORMAT_VERSION}); re-run `somad fit`"
+        )
     if version > FORMAT_VERSION:
         raise ModelFileError(
             f"{path}: model format version {version} is newer than this somad supports "
@@ -275,6 +299,9 @@ def load_model(path: str | os.PathLike) -> tuple[dict, dict[str, torch.Tensor]]:
         raise ModelFileError(f"{path}: unreadable arrays ({_reason(exc)}); re-run `somad fit`") from None
     if digest != metadata.get("sha256"):
         raise ModelFileError(f"{path}: content hash mismatch (file corrupted or modified); re-run `somad fit`")
+    if key is not None:
+        signature = metadata.get("signature")
+        check_signature(key, signature, "model", FORMAT, version_text, digest, where=str(path), signer=SIGNERS)
     try:
         config = json.loads(config_json)
     except (json.JSONDecodeError, RecursionError):  # RecursionError: absurdly deep nesting

@@ -40,10 +40,11 @@ def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False, inputs
     """
     out = Path(out)
     _refuse_inputs(out, inputs)
+    _refuse_working_folder(out)
+    if out.exists() and not out.is_dir():  # before the --overwrite hint: overwriting a file is refused too
+        raise SomadError(f"{out}: exists and is not a folder; choose another -o")
     if out.exists() and not overwrite:
         raise SomadError(f"{out}: output folder already exists; pass --overwrite or choose another -o")
-    if out.exists() and not out.is_dir():
-        raise SomadError(f"{out}: exists and is not a folder; choose another -o")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         remove_leftovers(out, ".partial")
@@ -80,14 +81,34 @@ def staged_output_dir(out: str | os.PathLike, *, overwrite: bool = False, inputs
 
 
 def _refuse_inputs(out: Path, inputs) -> None:
-    target = out.resolve()
     for entry in inputs:
-        source = Path(entry).resolve()
-        if source == target or target in source.parents:
+        if inside(entry, out):
             raise SomadError(
                 f"{out}: is or contains the input {entry}; write the results to another -o "
                 "(an output folder is replaced whole, and nothing read is ever deleted)"
             )
+
+
+def _refuse_working_folder(out: Path) -> None:
+    """An output folder is replaced whole, by a rename: the current folder (``-o .``) or one above it cannot be."""
+    try:
+        here = Path.cwd()
+    except OSError:  # the current folder was removed
+        return
+    if inside(here, out):
+        raise SomadError(
+            f"{out}: is the current folder{'' if inside(out, here) else ' or one above it'}, which an output folder "
+            "cannot be (it is written whole and renamed into place); name a new folder, e.g. -o results"
+        )
+
+
+def inside(path: str | os.PathLike, folder: str | os.PathLike) -> bool:
+    """Whether ``path`` is ``folder`` or lies under it (both resolved: links and ``..`` followed)."""
+    try:
+        p, f = Path(path).resolve(), Path(folder).resolve()
+    except OSError:
+        return False
+    return p == f or f in p.parents
 
 
 def output_relpath(name: str, suffix: str) -> PurePath:

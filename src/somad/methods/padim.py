@@ -14,7 +14,8 @@ import logging
 
 import torch
 
-from somad.errors import NumericalError, SomadError
+from somad.errors import ModelFileError, NumericalError, SomadError
+from somad.io.schema import FLOAT_DTYPES, MAX_IMAGE_SIZE, Array, ListOf, Nullable
 from somad.methods.base import BaseDetector
 from somad.params import Interval, Param
 from somad.som.node_stats import inverse_cholesky
@@ -46,6 +47,12 @@ class PaDiM(BaseDetector):
 
     method = "padim"
     _parameters = {"eps": Param(Interval(float, 0.0, None), "covariance ridge eps*I")}
+    _state_fields = {
+        "grid_shape": ListOf(Interval(int, 1, MAX_IMAGE_SIZE), length=2),
+        "n_images_fitted": Nullable(Interval(int, 0)),
+    }
+    _required_state = ("grid_shape",)
+    _array_fields = {"position_means": Array(FLOAT_DTYPES, 2), "position_whiteners_tril": Array(FLOAT_DTYPES, 2)}
 
     def __init__(self, *, eps=0.01, **common):
         super().__init__(**common)
@@ -118,6 +125,17 @@ class PaDiM(BaseDetector):
 
     def _state_info(self):
         return {"grid_shape": list(self.grid_shape_), "n_images_fitted": self.n_images_fitted_}
+
+    @classmethod
+    def _rebuild(cls, config, arrays, path, device, scoring):
+        model = super()._rebuild(config, arrays, path, device, scoring)
+        g = model.extractor_.grid_size  # the grid the model's geometry gives: found at load, not at predict
+        if tuple(model.grid_shape_) != (g, g):
+            raise ModelFileError(
+                f"{path}: state.grid_shape is {list(model.grid_shape_)}, but the model's geometry gives a {g}x{g} "
+                "patch grid; re-run `somad fit`"
+            )
+        return model
 
     def _set_state(self, arrays, state):
         means = arrays["position_means"].float()

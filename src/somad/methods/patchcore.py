@@ -24,6 +24,7 @@ import math
 import torch
 
 from somad.errors import NumericalError, SomadError
+from somad.io.schema import FLOAT_DTYPES, Array, Nullable
 from somad.methods.base import BaseDetector
 from somad.params import Interval, Param
 from somad.som.node_search import nearest_nodes
@@ -153,6 +154,9 @@ class PatchCore(BaseDetector):
             Interval(int, 1, None), "random-projection dimension for the coreset search", none="full dimension"
         ),
     }
+
+    _state_fields = {"n_patches": Nullable(Interval(int, 0)), "memory_bank_size": Nullable(Interval(int, 1))}
+    _array_fields = {"memory_bank": Array(FLOAT_DTYPES, 2)}
 
     def __init__(self, *, coreset_ratio=0.1, num_neighbors=9, projection_dim=128, **common):
         super().__init__(**common)

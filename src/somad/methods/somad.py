@@ -20,7 +20,8 @@ import logging
 import torch
 
 from somad.errors import NumericalError, SomadError
-from somad.methods.base import BaseDetector, as_items, training_set_hash
+from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, ListOf, Nullable, Table
+from somad.methods.base import BaseDetector, as_items, training_fingerprints
 from somad.params import Interval, Options, Param
 from somad.som.node_search import SEARCH_CHOICES, make_search
 from somad.som.node_stats import (
@@ -128,6 +129,26 @@ class SOMAD(BaseDetector):
         ),
     }
     _scoring = ("k", "search")
+    _state_fields = {
+        "quantization_error": Nullable(Interval(float, 0.0)),
+        "topographic_error": Nullable(Interval(float, 0.0, 1.0)),
+        "n_patches": Nullable(Interval(int, 0)),
+        "updates": Nullable(
+            ListOf(
+                Table(
+                    {"n_images": Interval(int, 0), "n_patches": Interval(int, 0), "images_sha256": Nullable(Hex())},
+                    required=("n_images", "n_patches"),
+                )
+            )
+        ),
+    }
+    _array_fields = {
+        "som_weights": Array(FLOAT_DTYPES, 2),
+        "node_means": Array(FLOAT_DTYPES, 2),
+        "node_whitener_strips": Array(FLOAT_DTYPES, 2),
+        "node_counts": Array(INTEGER_DTYPES, 1),
+        "node_scatter_tril": Nullable(Array(FLOAT_DTYPES, 2)),  # --updatable models only
+    }
 
     def __init__(
         self,
@@ -214,7 +235,7 @@ class SOMAD(BaseDetector):
         self._searcher = None
 
     # ------------------------------------------------------------------ update
-    def update(self, images) -> SOMAD:
+    def update(self, images, *, accept_outliers: bool = False) -> SOMAD:
         """Merge more good images into the node statistics, with the SOM held fixed; no refit.
 
         Each patch of ``images`` is assigned to its nearest node exactly as ``fit`` assigns its training patches
@@ -233,6 +254,11 @@ class SOMAD(BaseDetector):
 
         Needs a model fitted with ``scatter_dtype`` set (``somad fit --updatable``); the images go through the
         model's own feature extractor (backbone, image size, crop, tiles, channel subset).
+
+        The images are scored with the current model first (``BaseDetector.screen_incoming``): those far above
+        the threshold are refused, listed, unless ``accept_outliers`` (a defect merged as good is learned as
+        normal); images of another kind than the training images are warned about. Their fingerprints join the
+        training images' (``train_image_digests_``), so that ``calibrate`` refuses them afterwards.
         """
         self._check_fitted()
         self._validate_params()
@@ -240,6 +266,17 @@ class SOMAD(BaseDetector):
         d = moments.dims
         search = make_search(self.som_.weights_, self.som_.size, self.search)
         items = as_items(images, train=True)
+        self.screen_incoming(items, action="update", accept_outliers=accept_outliers)
+        added, digests = training_fingerprints(items)
+        known = set(getattr(self, "train_image_digests_", None) or ()) - {None}
+        again = [it.name for it, d in zip(items, digests) if d in known]
+        if again:
+            logger.warning(
+                "update: %d of %d images were already trained on (e.g. %s); their patches are counted again",
+                len(again),
+                len(items),
+                again[0],
+            )
         self.skipped_ = []
         n_before = int(moments.counts.sum())
         for feats in self._feature_batches(items):
@@ -254,8 +291,9 @@ class SOMAD(BaseDetector):
             moments = moments.merge(batch, inplace=moments is not stored)
         self.merge_moments(moments, n_images=len(items) - len(self.skipped_), n_before=n_before)
         # The training-set hash now names the history: the fit's images, then each update's, in order.
-        added = training_set_hash(items)
         self.updates_[-1]["images_sha256"] = added
+        if getattr(self, "train_image_digests_", None) is not None:  # calibrate refuses the merged images too
+            self.train_image_digests_ = [*self.train_image_digests_, *digests]
         if getattr(self, "train_set_sha256_", None):
             self.train_set_sha256_ = hashlib.sha256(f"{self.train_set_sha256_}+{added}".encode()).hexdigest()
         return self

@@ -80,6 +80,7 @@ def create_app(
     max_batch_files: int = DEFAULTS["max_batch_files"],
     device: str | None = None,
     model=None,
+    verify_key=None,
 ) -> FastAPI:
     """The service's app for the model file ``model_path``; the model is loaded when the app starts (lifespan),
     unless an already loaded ``model`` (of that file) is given.
@@ -91,6 +92,8 @@ def create_app(
     max_pixels : an image whose header says more pixels than this is refused with 413, before decoding
     max_batch_files : images one ``/v1/predict/batch`` request may hold (more: 413)
     device : ``"cpu"``, ``"cuda"`` or ``"auto"``; default: as saved in the model
+    verify_key : bytes, or the path of a key file: refuse a model file not signed with it (``somad.io.integrity``);
+        a given ``model`` is taken as verified by its caller
     """
     for name, value in (("max_body_bytes", max_body_bytes), ("max_queue", max_queue), ("max_pixels", max_pixels)):
         if int(value) < 1:
@@ -108,8 +111,15 @@ def create_app(
         from somad.methods import load
 
         t0 = time.perf_counter()
-        loaded = model if model is not None else await run_in_threadpool(load, path, device=device)
+        loaded = model
+        if loaded is None:
+            loaded = await run_in_threadpool(load, path, device=device, verify_key=verify_key)
         info = await run_in_threadpool(describe, path, verify=False)
+        info["path"] = path.name  # file names only: the server's folders are nobody's business
+        if info["weights"] not in ("default", "none"):  # a local state-dict file
+            info["weights"] = info["params"]["weights"] = Path(str(info["weights"])).name
+        if verify_key is not None:
+            info["signature"] = "verified"
         worker = InferenceWorker(loaded, max_queue=limits["max_queue"], max_batch=loaded.batch_size).start()
         app.state.model, app.state.info, app.state.worker = loaded, info, worker
         logger.info(

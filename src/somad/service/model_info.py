@@ -6,27 +6,19 @@ also reads and checks every array against the header's content hash (``somad.io.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import struct
 from pathlib import Path
 
 from somad.errors import ModelFileError
+from somad.io.integrity import file_sha256
 from somad.io.model_files import FORMAT, load_model
+from somad.verdicts import FALSE_ALARM_LEVEL, scale_resolution
 
 #: Geometry and backbone parameters shown on their own (the rest of the parameters are listed as ``params``).
 _GEOMETRY = ("image_size", "crop_size", "tile_size", "tile_overlap")
 _HEADER_LIMIT = 100 * 1024 * 1024  # safetensors' own limit on the JSON header
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """SHA-256 of the file's bytes (what ``sha256sum`` prints)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def read_metadata(path: str | os.PathLike) -> dict:
@@ -50,17 +42,21 @@ def read_metadata(path: str | os.PathLike) -> dict:
     return metadata
 
 
-def describe(path: str | os.PathLike, *, verify: bool = True) -> dict:
+def describe(path: str | os.PathLike, *, verify: bool = True, verify_key=None) -> dict:
     """A JSON-ready description of the model file at ``path``.
 
-    With ``verify`` the whole file is read and checked (format version, content hash, config), as
-    ``somad.load`` does, so a corrupt file raises :class:`~somad.errors.ModelFileError` (one line). Without it
-    only the header is read (for a file that was just loaded and checked).
+    With ``verify`` the whole file is read and checked (format version, content hash, config, and with
+    ``verify_key`` its signature), as ``somad.load`` does, so a corrupt file raises
+    :class:`~somad.errors.ModelFileError` (one line). Without it only the header is read (for a file that was just
+    loaded and checked).
     """
     path = Path(path)
     metadata = read_metadata(path)
     if verify:
-        config, _ = load_model(path)
+        from somad.methods import method_of
+
+        config, arrays = load_model(path, verify_key)
+        method_of(config, path).check_file(config, arrays, path)  # every field against its rule, as load does
     else:
         try:
             config = json.loads(metadata.get("config", ""))
@@ -82,6 +78,7 @@ def describe(path: str | os.PathLike, *, verify: bool = True) -> dict:
         "image_threshold": state.get("image_threshold"),
         "pixel_threshold": state.get("pixel_threshold"),
         "threshold_info": info,
+        "normalized_scale_resolution": scale_resolution(info),  # 1 / the good scores it rests on; None: not recorded
         "n_train_images": state.get("n_train_images"),
         "n_val_images": state.get("n_val_images"),
         "train_set_sha256": state.get("train_set_sha256"),  # None: not recorded (files before somad 0.7)
@@ -89,9 +86,15 @@ def describe(path: str | os.PathLike, *, verify: bool = True) -> dict:
         "somad_version": config.get("somad_version"),
         "format_version": _int_or_none(metadata.get("format_version")),
         "content_sha256": metadata.get("sha256"),
+        "signature": _signature(metadata, verified=verify and verify_key is not None),
         "file_sha256": file_sha256(path),
         "file_bytes": path.stat().st_size,
     }
+
+
+def _signature(metadata: dict, *, verified: bool) -> str | None:
+    """``"verified"`` (checked against a key), ``"present"`` (signed, not checked) or ``None`` (unsigned)."""
+    return "verified" if verified else "present" if metadata.get("signature") else None
 
 
 def threshold_source(info: dict | None) -> str:
@@ -101,11 +104,36 @@ def threshold_source(info: dict | None) -> str:
     source = info.get("source", "unknown")
     if info.get("quantile") is None or info.get("n_images") is None:
         return str(source)
+    rate = info.get("expected_false_alarm_rate")
+    rate = 1 - info["quantile"] if rate is None else rate  # older files: 1 - quantile
+    interval = info.get("false_alarm_rate_interval")
+    if interval:
+        level = f"{100 * FALSE_ALARM_LEVEL:.0f}%"
+        rate_text = f"{100 * rate:.1f}%, {level} interval {100 * interval[0]:.1f}-{100 * interval[1]:.1f}%"
+    else:
+        rate_text = f"{100 * rate:.1f}%"
+    scores = "out-of-fold scores" if info.get("rule") == "cross_fit" else "scores"
+    how = f" ({info.get('folds') or 'k'}-fold cross-fitting)" if info.get("rule") == "cross_fit" else ""
     return (
-        f"{source}: {info['quantile']:g}-quantile of {info['n_images']} good images' scores "
-        f"(expected false-alarm rate {100 * (1 - info['quantile']):.1f}%), pixel {info.get('pixel_quantile', 0):g}-"
-        "quantile of their map pixels"
+        f"{source}{how}: {info['quantile']:g}-quantile of {info['n_images']} good images' {scores} "
+        f"(expected false-alarm rate {rate_text}), pixel {info.get('pixel_quantile') or 0:g}-quantile of their map "
+        "pixels"
     )
+
+
+def scale_source(info: dict | None) -> str:
+    """What the normalised score (``somad.verdicts.normalized_score``) rests on, in words, with its resolution."""
+    info = info or {}
+    resolution = scale_resolution(info)
+    if resolution is not None:
+        n = len(info["good_scores"])
+        return (
+            f"below the threshold, the CDF of {n} good scores (resolution {resolution:.3g}); above it, "
+            "1 - 0.5 (t - m) / (s - m), m their median"
+        )
+    if info.get("good_score_median") is not None:
+        return "from the median good score only (a somad 0.7 file): linear below the threshold"
+    return "not available (no good scores recorded; run `somad calibrate`)"
 
 
 def _int_or_none(value) -> int | None:
@@ -115,4 +143,4 @@ def _int_or_none(value) -> int | None:
         return None
 
 
-__all__ = ["describe", "file_sha256", "read_metadata", "threshold_source"]
+__all__ = ["describe", "file_sha256", "read_metadata", "scale_source", "threshold_source"]

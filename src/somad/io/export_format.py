@@ -1,0 +1,179 @@
+"""The export folder's contract, declared once: file names, version, tensor names, the description's schema, and
+its verification before the first image is scored.
+
+``somad export`` (``somad.export.onnx``) writes ``DIR/model.onnx`` (the graph) and ``DIR/somad_export.json`` (the
+description: thresholds, geometry, ...) into a staged folder renamed into place whole. The torch-free runtime
+(``somad.runtime.OnnxDetector``) reads them through :func:`read_export`, which checks, before anything is scored:
+
+1. the description against :data:`SCHEMA` (types, ranges, version bounds; one line naming the field);
+2. the description's own hash, ``content_sha256``: the SHA-256 of the canonical JSON of every other field
+   (:func:`content_sha256`), so that an edited threshold or geometry does not pass;
+3. with a verify key, its ``signature``: an HMAC-SHA-256 of that hash (``somad.io.integrity``);
+4. the graph: its bytes are read once, hashed and compared with ``files["model.onnx"]``, and those same bytes are
+   what the runtime loads; another export's graph, or an edited initializer, is refused in one line naming both
+   files.
+
+Without a key, 2 and 4 are integrity, not authenticity: whoever can write the folder can recompute both hashes.
+This module imports no torch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+from somad.errors import ModelFileError
+from somad.io.integrity import as_key, check_signature, sign
+from somad.io.schema import (
+    DISPLAY_RANGE,
+    MAX_IMAGE_SIZE,
+    THRESHOLD,
+    THRESHOLD_INFO,
+    Hex,
+    Interval,
+    Kind,
+    Nullable,
+    Options,
+    Table,
+    Text,
+    describe,
+    problem,
+)
+
+logger = logging.getLogger(__name__)
+
+MODEL_FILE = "model.onnx"
+META_FILE = "somad_export.json"
+#: 2 (somad 0.7.2): the description carries its own hash (``content_sha256``) and may be signed.
+EXPORT_VERSION = 2
+FORMATS = ("onnx",)
+INPUT_NAME = "image"
+OUTPUT_NAMES = ("score", "anomaly_map")
+#: The fields of the description that its hash does not cover (the hash itself, and the signature of it).
+UNHASHED = ("content_sha256", "signature")
+#: Descriptions larger than this are not somad's (a few kB, at most about 100 kB with 1000 good scores).
+_MAX_META_BYTES = 16 << 20
+REEXPORT = "re-run `somad export`"
+
+_SIDE = Interval(int, 1, MAX_IMAGE_SIZE)
+SCHEMA = Table(
+    {
+        "export_version": Interval(int, 1, EXPORT_VERSION),
+        "format": Options(FORMATS),
+        "somad_version": Kind(str, "a string"),
+        "method": Text(),
+        "image_threshold": THRESHOLD,
+        "pixel_threshold": THRESHOLD,
+        "display_range": DISPLAY_RANGE,
+        "threshold_info": Nullable(THRESHOLD_INFO),
+        "geometry": Table(
+            {
+                "image_size": _SIDE,
+                "crop_size": Nullable(_SIDE),
+                "input_size": _SIDE,
+                "crop_offset": Interval(int, 0, MAX_IMAGE_SIZE),
+                "grid_size": Interval(int, 1, MAX_IMAGE_SIZE),
+                "stride": Interval(int, 1, MAX_IMAGE_SIZE),
+            },
+            required=("image_size", "input_size", "crop_offset"),
+        ),
+        "graph": Table(
+            {"file": Options((MODEL_FILE,)), "input": Table({"name": Options((INPUT_NAME,))}, required=("name",))}
+        ),
+        "files": Table({MODEL_FILE: Hex()}, required=(MODEL_FILE,)),
+        "source_model": Nullable(Table({"file": Kind(str, "a string"), "sha256": Hex()}, required=("sha256",))),
+        "content_sha256": Hex(),
+        "signature": Kind(str, "a string"),
+    },
+    required=("export_version", "format", "method", "image_threshold", "pixel_threshold", "geometry", "files"),
+)
+
+
+def content_sha256(meta: dict) -> str:
+    """SHA-256 of the canonical JSON (sorted keys, no spaces) of every field of ``meta`` but :data:`UNHASHED`."""
+    body = {k: v for k, v in meta.items() if k not in UNHASHED}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def seal(meta: dict, sign_key: bytes | str | os.PathLike | None = None) -> dict:
+    """``meta`` with its ``content_sha256`` and, with a key, its ``signature`` (see the module docstring)."""
+    meta = {k: v for k, v in meta.items() if k not in UNHASHED}
+    meta["content_sha256"] = content_sha256(meta)
+    key = as_key(sign_key)
+    if key is not None:
+        meta["signature"] = sign(key, "export", meta["content_sha256"])
+    return meta
+
+
+def read_export(folder: str | os.PathLike, verify_key: bytes | str | os.PathLike | None = None) -> tuple[dict, bytes]:
+    """The checked description and the graph's bytes of the export folder ``folder`` (module docstring: 1-4).
+
+    Every failure is one :class:`~somad.errors.ModelFileError` line naming the file (both files for a graph that
+    does not match its description) and the fix. ``verify_key``: the key's bytes or the path of its file."""
+    folder = Path(folder)
+    meta_path, graph_path = folder / META_FILE, folder / MODEL_FILE
+    if not meta_path.is_file() or not graph_path.is_file():
+        raise ModelFileError(
+            f"{folder}: not a somad export folder (no {META_FILE} or {MODEL_FILE}); run `somad export`"
+        )
+    key = as_key(verify_key)
+    try:
+        with open(meta_path, "rb") as f:
+            text = f.read(_MAX_META_BYTES + 1)
+        if len(text) > _MAX_META_BYTES:
+            raise ValueError(f"over {_MAX_META_BYTES >> 20} MB")
+        meta = json.loads(text)
+    except (OSError, ValueError, RecursionError) as exc:
+        reason = " ".join(str(exc).split())[:80] or type(exc).__name__
+        raise ModelFileError(f"{meta_path}: unreadable export description ({reason}); {REEXPORT}") from None
+    if not isinstance(meta, dict):
+        raise ModelFileError(f"{meta_path}: the export description is not a JSON object; {REEXPORT}")
+    version = meta.get("export_version")
+    if isinstance(version, int) and not isinstance(version, bool) and version > EXPORT_VERSION:
+        raise ModelFileError(f"{meta_path}: export version {version} is newer than this somad's; upgrade somad")
+    found = problem(SCHEMA, meta, "")
+    if found is None:
+        g = meta["geometry"]
+        if g["crop_offset"] + g["input_size"] > g["image_size"]:
+            found = ("geometry", g, "the crop (crop_offset + input_size) must lie inside image_size")
+    if found:
+        raise ModelFileError(f"{meta_path}: {describe(found)}; {REEXPORT}")
+    stored = meta.get("content_sha256")
+    if stored is None and version >= 2:
+        raise ModelFileError(f"{meta_path}: content_sha256 is missing (edited after export?); {REEXPORT}")
+    if stored is not None and stored != content_sha256(meta):
+        raise ModelFileError(
+            f"{meta_path}: its content hash does not match its contents (edited after export, or damaged); {REEXPORT}"
+        )
+    if stored is None:
+        logger.warning("%s: written by somad < 0.7.2, without a hash of its own; %s", meta_path, REEXPORT)
+    if key is not None:
+        check_signature(key, meta.get("signature"), "export", str(stored), where=str(meta_path), signer="somad export")
+    try:
+        graph = graph_path.read_bytes()
+    except OSError as exc:
+        raise ModelFileError(f"{graph_path}: cannot read the graph ({exc.strerror or exc}); {REEXPORT}") from None
+    actual = hashlib.sha256(graph).hexdigest()
+    if actual != meta["files"][MODEL_FILE]:
+        raise ModelFileError(
+            f"{graph_path}: does not match {meta_path} (SHA-256 {actual[:16]}..., the description records "
+            f"{meta['files'][MODEL_FILE][:16]}...): the graph was modified or comes from another export; {REEXPORT}"
+        )
+    return meta, graph
+
+
+__all__ = [
+    "EXPORT_VERSION",
+    "FORMATS",
+    "INPUT_NAME",
+    "META_FILE",
+    "MODEL_FILE",
+    "OUTPUT_NAMES",
+    "SCHEMA",
+    "content_sha256",
+    "read_export",
+    "seal",
+]
