@@ -122,8 +122,11 @@ def plot(rows: list[dict], path: Path) -> None:
         for ax, key in zip(axes, ("image_auroc", "au_pro")):
             means = [np.mean([r[key] for r in by_n[n] if r.get(key) is not None] or [np.nan]) for n in ns]
             ax.plot(ns, means, marker="o", label=f"{cat} {method}")
+    sizes = sorted({r["n_train"] for r in rows})
     for ax, title in zip(axes, ("image AUROC", "AU-PRO (FPR 0.3)")):
         ax.set_xscale("log")
+        ax.set_xticks(sizes, [str(n) for n in sizes])
+        ax.minorticks_off()
         ax.set_xlabel("good training images")
         ax.set_title(title)
         ax.grid(alpha=0.3)
