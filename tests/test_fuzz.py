@@ -238,6 +238,18 @@ def _fields(path) -> list[tuple[str, object]]:
     )
 
 
+def _mutate_nested(root: dict, field: tuple, data) -> None:
+    """Replace the value at key path ``field`` of ``root`` by a hostile draw of its kind, or delete it."""
+    table = root
+    for key in field[:-1]:
+        table = table[key]
+    value = data.draw(_hostile(table[field[-1]]))
+    if value is DELETE:
+        del table[field[-1]]
+    else:
+        table[field[-1]] = value
+
+
 def _hostile(current):
     """Values a forged field might hold: of every JSON type, out of range, non-finite, escapes, or the current
     value bent (negated, scaled, wrapped, as text, shortened); or the field removed."""
@@ -309,14 +321,7 @@ def _mutated(path, where: str, field, data) -> tuple:
         else:
             metadata[field] = value
     elif where == "config":
-        table = config
-        for key in field[:-1]:
-            table = table[key]
-        value = data.draw(_hostile(table[field[-1]]))
-        if value is DELETE:
-            del table[field[-1]]
-        else:
-            table[field[-1]] = value
+        _mutate_nested(config, field, data)
     else:
         _edit_array(arrays, field, data.draw(st.sampled_from(ARRAY_EDITS)))
     return metadata, config, arrays, config_text
@@ -419,14 +424,7 @@ def _export_fuzz(source, target, field, outcomes: dict):
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(source, target)
         meta = json.loads((source / META_FILE).read_text())
-        table = meta
-        for key in field[:-1]:
-            table = table[key]
-        value = data.draw(_hostile(table[field[-1]]))
-        if value is DELETE:
-            del table[field[-1]]
-        else:
-            table[field[-1]] = value
+        _mutate_nested(meta, field, data)
         if field != ("content_sha256",):
             meta["content_sha256"] = content_sha256(meta)
         (target / META_FILE).write_text(json.dumps(meta))
