@@ -16,3 +16,15 @@ BASE = dict(
 def tiny(**overrides) -> dict:
     """:data:`BASE` with ``overrides``."""
     return {**BASE, **overrides}
+
+
+def texture(seed: int, size=(80, 100)):
+    """A smooth colour pattern plus sensor noise, ``(H, W, 3)`` uint8 (not square: maps are resized back): the
+    good part of the unit tests that fit on in-memory frames."""
+    import numpy as np
+
+    h, w = size
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w]
+    base = np.stack([100 + 60 * np.sin(x / 7.0), 120 + 50 * np.cos(y / 5.0), 90 + 0.5 * (x + y)], -1)
+    return np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)

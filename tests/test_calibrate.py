@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from _tiny import tiny
+from _tiny import texture, tiny
 from PIL import Image
 
 from somad import SOMAD, load
@@ -20,12 +20,7 @@ TINY = tiny(local_aggregation=1, cv="holdout")  # a hold-out: images the fit nev
 
 
 def _texture(seed: int, size=(72, 88)) -> np.ndarray:
-    """A smooth colour pattern plus noise, (H, W, 3) uint8."""
-    h, w = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([100 + 60 * np.sin(x / 7.0), 120 + 50 * np.cos(y / 5.0), 90 + 0.5 * (x + y)], -1)
-    return np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+    return texture(seed, size)
 
 
 def _off(seed: int, size=(72, 88)) -> np.ndarray:

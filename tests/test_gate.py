@@ -6,7 +6,7 @@ import logging
 
 import numpy as np
 import pytest
-from _tiny import tiny
+from _tiny import texture, tiny
 from PIL import Image
 
 from somad import SOMAD, load
@@ -28,15 +28,6 @@ def _binary(seed: int, size=(96, 112)) -> np.ndarray:
         cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(4, 14)
         frame[(yy - cy) ** 2 + (xx - cx) ** 2 < r * r] = 0
     return frame
-
-
-def _texture(seed: int, size=(80, 100)) -> np.ndarray:
-    """A natural-looking colour frame: a smooth pattern plus sensor noise."""
-    h, w = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([100 + 60 * np.sin(x / 7.0), 120 + 50 * np.cos(y / 5.0), 90 + 0.5 * (x + y)], -1)
-    return np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
 def _save(folder, frames):
@@ -82,18 +73,18 @@ def test_a_binary_product_keeps_every_training_image_and_its_good_frames_pass(bi
 
 
 def test_natural_images_keep_the_fixed_limits():
-    gate = FrameGate.learn([frame_stats(Image.fromarray(_texture(i))) for i in range(12)])
+    gate = FrameGate.learn([frame_stats(Image.fromarray(texture(i))) for i in range(12)])
     assert gate.n_images == 12
     assert (gate.saturated_fraction, gate.flat_fraction) == (SATURATED_FRACTION, FLAT_FRACTION)
-    fixture = _texture(5).copy()
+    fixture = texture(5).copy()
     fixture[:, 20:] = 128  # an empty fixture: still refused
     assert "mostly blank frame" in check_frame(Image.fromarray(fixture), gate)
 
 
 def test_a_few_odd_training_frames_do_not_open_the_gate():
     """The limits come from a high quantile, not the maximum: one covered-lens frame among many does not move them."""
-    stats = [frame_stats(Image.fromarray(_texture(i))) for i in range(150)]
-    covered = _texture(999).copy()
+    stats = [frame_stats(Image.fromarray(texture(i))) for i in range(150)]
+    covered = texture(999).copy()
     covered[:, 10:] = 40
     gate = FrameGate.learn([*stats, frame_stats(Image.fromarray(covered))])
     assert gate.flat_fraction == FLAT_FRACTION and check_frame(Image.fromarray(covered), gate) != OK
@@ -101,7 +92,7 @@ def test_a_few_odd_training_frames_do_not_open_the_gate():
 
 def test_fit_warns_with_the_count_and_the_reason(tmp_path, caplog):
     folder = tmp_path / "train"
-    _save(folder, [_texture(i) for i in range(13)])
+    _save(folder, [texture(i) for i in range(13)])
     Image.fromarray(np.zeros((80, 100, 3), np.uint8)).save(folder / "blank.png")  # 1 of 14: under 10%
     with caplog.at_level(logging.WARNING, logger="somad"):
         model = SOMAD(**tiny(val_fraction=0.0)).fit(folder)
@@ -113,7 +104,7 @@ def test_fit_warns_with_the_count_and_the_reason(tmp_path, caplog):
 
 def test_fit_refuses_a_training_set_the_gate_would_thin_out(tmp_path):
     folder = tmp_path / "train"
-    _save(folder, [_texture(i) for i in range(12)])
+    _save(folder, [texture(i) for i in range(12)])
     for i in range(3):  # 3 of 15 (20%): more than 10%
         Image.fromarray(np.full((80, 100, 3), 255, np.uint8)).save(folder / f"white{i}.png")
     with pytest.raises(SomadError) as error:

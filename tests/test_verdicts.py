@@ -7,7 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-from _tiny import tiny
+from _tiny import texture, tiny
 from PIL import Image
 
 from somad import SOMAD, load
@@ -30,15 +30,6 @@ from somad.verdicts import (
 TINY = tiny(local_aggregation=1, cv="holdout")  # the hold-out these tests examine (cross-fitting: test_cross_fit)
 
 
-def _texture(seed: int, size=(80, 100)) -> np.ndarray:
-    """A smooth colour pattern plus noise, (H, W, 3) uint8 (not square: maps are resized back)."""
-    h, w = size
-    rng = np.random.default_rng(seed)
-    y, x = np.mgrid[0:h, 0:w]
-    base = np.stack([100 + 60 * np.sin(x / 7.0), 120 + 50 * np.cos(y / 5.0), 90 + 0.5 * (x + y)], -1)
-    return np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
-
-
 @pytest.fixture(scope="module")
 def category(tmp_path_factory):
     """An MVTec-style category: 12 good training images, good and defective test images."""
@@ -46,12 +37,12 @@ def category(tmp_path_factory):
     for i in range(12):
         path = root / "train" / "good" / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_texture(i)).save(path)
+        Image.fromarray(texture(i)).save(path)
     for i in range(4):
         good = root / "test" / "good" / f"{i:03d}.png"
         good.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(_texture(100 + i)).save(good)
-        bad = _texture(200 + i)
+        Image.fromarray(texture(100 + i)).save(good)
+        bad = texture(200 + i)
         bad[20 + 5 * i : 40 + 5 * i, 30:55] = (255, 20, 200)  # a painted defect
         path = root / "test" / "paint" / f"{i:03d}.png"
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -153,7 +144,7 @@ def test_a_validation_good_folder_is_the_held_out_set_and_every_training_image_i
     shutil.copytree(category, root)
     (root / "validation" / "good").mkdir(parents=True)
     for i in range(5):
-        Image.fromarray(_texture(300 + i)).save(root / "validation" / "good" / f"{i:03d}.png")
+        Image.fromarray(texture(300 + i)).save(root / "validation" / "good" / f"{i:03d}.png")
     model = SOMAD(**TINY)
     train, held_out = model.held_out_split(root)
     assert len(train) == 12 and sorted(it.path.name for it in held_out) == [f"{i:03d}.png" for i in range(5)]
@@ -308,7 +299,7 @@ def test_threshold_flags_override_the_model(model, category, tmp_path, capsys):
 # ------------------------------------------------------------------------------------------ the input gate
 def _gate_cases():
     rng = np.random.default_rng(1)
-    fixture = _texture(5, (240, 320)).copy()
+    fixture = texture(5, (240, 320)).copy()
     fixture[:, 40:] = (128, 128, 128)  # the part is missing: a blank fixture over most of the frame
     return {
         "black": (np.zeros((120, 160, 3), np.uint8), "blank frame (black)"),
@@ -317,7 +308,7 @@ def _gate_cases():
         "saturated": (np.where(rng.random((120, 160, 1)) > 0.5, 255, 0).repeat(3, 2).astype(np.uint8), "saturated"),
         "empty fixture": (fixture, "mostly blank frame"),
         "noise": (rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), None),
-        "part": (_texture(3, (240, 320)), None),
+        "part": (texture(3, (240, 320)), None),
     }
 
 
@@ -347,7 +338,7 @@ def test_invalid_frames_are_flagged_never_passed_as_good(model, tmp_path):
 
 
 def test_12bit_image_in_16bit_png_scores_like_its_8bit_version(model, tmp_path):
-    rgb = _texture(7)
+    rgb = texture(7)
     grey8 = np.asarray(Image.fromarray(rgb).convert("L"))
     Image.fromarray(grey8).save(tmp_path / "eight.png")
     twelve = np.round(grey8.astype(np.float64) * 4095 / 255).astype(np.uint16)  # 12-bit camera data
@@ -360,12 +351,12 @@ def test_12bit_image_in_16bit_png_scores_like_its_8bit_version(model, tmp_path):
 
 # ------------------------------------------------------------------------------------------ inputs and fit
 def test_one_colour_array_is_one_image(model):
-    scores, maps = model.predict_maps(_texture(1, (64, 64)))
+    scores, maps = model.predict_maps(texture(1, (64, 64)))
     assert scores.shape == (1,) and maps.shape == (1, 64, 64)
 
 
 def test_pil_images_follow_the_file_decoding_rules(model, tmp_path):
-    grey = np.asarray(Image.fromarray(_texture(2)).convert("L"))
+    grey = np.asarray(Image.fromarray(texture(2)).convert("L"))
     Image.fromarray(grey.astype(np.uint16) * 257).save(tmp_path / "g16.png")
     by_path = model.predict_maps(tmp_path / "g16.png")[0]
     by_pil = model.predict_maps([Image.open(tmp_path / "g16.png")])[0]
@@ -377,7 +368,7 @@ def test_fit_warns_about_defect_named_training_folders(tmp_path, caplog):
         for i in range(3):
             path = tmp_path / "train" / sub / f"{i}.png"
             path.parent.mkdir(parents=True, exist_ok=True)
-            Image.fromarray(_texture(i + (10 if sub == "crack" else 0))).save(path)
+            Image.fromarray(texture(i + (10 if sub == "crack" else 0))).save(path)
     with caplog.at_level(logging.WARNING, logger="somad"):
         SOMAD(val_fraction=0.0, **TINY).fit(tmp_path / "train")
     assert any("named like defects (crack)" in r.getMessage() for r in caplog.records)
