@@ -63,6 +63,17 @@ def test_text_output_has_the_right_values(fitted, capsys):
     assert _field(out, "file sha256") == f"{digest} ({path.stat().st_size} bytes)"
 
 
+def test_cross_fitted_thresholds_are_not_called_held_out(fitted, tmp_path, capsys):
+    _, _, folder = fitted
+    model = SOMAD(**{**TINY, "cv": 3}).fit(folder)
+    path = model.save(tmp_path / "cv.safetensors")
+    code, out, _ = _info(capsys, path)
+    assert code == 0 and "held-out images:" not in out
+    assert _field(out, "training images") == "10"
+    assert _field(out, "threshold images") == "10 (every training image, out of fold)"
+    assert "3-fold cross-fitting" in _field(out, "thresholds set by")
+
+
 def test_json_output_has_the_right_values(fitted, capsys):
     model, path, _ = fitted
     code, out, _ = _info(capsys, path, "--json")

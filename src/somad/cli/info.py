@@ -65,7 +65,7 @@ def text(info: dict) -> str:
         ("thresholds set by", threshold_source(info["threshold_info"])),
         ("normalised scale", scale_source(info["threshold_info"])),
         ("training images", _value(info["n_train_images"])),
-        ("held-out images", _value(info["n_val_images"])),
+        _threshold_images(info),
         ("training set sha256", _value(info["train_set_sha256"])),
         ("fit time", _value(info["fit_seconds"], "{:.1f} s")),
         ("written by", f"somad {_value(info['somad_version'])}"),
@@ -76,6 +76,14 @@ def text(info: dict) -> str:
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k + ':':<{width + 1}} {printable(v)}" for k, v in lines)
+
+
+def _threshold_images(info: dict) -> tuple[str, str]:
+    """The row naming the good images the thresholds rest on: held out, or all of them cross-fitted."""
+    t = info.get("threshold_info") or {}
+    if t.get("rule") == "cross_fit":
+        return "threshold images", f"{_value(info['n_val_images'])} (every training image, out of fold)"
+    return "held-out images", _value(info["n_val_images"])
 
 
 _SIGNATURE = {
