@@ -116,11 +116,11 @@ def _reference(model, array: np.ndarray) -> float:
     return float(scores[0])
 
 
-def _post_png(server, array, query: str = "", **kwargs):
-    headers = {"Content-Type": "image/png"}
-    return httpx.post(
-        f"{server.url}/v1/predict{query}", content=_png(array), headers=headers, timeout=TIMEOUT, **kwargs
-    )
+def _post_png(server, array, query: str = "", headers=None, **kwargs):
+    """POST ``array`` as a PNG to ``server`` (a :class:`Server`, or the base URL of an in-process one)."""
+    url = server if isinstance(server, str) else server.url
+    headers = {"Content-Type": "image/png", **(headers or {})}
+    return httpx.post(f"{url}/v1/predict{query}", content=_png(array), headers=headers, timeout=TIMEOUT, **kwargs)
 
 
 def _refused(response, status: int, fragment: str) -> None:
@@ -301,12 +301,13 @@ def test_concurrent_requests_all_succeed_with_correct_scores(server, model):
 
 # ----------------------------------------------------------------------------------------- in process, overload
 @contextlib.contextmanager
-def in_process(app):
+def in_process(app, **config):
     """``app`` served by a ``uvicorn.Server`` on a thread of this process, on a free loopback port."""
     import uvicorn
 
     port = _free_port()
-    srv = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None, access_log=False))
+    config = {"host": "127.0.0.1", "port": port, "log_config": None, "access_log": False, **config}
+    srv = uvicorn.Server(uvicorn.Config(app, **config))
     thread = threading.Thread(target=srv.run, daemon=True)
     thread.start()
     try:
@@ -487,3 +488,180 @@ def test_binding_beyond_loopback_is_warned_about(tmp_path, capsys):
     assert main(["serve", str(missing), "--host", "0.0.0.0", "--port", str(_free_port())]) == 2
     err = capsys.readouterr().err
     assert err.startswith("warning: --host 0.0.0.0 listens beyond this machine") and f"error: {missing}" in err
+
+
+# ----------------------------------------------------------------------------------------- slow and silent clients
+def _raw(port: int, data: bytes) -> socket.socket:
+    """A loopback socket that has sent ``data`` and waits (every read bounded by TIMEOUT)."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=TIMEOUT)
+    sock.sendall(data)
+    return sock
+
+
+def _read_all(sock: socket.socket) -> bytes:
+    """What the server sends until it closes the connection (bounded by the socket's timeout)."""
+    out = b""
+    with contextlib.suppress(ConnectionResetError):
+        while chunk := sock.recv(65536):
+            out += chunk
+    return out
+
+
+def _port(url: str) -> int:
+    return int(url.rsplit(":", 1)[1])
+
+
+def test_bodies_that_stop_arriving_get_408_and_free_their_slots(model_file, model):
+    """Issue 26: clients that declare a 1 MB body and send one byte held every slot for good (503 for everyone).
+    Now each gets 408 after --read-timeout, and the service takes requests again."""
+    from somad.service.app import ACTIVE_MARGIN, create_app
+
+    array = _noise(41)
+    expected = _reference(model, array)
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000000\r\n\r\n"
+    with in_process(create_app(model_file, max_queue=1, read_timeout=1.0, body_timeout=30.0)) as url:
+        slow = [_raw(_port(url), head + b"x") for _ in range(1 + ACTIVE_MARGIN)]
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:  # until every slow upload holds a slot
+                r = _post_png(url, array)
+                if r.status_code == 503:
+                    break
+            _refused(r, 503, "requests in progress")
+            answers = [_read_all(sock) for sock in slow]
+        finally:
+            for sock in slow:
+                sock.close()
+        for answer in answers:
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:200]
+            assert b"no part of the request body arrived within 1 s (--read-timeout)" in answer
+        r = _post_png(url, array)
+        assert r.status_code == 200 and r.json()["score"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_body_trickling_past_the_body_timeout_gets_408(model_file):
+    from somad.service.app import create_app
+
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    with in_process(create_app(model_file, read_timeout=1.0, body_timeout=2.0)) as url:
+        sock = _raw(_port(url), head)
+        try:
+            t0 = time.monotonic()
+            with contextlib.suppress(OSError):  # the server may answer and close while we still send
+                while time.monotonic() - t0 < 10:  # a byte every 0.3 s: never idle for 1 s
+                    sock.sendall(b"x")
+                    time.sleep(0.3)
+            answer = _read_all(sock)
+        finally:
+            sock.close()
+        assert answer.startswith(b"HTTP/1.1 408") and b"did not arrive whole within 2 s (--body-timeout)" in answer
+
+
+def test_connections_that_never_finish_their_head_are_closed(model_file, model, monkeypatch):
+    """Issue 26: half-open requests (headers never finished) were never dropped and exhausted the descriptors."""
+    from somad.service.app import create_app
+    from somad.service.guard import GuardedH11Protocol
+
+    monkeypatch.setattr(GuardedH11Protocol, "header_timeout", 1.0)
+    array = _noise(42)
+    expected = _reference(model, array)
+    with in_process(create_app(model_file), http=GuardedH11Protocol) as url:
+        t0 = time.monotonic()
+        silent = [_raw(_port(url), b"") for _ in range(10)]
+        partial = [_raw(_port(url), b"POST /v1/predict HTTP/1.1\r\nHost: x\r\n") for _ in range(10)]
+        try:
+            r = _post_png(url, array)  # served meanwhile
+            assert r.status_code == 200 and r.json()["score"] == pytest.approx(expected, rel=1e-5)
+            answers = [_read_all(sock) for sock in silent + partial]
+            waited = time.monotonic() - t0
+        finally:
+            for sock in silent + partial:
+                sock.close()
+        assert answers == [b""] * 20  # closed by the server, without an answer
+        assert waited < TIMEOUT  # by the head deadline, not by the client's own timeout
+        # a complete request on a fresh connection is not affected by the deadline of the others
+        r = _post_png(url, array)
+        assert r.status_code == 200
+
+
+def test_a_client_hanging_up_mid_upload_is_one_log_line(model_file, caplog):
+    """Issue 26: each client that hung up mid-upload was logged as HTTP 500 with two tracebacks."""
+    import logging
+
+    from somad.service.app import create_app
+
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 5000\r\n\r\n"
+    with caplog.at_level(logging.INFO, logger="somad.service"):
+        with in_process(create_app(model_file)) as url:
+            for _ in range(3):
+                sock = _raw(_port(url), head + b"x" * 100)
+                time.sleep(0.2)
+                sock.close()
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline and caplog.text.count("POST /v1/predict 499") < 3:
+                time.sleep(0.1)
+            assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
+    assert caplog.text.count("client closed the connection during POST /v1/predict") == 3
+    assert caplog.text.count("POST /v1/predict 499") == 3
+    assert "Traceback" not in caplog.text and "internal error" not in caplog.text
+    assert all(r.exc_info is None for r in caplog.records)
+
+
+def test_an_api_key_guards_everything_but_health(model_file, model, tmp_path, capsys):
+    from somad.cli import main
+    from somad.service.app import create_app
+
+    key = b"0123456789abcdef0123456789abcdef"
+    array = _noise(43)
+    expected = _reference(model, array)
+    with in_process(create_app(model_file, api_key=key)) as url:
+        assert httpx.get(f"{url}/health", timeout=TIMEOUT).status_code == 200
+        r = httpx.get(f"{url}/v1/model", timeout=TIMEOUT)
+        _refused(r, 401, "no API key")
+        assert r.headers["www-authenticate"].startswith("Bearer")
+        headers = {"Content-Type": "image/png"}
+        for auth, status, fragment in (
+            ({}, 401, "no API key"),
+            ({"Authorization": "Bearer wrong"}, 401, "wrong API key"),
+            ({"X-API-Key": key.decode()[:-1]}, 401, "wrong API key"),
+            ({"Authorization": f"Bearer {key.decode()}"}, 200, None),
+            ({"X-API-Key": key.decode()}, 200, None),
+        ):
+            r = httpx.post(f"{url}/v1/predict", content=_png(array), headers={**headers, **auth}, timeout=TIMEOUT)
+            if status == 200:
+                assert r.status_code == 200 and r.json()["score"] == pytest.approx(expected, rel=1e-5)
+            else:
+                _refused(r, status, fragment)
+        r = httpx.get(f"{url}/v1/model", headers={"X-API-Key": key.decode()}, timeout=TIMEOUT)
+        assert r.status_code == 200 and r.json()["path"] == model_file.name
+    bad = tmp_path / "bad.key"
+    bad.write_bytes(b"a key with spaces in it, long enough")
+    assert main(["serve", str(model_file), "--api-key-file", str(bad), "--port", str(_free_port())]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith(f"error: {bad}") and "visible ASCII without spaces" in err
+
+
+def test_an_api_key_over_the_command_line_with_two_workers(model_file, model, tmp_path):
+    key_file = tmp_path / "api.key"
+    key_file.write_bytes(b"fedcba9876543210fedcba9876543210\n")
+    server = Server(model_file, tmp_path / "server.log", "--workers", "2", "--api-key-file", str(key_file))
+    try:
+        array = _noise(44)
+        assert _post_png(server, array).status_code == 401
+        r = _post_png(server, array, headers={"X-API-Key": "fedcba9876543210fedcba9876543210"})
+        assert r.status_code == 200 and r.json()["score"] == pytest.approx(_reference(model, array), rel=1e-5)
+    finally:
+        server.stop()
+
+
+def test_the_command_line_defaults_are_the_services():
+    from somad.cli import serve
+    from somad.service import guard
+
+    assert (serve.HEADER_TIMEOUT, serve.READ_TIMEOUT, serve.BODY_TIMEOUT) == (
+        guard.HEADER_TIMEOUT,
+        guard.READ_TIMEOUT,
+        guard.BODY_TIMEOUT,
+    )
+    assert "pass --api-key-file" in serve.exposure_warning("0.0.0.0", 8000)
+    assert "travel unencrypted" in serve.exposure_warning("0.0.0.0", 8000, api_key=True)

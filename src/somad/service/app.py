@@ -10,9 +10,12 @@ Endpoints (README "Service" has the details)::
     GET  /health            liveness and queue depth
 
 Every refused request is a 4xx (503 when overloaded) with ``{"detail": "<one-line reason>"}``. Bodies are
-counted while they are read (413 as soon as one exceeds ``max_body_bytes``); image sizes are checked from the
-header before decoding. Decoding runs on a thread pool, in parallel; inference runs on one thread per worker
-(``somad.service.inference``), behind a queue of at most ``max_queue`` waiting requests.
+counted while they are read (413 as soon as one exceeds ``max_body_bytes``) under a per-chunk ``read_timeout``
+and a whole-body ``body_timeout`` (408; ``somad.service.guard``, which also closes connections whose request head
+never completes and checks the optional API key); image sizes are checked from the header before decoding. A
+client that hangs up mid-upload is one log line (status 499), not an error. Decoding runs on a thread pool, in
+parallel; inference runs on one thread per worker (``somad.service.inference``), behind a queue of at most
+``max_queue`` waiting requests.
 """
 
 from __future__ import annotations
@@ -35,12 +38,15 @@ from fastapi.responses import JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+from starlette.responses import Response
 
 from somad._version import __version__
 from somad.errors import ImageLoadError, SomadError
 from somad.features.extractor import to_original_resolution
 from somad.io.outputs import heatmap_overlay, mask_image
 from somad.service.decoding import PixelLimitError, decode_image
+from somad.service.guard import BODY_TIMEOUT, READ_TIMEOUT, ApiKey, BodyTimeout, body_chunks
 from somad.service.inference import InferenceWorker, Overloaded
 from somad.service.model_info import describe
 from somad.verdicts import normalized_or_none, regions
@@ -51,7 +57,14 @@ logger = logging.getLogger("somad.service")
 RAW_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "image/webp", "application/octet-stream")
 MULTIPART = "multipart/form-data"
 MB = 1024 * 1024
-DEFAULTS = {"max_body_bytes": 20 * MB, "max_queue": 32, "max_pixels": 40_000_000, "max_batch_files": 64}
+DEFAULTS = {
+    "max_body_bytes": 20 * MB,
+    "max_queue": 32,
+    "max_pixels": 40_000_000,
+    "max_batch_files": 64,
+    "read_timeout": READ_TIMEOUT,
+    "body_timeout": BODY_TIMEOUT,
+}
 #: Requests a worker receives, decodes or scores at once beyond its queue (``max_queue``); more get 503.
 ACTIVE_MARGIN = 16
 #: Environment variable through which ``somad serve --workers N`` passes the settings to each worker process.
@@ -78,9 +91,12 @@ def create_app(
     max_queue: int = DEFAULTS["max_queue"],
     max_pixels: int = DEFAULTS["max_pixels"],
     max_batch_files: int = DEFAULTS["max_batch_files"],
+    read_timeout: float = DEFAULTS["read_timeout"],
+    body_timeout: float = DEFAULTS["body_timeout"],
     device: str | None = None,
     model=None,
     verify_key=None,
+    api_key=None,
 ) -> FastAPI:
     """The service's app for the model file ``model_path``; the model is loaded when the app starts (lifespan),
     unless an already loaded ``model`` (of that file) is given.
@@ -91,19 +107,32 @@ def create_app(
     max_queue : requests that may wait for the inference thread; one more gets 503
     max_pixels : an image whose header says more pixels than this is refused with 413, before decoding
     max_batch_files : images one ``/v1/predict/batch`` request may hold (more: 413)
+    read_timeout : seconds the next chunk of a request body may take (more: 408, and the slot is free again)
+    body_timeout : seconds a whole request body may take (more: 408)
     device : ``"cpu"``, ``"cuda"`` or ``"auto"``; default: as saved in the model
     verify_key : bytes, or the path of a key file: refuse a model file not signed with it (``somad.io.integrity``);
         a given ``model`` is taken as verified by its caller
+    api_key : bytes, or the path of a key file (``somad.service.guard.read_api_key``): every request but
+        ``GET /health`` must carry it (401 otherwise)
     """
     for name, value in (("max_body_bytes", max_body_bytes), ("max_queue", max_queue), ("max_pixels", max_pixels)):
         if int(value) < 1:
             raise SomadError(f"{name}={value} is invalid; it must be at least 1")
+    for name, value in (("read_timeout", read_timeout), ("body_timeout", body_timeout)):
+        if not 0 < float(value) < float("inf"):
+            raise SomadError(f"{name}={value} is invalid; it must be a positive number of seconds")
+    if api_key is not None and not isinstance(api_key, bytes):
+        from somad.service.guard import read_api_key
+
+        api_key = read_api_key(api_key)
     path = Path(model_path)
     limits = {
         "max_body_bytes": int(max_body_bytes),
         "max_queue": int(max_queue),
         "max_pixels": int(max_pixels),
         "max_batch_files": int(max_batch_files),
+        "read_timeout": float(read_timeout),
+        "body_timeout": float(body_timeout),
     }
 
     @asynccontextmanager
@@ -139,8 +168,11 @@ def create_app(
     app.state.limits = limits
     app.state.active = 0
     app.add_middleware(Admission)
+    if api_key is not None:  # outside Admission: a request without the key takes no slot and sends no body
+        app.add_middleware(ApiKey, key=api_key)
     app.add_middleware(RequestLog)  # added last: the outermost, so that it logs the 503s of Admission too
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal_error)
 
     app.include_router(router)
@@ -319,11 +351,17 @@ def _too_large(limit: int) -> HTTPException:
 
 async def _limited_stream(request: Request, limit: int):
     size = 0
-    async for chunk in request.stream():
+    limits = request.app.state.limits
+    async for chunk in body_chunks(request.stream(), limits["read_timeout"], limits["body_timeout"]):
         size += len(chunk)
         if size > limit:
             raise _BodyTooLarge
         yield chunk
+
+
+def _timed_out(exc: BodyTimeout) -> HTTPException:
+    flag = "--read-timeout" if exc.what.startswith("no part") else "--body-timeout"
+    return HTTPException(408, f"{exc} ({flag}); send the whole image at once", headers={"Connection": "close"})
 
 
 def _check_declared_length(request: Request, limit: int) -> None:
@@ -342,6 +380,8 @@ async def _read_body(request: Request) -> bytes:
             chunks.append(chunk)
     except _BodyTooLarge:
         raise _too_large(limit) from None
+    except BodyTimeout as exc:
+        raise _timed_out(exc) from None
     return b"".join(chunks)
 
 
@@ -354,6 +394,8 @@ async def _read_form(request: Request, *, max_files: int):
         return await parser.parse()
     except _BodyTooLarge:
         raise _too_large(limit) from None
+    except BodyTimeout as exc:
+        raise _timed_out(exc) from None
     except MultiPartException as exc:
         text = " ".join(str(exc.message).split())
         if text.startswith("Too many files"):
@@ -471,6 +513,12 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
         where = ".".join(str(p) for p in error.get("loc", ()) if p not in ("query", "body"))
         parts.append(f"{where}: {error.get('msg', 'invalid')}" if where else str(error.get("msg", "invalid")))
     return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    """A client that closed its connection before its request was read: one log line, no answer to send."""
+    logger.info("client closed the connection during %s %s", request.method, request.url.path)
+    return Response(status_code=499)  # nginx's "client closed request": what the request log records
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
