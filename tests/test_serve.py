@@ -7,6 +7,7 @@ import base64
 import contextlib
 import hashlib
 import io
+import json
 import os
 import signal
 import socket
@@ -665,3 +666,96 @@ def test_the_command_line_defaults_are_the_services():
     )
     assert "pass --api-key-file" in serve.exposure_warning("0.0.0.0", 8000)
     assert "travel unencrypted" in serve.exposure_warning("0.0.0.0", 8000, api_key=True)
+
+
+# ----------------------------------------------------------------------------------------- a self-describing service
+@pytest.mark.parametrize(("fmt", "pil_format"), [("jpg", "JPEG"), ("webp", "WEBP"), ("png", "PNG")])
+def test_heatmap_in_each_format(server, fmt, pil_format):
+    array = _noise(5)
+    r = _post_png(server, array, f"?heatmap={fmt}")
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert [k for k in body if k.startswith("heatmap")] == [f"heatmap_{fmt}"]
+    heatmap = Image.open(io.BytesIO(base64.b64decode(body[f"heatmap_{fmt}"])))
+    assert heatmap.format == pil_format and heatmap.size == (96, 72)
+    png = _post_png(server, array, "?heatmap=png").json()["heatmap_png"]
+    png = np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=float)
+    got = np.asarray(heatmap.convert("RGB"), dtype=float)
+
+    def blocks(a):  # 8x8 block means: the colours a lossy format keeps (the noise image's pixels it may not)
+        return a.reshape(9, 8, 12, 8, 3).mean(axis=(1, 3))
+
+    assert np.abs(blocks(got) - blocks(png)).max() < 12  # the same overlay, compressed
+    _refused(_post_png(server, array, "?heatmap=gif"), 422, "heatmap")
+
+
+def test_ready_names_the_loaded_model_by_its_hashes(server, model_file):
+    r = httpx.get(f"{server.url}/ready", timeout=TIMEOUT)
+    assert r.status_code == 200
+    body = r.json()
+    assert body["ready"] is True and body["model"] == model_file.name and body["method"] == "somad"
+    assert body["file_sha256"] == hashlib.sha256(model_file.read_bytes()).hexdigest()
+    assert body["content_sha256"] == read_metadata(model_file)["sha256"]  # as `somad info` shows it
+
+
+def test_openapi_describes_every_field_and_both_request_bodies(server):
+    spec = httpx.get(f"{server.url}/openapi.json", timeout=TIMEOUT).json()
+    predict = spec["paths"]["/v1/predict"]["post"]
+    assert {"image/png", "multipart/form-data"} <= set(predict["requestBody"]["content"])
+    assert {"200", "400", "413", "503"} <= set(predict["responses"])
+    answer = spec["components"]["schemas"]["PredictAnswer"]["properties"]
+    assert {"score", "is_anomalous", "normalized_score", "heatmap_jpg", "mask_png", "regions", "timings_ms"} <= set(
+        answer
+    )
+    assert all(answer[name].get("description") for name in ("score", "is_anomalous", "normalized_score", "status"))
+    batch = spec["paths"]["/v1/predict/batch"]["post"]
+    assert "multipart/form-data" in batch["requestBody"]["content"]
+    assert "/ready" in spec["paths"] and "/docs" not in spec["paths"]
+
+
+def test_docs_page_needs_no_internet(server):
+    import re
+
+    r = httpx.get(f"{server.url}/docs", timeout=TIMEOUT)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+    page = r.text
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)  # nothing loaded from elsewhere
+    for path in ("/v1/predict", "/v1/predict/batch", "/v1/model", "/health", "/ready"):
+        assert f"<code>{path}</code>" in page
+    assert "normalized_score" in page and "the score on a [0, 1] scale" in page and 'id="try-form"' in page
+
+
+def test_docs_page_scores_an_upload_in_a_real_browser(model_file, model, tmp_path):
+    """The /docs form in headless chromium (Debian's, driven by playwright): an upload scored as the library
+    scores it, the heatmap shown, and no request leaving the loopback address."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    import shutil
+
+    from somad.service.app import create_app
+
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        pytest.skip("no chromium binary on PATH")
+    array = _noise(45)
+    picture = tmp_path / "part.png"
+    picture.write_bytes(_png(array))
+    key = "0123456789abcdef0123456789abcdef"
+    with in_process(create_app(model_file, api_key=key.encode())) as url, sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            requested = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(f"{url}/docs", timeout=60_000)
+            page.set_input_files("#try-file", str(picture))
+            page.fill("#try-key", key)
+            page.click("button[type=submit]")
+            page.wait_for_selector("#try-json", timeout=60_000)
+            status, text = page.inner_text("#try-json").split("\n", 1)
+            shown = page.eval_on_selector("img[alt=heatmap_jpg]", "img => img.naturalWidth")
+        finally:
+            browser.close()
+    assert status == "200"
+    assert json.loads(text)["score"] == pytest.approx(_reference(model, array), rel=1e-5)
+    assert shown == 96  # the heatmap decoded, at the image's width
+    assert requested and all(u.startswith(url) for u in requested)

@@ -8,6 +8,8 @@ Endpoints (README "Service" has the details)::
     POST /v1/predict/batch  several images: multipart/form-data, fields ``files``; one result per image, in order
     GET  /v1/model          what the model file says about itself (somad.service.model_info) + the service limits
     GET  /health            liveness and queue depth
+    GET  /ready             readiness: which model (its hashes) this worker has loaded
+    GET  /docs              this API as one self-contained page, with a form to try an image (somad.service.docs)
 
 Every refused request is a 4xx (503 when overloaded) with ``{"detail": "<one-line reason>"}``. Bodies are
 counted while they are read (413 as soon as one exceeds ``max_body_bytes``) under a per-chunk ``read_timeout``
@@ -34,7 +36,7 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Query, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
@@ -49,12 +51,21 @@ from somad.service.decoding import PixelLimitError, decode_image
 from somad.service.guard import BODY_TIMEOUT, READ_TIMEOUT, ApiKey, BodyTimeout, body_chunks
 from somad.service.inference import InferenceWorker, Overloaded
 from somad.service.model_info import describe
+from somad.service.schemas import (
+    BATCH_BODY,
+    ERRORS,
+    HEATMAP_FORMATS,
+    IMAGE_BODY,
+    RAW_TYPES,
+    BatchAnswer,
+    Health,
+    PredictAnswer,
+    Ready,
+)
 from somad.verdicts import normalized_or_none, regions
 
 logger = logging.getLogger("somad.service")
 
-#: Content types of a raw image body.
-RAW_TYPES = ("image/png", "image/jpeg", "image/tiff", "image/bmp", "image/webp", "application/octet-stream")
 MULTIPART = "multipart/form-data"
 MB = 1024 * 1024
 DEFAULTS = {
@@ -76,12 +87,14 @@ class _BodyTooLarge(Exception):
 
 
 def _extras(
-    heatmap: Literal["png"] | None = Query(None, description="add a base64 PNG heatmap overlay"),
+    heatmap: Literal[HEATMAP_FORMATS] | None = Query(
+        None, description="add the heatmap overlay as base64 PNG, JPEG (smallest, fastest) or WebP: heatmap_<format>"
+    ),
     mask: Literal["png"] | None = Query(None, description="add the base64 PNG predicted mask"),
     regions: bool = Query(False, description="add the predicted defect regions"),
 ) -> dict:
     """The optional parts of a prediction, from the query string of both predict endpoints."""
-    return {"heatmap": heatmap == "png", "mask": mask == "png", "regions": regions}
+    return {"heatmap": heatmap, "mask": mask == "png", "regions": regions}
 
 
 def create_app(
@@ -164,7 +177,8 @@ def create_app(
         finally:
             await run_in_threadpool(worker.close, 30.0)
 
-    app = FastAPI(title="somad", version=__version__, lifespan=lifespan)
+    # FastAPI's own /docs loads Swagger UI from a CDN: blank offline. somad.service.docs serves its own page.
+    app = FastAPI(title="somad", version=__version__, lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.limits = limits
     app.state.active = 0
     app.add_middleware(Admission)
@@ -183,8 +197,30 @@ def create_app(
 router = APIRouter()
 
 
-@router.get("/health")
+@router.get("/docs", include_in_schema=False)
+async def docs(request: Request) -> HTMLResponse:
+    from somad.service.docs import render
+
+    return HTMLResponse(render(request.app.openapi()))
+
+
+@router.get("/ready", response_model=Ready, responses={503: ERRORS[503]})
+async def ready(request: Request) -> dict:
+    """Whether this worker is ready to score, and which model it has loaded (the hashes `somad info` shows)."""
+    info = request.app.state.info
+    return {
+        "ready": True,
+        "model": info["path"],
+        "method": info["method"],
+        "content_sha256": info.get("content_sha256"),
+        "file_sha256": info["file_sha256"],
+        "signature": info.get("signature"),
+    }
+
+
+@router.get("/health", response_model=Health)
 async def health(request: Request) -> dict:
+    """Liveness: the worker answers, and how many requests wait for inference."""
     worker = request.app.state.worker
     return {"status": "ok", "queue": worker.waiting, "max_queue": worker.max_queue}
 
@@ -203,7 +239,13 @@ async def model_info(request: Request) -> dict:
     }
 
 
-@router.post("/v1/predict")
+@router.post(
+    "/v1/predict",
+    response_model=PredictAnswer,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+    openapi_extra=IMAGE_BODY,
+)
 async def predict(
     request: Request,
     options: Annotated[dict, Depends(_extras)],
@@ -238,7 +280,13 @@ async def predict(
     return result
 
 
-@router.post("/v1/predict/batch")
+@router.post(
+    "/v1/predict/batch",
+    response_model=BatchAnswer,
+    response_model_exclude_unset=True,
+    responses=ERRORS,
+    openapi_extra=BATCH_BODY,
+)
 async def predict_batch(
     request: Request,
     options: Annotated[dict, Depends(_extras)],
@@ -415,9 +463,19 @@ def _decode_or_error(data: bytes, name: str, max_pixels: int):
         return {"error": str(exc), "status_code": 400}
 
 
-def _png_base64(image) -> str:
+#: Pillow's encoder settings per ``?heatmap=`` format: PNG's fastest compression level (the overlay is a photo: a
+#: higher level costs several times the time for a few percent), JPEG and WebP at quality 85.
+_ENCODERS = {
+    "png": {"format": "PNG", "compress_level": 1},
+    "jpg": {"format": "JPEG", "quality": 85},
+    "webp": {"format": "WEBP", "quality": 85, "method": 0},
+}
+
+
+def _encoded(image, fmt: str = "png") -> str:
+    """``image`` encoded as ``fmt`` (a key of :data:`_ENCODERS`), in base64."""
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    image.save(buffer, **_ENCODERS[fmt])
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
@@ -439,10 +497,10 @@ def _result(model, pred, options: dict) -> dict:
     full = to_original_resolution(pred.map[None], model.extractor_.geometry, [pred.original_size])[0]
     if options["heatmap"]:
         lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
-        out["heatmap_png"] = _png_base64(heatmap_overlay(pred.image, full, lo, hi))
+        out[f"heatmap_{options['heatmap']}"] = _encoded(heatmap_overlay(pred.image, full, lo, hi), options["heatmap"])
     predicted = model.mask(pred, full)  # None without a threshold; non-empty exactly when flagged
     if options["mask"]:
-        out["mask_png"] = None if predicted is None else _png_base64(mask_image(predicted))
+        out["mask_png"] = None if predicted is None else _encoded(mask_image(predicted))
     if options["regions"]:
         out["regions"] = None if predicted is None else [asdict(r) for r in regions(predicted, full)]
     return out

@@ -6,7 +6,8 @@
 * :func:`body_chunks`: a request body read under a per-chunk ``read_timeout`` and a whole-body ``body_timeout``
   (:class:`BodyTimeout`, answered 408 by the app), so that a client that declares a large body and then goes
   quiet gives its slot back.
-* :class:`ApiKey`: ASGI middleware that answers 401 to any request but ``GET /health`` without the key of
+* :class:`ApiKey`: ASGI middleware that answers 401 to any request but the open ones (:data:`OPEN_PATHS`: liveness,
+  readiness and the API's description) without the key of
   ``--api-key-file`` (``Authorization: Bearer KEY`` or ``X-API-Key: KEY``, compared in constant time), before
   the request can take a slot or send a body.
 * :func:`raise_open_file_limit`: the soft limit of open files raised to the hard one, so that idle sockets run
@@ -115,14 +116,18 @@ def read_api_key(path) -> bytes:
     return key
 
 
+#: ``GET`` paths that need no API key: probes of a supervisor and the API's description (no model data).
+OPEN_PATHS = ("/health", "/ready", "/docs", "/openapi.json")
+
+
 class ApiKey:
-    """ASGI middleware: 401 for any HTTP request but ``GET /health`` that does not carry ``key``."""
+    """ASGI middleware: 401 for any HTTP request but a ``GET`` of :data:`OPEN_PATHS` that does not carry ``key``."""
 
     def __init__(self, app, key: bytes) -> None:
         self.app, self.key = app, key
 
     async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] != "http" or (scope.get("method") == "GET" and scope["path"] == "/health"):
+        if scope["type"] != "http" or (scope.get("method") == "GET" and scope["path"] in OPEN_PATHS):
             await self.app(scope, receive, send)
             return
         headers = dict(scope.get("headers") or ())
