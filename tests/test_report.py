@@ -2,19 +2,32 @@
 
 from __future__ import annotations
 
-import html
 import shutil
 import subprocess
 from html.parser import HTMLParser
-from pathlib import Path
+from pathlib import Path, PurePath
 from types import SimpleNamespace
 from urllib.parse import unquote, urlsplit
 
+import markupsafe
 import numpy as np
 import pytest
 from PIL import Image
 
-from somad.evaluation.report import THUMB_SIZE, write_report
+from somad.evaluation.report import (
+    FRAME,
+    PRO_LIMIT,
+    THUMB_SIZE,
+    Thumbnails,
+    page_view,
+    pro_plot,
+    render_page,
+    roc_plot,
+    row_view,
+    scores_plot,
+    write_report,
+    write_thumbnails,
+)
 from somad.io.outputs import output_relpath
 
 # Distinctive metric values, so that their presence in the page can be checked.
@@ -188,8 +201,8 @@ def test_report_structure_links_and_order(tmp_path):
     for name in names:
         assert name in text
 
-    # names are escaped, never raw markup
-    assert "<01>" not in page and html.escape(WEIRD_NAME, quote=True) in page
+    # names are escaped, never raw markup (quotes included: they could end an attribute)
+    assert "<01>" not in page and '"x"' not in page and str(markupsafe.escape(WEIRD_NAME)) in page
 
     # every link is relative and resolves to a file inside the output folder
     assert parsed.links
@@ -319,3 +332,212 @@ def test_renders_in_headless_chromium(tmp_path):
     assert outline.sum() > 200, "no predicted-mask outline is drawn"
     rows, cols = np.nonzero(outline)
     assert cols.max() > 0.6 * image.shape[1]  # in the last column of the image grid
+
+
+# ------------------------------------------------------------------------------------------ thumbnails alone
+def test_write_thumbnails_returns_the_relative_paths_it_wrote(tmp_path, caplog):
+    out, result, _ = _fake_run(tmp_path)
+    by_name = {r["name"]: r for r in result["records"]}
+    thumbs = write_thumbnails(out, by_name["test/crack/000.png"])
+    for folder, rel in zip(("originals", "ground_truth", "heatmaps", "outlines"), vars(thumbs).values()):
+        assert rel == PurePath("report_files", folder, "test/crack/000.png")
+        assert (out / rel).is_file()
+    good = write_thumbnails(out, by_name["test/good/000.png"])
+    assert good.ground_truth is None and good.original is not None  # a good image has no ground-truth mask
+    assert not (out / "report_files/ground_truth/test/good/000.png").exists()
+
+    broken = dict(by_name["test/crack/001.png"], path=str(tmp_path / "data/nothing.png"))
+    with caplog.at_level("WARNING", logger="somad.evaluation.report"):
+        thumbs = write_thumbnails(out, broken)
+    assert thumbs.original is None and thumbs.outline is None  # both need the unreadable image
+    assert thumbs.ground_truth is not None and thumbs.heatmap is not None
+    assert "nothing.png" in caplog.text
+    assert not list((out / "report_files").rglob("*.tmp"))  # atomic writes left nothing behind
+
+
+# ------------------------------------------------------------------------------------------ view data, no page
+def _rec(**kw):
+    return {"name": "test/crack/001.jpg", "label": 1, "defect_type": "crack", "score": 1.23456789, **kw}
+
+
+@pytest.mark.parametrize(
+    ("label", "flagged", "state", "outcome", "decision"),
+    [
+        (1, True, "correct", "true positive", "anomalous"),
+        (0, True, "incorrect", "false positive", "anomalous"),
+        (1, False, "incorrect", "false negative", "good"),
+        (0, False, "correct", "true negative", "good"),
+        (None, True, "incorrect", "false positive", "anomalous"),  # no label: never "correct"
+        (1, None, "none", None, None),  # no threshold: no decision
+    ],
+)
+def test_row_view_decision(label, flagged, state, outcome, decision):
+    row = row_view(3, _rec(label=label, is_anomalous=flagged), Thumbnails())
+    assert (row.state, row.outcome, row.decision) == (state, outcome, decision)
+    assert row.label == {1: "defective", 0: "good", None: "unknown"}[label]
+    assert row.cells[3].placeholder == ("no threshold: no mask" if flagged is None else "mask not readable")
+
+
+def test_row_view_texts_cells_and_links():
+    thumbs = Thumbnails(*(PurePath("report_files", f, "test/crack/001.png") for f in ("a", "b", "c", "d")))
+    row = row_view(2, _rec(is_anomalous=True, status="refused: blank frame"), thumbs)
+    assert (row.rank, row.name, row.defect_type) == (2, "test/crack/001.jpg", "crack")
+    assert row.score == "1.23457" and row.score_value == 1.23456789 and row.status == "refused: blank frame"
+    assert [c.thumb for c in row.cells] == list(vars(thumbs).values())
+    # the heatmap and outline thumbnails open the full-size files of write_predictions (the extension made .png)
+    assert [c.link for c in row.cells] == [
+        None,
+        None,
+        PurePath("heatmaps/test/crack/001.png"),
+        PurePath("masks/test/crack/001.png"),
+    ]
+    assert row.cells[0].alt == "test/crack/001.jpg: image"
+    assert row_view(1, _rec(status="ok"), thumbs).status is None
+
+    # without thumbnails: no links, and each placeholder says why
+    bare = row_view(1, _rec(mask_path="/x/mask.png", score=None), Thumbnails())
+    assert [c.link for c in bare.cells] == [None] * 4 and bare.score == "–" and bare.score_value is None
+    assert [c.placeholder for c in bare.cells[:3]] == ["image not readable", "unreadable mask", "no heatmap"]
+    assert row_view(1, _rec(label=0), Thumbnails()).cells[1].placeholder == "no defect"
+    assert row_view(1, _rec(label=1), Thumbnails()).cells[1].placeholder == "no ground-truth mask"
+
+
+def test_roc_and_pro_plot_coordinates():
+    bottom, right = FRAME.top + FRAME.plot_height, FRAME.left + FRAME.plot_width
+    curve = {"fpr": [0.0, 0.5, float("nan"), 1.5], "tpr": [0.0, 0.8, 0.3, -1.0]}
+    plot = roc_plot(curve, "Image-level ROC", 0.9, "why")
+    assert plot.missing is None and plot.legend == "AUROC 0.9000"
+    assert plot.curve[0] == (FRAME.left, bottom)
+    assert plot.curve[1] == pytest.approx((FRAME.left + 0.5 * FRAME.plot_width, FRAME.top + 0.2 * FRAME.plot_height))
+    assert plot.curve[2] == (right, bottom) and len(plot.curve) == 3  # clipped to the square; the NaN point dropped
+    assert plot.chance == (FRAME.left, bottom, right, FRAME.top)
+    assert [label for _, label in plot.xticks] == ["0.0", "0.2", "0.4", "0.6", "0.8", "1.0"]
+    assert [y for y, _ in plot.yticks] == pytest.approx(np.linspace(bottom, FRAME.top, 6))
+    for empty in (None, {}, {"fpr": [], "tpr": []}):
+        missing = roc_plot(empty, "t", None, "needs good and defective images")
+        assert missing.missing == "needs good and defective images" and not missing.curve
+
+    pro = pro_plot({"fpr": [0, 1], "pro": [0, 1]}, 0.5)
+    assert pro.zone == pytest.approx((FRAME.left, PRO_LIMIT * FRAME.plot_width))
+    (limit,) = pro.markers
+    assert (
+        limit.x == pytest.approx(FRAME.left + PRO_LIMIT * FRAME.plot_width) and limit.text == f"FPR limit {PRO_LIMIT}"
+    )
+    assert pro.legend == f"AU-PRO@{PRO_LIMIT} 0.5000"
+    assert pro_plot({"fpr": [0, 1]}, None).missing == "no ground-truth defect regions"
+
+
+def test_scores_plot_dots_lanes_and_threshold():
+    records = [
+        {"name": "g", "label": 0, "score": 1.0},
+        {"name": "d", "label": 1, "score": 3.0},
+        {"name": "u", "label": None, "score": 2.0},
+        {"name": "nan", "label": 1, "score": float("nan")},
+        {"name": "none", "label": 1},
+    ]
+    plot = scores_plot(records, 2.5)
+    assert [d.title for d in plot.dots] == ["g: 1", "d: 3", "u: 2"]  # unscored images are left out
+    assert [d.css for d in plot.dots] == ["dgood", "dbad", "dunknown"]
+    xs = {d.title[0]: d.x for d in plot.dots}
+    assert FRAME.left < xs["g"] < xs["u"] < xs["d"] < FRAME.left + FRAME.plot_width
+    lane_width = 0.11 * FRAME.plot_height  # the jitter's half-width
+    assert abs(plot.dots[0].y - FRAME.y(0.72)) <= lane_width and abs(plot.dots[1].y - FRAME.y(0.28)) <= lane_width
+    assert [text for _, _, text in plot.lanes] == ["good", "defective"]
+    (marker,) = plot.markers
+    assert xs["u"] < marker.x < xs["d"] and marker.text == "threshold 2.5"
+    assert marker.anchor == "end" and marker.label_x < marker.x  # right half: the label goes left
+    assert scores_plot(records, 0.5).markers[0].anchor == "start"
+    assert scores_plot(records, None).markers == ()
+    assert scores_plot(records[3:], 1.0).missing == "no scores"
+    (single,) = scores_plot(records[:1], None).dots  # one score: a range around it, the dot in the middle
+    assert single.x == pytest.approx(FRAME.left + FRAME.plot_width / 2)
+
+
+def test_page_view_values(tmp_path):
+    out, result, model = _fake_run(tmp_path)
+    records = result["records"]
+    page = page_view(result, model, records, [Thumbnails()] * len(records), created="today")
+    assert (page.method, page.backbone, page.created, page.n_records) == ("somad", "efficientnet_lite0", "today", 6)
+    assert [r.name for r in page.rows] == [r["name"] for r in records]  # in the order given
+    assert [r.rank for r in page.rows] == list(range(1, 7))
+
+    counts = dict(page.counts)
+    decided = [(r["label"], r["is_anomalous"]) for r in records]
+    tp, fp = decided.count((1, True)), decided.count((0, True))
+    tn, fn = decided.count((0, False)), decided.count((1, False))
+    assert min(tp, fp, tn, fn) > 0  # the fixture has every outcome
+    assert (
+        counts["at the threshold"]
+        == f"{tp} true positive, {fp} false positive, {tn} true negative, {fn} false negative"
+    )
+    assert counts["test images"] == "6" and counts["skipped (unreadable)"] == "1"
+    assert counts["prediction time"] == "1.2 s, 200.0 ms per image"
+    assert counts["mask comparison"].startswith("at each mask's original resolution")
+
+    t = page.threshold
+    assert (t.image, t.pixel, t.origin, t.quantile, t.n_val) == ("1.5", "1.5", "held out", "0.99", "12")
+    assert t.false_alarm_rate == "0.010" and t.few is None  # 1 - quantile, without an estimate in info
+    assert page.colour_range == ("0.5", "2.5") and dict(page.settings)["som_size"] == "8"
+
+    assert [m.name for m in page.metrics] == ["overall", "crack", WEIRD_TYPE]
+    assert [m.overall for m in page.metrics] == [True, False, False]
+    columns = [label for label, _ in page.metric_columns]
+    overall = dict(zip(columns, page.metrics[0].cells))
+    assert overall["Image AUROC"] == (f"{OVERALL['image_auroc']:.4f}", None)
+    assert overall["F1-max image"] == ("0.8877", "at threshold 1.5")
+    odd = dict(zip(columns, page.metrics[2].cells))
+    assert odd["Image AUROC"][0] == "0.9555" and odd["Pixel AUROC"][0] == "–"
+    assert odd["Pixel AUROC"][1].startswith("not available") and page.metrics[2].n_images == "3"
+    assert page.skipped == tuple(result["skipped"]) and page.notes == ()
+    assert [p.title for p in page.plots] == [
+        "Image-level ROC",
+        "Pixel-level ROC",
+        "PRO curve (per-region overlap)",
+        "Image scores",
+    ]
+
+    # a threshold set by few good images, on the command line, or none at all
+    result["threshold"].update(
+        n_val_images=7, info={"rule": "cross_fit", "folds": 5, "false_alarm_rate_interval": [0.01, 0.2]}
+    )
+    t = page_view(result, model, [], []).threshold
+    assert (t.origin, t.folds, t.few, t.interval) == ("cross_fit", "5", 7, ("0.010", "0.200"))
+    result["threshold"]["info"] = {"source": "command line"}
+    t = page_view(result, model, [], []).threshold
+    assert t.origin == "command line" and t.few is None
+    result["threshold"]["image"] = None
+    assert page_view(result, model, [], []).threshold is None
+    with pytest.raises(ValueError, match="one per record"):
+        page_view(result, model, records, [])
+
+
+# ------------------------------------------------------------------------------------------ the page from view data
+def test_page_renders_view_data_escaped(tmp_path):
+    out, result, model = _fake_run(tmp_path)
+    hostile = "<script>alert(\"x\")</script> & 'q'"
+    model.method, model.backbone = hostile, "<b>bold</b>"
+    model.get_params = lambda: {"k": "<i>v</i>"}
+    result["overall"]["note"] = "only <good> images"
+    records = sorted(result["records"], key=lambda r: -r["score"])
+    thumbs = [Thumbnails(original=PurePath("report_files/originals", f"{i} a#b?.png")) for i in range(len(records))]
+    page = render_page(page_view(result, model, records, thumbs, created="<now>"))
+    parsed = _parse(page)
+    assert parsed.errors == [] and parsed.stack == []
+    assert "<script" not in page and "<b>bold" not in page and "<i>v" not in page and "<good>" not in page
+    text = " ".join(parsed.text)
+    for raw in (hostile, "<b>bold</b>", "<i>v</i>", "only <good> images", "<now>", WEIRD_NAME):
+        assert raw in text
+
+    # every row, in the given order, with its score; each thumbnail's path percent-encoded
+    assert parsed.rows == [(r["name"], r["score"]) for r in records]
+    assert [unquote(x) for x in parsed.links] == [f"report_files/originals/{i} a#b?.png" for i in range(len(records))]
+    assert all("#" not in x and "?" not in x for x in parsed.links)
+    assert text.count("image not readable") == 0 and text.count("no heatmap") == len(records)
+
+    # the plots: three curves with their legends, one dot per scored image, the threshold
+    assert page.count("<svg") == 4 and page.count("<polyline") == 3 and page.count("<circle") == len(records)
+    assert "AUROC 0.9123" in text and "AU-PRO@0.3 0.8012" in text and "threshold 1.5" in text
+
+    # no rows: the grid says so
+    empty = render_page(page_view(result, model, [], []))
+    assert "No test image was scored." in empty and 'class="row' not in empty
