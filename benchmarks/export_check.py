@@ -75,13 +75,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("category", help="MVTec category whose test images are scored")
     p.add_argument("--export-dir", default=None, help="an existing export of MODEL (default: export to a temp dir)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batch-size", type=int, default=4, help="images per graph run in the parity pass")
+    p.add_argument("--batch-size", type=int, default=4, help="images decoded at a time in the parity pass")
     p.add_argument("--latency-images", type=int, default=20)
     p.add_argument("--json", default=None, help="also write the results to this file")
     args = p.parse_args(argv)
 
     from somad import load
-    from somad.export.onnx import FeatureGraph, _trace, export_model
+    from somad.export.onnx import OPSET, _trace, export_model
     from somad.io.datasets import mvtec_test_samples
     from somad.io.images import load_image
     from somad.runtime import OnnxDetector
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
 
     ex = exact.extractor_
     feature_path = Path(tmp.name) / "features.onnx"
-    _trace(FeatureGraph(ex), feature_path, ex.geometry.input_size, ["features"], 17)
+    size = ex.geometry.input_size
+    _trace(exact.feature_graph(), feature_path, torch.zeros(1, size, size, 3, dtype=torch.uint8), ["features"], OPSET)
     options = ort.SessionOptions()
     options.intra_op_num_threads, options.inter_op_num_threads, options.log_severity_level = args.threads, 1, 3
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")

@@ -2,7 +2,6 @@
 false-alarm rate's interval (against a simulation), the warning of fits on few images, and the record in the file."""
 
 import logging
-import types
 
 import numpy as np
 import pytest
@@ -109,21 +108,6 @@ def test_the_final_model_is_fitted_on_all_images_and_the_thresholds_rest_on_all_
     mean, low, high = false_alarm_rate(n, 0.9)
     assert crossfit.threshold_info_["expected_false_alarm_rate"] == pytest.approx(mean)
     assert crossfit.threshold_info_["false_alarm_rate_interval"] == pytest.approx([low, high])
-
-
-def test_a_fit_hook_on_the_model_fits_the_fold_models_too(few):
-    """As somad.distributed.ray swaps ``_fit_items`` on the instance: the fold models are fitted through it too."""
-    calls = []
-
-    def hook(self, train):
-        calls.append((self, len(train)))
-        SOMAD._fit_items(self, train)
-
-    model = SOMAD(**TINY)
-    model._fit_items = types.MethodType(hook, model)
-    model.fit(few)
-    assert [n for _, n in calls] == [7, 5, 5, 6, 6, 6]  # the final model on all 7, then 5 folds (2, 2, 1, 1, 1 held)
-    assert calls[0][0] is model and len({id(m) for m, _ in calls}) == 6
 
 
 def test_at_the_cut_off_a_share_is_held_out_instead(few, monkeypatch):

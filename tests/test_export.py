@@ -18,6 +18,7 @@ ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnx")
 
 from somad.export.onnx import META_FILE, MODEL_FILE, ExportError, export_model  # noqa: E402
+from somad.io.export_format import INPUT_NAMES, OUTPUT_NAMES  # noqa: E402
 from somad.runtime import OnnxDetector  # noqa: E402
 
 TINY = dict(weights="none", image_size=64, device="cpu", val_fraction=0.25, seed=3)
@@ -68,7 +69,10 @@ def test_export_writes_graph_and_description(fitted):
     graph = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
     (inp,) = graph.get_inputs()
     assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [64, 64, 3])
-    assert [o.name for o in graph.get_outputs()] == ["score", "anomaly_map"]
+    assert [o.name for o in graph.get_outputs()] == list(OUTPUT_NAMES)
+    assert [i.name for i in graph.get_overridable_initializers()] == list(INPUT_NAMES[1:])  # inputs with defaults
+    check = meta["parity_check"]
+    assert check["verdicts"] == 6 and check["mask_pixels"] > 0 and meta["export_version"] == 3
 
 
 def test_onnx_matches_native_exact_path(fitted):
@@ -207,8 +211,8 @@ def test_ivf_graph_selects_the_native_ivf_nodes():
     64 lists of random nodes misses many true neighbours), not the exact ones."""
     from onnx import TensorProto, helper, numpy_helper
 
-    from somad.export.onnx import _ivf_nodes
     from somad.som.node_search import IVFSearch, nearest_nodes
+    from somad.som.onnx_graph import ivf_nodes
 
     gen = torch.Generator().manual_seed(0)
     weights = torch.randn(1024, 64, generator=gen)
@@ -223,7 +227,7 @@ def test_ivf_graph_selects_the_native_ivf_nodes():
     assert (native != exact).any(1).float().mean() > 0.2  # the index does miss neighbours here
 
     const = lambda name, a: numpy_helper.from_array(np.array(a, order="C"), name)  # noqa: E731
-    nodes, inits = _ivf_nodes(index, "x", "k", "idx", keep, const, unit=4)  # units of 4: runs span several
+    nodes, inits = ivf_nodes(index, "x", "k", "idx", index.ids, const, unit=4)  # units of 4: runs span several
     graph = helper.make_graph(
         nodes,
         "ivf",
@@ -236,3 +240,147 @@ def test_ivf_graph_selects_the_native_ivf_nodes():
     (idx,) = session.run(None, {"x": x.numpy()})
     found = torch.nonzero(keep).flatten()[torch.from_numpy(idx)]  # kept-node positions -> node ids
     assert (found.sort(1).values == native.sort(1).values).all(1).float().mean() >= 0.998
+
+
+# ---------------------------------------------------------------------------------------------- the graph decides
+def _frames(tmp_path):
+    """Files of several sizes (one smaller than the model input, one elongated) and a blank frame."""
+    arrays = [*textured(2, 11), *textured(2, 12, defect=True), *textured(1, 13, 50, 130), *textured(1, 14, 140, 90)]
+    arrays.append(np.full((70, 90, 3), 128, np.uint8))  # refused by the input gate
+    files = []
+    for i, a in enumerate(arrays):
+        files.append(tmp_path / f"frame{i}.png")
+        Image.fromarray(a).save(files[-1])
+    return files
+
+
+@pytest.mark.parametrize(
+    "cls, extra",
+    [(SOMAD, SOMAD_TINY), (PaDiM, {}), (PatchCore, {"num_neighbors": 3})],
+    ids=["somad", "padim", "patchcore"],
+)
+def test_the_graph_decides_as_the_native_path_on_the_original_image(tmp_path, cls, extra):
+    """A cropped model (the map's margins are edge-replicated on the way back): the runtime reports the graph's
+    verdicts, maps on the original image and masks, and they are the native path's (``model.verdict``,
+    ``model.original_map``, ``model.mask``), masks up to pixels at the threshold."""
+    model = cls(**{**TINY, "crop_size": 48}, **extra).fit(textured(8, 0))
+    files = _frames(tmp_path)
+    native = list(model.predict_iter(files))
+    scores = np.sort([p.score for p in native if p.valid])
+    model.image_threshold_ = float((scores[2] + scores[3]) / 2)  # both verdicts occur, no tie
+    out = export_model(model, tmp_path / "onnx")  # the export's own check compares verdicts and masks too
+    found = OnnxDetector(out, threads=1).predict(files)
+    flagged = [model.verdict(p) for p in native]
+    assert [d.is_anomalous for d in found] == flagged and True in flagged[:-1] and False in flagged[:-1]
+    for d, p in zip(found, native):
+        full = model.original_map(p)
+        assert d.original_map.shape == d.mask.shape == full.shape == p.original_size
+        tol = 1e-3 * max(1.0, float(np.abs(full).max()))
+        assert np.max(np.abs(d.original_map - full)) <= tol
+        ref = model.mask(p, full)
+        near = (np.abs(full - np.float32(model.pixel_threshold_)) <= tol) | (full >= full.max() - tol)
+        assert not ((d.mask != ref) & ~near).any() and (d.mask != ref).mean() < 0.01
+    assert found[-1].status.startswith("invalid_input") and found[-1].mask.all() and found[-1].is_anomalous
+
+
+def test_thresholds_decide_at_their_last_bit_as_the_native_rule(fitted):
+    """The graph's thresholds are float32: the image threshold rounded down, so that a score lies above it exactly
+    when ``verdicts.is_anomalous`` says so; the pixel threshold as NumPy compares it. Each is checked one float64
+    step below a score or map value, where rounding to the nearest float32 would decide the other way."""
+    from somad.verdicts import is_anomalous, predicted_mask
+
+    _, out, files = fitted
+    d = OnnxDetector(out, threads=1).predict(files[3])[0]  # a defect: flagged with the exported thresholds
+    for t in (d.score, float(np.nextafter(d.score, -np.inf)), float(np.nextafter(d.score, np.inf))):
+        found = OnnxDetector(out, threads=1, threshold=t).predict(files[3])[0]
+        assert found.score == d.score and found.is_anomalous == is_anomalous(d.score, t)
+    value = float(np.median(d.original_map))
+    for t in (value, float(np.nextafter(value, -np.inf))):
+        found = OnnxDetector(out, threads=1, threshold=0.0, pixel_threshold=t).predict(files[3])[0]
+        np.testing.assert_array_equal(found.mask, predicted_mask(found.original_map, True, t))
+        assert 0 < found.mask.sum() < found.mask.size
+
+
+def test_an_export_of_an_older_version_is_refused_with_the_fix(fitted, tmp_path):
+    import shutil
+
+    from somad.errors import ModelFileError
+    from somad.io.export_format import content_sha256
+
+    folder = shutil.copytree(fitted[1], tmp_path / "old")
+    meta = json.loads((folder / META_FILE).read_text())
+    meta["export_version"] = 2  # its runtime decided in Python; this graph's contract is another
+    meta["content_sha256"] = content_sha256(meta)
+    (folder / META_FILE).write_text(json.dumps(meta))
+    with pytest.raises(ModelFileError) as info:
+        OnnxDetector(folder)
+    text = str(info.value)
+    assert "\n" not in text and str(folder / META_FILE) in text and "export version 2" in text
+    assert "re-run `somad export`" in text
+
+
+class MeanDistance(torch.nn.Module):
+    """The scoring of :class:`FourthMethod`: each patch's distance to the mean training patch."""
+
+    def __init__(self, mean: torch.Tensor):
+        super().__init__()
+        self.register_buffer("mean", mean.view(1, -1, 1, 1))
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        return (feats - self.mean).square().sum(1).sqrt()
+
+
+def _fourth_method():
+    from somad.methods.base import BaseDetector
+
+    class FourthMethod(BaseDetector):
+        """A method written in this file alone: its scoring module is what predict runs and the export traces."""
+
+        method = "mean_distance"
+
+        def _fit_features(self, batches, n_images):
+            total, n = 0.0, 0
+            for feats in batches:
+                total = total + feats.double().sum((0, 2, 3))
+                n += feats.shape[0] * feats.shape[2] * feats.shape[3]
+            self.mean_ = (total / n).float()
+
+        def _patch_scores(self, feats):
+            return self.export_scoring()(feats), None
+
+        def export_scoring(self):
+            return MeanDistance(self.mean_)
+
+        def _state_to(self, device):
+            self.mean_ = self.mean_.to(device)
+
+    return FourthMethod
+
+
+def test_a_fourth_method_exports_from_its_own_file(tmp_path):
+    """The exporter asks the detector (``export_scoring``, ``cpu_copy``...): a method it has never heard of exports,
+    runs in the runtime and matches its native path."""
+    model = _fourth_method()(**TINY).fit(textured(6, 0))
+    out = export_model(model, tmp_path / "onnx")
+    meta = json.loads((out / META_FILE).read_text())
+    assert meta["method"] == "mean_distance" and meta["parity_check"]["max_rel_score_diff"] <= 1e-3
+    images = np.concatenate([textured(2, 1), textured(2, 2, defect=True)])
+    scores, maps = model.predict_maps(images)
+    found_scores, found_maps = OnnxDetector(out, threads=1).predict_maps(images)
+    np.testing.assert_allclose(found_scores, scores, rtol=1e-3)
+    assert np.max(np.abs(found_maps - maps)) <= 1e-3 * max(1.0, float(np.abs(maps).max()))
+
+
+def test_a_model_without_thresholds_exports_and_decides_nothing(tmp_path):
+    """No threshold: the graph gets NaN (nothing lies above it), and the runtime reports no verdict and no mask, as
+    ``model.verdict`` and ``model.mask`` do; the scores and maps are still the native ones."""
+    model = SOMAD(**{**TINY, "val_fraction": 0.0}, **SOMAD_TINY).fit(textured(6, 0))
+    assert model.image_threshold_ is None
+    out = export_model(model, tmp_path / "onnx")
+    images = [*textured(2, 1), np.zeros((70, 90, 3), np.uint8)]
+    found = OnnxDetector(out, threads=1).predict(images)
+    native = list(model.predict_iter(images))
+    assert [(d.is_anomalous, d.mask) for d in found] == [(model.verdict(p), model.mask(p, p.map)) for p in native]
+    assert [d.is_anomalous for d in found] == [None] * 3 and found[-1].status.startswith("invalid_input")
+    for d, p in zip(found, native):
+        assert abs(d.score - p.score) <= 1e-3 * abs(p.score) and d.original_map.shape == p.original_size

@@ -94,7 +94,7 @@ def test_export_records_hashes_and_scores_as_native(exports, model_file, images)
 
     plain, _, _ = exports
     meta = json.loads((plain / export_format.META_FILE).read_text())
-    assert meta["export_version"] == export_format.EXPORT_VERSION == 2 and "signature" not in meta
+    assert meta["export_version"] == export_format.EXPORT_VERSION == 3 and "signature" not in meta
     assert meta["content_sha256"] == export_format.content_sha256(meta)
     native = load(model_file).predict_maps(images)[0]
     np.testing.assert_allclose(OnnxDetector(plain, threads=1).predict_maps(images)[0], native, rtol=1e-3)
@@ -283,6 +283,20 @@ def test_tampered_then_rehashed_model_is_refused_with_a_key(signed_file, root, k
     write(path, metadata, config, arrays)
     with pytest.raises(ModelFileError, match="is not signed"):
         load(path, verify_key=key_file)
+
+
+def test_a_pinned_content_hash_refuses_a_model_swapped_after_verification(signed_file, root, key_file, images):
+    """Issue 26: `predict --ray --verify-key` verified the file on the driver and the workers re-read it unverified.
+    The workers now load with the content hash the driver verified: another file in its place is refused."""
+    from somad.service.model_info import read_metadata
+
+    content = read_metadata(signed_file)["sha256"]
+    assert load(signed_file, expect_sha256=content).image_threshold_ == load(signed_file).image_threshold_
+    swapped = rewrite(signed_file, root / "swapped.safetensors", edit_config=_state("image_threshold", 1e9))
+    assert load(swapped).image_threshold_ == 1e9  # a valid file on its own (its unkeyed hash recomputed)...
+    with pytest.raises(ModelFileError) as info:  # ...but not the content that was verified
+        load(swapped, expect_sha256=content)
+    assert "its content changed since the run verified it" in one_line(info.value, swapped)
 
 
 def test_unsigned_or_wrongly_signed_model_is_refused(model_file, signed_file):

@@ -133,6 +133,22 @@ def test_ray_fit_matches_the_local_fit(ray_local, folders, tmp_path, capsys):
     assert "SOMAD models only" in err and "\n" not in err and not (tmp_path / "p.safetensors").exists()
 
 
+def test_ray_workers_refuse_a_model_whose_content_is_not_the_verified_one(ray_local, folders):
+    """Issue 26: the workers re-read the model file unverified. They now load the content hash the driver
+    verified, or refuse."""
+    from somad.distributed.ray import RayScoredModel
+    from somad.service.model_info import read_metadata
+
+    path = folders / "model.safetensors"
+    model = load(path)
+    paths = sorted((folders / "test").glob("0*.png"))
+    pinned = RayScoredModel(model, path, workers=1, content_sha256=read_metadata(path)["sha256"])
+    assert [p.score for p in pinned.predict_iter(paths)] == pytest.approx(model.predict_maps(paths)[0], rel=1e-5)
+    other = RayScoredModel(model, path, workers=1, content_sha256="0" * 64)
+    with pytest.raises(Exception, match="its content changed since the run verified it"):
+        list(other.predict_iter(paths))
+
+
 def test_without_ray_the_flag_says_how_to_install_it(folders, tmp_path, monkeypatch, capsys):
     for name in [m for m in sys.modules if m == "ray" or m.startswith("ray.")]:
         monkeypatch.delitem(sys.modules, name)

@@ -6,7 +6,7 @@ import torch
 
 from somad.errors import SomadError
 from somad.som.node_search import nearest_nodes
-from somad.som.training import SelfOrganizingMap, radius_schedule
+from somad.som.training import LocalReducer, SelfOrganizingMap, radius_schedule, split_rows, subsample_rows
 
 
 def test_radius_schedule_follows_the_paper():
@@ -73,3 +73,35 @@ def test_som_is_deterministic_and_rejects_tiny_grids():
     assert torch.equal(a, b)
     with pytest.raises(SomadError, match="at least 2"):
         SelfOrganizingMap(size=1).fit(x, torch.zeros(1, 3))
+
+
+@pytest.mark.parametrize("search", ["exact", "ivf"])
+def test_a_map_trained_from_two_shards_is_the_local_map_bit_for_bit(search):
+    """The oracle that keeps a local and a distributed fit one: a reducer over two shards of the samples (here in
+    this process; a Ray fit's actors each hold one) trains exactly the map that the samples held together train.
+    The subset draw, the epoch rule and the errors are the map's; only the per-shard sums and counts travel."""
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6000, 12, generator=g).half()
+    init = 0.1 * torch.randn(1024, 12, generator=g)  # 32 x 32 nodes: "ivf" builds its inverted-file index
+
+    def som():
+        return SelfOrganizingMap(size=32, rough_epochs=3, fine_epochs=2, max_samples=4000, seed=2, search=search)
+
+    local = som().fit(x, init)
+    assert not torch.equal(local.weights_, init)
+    for cut in (1, 2500):
+        sharded = som().fit(LocalReducer([x[:cut], x[cut:]]), init)
+        assert torch.equal(sharded.weights_, local.weights_)
+        assert sharded.n_samples_ == local.n_samples_ == 4000
+        assert sharded.topographic_error_ == local.topographic_error_
+        # the same BMUs; their distances may round differently where BLAS splits a chunk of rows elsewhere
+        assert sharded.quantization_error_ == pytest.approx(local.quantization_error_, rel=1e-6)
+
+
+def test_the_subset_draw_splits_over_contiguous_shards():
+    keep = subsample_rows(1000, 300, seed=4)
+    assert keep.shape == (300,) and torch.equal(keep, keep.sort().values) and keep.unique().numel() == 300
+    parts = split_rows(keep, [250, 0, 750])
+    assert torch.equal(torch.cat([parts[0], parts[1] + 250, parts[2] + 250]), keep)
+    assert int(parts[0].max()) < 250 and parts[1].numel() == 0 and int(parts[2].max()) < 750
+    assert subsample_rows(300, 300, seed=4) is None and split_rows(None, [3, 4]) == [None, None]

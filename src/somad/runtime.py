@@ -7,13 +7,15 @@ signature) and scores images the way the native path does:
 
 1. decode with somad's rules (``somad.io.inputs``, ``somad.io.images``: files, PIL images, numpy frames;
    16-bit, float, palette, alpha...);
-2. resize to ``image_size x image_size`` with ``PIL.Image.resize(..., Image.BILINEAR)`` and keep the central
-   ``input_size`` square (the model's crop, if any): the pixels ``FeatureExtractor.preprocess`` feeds the
-   backbone;
-3. run the graph on the uint8 ``(N, S, S, 3)`` batch: ``score`` ``(N,)`` and ``anomaly_map`` ``(N, S, S)``;
-4. apply the input gate (``somad.verdicts.check_frame``, with the limits the model learned from its training
-   images: ``input_gate``) and the decision rule (``score > image_threshold``,
-   refused frames always anomalous), and the predicted mask (``somad.verdicts.predicted_mask``).
+2. resize and crop to the model input (``export_format.model_input``: Pillow's BILINEAR resize to ``image_size``
+   square, the central ``input_size`` square): the pixels ``FeatureExtractor.preprocess`` feeds the backbone;
+3. apply the input gate (``somad.verdicts.check_frame``, with the limits the model learned from its training
+   images: ``input_gate``);
+4. run the graph, one image at a time, on that input, the image's original size, the gate's result and the
+   thresholds: it returns the score, the map at the model input, the verdict, the map on the original image and
+   the mask (the decision is the graph's: ``somad.export.onnx``). Without a threshold the verdict and mask are
+   reported as ``None``; the normalised score is read from the thresholds' record
+   (``somad.verdicts.normalized_or_none``).
 
 This module imports nothing that imports torch (a test runs it with torch made unimportable).
 """
@@ -29,10 +31,19 @@ import numpy as np
 from PIL import Image
 
 from somad.errors import ModelFileError, SomadError
-from somad.io.export_format import INPUT_NAME, META_FILE, MODEL_FILE, OUTPUT_NAMES, read_export
+from somad.io.export_format import (
+    INPUT_NAME,
+    INPUT_NAMES,
+    META_FILE,
+    MODEL_FILE,
+    OUTPUT_NAMES,
+    model_input,
+    read_export,
+    threshold_feeds,
+)
 from somad.io.inputs import as_items
 from somad.io.schema import BATCH_SIZE
-from somad.verdicts import OK, FrameGate, check_frame, is_anomalous, normalized_or_none, predicted_mask
+from somad.verdicts import OK, FrameGate, check_frame, normalized_or_none
 
 BACKENDS = ("onnxruntime",)
 
@@ -49,9 +60,11 @@ class Detection:
     anomaly_map : ndarray (S, S) float32 at the model input
     status : ``"ok"`` or ``"invalid_input: <reason>"`` (the input gate)
     original_size : (height, width)
-    mask : ndarray (S, S) bool or None, the predicted defect mask at the model input
+    mask : ndarray (H, W) bool or None, the predicted defect mask on the original image (``None`` without
+        thresholds)
     normalized_score : float or None, the [0, 1] scale with the threshold at 0.5 (``None`` without a threshold
         or where the export records no good scores)
+    original_map : ndarray (H, W) float32, the anomaly map on the original image
     """
 
     name: str
@@ -62,6 +75,7 @@ class Detection:
     original_size: tuple[int, int]
     mask: np.ndarray | None = None
     normalized_score: float | None = None  #: ``somad.verdicts.normalized_score``, as the native path gives it
+    original_map: np.ndarray | None = None
 
     @property
     def valid(self) -> bool:
@@ -81,7 +95,7 @@ class OnnxDetector:
         Whether onnxruntime's threads spin while waiting for work (its default: lowest latency, but they take CPU
         from other work in the process, e.g. torch, between runs).
     threshold, pixel_threshold : float, optional
-        Override the exported thresholds.
+        Override the exported thresholds (fed to the graph, which decides with them).
     verify_key : bytes, or the path of a key file, optional
         Refuse an export that is unsigned or not signed with this key (``somad export --sign-key``;
         ``somad.io.integrity``). Without it the export is still checked against its own hashes.
@@ -126,9 +140,7 @@ class OnnxDetector:
     # ------------------------------------------------------------------ inputs
     def preprocess(self, image: Image.Image) -> np.ndarray:
         """Decoded RGB image -> the graph's uint8 input ``(S, S, 3)``: the native path's resize and crop."""
-        resized = image.resize((self.image_size, self.image_size), Image.BILINEAR)
-        o, s = self.crop_offset, self.input_size
-        return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8)[o : o + s, o : o + s])
+        return model_input(image, self.image_size, self.crop_offset, self.input_size)
 
     def _decoded(self, images) -> Iterator[tuple[str, Image.Image]]:
         """Images as the native path accepts them (``somad.io.inputs.as_items``: folders, paths, PIL images, numpy
@@ -138,15 +150,16 @@ class OnnxDetector:
 
     # ------------------------------------------------------------------ scoring
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The bare graph: uint8 ``(N, S, S, 3)`` -> scores ``(N,)``, maps ``(N, S, S)`` (float32)."""
+        """The bare graph, image by image: uint8 ``(N, S, S, 3)`` -> scores ``(N,)``, maps ``(N, S, S)`` (float32)."""
         s = self.input_size
         if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (s, s, 3):
             raise SomadError(f"the graph takes uint8 (N, {s}, {s}, 3) inputs, got {batch.dtype} {batch.shape}")
-        scores, maps = self._run(np.ascontiguousarray(batch))
-        return np.asarray(scores, np.float32), np.asarray(maps, np.float32)
+        thresholds = threshold_feeds(self.image_threshold_, self.pixel_threshold_)
+        found = [self._run({INPUT_NAME: np.ascontiguousarray(x[None]), **thresholds}) for x in batch]
+        return np.concatenate([f[0] for f in found]).astype(np.float32), np.concatenate([f[1] for f in found])
 
     def predict_iter(self, images, *, batch_size: int = 1) -> Iterator[Detection]:
-        """One :class:`Detection` per image, ``batch_size`` images per graph run."""
+        """One :class:`Detection` per image, decoded ``batch_size`` at a time (the graph runs one image at a time)."""
         problem = BATCH_SIZE.check(batch_size)
         if problem:  # 0 or -1 would run every image as one batch
             raise SomadError(f"batch_size={batch_size!r} is invalid: {problem}")
@@ -169,18 +182,29 @@ class OnnxDetector:
         return np.asarray([d.score for d in found], np.float32), np.stack([d.anomaly_map for d in found])
 
     def _score(self, pending: list[tuple[str, Image.Image]]) -> Iterator[Detection]:
-        batch = np.stack([self.preprocess(image) for _, image in pending])
-        scores, maps = self.run(batch)
-        for (name, image), score, m in zip(pending, scores, maps):
+        for name, image in pending:
             status = check_frame(image, self.gate_)
-            flagged = (
-                None
-                if self.image_threshold_ is None
-                else (True if status != OK else is_anomalous(score, self.image_threshold_))
-            )
-            mask = predicted_mask(m, flagged, self.pixel_threshold_, valid=status == OK)
+            size = (image.height, image.width)
+            feeds = {
+                INPUT_NAME: self.preprocess(image)[None],
+                INPUT_NAMES[1]: np.array(size, np.int64),
+                INPUT_NAMES[2]: np.array([status == OK]),
+                **threshold_feeds(self.image_threshold_, self.pixel_threshold_),  # the graph decides with them
+            }
+            score, m, flagged, original, mask = (a[0] for a in self._run(feeds))
+            decided = self.image_threshold_ is not None  # the graph decides; without a threshold, nothing is decided
             n = normalized_or_none(float(score), self.image_threshold_, self.meta.get("threshold_info"))
-            yield Detection(name, float(score), flagged, m, status, (image.height, image.width), mask, n)
+            yield Detection(
+                name,
+                float(score),
+                bool(flagged) if decided else None,
+                m,
+                status,
+                size,
+                mask if decided and self.pixel_threshold_ is not None else None,
+                n,
+                original,
+            )
 
 
 def _onnxruntime_runner(graph: bytes, path: Path, size: int, threads: int | None, spinning: bool = True):
@@ -202,14 +226,16 @@ def _onnxruntime_runner(graph: bytes, path: Path, size: int, threads: int | None
         raise ModelFileError(
             f"{path}: onnxruntime cannot load it ({type(exc).__name__}); re-run `somad export`"
         ) from None
-    inputs, outputs = session.get_inputs(), {o.name for o in session.get_outputs()}
-    shape = list(inputs[0].shape[1:]) if len(inputs) == 1 else None
-    if shape != [size, size, 3] or inputs[0].name != INPUT_NAME or not outputs >= set(OUTPUT_NAMES):
+    given = [*session.get_inputs(), *session.get_overridable_initializers()]  # inputs with a default are the latter
+    inputs, outputs = {i.name: i for i in given}, {o.name for o in session.get_outputs()}
+    shape = list(inputs[INPUT_NAME].shape) if INPUT_NAME in inputs else None
+    if shape != [1, size, size, 3] or set(inputs) != set(INPUT_NAMES) or not outputs >= set(OUTPUT_NAMES):
         raise ModelFileError(
-            f"{path}: the graph does not take uint8 {INPUT_NAME} (N, {size}, {size}, 3) to {', '.join(OUTPUT_NAMES)} "
-            f"as its description ({META_FILE}) says; re-run `somad export`"
+            f"{path}: the graph does not take uint8 {INPUT_NAME} (1, {size}, {size}, 3) and "
+            f"{', '.join(INPUT_NAMES[1:])} to {', '.join(OUTPUT_NAMES)} as its description ({META_FILE}) says; "
+            "re-run `somad export`"
         )
-    return lambda batch: session.run(list(OUTPUT_NAMES), {INPUT_NAME: batch})
+    return lambda feeds: session.run(list(OUTPUT_NAMES), feeds)
 
 
 __all__ = ["Detection", "OnnxDetector"]

@@ -11,9 +11,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a fitted model as one ONNX graph (run it without torch: somad.runtime.OnnxDetector)",
-        description="Write DIR/model.onnx (uint8 images (N, S, S, 3) in; score (N,) and anomaly_map (N, S, S) "
-        "out) and DIR/somad_export.json (thresholds, input size, geometry, normalisation, source model hash). "
-        "The graph is checked against the native path under onnxruntime before the folder is written.",
+        description="Write DIR/model.onnx (the image resized to the model input, uint8 (1, S, S, 3), with its "
+        "original size and the input gate's result, in; score, anomaly maps, verdict and mask out, the thresholds "
+        "held in the graph) and DIR/somad_export.json (thresholds, input size, geometry, normalisation, source "
+        "model hash). The graph is checked against the native path under onnxruntime (scores, maps, verdicts, "
+        "masks) before the folder is written.",
     )
     p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
@@ -55,10 +57,16 @@ def run(args) -> int:
     check = meta.get("parity_check")
     if check:
         print(
-            f"checked against the native path on {check['images']} generated images: max relative score "
-            f"difference {check['max_rel_score_diff']:.1e}, max map difference {check['max_abs_map_diff']:.1e}"
+            f"checked against the native path on {check['images']} generated frames: max relative score "
+            f"difference {check['max_rel_score_diff']:.1e}, max map difference {check['max_abs_map_diff']:.1e}, "
+            f"{check['verdicts']} verdicts and {check['mask_pixels']} mask pixels compared "
+            f"({check['verdicts_differing_at_the_threshold']} and {check['mask_pixels_differing_at_the_threshold']} "
+            "differing, at the threshold)"
         )
     size = meta["geometry"]["input_size"]
-    print(f"graph input: image uint8 (N, {size}, {size}, 3); outputs: score (N,), anomaly_map (N, {size}, {size})")
+    print(
+        f"graph inputs: image uint8 (1, {size}, {size}, 3), original_size, valid, image_threshold, pixel_threshold; "
+        f"outputs: score, anomaly_map (1, {size}, {size}), is_anomalous, original_map and mask (1, H, W)"
+    )
     print(f"wrote {out} ({', '.join(meta['files'])}, {META_FILE})")
     return 0

@@ -61,7 +61,12 @@ def run(args) -> int:
     from somad.methods import load
 
     _, verify_key = keys(args, model=args.model)
-    model = load(args.model, device=args.device, search=args.search, verify_key=verify_key)
+    content = None
+    if args.ray is not None:  # the workers re-read the file: pin the content verified here (hash, signature)
+        from somad.service.model_info import read_metadata
+
+        content = read_metadata(args.model).get("sha256")
+    model = load(args.model, device=args.device, search=args.search, verify_key=verify_key, expect_sha256=content)
     model.batch_size = args.batch_size
     override_thresholds(model, args)
     items = _input_items(args.inputs, args.output)
@@ -71,7 +76,13 @@ def run(args) -> int:
 
         require_ray()
         scorer = RayScoredModel(
-            model, args.model, address=args.ray, workers=args.ray_workers, device=args.device, search=args.search
+            model,
+            args.model,
+            address=args.ray,
+            workers=args.ray_workers,
+            device=args.device,
+            search=args.search,
+            content_sha256=content,
         )
     with staged_output_dir(args.output, overwrite=args.overwrite, inputs=[*args.inputs, args.model]) as tmp:
         rows, skipped = write_predictions(scorer, items, tmp, save_maps=args.save_maps, on_error=args.on_error)

@@ -8,22 +8,22 @@ uses (``somad.io.outputs.write_predictions``), so the files are the same. Actors
 and their batches are retried (``max_restarts``/``max_task_retries``); the driver keeps the first result of
 each image and checks at the end that every image has exactly one, so none is lost or written twice.
 
-Fitting (:func:`ray_fit`): the training images are cut into contiguous shards, one per actor; each actor extracts
-its shard's patches and keeps them (in ``feature_dtype``). No process holds all training patches. The driver
-initialises the SOM from the reduced per-position sums, picks the SOM's training subset by the same seeded draw
-as a local fit, and runs each epoch as per-shard best-matching-unit sums and counts (``M x D`` and ``M`` floats
-per shard) reduced and smoothed on the driver. Node statistics are per-shard :class:`NodeMoments` merged by
-Chan's formula (``somad.som.node_stats``). The thresholds are set on the driver from the held-out images, as
-in a local fit. Workers read the model file and the images by path: on a cluster, a shared file system (or the
-same paths on every node).
+Fitting (:func:`ray_fit`): the model's own ``fit`` runs on the driver with a hook, ``SOMAD.fit_shards``
+(:class:`RayShards`), that holds the training patches in actors. The training images are cut into contiguous
+shards, one per actor; each actor extracts its shard's patches and keeps them (in ``feature_dtype``). No process
+holds all training patches. The SOM is the model's (its subset draw, epoch rule and map errors, as in a local fit);
+it reads each epoch's best-matching-unit sums and counts (``M x D`` and ``M`` floats per shard) from the actors,
+and the model merges their node statistics (Chan's formula) into its Gaussians. This module computes nothing of
+the fit itself: it only moves work and results between the driver and the actors, which call public methods of
+the model. The thresholds are set on the driver from the held-out images, as in a local fit. Workers read the
+model file and the images by path: on a cluster, a shared file system (or the same paths on every node).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import types
-import warnings
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -74,11 +74,21 @@ def default_workers(ray, cpus_per_worker: float = 1.0) -> int:
 class _Scorer:
     """One actor of the scoring pool: loads the model once, scores batches of image paths."""
 
-    def __init__(self, model_path: str, device: str | None, search: str | None, batch_size: int, crash_marker=None):
+    def __init__(
+        self,
+        model_path: str,
+        device: str | None,
+        search: str | None,
+        batch_size: int,
+        content_sha256: str | None = None,
+        crash_marker=None,
+    ):
         from somad.methods import load
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
-        self.model = load(model_path, device=device, search=search)
+        # The driver verified the file (its hash, with --verify-key its signature): the actor reads that content
+        # or refuses, without the key.
+        self.model = load(model_path, device=device, search=search, expect_sha256=content_sha256)
         self.model.batch_size = batch_size
         self.crash_marker = crash_marker  # tests: the first call in the cluster kills its actor's process
 
@@ -113,11 +123,24 @@ class _Scorer:
 
 class RayScoredModel:
     """A fitted model whose ``predict_iter`` scores on a Ray actor pool; everything else (thresholds, verdicts,
-    masks, geometry) is the local model's, so ``write_predictions`` works on it unchanged."""
+    masks, geometry) is the local model's, so ``write_predictions`` works on it unchanged. ``content_sha256``: the
+    content hash the caller verified ``model_path`` with; each actor refuses a file with other content."""
 
-    def __init__(self, model, model_path, *, address=None, workers=None, device=None, search=None, crash_marker=None):
+    def __init__(
+        self,
+        model,
+        model_path,
+        *,
+        address=None,
+        workers=None,
+        device=None,
+        search=None,
+        content_sha256=None,
+        crash_marker=None,
+    ):
         self._model = model
         self._model_path = str(Path(model_path).resolve())
+        self._content_sha256 = content_sha256
         self._address = address
         self._workers = workers
         self._device = device
@@ -141,6 +164,7 @@ class RayScoredModel:
             on_error=on_error,
             skipped=skipped,
             stats=self.ray_stats_,
+            content_sha256=self._content_sha256,
             crash_marker=self._crash_marker,
         )
 
@@ -158,10 +182,12 @@ def ray_predictions(
     on_error: str = "fail",
     skipped=None,
     stats=None,
+    content_sha256=None,
     crash_marker=None,
 ):
     """Yield one :class:`Prediction` per readable image, in input order, scored by a pool of ``workers`` Ray actors
-    that each load ``model_path`` (the file ``model`` was loaded from). Unreadable images raise
+    that each load ``model_path`` (the file ``model`` was loaded from; with ``content_sha256``, only if its content
+    is still that). Unreadable images raise
     :class:`ImageLoadError` (``on_error="fail"``) or are appended to ``skipped`` (``"skip"``), as
     ``predict_iter`` does. The images must be files (their paths travel, not their pixels)."""
     from somad.methods.base import Prediction, as_items
@@ -183,6 +209,7 @@ def ray_predictions(
             device=device,
             search=search,
             batch_size=batch_size,
+            content_sha256=content_sha256,
             crash_marker=crash_marker,
         ),
         batch_size=batch_size,
@@ -225,22 +252,15 @@ def ray_predictions(
 
 # ----------------------------------------------------------------------------------------- fitting
 class _FitShard:
-    """One actor of a distributed fit: extracts and keeps its shard's training patches."""
+    """One actor of a distributed fit: a :meth:`SOMAD.shard_worker` that extracts and keeps its shard's training
+    patches and answers for them (their SOM epochs and errors, their node statistics) through the model's methods."""
 
-    def __init__(self, params: dict, channel_indices, device: str, gate: dict | None = None):
-        from somad.features.extractor import resolve_device
+    def __init__(self, params: dict, gate=None):
         from somad.methods import METHODS
-        from somad.verdicts import FrameGate
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
-        model = METHODS["somad"](**params)
-        model.device_ = resolve_device(device)
-        model.channel_indices_ = np.asarray(channel_indices)
-        model.extractor_ = model._make_extractor()
-        model.skipped_ = []
-        model.gate_ = FrameGate.from_dict(gate)  # the input gate the fit learned from all training images
-        self.model = model
-        self.x = self.sub = self.search = self.projected = None
+        self.model = METHODS["somad"].shard_worker(params, gate)
+        self.x = self.som = None
 
     def extract(self, entries: list[tuple[str, str]]) -> dict:
         """Features of ``(name, path)`` images: keeps the patch rows, returns the per-position sums."""
@@ -248,190 +268,121 @@ class _FitShard:
 
         m = self.model
         items = [ImageItem(name, path=Path(path)) for name, path in entries]
-        parts, position_sum, n = [], None, 0
+        position_sum, n = None, 0
         try:
-            for feats in m._feature_batches(items):
-                if position_sum is None:
-                    position_sum = torch.zeros(feats.shape[2:] + feats.shape[1:2], dtype=torch.float64)
-                parts.append(m._patch_rows(feats))
-                position_sum += feats.permute(0, 2, 3, 1).double().sum(0)
-                n += feats.shape[0]
+            self.x, position_sum, n = m.training_patches(items)
         except SomadError:
             if len(m.skipped_) != len(items):  # a shard with no readable image is not an error by itself
                 raise
-        d = len(m.channel_indices_)
-        self.x = torch.cat(parts) if parts else torch.empty(0, d, dtype=getattr(torch, m.feature_dtype))
+            self.x = torch.empty(0, len(m.channel_indices_), dtype=getattr(torch, m.feature_dtype))
+        self.som = m.som_shard(self.x)
         return {
             "rows": int(self.x.shape[0]),
             "inputs": n,
-            "position_sum": None if position_sum is None else position_sum.numpy(),
+            "position_sum": None if position_sum is None else position_sum.cpu().numpy(),
             "skipped": list(m.skipped_),
         }
 
-    def set_subset(self, local_index) -> int:
-        """The SOM's training rows of this shard (float32, as ``SelfOrganizingMap`` keeps them)."""
-        local = torch.as_tensor(local_index, dtype=torch.long)
-        self.sub = (self.x if local.numel() == self.x.shape[0] else self.x[local]).float()
-        self.search = self.projected = None
-        return int(self.sub.shape[0])
+    def subset(self, keep) -> int:
+        return self.som.subset(None if keep is None else torch.as_tensor(keep))
 
     def epoch(self, weights, size: int, search: str) -> tuple:
-        """Best-matching-unit sums ``(M, D)`` float64 and counts ``(M,)`` of this shard's SOM rows."""
-        from somad.som.node_search import make_search
-
-        w = _tensor(weights)
-        m, d = w.shape
-        sums, counts = np.zeros((m, d)), np.zeros(m)
-        self.search = make_search(w, size, search, nprobe=4, warm_start=self.search)
-        if self.sub.shape[0] == 0:
-            return sums, counts
-        self.projected = self.search.project(self.sub, reuse=self.projected)
-        _, bmu = self.search.search(self.sub, 1, projected=self.projected)
-        s = torch.zeros(m, d, dtype=torch.float64).index_add_(0, bmu[:, 0], self.sub.double())
-        c = torch.zeros(m, dtype=torch.float64).index_add_(0, bmu[:, 0], torch.ones(len(bmu), dtype=torch.float64))
-        return s.numpy(), c.numpy()
+        sums, counts = self.som.epoch(_tensor(weights), size, search)
+        return sums.cpu().numpy(), counts.cpu().numpy()
 
     def errors(self, weights, size: int, search: str) -> tuple:
-        """Sum of distances to the BMU, count of topographic errors, rows (for the map's errors)."""
-        from somad.som.node_search import make_search
+        return self.som.errors(_tensor(weights), size, search)
 
-        if self.sub.shape[0] == 0:
-            return 0.0, 0, 0
-        sq, idx = make_search(_tensor(weights), size, search)(self.sub, 2)
-        r1, c1, r2, c2 = idx[:, 0] // size, idx[:, 0] % size, idx[:, 1] // size, idx[:, 1] % size
-        apart = torch.maximum((r1 - r2).abs(), (c1 - c2).abs()) > 1
-        return float(sq[:, 0].double().sqrt().sum()), int(apart.sum()), int(self.sub.shape[0])
+    def moments(self, weights):
+        """This shard's node statistics (``None`` without patches), assigned as ``fit`` assigns."""
+        self.som = None  # the SOM is trained: free its rows
+        return self.model.assign_moments(self.x, weights=_tensor(weights)) if self.x.shape[0] else None
 
-    def moments(self, weights, size: int, search: str) -> tuple:
-        """This shard's node statistics (``NodeMoments``: counts, means, packed scatter), fit's assignment."""
-        from somad.som.node_search import make_search
-        from somad.som.node_stats import NodeMoments
 
-        self.sub = self.search = self.projected = None  # the SOM is trained: free its rows
-        w = _tensor(weights)
-        if self.x.shape[0] == 0:
-            mom = NodeMoments.zeros(w.shape[0], w.shape[1])
-        else:
-            _, assignment = make_search(w, size, search)(self.x, 1)
-            mom = NodeMoments.of(self.x, assignment[:, 0], w.shape[0])
-        return mom.counts.numpy(), mom.means.numpy(), mom.scatter.numpy()
+class _ShardedPatches:
+    """The training patches held by the actors of a distributed fit, as ``SOMAD`` fits on them (see
+    ``SOMAD._fit_items``): the SOM's reducer over one shard per actor, and each shard's node statistics. Every call
+    fans out to all actors; ``moved`` counts the bytes through the object store."""
+
+    def __init__(self, ray, pool, rows: list[int], position_mean: torch.Tensor):
+        self.ray, self.pool, self.rows, self.position_mean = ray, pool, rows, position_mean
+        self.moved = 0
+
+    def _broadcast(self, weights: torch.Tensor):
+        self.moved += weights.numel() * weights.element_size() * len(self.pool)
+        return self.ray.put(weights.cpu().numpy())
+
+    def subset(self, keep) -> None:
+        self.ray.get([a.subset.remote(None if k is None else k.numpy()) for a, k in zip(self.pool, keep)])
+
+    def epoch(self, weights, size: int, search: str) -> list:
+        ref = self._broadcast(weights)
+        parts = self.ray.get([a.epoch.remote(ref, size, search) for a in self.pool])
+        self.moved += sum(s.nbytes + c.nbytes for s, c in parts)
+        return [(_tensor(s), _tensor(c)) for s, c in parts]
+
+    def errors(self, weights, size: int, search: str) -> list:
+        ref = self._broadcast(weights)
+        return self.ray.get([a.errors.remote(ref, size, search) for a in self.pool])
+
+    def moments(self, weights):
+        """Each shard's node statistics as it arrives (the driver merges them: two held at a time)."""
+        ref = self._broadcast(weights)
+        pending = [a.moments.remote(ref) for a in self.pool]
+        while pending:
+            done, pending = self.ray.wait(pending, num_returns=1)
+            part = self.ray.get(done[0])
+            if part is not None:
+                self.moved += sum(t.numel() * t.element_size() for t in (part.counts, part.means, part.scatter))
+                yield part
+
+
+class RayShards:
+    """``SOMAD.fit_shards`` for a fit sharded over ``workers`` Ray actors (``ray_fit``): the training images cut
+    into contiguous shards, one actor each, which extract and keep their patches. Sets ``ray_fit_info_`` on the
+    model it fits (workers, bytes moved, patches per shard)."""
+
+    def __init__(self, ray, workers=None):
+        self.ray, self.workers = ray, workers
+
+    @contextmanager
+    def __call__(self, model, train):
+        ray = self.ray
+        if any(it.path is None for it in train):
+            raise SomadError("fitting on Ray needs image files or folders (workers read them by path), not arrays")
+        workers = max(1, min(int(self.workers or default_workers(ray)), len(train)))
+        edges = [round(i * len(train) / workers) for i in range(workers + 1)]
+        shards = [train[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
+        actor = ray.remote(num_cpus=1, max_restarts=0)(_FitShard)
+        pool = [actor.remote(model.get_params(), getattr(model, "gate_", None)) for _ in shards]
+        try:
+            info = ray.get(
+                [a.extract.remote([(it.name, str(Path(it.path).resolve())) for it in s]) for a, s in zip(pool, shards)]
+            )
+            for part in info:
+                model.skipped_.extend(part["skipped"])
+            rows = [part["rows"] for part in info]
+            if not sum(rows):
+                raise SomadError(f"no readable training images: all {len(train)} were skipped")
+            position_sum = sum(_tensor(p["position_sum"]) for p in info if p["position_sum"] is not None)
+            patches = _ShardedPatches(ray, pool, rows, position_sum / sum(p["inputs"] for p in info))
+            yield patches
+            model.ray_fit_info_ = {"workers": len(pool), "bytes_moved": int(patches.moved), "shard_rows": rows}
+            logger.info("fitted on %d Ray workers, %.1f MB through the object store", len(pool), patches.moved / 1e6)
+        finally:
+            for a in pool:
+                ray.kill(a)
 
 
 def ray_fit(model, images, *, address=None, workers=None):
-    """``model.fit(images)`` with the feature extraction, SOM epochs and node statistics sharded over
-    ``workers`` Ray actors (see the module docstring). SOMAD only."""
+    """``model.fit(images)`` with the feature extraction, SOM epochs and node statistics sharded over ``workers``
+    Ray actors (see the module docstring), through ``SOMAD.fit_shards``. SOMAD only."""
     from somad.methods.somad import SOMAD
 
     if not isinstance(model, SOMAD):
         raise SomadError(f"--ray fits SOMAD models only (not {model.method}); fit {model.method} without --ray")
-    ray = connect(address)
-    model._fit_items = types.MethodType(lambda self, train: _fit_sharded(self, train, ray, workers), model)
+    model.fit_shards = RayShards(connect(address), workers)
     try:
         return model.fit(images)
     finally:
-        del model._fit_items
-
-
-def _fit_sharded(model, train, ray, workers) -> None:
-    from somad.som.node_stats import NodeMoments, gaussians_from_moments
-    from somad.som.training import SelfOrganizingMap, radius_schedule
-
-    if any(it.path is None for it in train):
-        raise SomadError("fitting on Ray needs image files or folders (workers read them by path), not arrays")
-    workers = max(1, min(int(workers or default_workers(ray)), len(train)))
-    edges = [round(i * len(train) / workers) for i in range(workers + 1)]
-    shards = [train[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
-    params = model.get_params()
-    actor = ray.remote(num_cpus=1, max_restarts=0)(_FitShard)
-    gate = model.gate_.as_dict() if getattr(model, "gate_", None) else None
-    pool = [actor.remote(params, model.channel_indices_.tolist(), params["device"], gate) for _ in shards]
-    try:
-        info = ray.get(
-            [a.extract.remote([(it.name, str(Path(it.path).resolve())) for it in s]) for a, s in zip(pool, shards)]
-        )
-        for part in info:
-            model.skipped_.extend(part["skipped"])
-        n_rows = [part["rows"] for part in info]
-        total, n_inputs = sum(n_rows), sum(part["inputs"] for part in info)
-        if not total:
-            raise SomadError(f"no readable training images: all {len(train)} were skipped")
-        position_sum = sum(_tensor(p["position_sum"]) for p in info if p["position_sum"] is not None)
-        size = int(model.som_size)
-        som = SelfOrganizingMap(
-            size=size,
-            rough_epochs=model.rough_epochs,
-            fine_epochs=model.fine_epochs,
-            max_samples=model.som_samples,
-            seed=model.seed,
-            search=model.search,
-        )
-        weights = SelfOrganizingMap.position_mean_init(position_sum / n_inputs, size).float().clone()
-        # The SOM's subset: the same seeded draw over the global row order (shards are contiguous) as a local fit.
-        if som.max_samples is None or total <= som.max_samples:
-            local = [np.arange(n) for n in n_rows]
-        else:
-            gen = torch.Generator().manual_seed(som.seed)
-            keep = torch.randperm(total, generator=gen)[: som.max_samples].sort().values.numpy()
-            starts = np.cumsum([0, *n_rows])
-            local = [keep[(keep >= lo) & (keep < hi)] - lo for lo, hi in zip(starts[:-1], starts[1:])]
-        ray.get([a.set_subset.remote(idx) for a, idx in zip(pool, local)])
-        m = size * size
-        offsets = torch.arange(size, dtype=torch.float32)
-        sq_grid = (offsets[:, None] - offsets[None, :]) ** 2
-        radii = radius_schedule(size, som.rough_epochs, som.fine_epochs)
-        moved = 0
-        for epoch, r in enumerate(radii):
-            ref = ray.put(weights.numpy())
-            parts = ray.get([a.epoch.remote(ref, size, som.search) for a in pool])
-            sums = torch.from_numpy(sum(p[0] for p in parts))
-            counts = torch.from_numpy(sum(p[1] for p in parts))
-            moved += weights.numel() * 4 * len(pool) + sum(p[0].nbytes + p[1].nbytes for p in parts)
-            h1 = torch.exp(-sq_grid / (2.0 * float(r) ** 2)).double()
-            num = som._smooth(sums.view(size, size, -1), h1).reshape(m, -1)
-            den = som._smooth(counts.view(size, size, 1), h1).reshape(m, 1)
-            updated = den[:, 0] > 1e-12
-            weights[updated] = (num[updated] / den[updated]).float()
-            logger.debug("distributed SOM epoch %d/%d radius %.2f", epoch + 1, len(radii), r)
-        som.weights_ = weights
-        ref = ray.put(weights.numpy())
-        errs = ray.get([a.errors.remote(ref, size, som.search) for a in pool])
-        n_sub = sum(e[2] for e in errs)
-        som.quantization_error_ = sum(e[0] for e in errs) / max(n_sub, 1)
-        som.topographic_error_ = sum(e[1] for e in errs) / max(n_sub, 1)
-        som.n_samples_ = n_sub
-        # Node statistics: each shard's moments, merged on the driver as they arrive (two held at a time).
-        merged = NodeMoments.zeros(m, weights.shape[1])
-        pending = [a.moments.remote(ref, size, som.search) for a in pool]
-        while pending:
-            done, pending = ray.wait(pending, num_returns=1)
-            counts, means, scatter = ray.get(done[0])
-            moved += counts.nbytes + means.nbytes + scatter.nbytes
-            with warnings.catch_warnings():  # read-only views of the object store: read, never written
-                warnings.simplefilter("ignore", UserWarning)
-                shard = NodeMoments(*(torch.from_numpy(a) for a in (counts, means, scatter)))
-            merged.merge(shard, inplace=True)
-    finally:
-        for a in pool:
-            ray.kill(a)
-    g = gaussians_from_moments(
-        merged,
-        weights,
-        float(model.eps),
-        dtype=torch.float16 if model.factor_dtype == "float16" else torch.float32,
-        shrinkage=float(model.shrinkage),
-    )
-    if model.scatter_dtype is None:
-        g.moments = None
-    model.som_, model.gaussians_ = som, g.to(model.device_)
-    model.n_patches_ = total
-    model.updates_ = []
-    model._searcher = None
-    model.ray_fit_info_ = {"workers": len(pool), "bytes_moved": int(moved), "shard_rows": n_rows}
-    logger.info(
-        "SOM %dx%d trained on %d workers: quantization error %.4f, topographic error %.4f",
-        size,
-        size,
-        len(pool),
-        som.quantization_error_,
-        som.topographic_error_,
-    )
+        del model.fit_shards

@@ -1,1 +1,2 @@
-"""somad export: a fitted model as one ONNX graph (backbone + scoring), with parity checks against the native path."""
+"""somad export: a fitted model as one ONNX graph (backbone, scoring and the decision), checked against the native
+path (scores, maps, verdicts, masks)."""

@@ -304,6 +304,12 @@ class FeatureExtractor:
             _without_onednn(exact),
         ):
             outputs = self.model(x)
+        return self.combine(outputs)
+
+    def combine(self, outputs: Sequence[torch.Tensor]) -> torch.Tensor:
+        """The backbone's stage outputs -> features ``(B, D, h, w)``: each chosen stage's kept channels, its
+        neighbourhood mean, bilinear upsampling to the finest chosen stage's grid, concatenated (channels-last).
+        The native path (``__call__``) and the exported graph (:class:`FeatureGraph`) both run this."""
         stages = [outputs[s] for s in self.stages]
         size = stages[0].shape[-2:]
         parts = []
@@ -318,6 +324,23 @@ class FeatureExtractor:
                 stage = F.interpolate(stage, size=size, mode="bilinear", align_corners=False)
             parts.append(stage)
         return torch.cat(parts, dim=1)
+
+
+class FeatureGraph(torch.nn.Module):
+    """The feature stage as one traceable module, for the exported graph (``somad.export``): uint8 ``(N, S, S, 3)``
+    pixels (the preprocessed input: :meth:`FeatureExtractor.preprocess` before its ``/ 255``) -> features
+    ``(N, D, h, w)``: ``x / 255``, the backbone's normalisation, the backbone, :meth:`FeatureExtractor.combine`."""
+
+    def __init__(self, extractor: FeatureExtractor):
+        super().__init__()
+        self.backbone = extractor.model
+        self.register_buffer("mean", extractor._mean.cpu())
+        self.register_buffer("std", extractor._std.cpu())
+        self.extractor = extractor
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        x = image.permute(0, 3, 1, 2).to(torch.float32) / 255.0
+        return self.extractor.combine(self.backbone((x - self.mean) / self.std))
 
 
 @contextlib.contextmanager
@@ -387,14 +410,15 @@ def upsample_blur(maps: torch.Tensor, size: int | tuple[int, int], sigma: float 
     blur's ``2 * size^2 * (8 sigma + 1)`` after ``F.interpolate``. Equal to the two steps up to float rounding.
     """
     height, width = (size, size) if isinstance(size, int) else size
-    rows = _resize_blur_matrix(int(height), maps.shape[-2], float(sigma), maps.device)
-    cols = _resize_blur_matrix(int(width), maps.shape[-1], float(sigma), maps.device)
+    rows = resize_blur_matrix(int(height), maps.shape[-2], float(sigma), maps.device)
+    cols = resize_blur_matrix(int(width), maps.shape[-1], float(sigma), maps.device)
     return rows @ maps.float() @ cols.T
 
 
 @functools.lru_cache(maxsize=64)  # tiled frames of many aspect ratios use many sizes
-def _resize_blur_matrix(size: int, n: int, sigma: float, device: torch.device) -> torch.Tensor:
-    """``(size, n)``: one axis of ``gaussian_blur(F.interpolate(x, size, bilinear, align_corners=False))``."""
+def resize_blur_matrix(size: int, n: int, sigma: float, device: torch.device) -> torch.Tensor:
+    """``(size, n)``: one axis of ``gaussian_blur(F.interpolate(x, size, bilinear, align_corners=False))`` (cached:
+    do not modify it in place)."""
     eye = torch.eye(n, dtype=torch.float64)
     up = F.interpolate(eye[None], size=size, mode="linear", align_corners=False)[0].T  # bilinear = linear per axis
     if sigma > 0:

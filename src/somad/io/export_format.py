@@ -2,8 +2,11 @@
 its verification before the first image is scored.
 
 ``somad export`` (``somad.export.onnx``) writes ``DIR/model.onnx`` (the graph) and ``DIR/somad_export.json`` (the
-description: thresholds, geometry, ...) into a staged folder renamed into place whole. The torch-free runtime
-(``somad.runtime.OnnxDetector``) reads them through :func:`read_export`, which checks, before anything is scored:
+description: thresholds, geometry, ...) into a staged folder renamed into place whole. The graph takes
+:data:`INPUT_NAMES` (the image as :func:`model_input` makes it, its original size, the input gate's result and the
+thresholds as :func:`threshold_feeds` gives them) and returns :data:`OUTPUT_NAMES` (score, map at the model input,
+verdict, map on the original image, mask). The torch-free runtime (``somad.runtime.OnnxDetector``) reads them
+through :func:`read_export`, which checks, before anything is scored:
 
 1. the description against :data:`SCHEMA` (types, ranges, version bounds; one line naming the field);
 2. the description's own hash, ``content_sha256``: the SHA-256 of the canonical JSON of every other field
@@ -24,6 +27,9 @@ import json
 import logging
 import os
 from pathlib import Path
+
+import numpy as np
+from PIL import Image
 
 from somad.errors import ModelFileError
 from somad.io.integrity import as_key, check_signature, sign
@@ -47,11 +53,20 @@ logger = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
 META_FILE = "somad_export.json"
-#: 2 (somad 0.7.2): the description carries its own hash (``content_sha256``) and may be signed.
-EXPORT_VERSION = 2
+#: 2 (somad 0.7.2): the description carries its own hash (``content_sha256``) and may be signed. 3: the graph
+#: decides (verdict, mask, the map on the original image; :data:`INPUT_NAMES`, :data:`OUTPUT_NAMES`); the runtime
+#: refuses older exports, whose verdicts it made in Python, with the fix.
+EXPORT_VERSION = 3
 FORMATS = ("onnx",)
 INPUT_NAME = "image"
-OUTPUT_NAMES = ("score", "anomaly_map")
+#: The graph's inputs: ``image`` uint8 ``(1, S, S, 3)`` (:func:`model_input`), ``original_size`` int64 ``(2,)`` (the
+#: decoded image's height and width), ``valid`` bool ``(1,)`` (the input gate passed it: ``somad.verdicts.
+#: check_frame``), ``image_threshold`` and ``pixel_threshold`` float32 scalars (:func:`threshold_feeds`). All but the
+#: image have a default in the graph: the resized frame's size, True, the model's thresholds.
+INPUT_NAMES = (INPUT_NAME, "original_size", "valid", "image_threshold", "pixel_threshold")
+#: ``score`` float32 ``(1,)``, ``anomaly_map`` float32 ``(1, S, S)`` at the model input, ``is_anomalous`` bool ``(1,)``,
+#: ``original_map`` float32 ``(1, H, W)`` on the original image, ``mask`` bool ``(1, H, W)``.
+OUTPUT_NAMES = ("score", "anomaly_map", "is_anomalous", "original_map", "mask")
 #: The fields of the description that its hash does not cover (the hash itself, and the signature of it).
 UNHASHED = ("content_sha256", "signature")
 #: Descriptions larger than this are not somad's (a few kB, at most about 100 kB with 1000 good scores).
@@ -90,6 +105,27 @@ SCHEMA = Table(
     },
     required=("export_version", "format", "method", "image_threshold", "pixel_threshold", "geometry", "files"),
 )
+
+
+def model_input(image: Image.Image, image_size: int, crop_offset: int, input_size: int) -> np.ndarray:
+    """A decoded RGB image -> the graph's ``image`` ``(S, S, 3)`` uint8: Pillow's BILINEAR resize to ``image_size``
+    square, then the central ``input_size`` square from ``crop_offset``: the pixels ``FeatureExtractor.preprocess``
+    feeds the backbone (before its ``/ 255``). The resize stays outside the graph: see ``somad.export.onnx``."""
+    resized = image.resize((image_size, image_size), Image.BILINEAR)
+    o, s = crop_offset, input_size
+    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8)[o : o + s, o : o + s])
+
+
+def threshold_feeds(image_threshold: float | None, pixel_threshold: float | None) -> dict[str, np.ndarray]:
+    """The thresholds as the graph takes them: float32 scalars that decide as the native path does. The image
+    threshold is rounded down to float32 (a float32 score lies above it exactly when it lies above the float64
+    threshold, as ``somad.verdicts.is_anomalous`` compares), the pixel threshold to the nearest float32 (NumPy compares
+    a float32 map with a Python float in float32); ``None`` becomes NaN (no score or pixel lies above it)."""
+    image = np.float32(np.nan if image_threshold is None else image_threshold)
+    if image_threshold is not None and float(image) > float(image_threshold):
+        image = np.nextafter(image, np.float32(-np.inf))
+    pixel = np.float32(np.nan if pixel_threshold is None else pixel_threshold)
+    return {INPUT_NAMES[3]: np.array(image, np.float32), INPUT_NAMES[4]: np.array(pixel, np.float32)}
 
 
 def content_sha256(meta: dict) -> str:
@@ -134,6 +170,11 @@ def read_export(folder: str | os.PathLike, verify_key: bytes | str | os.PathLike
     version = meta.get("export_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > EXPORT_VERSION:
         raise ModelFileError(f"{meta_path}: export version {version} is newer than this somad's; upgrade somad")
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < EXPORT_VERSION:
+        raise ModelFileError(
+            f"{meta_path}: export version {version} leaves the verdict to its runtime, this somad's graphs decide "
+            f"(version {EXPORT_VERSION}); {REEXPORT} with this somad"
+        )
     found = problem(SCHEMA, meta, "")
     if found is None:
         g = meta["geometry"]
@@ -142,14 +183,12 @@ def read_export(folder: str | os.PathLike, verify_key: bytes | str | os.PathLike
     if found:
         raise ModelFileError(f"{meta_path}: {describe(found)}; {REEXPORT}")
     stored = meta.get("content_sha256")
-    if stored is None and version >= 2:
+    if stored is None:
         raise ModelFileError(f"{meta_path}: content_sha256 is missing (edited after export?); {REEXPORT}")
-    if stored is not None and stored != content_sha256(meta):
+    if stored != content_sha256(meta):
         raise ModelFileError(
             f"{meta_path}: its content hash does not match its contents (edited after export, or damaged); {REEXPORT}"
         )
-    if stored is None:
-        logger.warning("%s: written by somad < 0.7.2, without a hash of its own; %s", meta_path, REEXPORT)
     if key is not None:
         check_signature(key, meta.get("signature"), "export", str(stored), where=str(meta_path), signer="somad export")
     try:
@@ -169,11 +208,14 @@ __all__ = [
     "EXPORT_VERSION",
     "FORMATS",
     "INPUT_NAME",
+    "INPUT_NAMES",
     "META_FILE",
     "MODEL_FILE",
     "OUTPUT_NAMES",
     "SCHEMA",
     "content_sha256",
+    "model_input",
     "read_export",
     "seal",
+    "threshold_feeds",
 ]

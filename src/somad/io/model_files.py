@@ -244,10 +244,16 @@ def _read_large_arrays(path: Path, arrays: dict[str, torch.Tensor]) -> dict[str,
 
 
 def load_model(
-    path: str | os.PathLike, verify_key: bytes | str | os.PathLike | None = None
+    path: str | os.PathLike,
+    verify_key: bytes | str | os.PathLike | None = None,
+    *,
+    expect_sha256: str | None = None,
 ) -> tuple[dict, dict[str, torch.Tensor]]:
     """Read and verify a model file; every failure is a one-line :class:`ModelFileError`. With ``verify_key`` (the
-    key's bytes or its file) a file that is unsigned or not signed with that key is refused."""
+    key's bytes or its file) a file that is unsigned or not signed with that key is refused. With
+    ``expect_sha256`` (a content hash, as ``read_metadata(path)["sha256"]`` gives it) a file whose content is not
+    that one is refused: a process that re-reads a model another one verified (a Ray worker) reads the same
+    content or nothing, without holding the key."""
     from safetensors import safe_open
 
     path = Path(path)
@@ -299,6 +305,11 @@ def load_model(
         raise ModelFileError(f"{path}: unreadable arrays ({_reason(exc)}); re-run `somad fit`") from None
     if digest != metadata.get("sha256"):
         raise ModelFileError(f"{path}: content hash mismatch (file corrupted or modified); re-run `somad fit`")
+    if expect_sha256 is not None and digest != expect_sha256:
+        raise ModelFileError(
+            f"{path}: its content changed since the run verified it (content hash {digest[:12]}... instead of "
+            f"{expect_sha256[:12]}...); leave the model file in place while a run uses it"
+        )
     if key is not None:
         signature = metadata.get("signature")
         check_signature(key, signature, "model", FORMAT, version_text, digest, where=str(path), signer=SIGNERS)

@@ -12,7 +12,9 @@ from somad.methods.somad import PRESETS, SOMAD
 METHODS = {"somad": SOMAD, "padim": PaDiM, "patchcore": PatchCore}
 
 
-def load(path, *, device: str | None = None, verify_key=None, **scoring) -> BaseDetector:
+def load(
+    path, *, device: str | None = None, verify_key=None, expect_sha256: str | None = None, **scoring
+) -> BaseDetector:
     """Rebuild a detector from a model file written by ``save``.
 
     Parameters
@@ -22,11 +24,13 @@ def load(path, *, device: str | None = None, verify_key=None, **scoring) -> Base
         Overrides the device stored in the file.
     verify_key : bytes, or the path of a key file, optional
         Refuse a file that is unsigned or not signed with this key (``somad.io.integrity``; ``save(sign_key=...)``).
+    expect_sha256 : str, optional
+        Refuse a file whose content hash is not this one (``somad.io.model_files.load_model``).
     **scoring
         Overrides of scoring-only parameters (SOMAD: ``k``, ``search``), e.g. ``load(p, search="exact")``;
         ``None`` values are ignored.
     """
-    config, arrays = load_model(path, verify_key)
+    config, arrays = load_model(path, verify_key, expect_sha256=expect_sha256)
     cls = method_of(config, path)
     scoring = {name: value for name, value in scoring.items() if value is not None}
     return cls._from_file(config, arrays, Path(path), device, scoring)

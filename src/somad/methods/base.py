@@ -14,12 +14,12 @@ Sign convention: higher = more anomalous, everywhere. Nothing is normalised with
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import logging
 import os
 import re
 import time
-import types
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -34,8 +34,10 @@ from somad.errors import ImageLoadError, ModelFileError, NotFittedError, Numeric
 from somad.features.backbones import BACKBONES, backbone_spec
 from somad.features.extractor import (
     FeatureExtractor,
+    FeatureGraph,
     Geometry,
     TileLayout,
+    resize_blur_matrix,
     resolve_device,
     select_channels,
     to_original_resolution,
@@ -136,6 +138,8 @@ class BaseDetector(Params):
     """Shared machinery of SOMAD, PaDiM and PatchCore. Subclasses implement ``_fit_features``,
     ``_patch_scores``, ``_state_arrays`` and ``_set_state``, and may set the class attributes ``_stages``
     (backbone stages used, default all three) and ``_local_aggregation`` (see ``features.FeatureExtractor``).
+    To be exported (``somad export``), they answer :meth:`export_scoring` and ``_state_to`` (and may say
+    :meth:`export_constant_bytes` and :meth:`scoring_info`): the exporter asks, and never looks at the method.
 
     Parameters (common to every method)
     -----------------------------------
@@ -188,6 +192,9 @@ class BaseDetector(Params):
     _stages: tuple[int, ...] = (0, 1, 2)  # backbone stages the features come from (0/1/2 = stride 4/8/16)
     _local_aggregation: int = 1  # neighbourhood-mean kernel applied to each stage (1 = none)
     _scoring: tuple[str, ...] = ()  # parameters that only affect scoring: load() may override them
+    #: Where ``fit`` holds the training patches: ``None``, in this process; a method that can shard its fit
+    #: (SOMAD) takes a hook here (``somad.distributed.ray`` sets one). Cross-fitted fold models get it too.
+    fit_shards = None
     #: What a model file's ``config["state"]`` and arrays may hold (``somad.io.schema``), checked at load before
     #: anything is used (:meth:`check_file`); each method adds its own rows, merged along the class hierarchy.
     _state_fields = {
@@ -344,11 +351,7 @@ class BaseDetector(Params):
         torch.manual_seed(self.seed)
         train, val = self.held_out_split(images)
         _warn_defect_folders(train + val)
-        self.device_ = resolve_device(self.device)
-        total = sum(_channels(self.backbone)[s] for s in self._stages)
-        self.channel_indices_ = select_channels(total, self.dims, self.seed)
-        self.extractor_ = self._make_extractor()
-        self.skipped_ = []
+        self._prepare_extraction()
         logger.info(
             "fitting %s on %d images (%d held out), %d features per patch",
             self.method,
@@ -493,15 +496,13 @@ class BaseDetector(Params):
         """Each image's prediction by a model fitted without it: ``items`` split into ``folds`` seeded folds, a
         model with this one's parameters (and no thresholds of its own) fitted on all folds but one, which it
         scores. The fold models use this model's input gate, and one is held at a time; their own log lines are
-        kept down to errors. A fit hook set on this model (``somad.distributed.ray`` shards ``_fit_items``) fits
-        the fold models too."""
+        kept down to errors. They are fitted through this model's :attr:`fit_shards` too."""
         order = np.random.default_rng(self.seed).permutation(len(items))
-        hook, gate = self.__dict__.get("_fit_items"), getattr(self, "gate_", None)
+        gate = getattr(self, "gate_", None)
         for k in range(folds):
             held = set(order[k::folds].tolist())
             fold = type(self)(**{**self.get_params(), "val_fraction": 0.0})
-            if hook is not None:
-                fold._fit_items = types.MethodType(hook.__func__, fold)
+            fold.fit_shards = self.fit_shards
             if gate is not None:  # the final fit's input gate: a fold leaves out the frames the final fit left out
                 fold._learn_gate = lambda train, gate=gate: gate
             logger.info("cross-fitting: fold %d of %d, fitted on %d images", k + 1, folds, len(items) - len(held))
@@ -523,6 +524,15 @@ class BaseDetector(Params):
         val = sorted(order[:n_val].tolist())
         held = set(val)
         return [it for i, it in enumerate(items) if i not in held], [items[i] for i in val]
+
+    def _prepare_extraction(self) -> None:
+        """fit's first step (and each worker's of a distributed fit): the device, the seeded channel subset and
+        the feature extractor."""
+        self.device_ = resolve_device(self.device)
+        total = sum(_channels(self.backbone)[s] for s in self._stages)
+        self.channel_indices_ = select_channels(total, self.dims, self.seed)
+        self.extractor_ = self._make_extractor()
+        self.skipped_ = []
 
     def _make_extractor(self) -> FeatureExtractor:
         return FeatureExtractor(
@@ -868,7 +878,7 @@ class BaseDetector(Params):
     # ------------------------------------------------------------------ subclass hooks
     def _fit_items(self, train: list[ImageItem]) -> None:
         """Learn from the training images (their unreadable ones appended to ``skipped_``): here, streamed through
-        the extractor into ``_fit_features``; ``somad.distributed`` replaces it to shard the work over workers."""
+        the extractor into ``_fit_features``."""
         self._fit_features(self._feature_batches(train), self._count_inputs(train))
 
     def _fit_features(self, batches: Iterable[torch.Tensor], n_images: int) -> None:
@@ -886,6 +896,61 @@ class BaseDetector(Params):
 
     def _state_info(self) -> dict:
         return {}
+
+    def _state_to(self, device: torch.device) -> None:
+        """Put the learned state on ``device`` (:meth:`cpu_copy`): new arrays, the old ones untouched."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ export (somad export asks, each method answers)
+    def export_scoring(self):
+        """The patch scoring of the exported graph: the torch module :meth:`_patch_scores` runs (features
+        ``(N, D, h, w)`` -> patch scores ``(N, h, w)`` and the method's own image scores ``(N,)`` or ``None``), which
+        the exporter traces; or, where the native scoring cannot be traced, a function ``features_name -> (ONNX
+        nodes, initializers, patch scores name)`` that mirrors it."""
+        raise SomadError(f"{self.method} models cannot be exported")
+
+    def export_constant_bytes(self) -> int:
+        """Bytes of the scoring constants the exported graph holds (the backbone aside)."""
+        return 0
+
+    def scoring_info(self) -> dict:
+        """What an export's description records of the scoring (``somad_export.json``, ``"scoring"``)."""
+        return {}
+
+    def feature_graph(self) -> torch.nn.Module:
+        """The feature stage as a traceable module: uint8 ``(N, S, S, 3)`` -> features (``features.FeatureGraph``)."""
+        return FeatureGraph(self.extractor_)
+
+    def map_matrix(self) -> torch.Tensor:
+        """``(S, h)``: the bilinear upsampling of the patch grid to the model input and the Gaussian blur, one axis
+        (the same matrix serves both axes of the square grid), as :meth:`_anomaly_maps` applies them."""
+        ex = self.extractor_
+        size, grid = ex.geometry.input_size, ex.grid_size
+        return resize_blur_matrix(size, grid, float(self.blur_sigma), torch.device("cpu")).clone()
+
+    def original_map(self, prediction: Prediction) -> np.ndarray:
+        """The prediction's map on its original image, ``(H, W)`` (``features.to_original_resolution``)."""
+        return to_original_resolution(prediction.map[None], self.extractor_.geometry, [prediction.original_size])[0]
+
+    def cpu_copy(self, **scoring) -> BaseDetector:
+        """This detector scoring on CPU, with the scoring-only parameters ``scoring`` changed (``_scoring``, e.g.
+        SOMAD's ``search``), without touching this one (its learned arrays are shared where already on CPU)."""
+        self._check_fitted()
+        for name in scoring:
+            if name not in self._scoring:
+                valid = ", ".join(self._scoring) or "none"
+                raise SomadError(f"{name!r} cannot be changed on a {self.method} model; valid: {valid}")
+        validate(type(self), scoring)
+        clone = copy.copy(self)
+        for name, value in scoring.items():
+            setattr(clone, name, value)
+        cpu = torch.device("cpu")
+        clone._state_to(cpu)
+        clone.device_ = cpu
+        if self.device_.type != "cpu":
+            clone.device = "cpu"
+            clone.extractor_ = clone._make_extractor()
+        return clone
 
     # ------------------------------------------------------------------ persistence
     def save(self, path, *, overwrite: bool = True, sign_key=None) -> Path:

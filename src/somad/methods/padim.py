@@ -4,8 +4,9 @@ Fit: stream the patch features of the good images and accumulate, per position o
 and the sum of outer products (float64, around a per-position reference taken from the first batch for
 numerical stability); no feature is kept. Each position gets the mean and the unbiased covariance plus
 ``eps * I`` (the paper's 0.01), stored as the inverse of its Cholesky factor. Score: the Mahalanobis
-distance of each test patch to the Gaussian of its own position; the shared pipeline of
-:class:`somad.methods.base.BaseDetector` then upsamples, blurs and takes the map maximum as image score.
+distance of each test patch to the Gaussian of its own position (:class:`PadimScorer`, the module ``predict``
+runs and ``somad export`` traces); the shared pipeline of :class:`somad.methods.base.BaseDetector` then upsamples,
+blurs and takes the map maximum as image score.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import logging
 
 import torch
+from torch import nn
 
 from somad.errors import ModelFileError, NumericalError, SomadError
 from somad.io.schema import FLOAT_DTYPES, MAX_IMAGE_SIZE, Array, ListOf, Nullable
@@ -21,6 +23,32 @@ from somad.params import Interval, Param
 from somad.som.node_stats import inverse_cholesky
 
 logger = logging.getLogger(__name__)
+
+
+class PadimScorer(nn.Module):
+    """PaDiM's patch scoring: features ``(B, D, h, w)`` -> the Mahalanobis distance of each patch to its position's
+    Gaussian, ``||W_p (x - mu_p)||``, ``(B, h, w)``. What ``PaDiM.predict`` runs and ``somad export`` traces.
+
+    ``means`` ``(h*w, D)`` and ``whiteners`` ``(h*w, D, D)`` (lower triangular) are held as they are, not copied;
+    the positions go in chunks of at most ``max_elements`` floats of products.
+    """
+
+    def __init__(self, means: torch.Tensor, whiteners: torch.Tensor, max_elements: int = 1 << 24):
+        super().__init__()
+        self.register_buffer("means", means)
+        self.register_buffer("whiteners", whiteners)
+        self.max_elements = int(max_elements)
+
+    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+        b, d, h, w = feats.shape
+        x = feats.permute(2, 3, 0, 1).reshape(h * w, b, d).to(self.means.device, torch.float32)
+        step = max(1, self.max_elements // (d * max(b, d)))
+        parts = []
+        for lo in range(0, h * w, step):
+            centred = x[lo : lo + step] - self.means[lo : lo + step, None, :]  # (p, b, D)
+            z = centred @ self.whiteners[lo : lo + step].transpose(1, 2)  # W (x - mu), batched over positions
+            parts.append((z * z).sum(-1))
+        return torch.cat(parts).sqrt_().T.reshape(b, h, w)
 
 
 class PaDiM(BaseDetector):
@@ -98,21 +126,33 @@ class PaDiM(BaseDetector):
         return out
 
     # ------------------------------------------------------------------ score
-    def _patch_scores(self, feats, max_elements: int = 1 << 24):
+    @property
+    def scorer_(self) -> PadimScorer:
+        """The patch scoring over ``means_`` and ``whiteners_`` as a module (built on first use, again when they are
+        replaced): what :meth:`_patch_scores` runs and ``somad export`` traces."""
+        scorer = self.__dict__.get("_scorer")
+        if scorer is None or scorer.means is not self.means_ or scorer.whiteners is not self.whiteners_:
+            scorer = self._scorer = PadimScorer(self.means_, self.whiteners_)
+        return scorer
+
+    def _patch_scores(self, feats):
         b, d, h, w = feats.shape
         if (h, w) != tuple(self.grid_shape_):
             raise SomadError(
                 f"feature grid {h}x{w} does not match the fitted grid "
                 f"{self.grid_shape_[0]}x{self.grid_shape_[1]}; use the model's image and crop sizes"
             )
-        x = feats.permute(2, 3, 0, 1).reshape(h * w, b, d).to(self.means_.device, torch.float32)
-        out = torch.empty(h * w, b, dtype=torch.float32, device=x.device)
-        step = max(1, max_elements // (d * max(b, d)))
-        for lo in range(0, h * w, step):
-            centred = x[lo : lo + step] - self.means_[lo : lo + step, None, :]  # (p, b, D)
-            z = centred @ self.whiteners_[lo : lo + step].transpose(1, 2)  # W (x - mu), batched over positions
-            out[lo : lo + step] = (z * z).sum(-1)
-        return out.sqrt_().T.reshape(b, h, w), None
+        return self.scorer_(feats), None
+
+    def export_scoring(self) -> PadimScorer:
+        return self.scorer_
+
+    def export_constant_bytes(self) -> int:
+        p, d = self.means_.shape
+        return 4 * p * d * (d + 1)
+
+    def _state_to(self, device) -> None:
+        self.means_, self.whiteners_ = self.means_.to(device), self.whiteners_.to(device)
 
     # ------------------------------------------------------------------ persistence
     def _state_arrays(self):

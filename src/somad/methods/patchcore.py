@@ -10,7 +10,8 @@ patches chosen so far, until ``ceil(coreset_ratio * N)`` are chosen. Distances f
 after a seeded Gaussian random projection to ``projection_dim`` dimensions (Johnson-Lindenstrauss); the
 memory bank stores the full features.
 
-Score: each test patch's distance to its nearest bank element (exact search) is the patch map. The image
+Score (:class:`PatchcoreScorer`, the module ``predict`` runs and ``somad export`` traces): each test patch's
+distance to its nearest bank element (exact search) is the patch map. The image
 score reweights the largest patch distance ``s* = ||x* - m*||`` by how isolated ``m*`` is in the bank
 (:func:`reweighted_score`): ``s = (1 - exp(||x* - m*||) / sum_{m in N_b(m*)} exp(||x* - m||)) * s*`` with
 ``N_b(m*)`` the ``num_neighbors`` nearest bank elements of ``m*`` (``m*`` itself included).
@@ -22,6 +23,7 @@ import logging
 import math
 
 import torch
+from torch import nn
 
 from somad.errors import NumericalError, SomadError
 from somad.io.schema import FLOAT_DTYPES, Array, Nullable
@@ -120,6 +122,30 @@ def reweighted_score(
     return weight * s_star
 
 
+class PatchcoreScorer(nn.Module):
+    """PatchCore's scoring: features ``(B, D, h, w)`` -> each patch's distance to its nearest bank element
+    ``(B, h, w)`` (exact search, :func:`~somad.som.node_search.nearest_nodes`) and each image's
+    :func:`reweighted_score` ``(B,)``. What ``PatchCore.predict`` runs and ``somad export`` traces. ``bank``
+    ``(M, D)`` float32 is held as it is, not copied.
+    """
+
+    def __init__(self, bank: torch.Tensor, num_neighbors: int):
+        super().__init__()
+        self.register_buffer("bank", bank)
+        self.num_neighbors = int(num_neighbors)
+
+    def forward(self, feats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        b, d, h, w = feats.shape
+        bank = self.bank
+        x = feats.permute(0, 2, 3, 1).reshape(-1, d).to(bank.device, torch.float32)
+        chunk = max(1, (1 << 24) // bank.shape[0])  # bounds the distance block to 2^24 floats
+        sq_dist, nearest = nearest_nodes(x, bank, 1, chunk_size=chunk)
+        patch = sq_dist[:, 0].sqrt().view(b, h * w)
+        star = patch.argmax(1) + torch.arange(b, device=patch.device) * (h * w)  # flat index of x* per image
+        scores = reweighted_score(x[star], bank, nearest[star, 0], self.num_neighbors)
+        return patch.view(b, h, w), scores
+
+
 class PatchCore(BaseDetector):
     """PatchCore anomaly detector.
 
@@ -185,16 +211,29 @@ class PatchCore(BaseDetector):
         self.n_patches_ = n
 
     # ------------------------------------------------------------------ score
+    @property
+    def scorer_(self) -> PatchcoreScorer:
+        """The patch and image scoring over ``memory_bank_`` as a module (built on first use, again when the bank
+        or ``num_neighbors`` change): what :meth:`_patch_scores` runs and ``somad export`` traces."""
+        scorer = self.__dict__.get("_scorer")
+        if scorer is None or scorer.bank is not self.memory_bank_ or scorer.num_neighbors != int(self.num_neighbors):
+            scorer = self._scorer = PatchcoreScorer(self.memory_bank_, self.num_neighbors)
+        return scorer
+
     def _patch_scores(self, feats):
-        b, d, h, w = feats.shape
-        bank = self.memory_bank_
-        x = feats.permute(0, 2, 3, 1).reshape(-1, d).to(bank.device, torch.float32)
-        chunk = max(1, (1 << 24) // bank.shape[0])  # bounds the distance block to 2^24 floats
-        sq_dist, nearest = nearest_nodes(x, bank, 1, chunk_size=chunk)
-        patch = sq_dist[:, 0].sqrt().view(b, h * w)
-        star = patch.argmax(1) + torch.arange(b, device=patch.device) * (h * w)  # flat index of x* per image
-        scores = reweighted_score(x[star], bank, nearest[star, 0], int(self.num_neighbors))
-        return patch.view(b, h, w), scores
+        return self.scorer_(feats)
+
+    def export_scoring(self) -> PatchcoreScorer:
+        return self.scorer_
+
+    def export_constant_bytes(self) -> int:
+        return 4 * self.memory_bank_.numel()
+
+    def scoring_info(self) -> dict:
+        return {"memory_bank_size": int(self.memory_bank_.shape[0]), "num_neighbors": int(self.num_neighbors)}
+
+    def _state_to(self, device) -> None:
+        self.memory_bank_ = self.memory_bank_.to(device)
 
     # ------------------------------------------------------------------ persistence
     def _state_arrays(self):

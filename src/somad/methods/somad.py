@@ -14,6 +14,8 @@ scoring; ``"exact"`` searches exhaustively.
 
 from __future__ import annotations
 
+import copy
+import functools
 import hashlib
 import logging
 
@@ -23,16 +25,18 @@ from somad.errors import NumericalError, SomadError
 from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, ListOf, Nullable, Table
 from somad.methods.base import BaseDetector, as_items, training_fingerprints
 from somad.params import Interval, Options, Param
-from somad.som.node_search import SEARCH_CHOICES, make_search
+from somad.som.node_search import SEARCH_CHOICES, IVFSearch, make_search
 from somad.som.node_stats import (
     NodeGaussians,
     NodeMoments,
     fit_node_gaussians,
     gaussians_from_moments,
     mahalanobis,
+    row_blocks,
     tril_size,
 )
-from somad.som.training import SelfOrganizingMap
+from somad.som.onnx_graph import scoring_nodes
+from somad.som.training import RowShard, SelfOrganizingMap
 
 logger = logging.getLogger(__name__)
 
@@ -194,22 +198,26 @@ class SOMAD(BaseDetector):
             raise SomadError(f"{prefix}local_aggregation={self.local_aggregation} must be odd (1 = none)")
 
     def _fit_features(self, batches, n_images: int) -> None:
-        x, position_sum, n = None, None, 0
-        for feats in batches:
-            b, d, h, w = feats.shape
-            if x is None:
-                x = torch.empty(n_images * h * w, d, dtype=DTYPES[self.feature_dtype], device=feats.device)
-                position_sum = torch.zeros(h, w, d, dtype=torch.float64, device=feats.device)
-            patches = feats.permute(0, 2, 3, 1)  # (b, h, w, D): patch rows in image-major, row-major order
-            stored = x[n * h * w : (n + b) * h * w]
-            stored.copy_(patches.reshape(-1, d))
-            if not torch.isfinite(stored).all():  # only float16 can overflow: the backbone output was checked
-                raise NumericalError(
-                    f"training features overflow {self.feature_dtype}; refit with feature_dtype='float32'"
-                )
-            position_sum += patches.double().sum(0)
-            n += b
-        x = x[: n * h * w]
+        x, position_sum, n = self._stack_patches(batches, n_images)
+        self._fit_patches(x, position_sum / n)
+
+    def _fit_items(self, train) -> None:
+        """In this process (:meth:`_fit_features`), or, with :attr:`fit_shards` set, on its shards: the hook is
+        called as ``fit_shards(model, train)`` and returns a context manager that yields the training patches held
+        in shards, an object with ``rows`` (patches per shard), ``position_mean`` (the mean feature of each image
+        position, ``(h, w, D)``), the SOM's reducer methods (``somad.som.training.Reducer``: each shard holds a
+        :meth:`som_shard` of its rows) and ``moments(weights)``, each shard's :meth:`assign_moments` as they come.
+        Its workers each extract with a :meth:`shard_worker` (:meth:`training_patches`). The SOM and the node
+        Gaussians are this model's code either way (``somad.distributed.ray``)."""
+        if self.fit_shards is None:
+            super()._fit_items(train)
+            return
+        with self.fit_shards(self, train) as shards:
+            self._fit_patches(shards, shards.position_mean)
+
+    def _fit_patches(self, patches, position_mean: torch.Tensor) -> None:
+        """Fit the SOM and the node Gaussians on the training patches: rows ``(N, D)`` held here, or the shards of
+        a distributed fit (:attr:`fit_shards`), whose moments are merged here as they come (Chan's formula)."""
         som = SelfOrganizingMap(
             size=int(self.som_size),
             rough_epochs=self.rough_epochs,
@@ -218,21 +226,72 @@ class SOMAD(BaseDetector):
             seed=self.seed,
             search=self.search,
         )
-        init = SelfOrganizingMap.position_mean_init(position_sum / n, som.size)
-        self.som_ = som.fit(x, init)
-        _, assignment = make_search(som.weights_, som.size, self.search)(x, 1)
-        self.gaussians_ = fit_node_gaussians(
-            x,
-            assignment[:, 0],
-            som.weights_,
-            float(self.eps),
-            dtype=DTYPES[self.factor_dtype],
-            shrinkage=float(self.shrinkage),
-            keep_moments=self.scatter_dtype is not None,
-        )
-        self.n_patches_ = int(x.shape[0])
+        som.fit(patches, SelfOrganizingMap.position_mean_init(position_mean, som.size))
+        if isinstance(patches, torch.Tensor):
+            gaussians = self.node_gaussians(som.weights_, patches=patches)
+            self.n_patches_ = int(patches.shape[0])
+        else:
+            merged = NodeMoments.zeros(*som.weights_.shape, device=som.weights_.device)
+            for part in patches.moments(som.weights_):
+                merged.merge(part, inplace=True)
+            gaussians = self.node_gaussians(som.weights_, moments=merged)
+            self.n_patches_ = sum(patches.rows)
+        self.som_, self.gaussians_ = som, gaussians.to(self.device_)
         self.updates_ = []
         self._searcher = None
+
+    def node_gaussians(self, weights: torch.Tensor, *, patches=None, moments=None) -> NodeGaussians:
+        """The node Gaussians by this model's rule (``eps``, ``factor_dtype``, ``shrinkage``; see
+        ``somad.som.node_stats``) around SOM prototypes ``weights``: from the training ``patches`` ``(N, D)``,
+        each assigned to its nearest node by the fit-time search (a local fit), or from node ``moments`` (a
+        distributed fit's merged shards, :meth:`update`'s merged statistics). The moments are kept in the result
+        where ``scatter_dtype`` is set, so that :meth:`update` can merge into them."""
+        rule = dict(dtype=DTYPES[self.factor_dtype], shrinkage=float(self.shrinkage))
+        if moments is None:
+            _, assignment = self._fit_search(weights)(patches, 1)
+            keep = self.scatter_dtype is not None
+            return fit_node_gaussians(patches, assignment[:, 0], weights, float(self.eps), keep_moments=keep, **rule)
+        gaussians = gaussians_from_moments(moments, weights, float(self.eps), **rule)
+        if self.scatter_dtype is None:
+            gaussians.moments = None
+        return gaussians
+
+    def _fit_search(self, weights: torch.Tensor):
+        """The nearest-node search that assigns training patches to nodes (fit's, update's): over all nodes."""
+        return make_search(weights, int(self.som_size), self.search)
+
+    @classmethod
+    def shard_worker(cls, params: dict, gate=None) -> SOMAD:
+        """A model with ``params`` that extracts training patches as a fit with them does (device, channel subset,
+        extractor), behind the fit's input ``gate`` (``somad.verdicts.FrameGate``): a distributed fit's worker."""
+        model = cls(**params)
+        model._prepare_extraction()
+        model.gate_ = gate
+        return model
+
+    def training_patches(self, items) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The patch rows ``(N, D)`` of training images ``items`` in ``feature_dtype``, in fit's order, their
+        per-position sum ``(h, w, D)`` float64 and the number of model inputs, extracted as ``fit`` extracts them
+        (unreadable images and frames the input gate refuses are listed in ``skipped_``): what each worker of a
+        distributed fit holds of its shard."""
+        return self._stack_patches(self._feature_batches(items), self._count_inputs(items))
+
+    def _stack_patches(self, batches, n_images: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        x, position_sum, n = None, None, 0
+        for feats in batches:
+            b, d, h, w = feats.shape
+            if x is None:  # room for every input up front: no second copy of the patches
+                x = torch.empty(n_images * h * w, d, dtype=DTYPES[self.feature_dtype], device=feats.device)
+                position_sum = torch.zeros(h, w, d, dtype=torch.float64, device=feats.device)
+            x[n * h * w : (n + b) * h * w].copy_(self._patch_rows(feats))
+            position_sum += feats.permute(0, 2, 3, 1).double().sum(0)
+            n += b
+        return x[: n * h * w], position_sum, n
+
+    def som_shard(self, x: torch.Tensor):
+        """The SOM's epoch accumulator over patch rows ``x`` held in this process (``somad.som.training.RowShard``):
+        each worker of a distributed fit holds one over its rows, as a local fit holds one over all of them."""
+        return RowShard(x)
 
     # ------------------------------------------------------------------ update
     def update(self, images, *, accept_outliers: bool = False) -> SOMAD:
@@ -264,7 +323,7 @@ class SOMAD(BaseDetector):
         self._validate_params()
         moments = stored = self.check_updatable()
         d = moments.dims
-        search = make_search(self.som_.weights_, self.som_.size, self.search)
+        search = self._fit_search(self.som_.weights_)
         items = as_items(images, train=True)
         self.screen_incoming(items, action="update", accept_outliers=accept_outliers)
         added, digests = training_fingerprints(items)
@@ -298,25 +357,20 @@ class SOMAD(BaseDetector):
             self.train_set_sha256_ = hashlib.sha256(f"{self.train_set_sha256_}+{added}".encode()).hexdigest()
         return self
 
-    def assign_moments(self, x: torch.Tensor, search=None) -> NodeMoments:
+    def assign_moments(self, x: torch.Tensor, search=None, *, weights=None) -> NodeMoments:
         """The node statistics of patch rows ``x`` ``(N, D)`` (already in ``feature_dtype``), each assigned to its
-        nearest node as ``fit`` assigns (the fit-time search over all nodes). Used by :meth:`update` and by
-        distributed fits (per shard)."""
-        search = search or make_search(self.som_.weights_, self.som_.size, self.search)
-        _, assignment = search(x, 1)
-        return NodeMoments.of(x, assignment[:, 0], self.som_.weights_.shape[0])
+        nearest node as ``fit`` assigns (the fit-time search over all nodes) of the SOM, or of prototypes
+        ``weights`` (a worker of a distributed fit, which has the driver's map only). Used by :meth:`update` and
+        by distributed fits (per shard)."""
+        weights = self.som_.weights_ if weights is None else weights
+        _, assignment = (search or self._fit_search(weights))(x, 1)
+        return NodeMoments.of(x, assignment[:, 0], weights.shape[0])
 
     def merge_moments(self, moments: NodeMoments, *, n_images: int, n_before: int | None = None) -> None:
         """Replace the node statistics by ``moments`` (the stored ones merged with new patches') and rebuild the
         Gaussians by fit's rule; ``n_images`` images were added."""
         n_before = int(self.gaussians_.counts.sum()) if n_before is None else n_before
-        self.gaussians_ = gaussians_from_moments(
-            moments,
-            self.som_.weights_,
-            float(self.eps),
-            dtype=DTYPES[self.factor_dtype],
-            shrinkage=float(self.shrinkage),
-        )
+        self.gaussians_ = self.node_gaussians(self.som_.weights_, moments=moments)
         added = int(moments.counts.sum()) - n_before
         self.n_patches_ = int(self.n_patches_ or n_before) + added
         self.n_train_images_ = int(self.n_train_images_) + int(n_images)
@@ -348,8 +402,11 @@ class SOMAD(BaseDetector):
         """Scoring step 1: the ``k`` nearest non-empty nodes of each patch vector ``x`` ``(P, D)`` by the model's
         ``search`` (Euclidean, to the SOM prototypes): node indices ``(P, k)``."""
         self._check_fitted()
-        k = min(int(self.k), int((~self.gaussians_.empty).sum()))
-        return self._node_search()(x, k)[1]
+        return self._node_search()(x, self._searched_k())[1]
+
+    def _searched_k(self) -> int:
+        """``k``, at most the number of non-empty nodes (the ones searched)."""
+        return min(int(self.k), int((~self.gaussians_.empty).sum()))
 
     def node_distances(self, x: torch.Tensor, nodes: torch.Tensor) -> torch.Tensor:
         """Scoring step 2: the Mahalanobis distance of each patch ``x`` ``(P, D)`` to each of its ``nodes``
@@ -367,6 +424,51 @@ class SOMAD(BaseDetector):
             )
             self._searcher = cached
         return cached[1]
+
+    # ------------------------------------------------------------------ export
+    def export_scoring(self):
+        """The native scoring groups (patch, node) pairs by node in C, which torch cannot trace: the ONNX nodes that
+        mirror it (``somad.som.onnx_graph.scoring_nodes``), bound to the non-empty nodes' arrays and to this model's
+        own search (its IVF index, when it probes)."""
+        g = self.gaussians_
+        keep = ~g.empty
+        index = self._node_search()
+        return functools.partial(
+            scoring_nodes,
+            prototypes=self.som_.weights_[keep],
+            means=g.means[keep],
+            whiteners=g.whiteners[keep],  # (M', D, D) lower triangular, as stored (float16 or float32)
+            ids=torch.nonzero(keep).flatten(),
+            k=self._searched_k(),
+            grid=(self.extractor_.grid_size,) * 2,
+            search=index if isinstance(index, IVFSearch) else None,
+        )
+
+    def export_constant_bytes(self) -> int:
+        m, d = self.gaussians_.means.shape
+        factor = self.gaussians_.packed.element_size()  # float16 factors stay float16 in the graph
+        return m * (4 * 3 * d + factor * sum((hi - lo) * hi for lo, hi in row_blocks(d)))
+
+    def scoring_info(self) -> dict:
+        n_empty = int(self.gaussians_.empty.sum())
+        k = self._searched_k()
+        index = self._node_search()
+        info = {
+            "search": "exact",
+            "model_search": self.search,
+            "k": k,
+            "nodes": int(self.som_.weights_.shape[0]),
+            "empty_nodes_excluded": n_empty,
+        }
+        if isinstance(index, IVFSearch) and not index.exhaustive_for(k):
+            info.update(search="ivf", nlist=index.nlist, nprobe=index.nprobe, coarse_dims=index.coarse_dims)
+        return info
+
+    def _state_to(self, device) -> None:
+        self.gaussians_ = self.gaussians_.to(device)
+        som = copy.copy(self.som_)
+        som.weights_ = self.som_.weights_.to(device)
+        self.som_, self._searcher = som, None
 
     # ------------------------------------------------------------------ persistence
     def _state_arrays(self):

@@ -207,6 +207,35 @@ class IVFSearch:
     def nlist(self) -> int:
         return self.centres_.shape[0]
 
+    # What a graph that searches as this index does needs (``somad.som.onnx_graph``), read-only.
+    @property
+    def ids(self) -> torch.Tensor:
+        """int64 ``(M',)``: the searched nodes (those not excluded), ascending."""
+        return self._ids
+
+    @property
+    def weights(self) -> torch.Tensor:
+        """``(M, D)`` float32: every node vector (excluded ones included; ``members_`` indexes it)."""
+        return self._weights
+
+    @property
+    def projection(self) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """``(axes^T (D, R), shift (R,))``: queries are ranked as ``x @ axes^T + shift``; ``None``: unprojected."""
+        return self._projection
+
+    @property
+    def coarse_centres(self) -> torch.Tensor:
+        """``(C, R)``: the list centres in the ranking's space (projected, or ``centres_``); ``coarse_sq``: norms."""
+        return self._coarse_centres
+
+    @property
+    def coarse_sq(self) -> torch.Tensor:
+        return self._coarse_sq
+
+    def exhaustive_for(self, k: int) -> bool:
+        """Whether a search for ``k`` neighbours is exhaustive: the probed lists might hold fewer than ``k`` nodes."""
+        return k > self.nprobe * self.min_size_
+
     def __call__(self, x: torch.Tensor, k: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
         return self.search(x, k)
 
@@ -228,7 +257,7 @@ class IVFSearch:
         sq_dist : tensor (N, k) float32, ascending
         index : tensor (N, k) int64
         """
-        if k > self.nprobe * self.min_size_:  # the probed clusters might hold fewer than k nodes
+        if self.exhaustive_for(k):  # the probed clusters might hold fewer than k nodes
             return nearest_nodes(x, self._weights, k, exclude=self._exclude)
         # The outputs are allocated once and filled chunk by chunk: small per-chunk results kept between the
         # chunks' large temporaries would pin them in the heap (glibc), and a large fit's RSS would creep up.
