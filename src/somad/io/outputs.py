@@ -208,11 +208,9 @@ def _listed(item, skipped: list[str]) -> bool:
     return any(m.split(": ", 1)[0] in keys for m in skipped)
 
 
-def _write_one(model, pred, geometry, out: Path, *, save_maps: bool, on_map):
+def _write_one(model, pred, out: Path, *, save_maps: bool, on_map):
     """The output files of one prediction; returns its ``scores.csv`` row and its ``regions.csv`` rows."""
-    from somad.features.extractor import to_original_resolution
-
-    full = to_original_resolution(pred.map[None], geometry, [pred.original_size])[0]
+    full = model.original_map(pred)
     lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
     save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
     flagged = model.verdict(pred)
@@ -241,7 +239,9 @@ REGION_FILE_COLUMNS = ["path", "region"] + REGION_COLUMNS
 
 
 def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str, on_map=None):
-    """Score ``items`` with a fitted ``model`` and write its result files into ``out``.
+    """Score ``items`` with a fitted ``model`` and write its result files into ``out``. ``model``: anything that
+    scores as a detector does (``predict_iter``, ``original_map``, ``verdict``, ``mask``, the thresholds), a
+    native detector or an exported one (``somad.runtime.OnnxDetector``); this module does not import torch.
 
     Writes ``scores.csv`` (path, score, is_anomalous, status, normalized_score: the [0, 1] scale with the
     threshold at 0.5, empty for models from before 0.7), ``regions.csv`` (one row per connected
@@ -273,14 +273,13 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
             raise SomadError(f"{item.name} and {seen[rel]} would write the same output files; rename one of them")
         seen[rel] = item.name
     rows, region_rows, skipped = [], [], []
-    geometry = model.extractor_.geometry
     done: set[str] = set()
     bar = progress_bar(total=len(items), desc="predict", unit="img")
     try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
         for pred in model.predict_iter(items, on_error=on_error, skipped=skipped):
             done.add(pred.item.name)
             try:
-                row, found = _write_one(model, pred, geometry, out, save_maps=save_maps, on_map=on_map)
+                row, found = _write_one(model, pred, out, save_maps=save_maps, on_map=on_map)
             except MemoryError:
                 h, w = pred.original_size
                 message = (
