@@ -13,7 +13,7 @@ from scipy import stats
 from somad import SOMAD, load
 from somad.cli import build_parser
 from somad.errors import SomadError
-from somad.methods import base
+from somad.methods import thresholds
 from somad.verdicts import false_alarm_rate, image_threshold
 
 TINY = tiny()
@@ -73,8 +73,11 @@ def test_between_order_statistics_the_rate_errs_on_the_high_side(n, tolerance):
 
 def test_cv_rule_cross_fits_below_the_cut_off_only():
     auto = SOMAD(**TINY)
-    below = base.CROSS_FIT_BELOW - 1
-    assert auto.cross_fit_folds(below) == base.CROSS_FIT_FOLDS and auto.cross_fit_folds(base.CROSS_FIT_BELOW) == 0
+    below = thresholds.CROSS_FIT_BELOW - 1
+    assert (
+        auto.cross_fit_folds(below) == thresholds.CROSS_FIT_FOLDS
+        and auto.cross_fit_folds(thresholds.CROSS_FIT_BELOW) == 0
+    )
     assert auto.cross_fit_folds(3) == 3 and auto.cross_fit_folds(1) == 0  # one fold per image; none from 1 image
     assert SOMAD(**TINY, cv="holdout").cross_fit_folds(5) == 0
     assert SOMAD(**TINY, cv=3).cross_fit_folds(500) == 3  # an explicit K: at any size
@@ -111,7 +114,7 @@ def test_the_final_model_is_fitted_on_all_images_and_the_thresholds_rest_on_all_
 
 
 def test_at_the_cut_off_a_share_is_held_out_instead(few, monkeypatch):
-    monkeypatch.setattr(base, "CROSS_FIT_BELOW", len(few))
+    monkeypatch.setattr(thresholds, "CROSS_FIT_BELOW", len(few))
     model = SOMAD(**{**TINY, "val_fraction": 0.3}).fit(few)
     assert model.threshold_info_["rule"] == "holdout" and model.threshold_info_["folds"] is None
     assert (model.n_train_images_, model.n_val_images_) == (5, 2)
@@ -139,7 +142,9 @@ def test_few_images_warn_once_in_one_line_and_the_record_survives_save_and_load(
     low, high = model.threshold_info_["false_alarm_rate_interval"]
     assert f"interval {100 * low:.0f}-{100 * high:.0f}%" in few_lines[0]
     rule = [r.getMessage() for r in caplog.records if r.getMessage().startswith("thresholds from")]
-    assert len(rule) == 1 and "5-fold cross-fitting" in rule[0] and f"fewer than {base.CROSS_FIT_BELOW}" in rule[0]
+    assert (
+        len(rule) == 1 and "5-fold cross-fitting" in rule[0] and f"fewer than {thresholds.CROSS_FIT_BELOW}" in rule[0]
+    )
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="somad"):
         SOMAD(**TINY, val_fraction=0.0).fit(few)
@@ -150,7 +155,7 @@ def test_few_images_warn_once_in_one_line_and_the_record_survives_save_and_load(
 
 
 def test_no_warning_from_enough_images(monkeypatch, caplog):
-    monkeypatch.setattr(base, "FEW_IMAGES", 4)
+    monkeypatch.setattr(thresholds, "FEW_IMAGES", 4)
     with caplog.at_level(logging.WARNING, logger="somad"):
         SOMAD(**TINY, val_fraction=0.0).fit(_images(4))
     assert not [r for r in caplog.records if "good images: expect" in r.getMessage()]

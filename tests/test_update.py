@@ -16,8 +16,8 @@ from PIL import Image
 from somad import SOMAD, load
 from somad.cli import main
 from somad.errors import ModelFileError, SomadError
+from somad.io.inputs import as_items, training_set_hash
 from somad.methods import METHODS
-from somad.methods.base import as_items, training_set_hash
 from somad.som.node_search import make_search
 from somad.som.node_stats import NodeMoments, fit_node_gaussians, gaussians_from_moments
 from somad.verdicts import far_above

@@ -17,6 +17,7 @@ from somad.features.extractor import to_original_resolution
 from somad.verdicts import (
     OK,
     check_frame,
+    decide,
     estimate_thresholds,
     good_score_summary,
     normalized_or_none,
@@ -91,6 +92,9 @@ def test_one_comparison_everywhere_strict_greater():
     mask = predicted_mask(amap, True, 2.0)
     assert mask.tolist() == [[False, False], [True, True]]  # 2.0 is not above 2.0
     assert predicted_mask(amap, None, 2.0) is None
+    assert decide(2.0, 2.0) is False and decide(2.0001, 2.0) is True  # the image verdict: as strict
+    assert decide(0.1, 2.0, valid=False) is True  # a frame the input gate refused, however low its score
+    assert decide(5.0, None) is None and decide(5.0, None, valid=False) is None  # nothing decided without a threshold
 
 
 def test_regions_match_the_mask():

@@ -41,7 +41,7 @@ from somad.io.export_format import (
     read_export,
     threshold_feeds,
 )
-from somad.io.inputs import as_items
+from somad.io.inputs import as_items, decoded
 from somad.io.schema import BATCH_SIZE
 from somad.verdicts import OK, FrameGate, check_frame, normalized_or_none
 
@@ -144,9 +144,9 @@ class OnnxDetector:
 
     def _decoded(self, images) -> Iterator[tuple[str, Image.Image]]:
         """Images as the native path accepts them (``somad.io.inputs.as_items``: folders, paths, PIL images, numpy
-        frames, sequences of these), decoded one at a time."""
-        for item in as_items(images):
-            yield item.name, item.load()
+        frames, sequences of these), decoded one at a time as it decodes them (``somad.io.inputs.decoded``)."""
+        for item, image in decoded(as_items(images)):
+            yield item.name, image
 
     # ------------------------------------------------------------------ scoring
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -3,8 +3,9 @@
 Pure functions on numpy arrays and PIL images; every detector and every output path (``predict``,
 ``evaluate``, the report) decides through them, so one rule holds everywhere:
 
-* **The decision rule.** An image is anomalous when ``score > image_threshold`` (:func:`is_anomalous`);
-  a pixel when ``map > pixel_threshold``. The comparison is strict, everywhere.
+* **The decision rule.** An image is anomalous when ``score > image_threshold`` (:func:`is_anomalous`), or when
+  the input gate refused its frame (:func:`decide`, the whole verdict); a pixel when ``map > pixel_threshold``.
+  The comparison is strict, everywhere.
 * **Masks agree with verdicts.** A flagged image's mask is every pixel above the pixel threshold, plus the
   map's peak pixel, so it is never empty; an image that is not flagged has an empty mask
   (:func:`predicted_mask`). This holds at any resolution the map is resampled to, because the mask is
@@ -52,6 +53,14 @@ FLAT_FRACTION = 0.6
 def is_anomalous(score: float, threshold: float | None) -> bool | None:
     """The decision rule: ``score > threshold`` (``None`` without a threshold)."""
     return None if threshold is None else bool(score > threshold)
+
+
+def decide(score: float, threshold: float | None, *, valid: bool = True) -> bool | None:
+    """An image's verdict: a frame the input gate refused (``valid`` False) is always anomalous, any other is
+    :func:`is_anomalous`; ``None`` without a threshold. The rule of every detector (the exported graph mirrors it)."""
+    if threshold is None:
+        return None
+    return True if not valid else is_anomalous(score, threshold)
 
 
 def predicted_mask(

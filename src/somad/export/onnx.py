@@ -16,8 +16,8 @@ decoding and resizing, the decision included:
   mirror it, kept beside it (``somad.som.onnx_graph``: the model's own search, exhaustive or its IVF index);
 * the map step of ``BaseDetector._anomaly_maps``: bilinear upsampling to ``S x S`` and the Gaussian blur, one
   ``(S, h)`` matrix per axis (``model.map_matrix()``); ``score``, the map maximum or the method's own image score;
-* the decision (:func:`decision_nodes`), the rule of ``somad.verdicts``: ``is_anomalous`` = score above the image
-  threshold, or a frame the gate refused; ``original_map`` ``(1, H, W)``, the map put back on the original image
+* the decision (:func:`decision_nodes`), the rule of ``somad.verdicts.decide``: ``is_anomalous`` = score above the
+  image threshold, or a frame the gate refused; ``original_map`` ``(1, H, W)``, the map put back on the original image
   (the crop's margin edge-replicated, bilinear: ``features.to_original_resolution``); ``mask`` ``(1, H, W)``, its
   pixels above the pixel threshold plus its peak when the image is flagged, every pixel of a refused frame, none
   otherwise (``verdicts.predicted_mask``).
@@ -78,7 +78,7 @@ from somad.io.integrity import as_key, file_sha256
 from somad.io.outputs import staged_output_dir
 from somad.methods import load
 from somad.methods.base import BaseDetector
-from somad.verdicts import is_anomalous, predicted_mask
+from somad.verdicts import decide, predicted_mask
 
 logger = logging.getLogger(__name__)
 
@@ -141,7 +141,7 @@ def decision_nodes(patch: str, own_score: str | None, matrix: np.ndarray, geomet
         n("MatMul", ["map_rows", patch], ["map_half"]),  # (S, h) @ (1, h, w): rows, as features.upsample_blur
         n("MatMul", ["map_half", "map_cols_t"], [amap]),  # (1, S, S)
         n("Identity", [own_score], [score]) if own_score else n("ReduceMax", [amap], [score], axes=[1, 2], keepdims=0),
-        # The verdict (verdicts.is_anomalous; a refused frame is always flagged).
+        # The verdict (verdicts.decide: a refused frame is always flagged, else the score above the threshold).
         n("Greater", [score, image_t], ["decision_above"]),
         n("Not", [valid], ["decision_refused"]),
         n("Or", ["decision_above", "decision_refused"], [flagged]),
@@ -322,7 +322,7 @@ def check_parity(model: BaseDetector, onnx_path: Path) -> dict:
             found["map"].append(float(np.max(np.abs(amap - p.map.numpy()))))
             found["original"].append(float(np.max(np.abs(original - ref))) if original.shape == ref.shape else np.inf)
             tol = PARITY_RTOL * max(1.0, float(np.abs(ref).max()))
-            verdict = True if not p.valid else is_anomalous(p.score, image_t)
+            verdict = decide(p.score, image_t, valid=p.valid)
             found["verdict"] += 1
             if bool(flagged) != verdict:
                 if not (p.valid and abs(p.score - image_t) <= PARITY_RTOL * abs(image_t)):

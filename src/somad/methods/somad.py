@@ -22,8 +22,9 @@ import logging
 import torch
 
 from somad.errors import NumericalError, SomadError
+from somad.io.inputs import as_items, training_fingerprints
 from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, ListOf, Nullable, Table
-from somad.methods.base import BaseDetector, as_items, training_fingerprints
+from somad.methods.base import BaseDetector
 from somad.params import Interval, Options, Param
 from somad.som.node_search import SEARCH_CHOICES, IVFSearch, make_search
 from somad.som.node_stats import (
