@@ -8,7 +8,6 @@ import re
 from pathlib import Path
 
 from somad.errors import SomadError
-from somad.som.node_search import SEARCHES
 
 #: Characters a terminal may act on: C0 and C1 controls, DEL, and the bidirectional and other invisible format
 #: characters (a model's strings, or a file name, could otherwise move the cursor, retitle the window or reorder
@@ -73,14 +72,74 @@ def add_ray_args(p: argparse.ArgumentParser, what: str) -> None:
     p.add_argument("--ray-workers", type=int, default=None, metavar="N", help="Ray workers (default: one per CPU)")
 
 
+def add_backend_arg(p: argparse.ArgumentParser) -> None:
+    """``--backend`` of predict and serve: the runtime of an export folder (``somad.runtime.BACKENDS``)."""
+    from somad.runtime import BACKENDS
+
+    p.add_argument(
+        "--backend",
+        default=None,
+        choices=list(BACKENDS),
+        help="with an export folder (`somad export`): the runtime that runs its graph, without torch "
+        '(default onnxruntime: pip install "somad[runtime]"; openvino: pip install "somad[runtime-openvino]")',
+    )
+
+
+def is_export(model: str) -> bool:
+    """Whether the MODEL argument names an export folder (``somad export``) rather than a model file; a folder that
+    is not one is refused in one line."""
+    from somad.io.export_format import META_FILE
+
+    path = Path(model)
+    if not path.is_dir():
+        return False
+    if not (path / META_FILE).is_file():
+        raise SomadError(
+            f"{model}: is a directory without {META_FILE}: neither a model file (`somad fit`) nor an export folder "
+            "(`somad export`); pass one of those"
+        )
+    return True
+
+
+def load_export(args, verify_key: bytes | None):
+    """The export folder ``args.model`` as a detector (``somad.runtime.OnnxDetector``, run by ``--backend``), for
+    predict and serve; the options only a model file takes are refused in one line."""
+    from somad.runtime import OnnxDetector
+
+    refused = (
+        (
+            "search",
+            "an export runs the search it was exported with; drop --search, or re-export with `somad export --search`",
+        ),
+        ("ray", "--ray scores a model file; drop --ray, or pass the model file"),
+    )
+    for flag, why in refused:
+        if getattr(args, flag, None) is not None:
+            raise SomadError(f"{args.model}: is an export folder: {why}")
+    if getattr(args, "device", None) == "cuda":
+        raise SomadError(f"{args.model}: is an export folder, which runs on the CPU; drop --device cuda")
+    return OnnxDetector(args.model, backend=args.backend or "onnxruntime", verify_key=verify_key)
+
+
+def refuse_backend(args) -> None:
+    """``--backend`` given with a model file: one line saying what it takes."""
+    if getattr(args, "backend", None) is not None:
+        raise SomadError(
+            f"{args.model}: is a model file; --backend runs an export folder (write one with `somad export`), "
+            "or drop --backend"
+        )
+
+
 def add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: bool = False) -> None:
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (GPU if present)")
     if scoring:  # predict and evaluate: overrides of a loaded model's scoring and decisions
         p.add_argument(
             "--search",
             default=None,
-            choices=list(SEARCHES),
-            help="SOMAD: override the model's nearest-node search (default: as fitted)",
+            type=search_name,
+            metavar="SEARCH",
+            help="SOMAD model file: override the model's nearest-node search, one of `somad fit --search` "
+            "(default: as fitted)",
         )
         p.add_argument(
             "--threshold",
@@ -105,11 +164,25 @@ def add_run_args(p: argparse.ArgumentParser, on_error_default: str, *, scoring: 
     )
 
 
-def batch_size(text: str) -> int:
-    """``--batch-size``: the detectors' own rule for ``batch_size`` (their parameter table), at parse time."""
-    from somad.methods.base import BaseDetector
+def search_name(text: str) -> str:
+    """``--search``: a search of ``somad.som.node_search``, checked at parse time. Its module (and torch) is imported
+    only when the flag is given, so that the scoring commands start without torch; without torch the name is kept
+    as given (only a model file takes it, and a model file needs torch)."""
+    try:
+        from somad.som.node_search import SEARCHES
+    except ImportError:
+        return text
+    if text not in SEARCHES:
+        raise argparse.ArgumentTypeError(f"invalid choice: {text!r} (choose from {', '.join(SEARCHES)})")
+    return text
 
-    rule = BaseDetector._table()["batch_size"].rule
+
+def batch_size(text: str) -> int:
+    """``--batch-size``: the detectors' rule for ``batch_size`` (``somad.io.schema.BATCH_SIZE``, their parameter
+    table's), at parse time."""
+    from somad.io.schema import BATCH_SIZE
+
+    rule = BATCH_SIZE
     try:
         value = rule.parse(text)
     except ValueError:

@@ -1,10 +1,11 @@
-"""``somad info``: what a model file holds (method, backbone, geometry, thresholds, training set, hashes)."""
+"""``somad info``: what a model file holds (method, backbone, geometry, thresholds, training set, hashes), or what an
+export folder's description says (``somad export``; read and verified without torch)."""
 
 from __future__ import annotations
 
 import json
 
-from somad.cli.common import add_key_args, keys, printable
+from somad.cli.common import add_key_args, is_export, keys, printable
 
 NOT_RECORDED = "not recorded"
 
@@ -12,25 +13,33 @@ NOT_RECORDED = "not recorded"
 def add_parser(sub) -> None:
     p = sub.add_parser(
         "info",
-        help="describe a model file",
+        help="describe a model file or an export folder",
         description="Describe a model file: method, backbone, input geometry, thresholds and how they were set, "
-        "training set, format version and hashes. The file is read whole and its content hash checked.",
+        "training set, format version and hashes. The file is read whole and its content hash checked. Or an "
+        "export folder (`somad export`): what its somad_export.json says and the files' hashes, every field, the "
+        "description's own hash and the graph's SHA-256 checked.",
     )
-    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument(
+        "model", metavar="MODEL", help="model file written by `somad fit`, or folder written by `somad export`"
+    )
     p.add_argument("--json", action="store_true", help="machine-readable output (one JSON object)")
     add_key_args(p, verify=True)
     p.set_defaults(func=run)
 
 
 def run(args) -> int:
-    from somad.service.model_info import describe
-
     _, verify_key = keys(args, model=args.model)
-    info = describe(args.model, verify=True, verify_key=verify_key)
-    if args.json:
-        print(json.dumps(info, indent=2, sort_keys=True))
+    if is_export(args.model):
+        from somad.runtime import describe_export
+
+        info = describe_export(args.model, verify_key=verify_key)
+        shown = export_text
     else:
-        print(text(info))
+        from somad.service.model_info import describe
+
+        info = describe(args.model, verify=True, verify_key=verify_key)
+        shown = text
+    print(json.dumps(info, indent=2, sort_keys=True) if args.json else shown(info))
     return 0
 
 
@@ -76,6 +85,58 @@ def text(info: dict) -> str:
     ]
     width = max(len(k) for k, _ in lines)
     return "\n".join(f"{k + ':':<{width + 1}} {printable(v)}" for k, v in lines)
+
+
+def export_text(info: dict) -> str:
+    """The human-readable description of :func:`somad.runtime.describe_export`'s result."""
+    from somad.service.model_info import scale_source, threshold_source
+
+    g = info["geometry"]
+    if g.get("crop_size"):
+        geometry = f"resized to {g['image_size']}x{g['image_size']}, center crop {g['input_size']}"
+    else:
+        geometry = f"resized to {g['image_size']}x{g['image_size']}, whole frame (no crop)"
+    params = {**(info.get("params") or {}), **(info.get("scoring") or {})}
+    check = info.get("parity_check") or {}
+    files = info["files"]
+    lines = [
+        ("folder", info["path"]),
+        ("kind", f"export ({info['format']} graph, export version {info['export_version']})"),
+        ("method", info["method"]),
+        ("backbone", _value(info.get("backbone"))),
+        ("input", geometry),
+        ("parameters", ", ".join(f"{k}={v}" for k, v in sorted(params.items()) if k != "backbone") or NOT_RECORDED),
+        ("image threshold", _value(info["image_threshold"], "{:.6g}")),
+        ("pixel threshold", _value(info["pixel_threshold"], "{:.6g}")),
+        ("thresholds set by", threshold_source(info.get("threshold_info"))),
+        ("normalised scale", scale_source(info.get("threshold_info"))),
+        ("export check", _export_check(check)),
+        ("source model", _source(info.get("source_model"))),
+        ("written by", f"somad {_value(info.get('somad_version'))} (torch {_value(info.get('torch_version'))})"),
+        ("written at", _value(info.get("created"))),
+        ("content sha256", info["content_sha256"]),
+        ("signature", _SIGNATURE[info.get("signature")]),
+        *((f"{name} sha256", f"{f['sha256']} ({f['bytes']} bytes)") for name, f in files.items()),
+        ("checked", "every field of the description, its content hash, the graph's SHA-256 against it"),
+    ]
+    width = max(len(k) for k, _ in lines)
+    return "\n".join(f"{k + ':':<{width + 1}} {printable(v)}" for k, v in lines)
+
+
+def _export_check(check: dict) -> str:
+    """``somad export``'s parity check against the native path, in words."""
+    if not check:
+        return "not run (--no-check)"
+    return (
+        f"{check.get('images')} frames against the native path: scores within {check.get('max_rel_score_diff', 0):.2g} "
+        f"(relative), maps within {check.get('max_abs_map_diff', 0):.2g}"
+    )
+
+
+def _source(source: dict | None) -> str:
+    if not source:
+        return NOT_RECORDED
+    return f"{source.get('file') or 'a model file'} (sha256 {source['sha256']})"
 
 
 def _threshold_images(info: dict) -> tuple[str, str]:

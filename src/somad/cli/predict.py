@@ -1,11 +1,22 @@
-"""``somad predict``: score images with a model file and write the result files."""
+"""``somad predict``: score images with a model file, or an export folder (without torch), and write the result
+files."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from somad.cli.common import add_key_args, add_ray_args, add_run_args, keys, override_thresholds
+from somad.cli.common import (
+    add_backend_arg,
+    add_key_args,
+    add_ray_args,
+    add_run_args,
+    is_export,
+    keys,
+    load_export,
+    override_thresholds,
+    refuse_backend,
+)
 from somad.errors import SomadError
 
 
@@ -15,13 +26,18 @@ def add_parser(sub) -> None:
         help="score images and write heatmaps",
         description="Score images: OUT/scores.csv, OUT/heatmaps/, OUT/masks/ and (--save-maps) OUT/maps/.",
     )
-    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model file written by `somad fit`, or folder written by `somad export` (scored without torch)",
+    )
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_DIR", help="image files or folders")
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_run_args(p, "skip", scoring=True)
     add_ray_args(p, "score on a Ray actor pool")
+    add_backend_arg(p)
     add_key_args(p, verify=True)
     p.set_defaults(func=run)
 
@@ -30,8 +46,8 @@ def _input_items(inputs: list[str], output: str):
     """Image items of the predict inputs; every input must exist and every output name must be unique. Files inside
     the output folder (an earlier run's heatmaps and masks, when ``-o`` lies inside an input folder) are never
     inputs: they are left out, and said so."""
+    from somad.io.inputs import as_items
     from somad.io.outputs import inside
-    from somad.methods.base import as_items
 
     for entry in inputs:
         if not Path(entry).exists():
@@ -58,15 +74,20 @@ def _input_items(inputs: list[str], output: str):
 
 def run(args) -> int:
     from somad.io.outputs import staged_output_dir, write_predictions
-    from somad.methods import load
 
     _, verify_key = keys(args, model=args.model)
     content = None
-    if args.ray is not None:  # the workers re-read the file: pin the content verified here (hash, signature)
-        from somad.service.model_info import read_metadata
+    if is_export(args.model):  # somad.runtime: onnxruntime or OpenVINO, no torch
+        model = load_export(args, verify_key)
+    else:
+        refuse_backend(args)
+        from somad.methods import load
 
-        content = read_metadata(args.model).get("sha256")
-    model = load(args.model, device=args.device, search=args.search, verify_key=verify_key, expect_sha256=content)
+        if args.ray is not None:  # the workers re-read the file: pin the content verified here (hash, signature)
+            from somad.service.model_info import read_metadata
+
+            content = read_metadata(args.model).get("sha256")
+        model = load(args.model, device=args.device, search=args.search, verify_key=verify_key, expect_sha256=content)
     model.batch_size = args.batch_size
     override_thresholds(model, args)
     items = _input_items(args.inputs, args.output)

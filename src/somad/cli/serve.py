@@ -9,7 +9,7 @@ import os
 import signal
 import sys
 
-from somad.cli.common import add_key_args, keys
+from somad.cli.common import add_backend_arg, add_key_args, is_export, keys, load_export, refuse_backend
 from somad.errors import SomadError
 
 #: The service's time limits (``somad.service.guard``), repeated here so that ``somad serve --help`` does not
@@ -29,7 +29,11 @@ def add_parser(sub) -> None:
         description="Serve a model over HTTP: POST /v1/predict (one image), POST /v1/predict/batch, "
         'GET /v1/model, GET /health. Needs the serve extra: pip install "somad[serve]".',
     )
-    p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
+    p.add_argument(
+        "model",
+        metavar="MODEL",
+        help="model file written by `somad fit`, or folder written by `somad export` (scored without torch)",
+    )
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1: this machine only)")
     p.add_argument("--port", type=_int_range(0, 65535), default=8000, help="port (default 8000)")
     p.add_argument(
@@ -88,6 +92,7 @@ def add_parser(sub) -> None:
         "'X-API-Key: KEY'); make one with: openssl rand -hex 32 > KEY",
     )
     p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda"], help="default: as saved in the model")
+    add_backend_arg(p)
     add_key_args(p, verify=True)
     p.set_defaults(func=run)
 
@@ -144,12 +149,14 @@ def run(args) -> int:
 
     from somad.service.app import CONFIG_ENV, create_app
     from somad.service.guard import HEADER_TIMEOUT_ENV, GuardedH11Protocol, raise_open_file_limit, read_api_key
-    from somad.service.model_info import describe
 
     warning = exposure_warning(args.host, args.port, api_key=args.api_key_file is not None)
     if warning:  # said first, before the model is loaded
         print(warning, file=sys.stderr)
     _, verify_key = keys(args, model=args.model)
+    export = is_export(args.model)
+    if not export:
+        refuse_backend(args)
     api_key = None if args.api_key_file is None else read_api_key(args.api_key_file)
     raise_open_file_limit()
     GuardedH11Protocol.header_timeout = args.header_timeout
@@ -162,6 +169,7 @@ def run(args) -> int:
         "read_timeout": args.read_timeout,
         "body_timeout": args.body_timeout,
         "device": args.device,
+        "backend": args.backend,
     }
     common = {
         "host": args.host,
@@ -172,16 +180,26 @@ def run(args) -> int:
         "http": GuardedH11Protocol,
     }
     if args.workers == 1:
-        from somad.methods import load
+        # A bad or wrongly signed model file or export: one line, exit 2, before listening.
+        if export:
+            model = load_export(args, verify_key)
+        else:
+            from somad.methods import load
 
-        # A bad or wrongly signed model file: one line, exit 2, before listening.
-        model = load(args.model, device=args.device, verify_key=verify_key)
+            model = load(args.model, device=args.device, verify_key=verify_key)
         app = create_app(args.model, model=model, api_key=api_key, **settings)
         config = uvicorn.Config(app, **common)
     else:
         # The whole file checked here, before the port opens (hash, every field, with a key its signature): a bad
         # file is one line and exit 2, not workers that fail and are respawned. Each worker loads it again.
-        describe(args.model, verify=True, verify_key=verify_key)
+        if export:
+            from somad.runtime import describe_export
+
+            describe_export(args.model, verify_key=verify_key)
+        else:
+            from somad.service.model_info import describe
+
+            describe(args.model, verify=True, verify_key=verify_key)
         if verify_key is not None:
             settings["verify_key"] = os.path.abspath(args.verify_key)  # the key file's path, never the key
         if api_key is not None:

@@ -32,13 +32,15 @@ import shutil
 import struct
 import tempfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
-from somad._native import hugepages
 from somad.errors import ModelFileError, SomadError
 from somad.io.integrity import as_key, check_signature, sign
+
+if TYPE_CHECKING:  # torch is imported where arrays are hashed, written or read: the atomic writes need none of it
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,8 @@ SIGNERS = "somad fit/calibrate/update"
 
 def content_hash(config_json: str, arrays: dict[str, torch.Tensor]) -> str:
     """SHA-256 over the config text and each array's name, dtype, shape and bytes, in name order."""
+    import torch
+
     h = hashlib.sha256(config_json.encode())
     for name in sorted(arrays):
         t = arrays[name].detach().cpu().contiguous()
@@ -176,6 +180,8 @@ def save_model(
     """Write ``arrays`` and ``config`` atomically to ``path`` (a ``.safetensors`` file); without ``overwrite``,
     an existing file is never replaced (see :func:`atomic_write`). ``sign_key`` (the key's bytes or its file)
     adds the header's ``signature``."""
+    import torch
+
     key = as_key(sign_key)
     tensors = {
         k: (torch.from_numpy(np.ascontiguousarray(v)) if isinstance(v, np.ndarray) else v.detach().cpu().contiguous())
@@ -219,6 +225,10 @@ def _read_large_arrays(path: Path, arrays: dict[str, torch.Tensor]) -> dict[str,
     The offsets come from the file's header (8-byte little-endian length, then JSON), which ``safe_open`` has
     already parsed and checked.
     """
+    import torch
+
+    from somad._native import hugepages
+
     large = {k for k, t in arrays.items() if t.numel() * t.element_size() >= hugepages.HUGE_PAGE}
     if not large:
         return arrays

@@ -45,8 +45,8 @@ from starlette.responses import Response
 
 from somad._version import __version__
 from somad.errors import ImageLoadError, SomadError
-from somad.features.extractor import to_original_resolution
 from somad.io.outputs import heatmap_overlay, mask_image
+from somad.runtime import OnnxDetector
 from somad.service.decoding import PixelLimitError, decode_image
 from somad.service.guard import BODY_TIMEOUT, READ_TIMEOUT, ApiKey, BodyTimeout, body_chunks
 from somad.service.inference import InferenceWorker, Overloaded
@@ -110,9 +110,12 @@ def create_app(
     model=None,
     verify_key=None,
     api_key=None,
+    backend: str | None = None,
+    threads: int | None = None,
 ) -> FastAPI:
-    """The service's app for the model file ``model_path``; the model is loaded when the app starts (lifespan),
-    unless an already loaded ``model`` (of that file) is given.
+    """The service's app for the model file ``model_path``, or an export folder (``somad export``, scored by
+    ``somad.runtime.OnnxDetector``, without torch); the model is loaded when the app starts (lifespan), unless an
+    already loaded ``model`` (of that path) is given.
 
     Parameters
     ----------
@@ -127,6 +130,7 @@ def create_app(
         a given ``model`` is taken as verified by its caller
     api_key : bytes, or the path of a key file (``somad.service.guard.read_api_key``): every request but
         ``GET /health`` must carry it (401 otherwise)
+    backend, threads : an export folder's runtime (``somad.runtime.BACKENDS``; default onnxruntime) and its threads
     """
     for name, value in (("max_body_bytes", max_body_bytes), ("max_queue", max_queue), ("max_pixels", max_pixels)):
         if int(value) < 1:
@@ -150,15 +154,16 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
-        from somad.methods import load
-
         t0 = time.perf_counter()
         loaded = model
         if loaded is None:
-            loaded = await run_in_threadpool(load, path, device=device, verify_key=verify_key)
-        info = await run_in_threadpool(describe, path, verify=False)
+            loaded = await run_in_threadpool(_load, path, device, verify_key, backend, threads)
+        if isinstance(loaded, OnnxDetector):  # an export: its description, verified when loaded
+            info = loaded.describe()
+        else:
+            info = await run_in_threadpool(describe, path, verify=False)
         info["path"] = path.name  # file names only: the server's folders are nobody's business
-        if info["weights"] not in ("default", "none"):  # a local state-dict file
+        if info.get("weights", "none") not in ("default", "none"):  # a local state-dict file
             info["weights"] = info["params"]["weights"] = Path(str(info["weights"])).name
         if verify_key is not None:
             info["signature"] = "verified"
@@ -360,6 +365,15 @@ async def _one_upload(request: Request) -> tuple[str, bytes]:
         await form.close()
 
 
+def _load(path: Path, device: str | None, verify_key, backend: str | None, threads: int | None):
+    """The model file at ``path`` (``somad.load``), or the export folder (``somad.runtime.OnnxDetector``: no torch)."""
+    if path.is_dir():
+        return OnnxDetector(path, backend=backend or "onnxruntime", threads=threads, verify_key=verify_key)
+    from somad.methods import load
+
+    return load(path, device=device, verify_key=verify_key)
+
+
 def app_from_env() -> FastAPI:
     """The app of ``somad serve --workers N``: each worker process builds it from :data:`CONFIG_ENV`."""
     config = json.loads(os.environ[CONFIG_ENV])
@@ -367,6 +381,8 @@ def app_from_env() -> FastAPI:
     if level is not None:  # a spawned worker starts with no logging set up: the same as the command's
         logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
     threads = config.pop("torch_threads", None)
+    if Path(config["model_path"]).is_dir():  # an export: the runtime's threads
+        return create_app(config.pop("model_path"), threads=threads, **config)
     if threads:
         import torch
 
@@ -494,7 +510,7 @@ def _result(model, pred, options: dict) -> dict:
     }
     if not (options["heatmap"] or options["mask"] or options["regions"]):
         return out
-    full = to_original_resolution(pred.map[None], model.extractor_.geometry, [pred.original_size])[0]
+    full = model.original_map(pred)
     if options["heatmap"]:
         lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
         out[f"heatmap_{options['heatmap']}"] = _encoded(heatmap_overlay(pred.image, full, lo, hi), options["heatmap"])

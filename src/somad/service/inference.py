@@ -17,12 +17,16 @@ import os
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-import torch
 from PIL import Image
 
 from somad.errors import SomadError
-from somad.methods.base import ImageItem, Prediction
+from somad.io.inputs import ImageItem
+from somad.runtime import OnnxDetector
+
+if TYPE_CHECKING:  # an export (somad.runtime) scores without torch
+    from somad.methods.prediction import Prediction
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +69,7 @@ class InferenceWorker:
         #: (:meth:`cpu_bound`): a decode running beside a batch would only stall one of torch's threads, and the
         #: whole batch waits for its slowest thread (measured in benchmarks/load_test.py).
         self.cpu_lock = threading.Lock()
-        self.exclusive = (os.cpu_count() or 1) <= torch.get_num_threads() + 1
+        self.exclusive = (os.cpu_count() or 1) <= _compute_threads(model) + 1
 
     def cpu_bound(self, fn, *args):
         """Run ``fn(*args)`` (decoding, on a pool thread) beside inference, or between batches when exclusive."""
@@ -164,6 +168,15 @@ class InferenceWorker:
                 job.future.set_result(outcome)
         except concurrent.futures.InvalidStateError:  # the request was cancelled (its client went away)
             pass
+
+
+def _compute_threads(model) -> int:
+    """The threads the model scores with: an export's runtime threads (all cores unless set), else torch's."""
+    if isinstance(model, OnnxDetector):
+        return model.threads or os.cpu_count() or 1
+    import torch
+
+    return torch.get_num_threads()
 
 
 __all__ = ["InferenceWorker", "Job", "Overloaded"]
