@@ -24,7 +24,8 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "predict",
         help="score images and write heatmaps",
-        description="Score images: OUT/scores.csv, OUT/heatmaps/, OUT/masks/ and (--save-maps) OUT/maps/.",
+        description="Score images: OUT/scores.csv, OUT/regions.csv, OUT/heatmaps/, OUT/masks/, (--save-maps) "
+        "OUT/maps/ and (--explain) OUT/explanations/.",
     )
     p.add_argument(
         "model",
@@ -35,6 +36,12 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT", help="output folder")
     p.add_argument("--save-maps", action="store_true", help="also write float32 maps at original resolution (.npy)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    p.add_argument(
+        "--explain",
+        action="store_true",
+        help="also write OUT/explanations/: each predicted region beside the normal training patch its SOMAD node "
+        "keeps (SOMAD models only; the training images must still be readable where fit read them)",
+    )
     add_run_args(p, "skip", scoring=True)
     add_ray_args(p, "score on a Ray actor pool")
     add_backend_arg(p)
@@ -106,7 +113,9 @@ def run(args) -> int:
             content_sha256=content,
         )
     with staged_output_dir(args.output, overwrite=args.overwrite, inputs=[*args.inputs, args.model]) as tmp:
-        rows, skipped = write_predictions(scorer, items, tmp, save_maps=args.save_maps, on_error=args.on_error)
+        rows, skipped = write_predictions(
+            scorer, items, tmp, save_maps=args.save_maps, on_error=args.on_error, explain=args.explain
+        )
         if skipped and not rows:  # leaving the block by an error discards the staged folder: nothing is written
             first = skipped[0].split("; ")[0]  # the reason without its per-image hint
             raise SomadError(

@@ -162,7 +162,10 @@ def _predict(model, items, *, out, save_maps, eval_resolution, on_error) -> tupl
         kept[pred.item.name] = _Scored(pred.score, m, flagged, model.mask(pred, m), pred.status, pred.original_size)
 
     if out is not None:
-        skipped = write_predictions(model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep)[1]
+        # No normal references: evaluation measures detection, and the benchmark compares the methods' scoring.
+        skipped = write_predictions(
+            model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep, references=False
+        )[1]
         return kept, skipped
     geometry = model.extractor_.geometry
     for p in model.predict_iter(items, on_error=on_error, skipped=skipped):

@@ -19,9 +19,10 @@ from collections.abc import Iterator
 from pathlib import Path, PurePath
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-from somad.errors import SomadError
+from somad.errors import ImageLoadError, SomadError
+from somad.io.images import load_image
 from somad.io.model_files import ANOTHER_RUN, atomic_write, current_umask, remove_leftovers, temp_prefix
 from somad.progress import progress_bar
 from somad.verdicts import REGION_COLUMNS, normalized_or_none, regions
@@ -208,8 +209,10 @@ def _listed(item, skipped: list[str]) -> bool:
     return any(m.split(": ", 1)[0] in keys for m in skipped)
 
 
-def _write_one(model, pred, out: Path, *, save_maps: bool, on_map):
-    """The output files of one prediction; returns its ``scores.csv`` row and its ``regions.csv`` rows."""
+def _write_one(model, pred, out: Path, *, save_maps: bool, on_map, explain: dict | None = None, references=True):
+    """The output files of one prediction; returns its ``scores.csv`` row and its ``regions.csv`` rows (with their
+    normal references, where the model keeps them: :func:`_references`). ``explain``: also write one explanation
+    image per region (:func:`explanation_image`), the run's state of them."""
     full = model.original_map(pred)
     lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
     save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
@@ -218,7 +221,15 @@ def _write_one(model, pred, out: Path, *, save_maps: bool, on_map):
     found = []
     if mask is not None:
         save_png(mask_image(mask), out / "masks" / output_relpath(pred.item.name, ".png"))
-        found = [[pred.item.name, i] + r.as_row() for i, r in enumerate(regions(mask, full), 1)]
+        found_regions = regions(mask, full)
+        peaks = [peak_pixel(mask, full, r) for r in found_regions]
+        refs = _references(model, pred, peaks) if references or explain is not None else [None] * len(peaks)
+        found = [
+            [pred.item.name, i] + r.as_row() + _reference_cells(ref)
+            for i, (r, ref) in enumerate(zip(found_regions, refs), 1)
+        ]
+        if explain is not None:
+            _write_explanations(model, pred, mask, found_regions, peaks, refs, out, explain)
     if save_maps:
         save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
     if on_map is not None:
@@ -235,10 +246,126 @@ def _normalized(model, score: float) -> str:
 
 
 SCORE_COLUMNS = ["path", "score", "is_anomalous", "status", "normalized_score"]
-REGION_FILE_COLUMNS = ["path", "region"] + REGION_COLUMNS
+#: A region's normal reference (``SOMAD.region_references``): a training image (relative to the training folder),
+#: the centre of its patch there in its pixels, and the distance of the region's peak patch to its nearest node.
+REFERENCE_COLUMNS = ["reference_image", "reference_x", "reference_y", "reference_distance"]
+REGION_FILE_COLUMNS = ["path", "region"] + REGION_COLUMNS + REFERENCE_COLUMNS
 
 
-def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str, on_map=None):
+def peak_pixel(mask: np.ndarray, full: np.ndarray, region) -> tuple[int, int]:
+    """The ``(x, y)`` of the highest map value among the mask pixels of ``region``'s bounding box."""
+    box = (slice(region.y0, region.y1), slice(region.x0, region.x1))
+    values = np.where(mask[box], full[box], -np.inf)
+    y, x = np.unravel_index(int(np.argmax(values)), values.shape)
+    return region.x0 + int(x), region.y0 + int(y)
+
+
+def _references(model, pred, peaks) -> list:
+    """Each region's normal reference ``(image, x, y, distance)``, or ``None`` each where the model keeps none
+    (any model without ``region_references``: PaDiM, PatchCore, an exported model; SOMAD files from before)."""
+    ask = getattr(model, "region_references", None)
+    refs = ask(pred, peaks) if ask is not None and peaks else None
+    return list(refs) if refs is not None else [None] * len(peaks)
+
+
+def _reference_cells(ref) -> list:
+    if ref is None:
+        return [""] * len(REFERENCE_COLUMNS)
+    name, x, y, distance = ref
+    return [name, int(x), int(y), f"{distance:.6f}"]
+
+
+#: Side, in pixels, of the shorter panel of an explanation image (small crops are enlarged to it).
+EXPLANATION_SIDE = 256
+_OUTLINE = (255, 32, 32)
+_REFERENCE_OUTLINE = (255, 220, 0)
+
+
+def _inside(box: tuple[int, int, int, int], width: int, height: int) -> tuple[int, int, int, int]:
+    """``box`` (x0, y0, x1, y1) shifted to lie inside a ``width x height`` image where it can, then cut to it."""
+    x0, y0, x1, y1 = box
+    dx = max(0, -x0) - max(0, x1 - width)
+    dy = max(0, -y0) - max(0, y1 - height)
+    return max(0, x0 + dx), max(0, y0 + dy), min(width, x1 + dx), min(height, y1 + dy)
+
+
+def explanation_image(pred, mask: np.ndarray, region, peak, ref, reference: Image.Image | None, title: str):
+    """The region's crop with its outline (red) beside the same-sized crop of the normal reference ``reference``
+    around its patch centre (the peak placed where the reference patch is, the outline drawn there in yellow), both
+    enlarged alike, labelled.
+    ``reference=None``: the reference panel says it could not be read."""
+    from scipy import ndimage
+
+    margin = max(16, (region.x1 - region.x0) // 2, (region.y1 - region.y0) // 2)
+    height, width = mask.shape
+    box = (max(0, region.x0 - margin), max(0, region.y0 - margin))
+    box += (min(width, region.x1 + margin), min(height, region.y1 + margin))
+    test = np.array(pred.image.convert("RGB").crop(box))
+    labels, _ = ndimage.label(mask[box[1] : box[3], box[0] : box[2]], structure=np.ones((3, 3), dtype=bool))
+    inside = labels == labels[peak[1] - box[1], peak[0] - box[0]]  # this region only: the peak is one of its pixels
+    edge = inside & ~ndimage.binary_erosion(inside, border_value=0)
+    test[edge] = _OUTLINE
+    left = Image.fromarray(test)
+    scale = max(1.0, EXPLANATION_SIDE / min(left.size))
+    size = (round(left.width * scale), round(left.height * scale))
+    left = left.resize(size, Image.NEAREST)
+    if reference is not None:
+        dx, dy = ref[1] - peak[0], ref[2] - peak[1]  # the test crop moved so that the peak lands on the reference
+        moved = _inside((box[0] + dx, box[1] + dy, box[2] + dx, box[3] + dy), reference.width, reference.height)
+        right = np.array(reference.convert("RGB").crop(moved))
+        ys, xs = np.nonzero(edge)  # the region's outline where it would lie on the reference (yellow)
+        ys, xs = ys + box[1] + dy - moved[1], xs + box[0] + dx - moved[0]
+        keep = (ys >= 0) & (ys < right.shape[0]) & (xs >= 0) & (xs < right.shape[1])
+        right[ys[keep], xs[keep]] = _REFERENCE_OUTLINE
+        right = Image.fromarray(right)
+        right = right.resize((round(right.width * scale), round(right.height * scale)), Image.NEAREST)
+        label = f"normal reference: {ref[0]} at ({ref[1]}, {ref[2]}), distance {ref[3]:.3g}"
+    else:
+        right = Image.new("RGB", size, (64, 64, 64))
+        label = f"normal reference {ref[0]}: not readable"
+    band = 18
+    canvas = Image.new("RGB", (left.width + right.width + 8, max(left.height, right.height) + 2 * band), "white")
+    canvas.paste(left, (0, band))
+    canvas.paste(right, (left.width + 8, band))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), title, fill="black")
+    draw.text((2, canvas.height - band + 3), label, fill="black")
+    return canvas
+
+
+def _write_explanations(model, pred, mask, found_regions, peaks, refs, out: Path, state: dict) -> None:
+    """One image per region under ``out/explanations`` (:func:`explanation_image`). A training image that cannot
+    be read (the model was moved) is said once per run, in one line; its panels say so and the rest is written."""
+    if any(ref is None for ref in refs):
+        if not state.get("none_said"):
+            logger.warning(
+                "no explanations: this model keeps no normal references (only a SOMAD model fitted locally, "
+                "untiled, by somad >= 0.9 does); refit it with `somad fit` to explain its regions"
+            )
+            state["none_said"] = True
+        return
+    rel = output_relpath(pred.item.name, "")
+    for i, (region, peak, ref) in enumerate(zip(found_regions, peaks, refs), 1):
+        reference = state.setdefault("images", {}).get(ref[0], False)
+        if reference is False:
+            path = model.reference_path(ref[0])
+            try:
+                reference = load_image(path) if path is not None else None
+            except (ImageLoadError, OSError):
+                reference = None
+            if reference is None and not state.get("unreadable_said"):
+                where = path if path is not None else f"{ref[0]} (an image held in memory at fit)"
+                logger.warning("the training image %s cannot be read: explanations show no reference", where)
+                state["unreadable_said"] = True
+            state["images"] = {ref[0]: reference}  # the last one only: consecutive regions often share it
+        title = f"{pred.item.name} region {i}: peak {region.peak:.3g}"
+        image = explanation_image(pred, mask, region, peak, ref, reference, title)
+        save_png(image, out / "explanations" / rel.with_name(f"{rel.name}_region{i}.png"))
+
+
+def write_predictions(
+    model, items, out: Path, *, save_maps: bool, on_error: str, on_map=None, explain=False, references=True
+):
     """Score ``items`` with a fitted ``model`` and write its result files into ``out``. ``model``: anything that
     scores as a detector does (``predict_iter``, ``original_map``, ``verdict``, ``mask``, the thresholds), a
     native detector or an exported one (``somad.runtime.OnnxDetector``); this module does not import torch.
@@ -246,7 +373,9 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     Writes ``scores.csv`` (path, score, is_anomalous, status, normalized_score: the [0, 1] scale with the
     threshold at 0.5, empty for models from before 0.7), ``regions.csv`` (one row per connected
     predicted defect region of each flagged image: area in pixels, bounding box ``x0, y0, x1, y1`` with
-    exclusive ends, peak and mean map value, at the original resolution), ``heatmaps/<relpath>.png`` (colour
+    exclusive ends, peak and mean map value, at the original resolution, and its normal reference
+    (:data:`REFERENCE_COLUMNS`, empty cells for models that keep none)), ``explanations/<relpath>_regionN.png``
+    (``explain``: each region beside its normal reference), ``heatmaps/<relpath>.png`` (colour
     overlay), ``masks/<relpath>.png`` (binary, when the model has a threshold), ``maps/<relpath>.npy``
     (``save_maps``: float32 map at the original resolution) and ``skipped.csv`` (unreadable inputs).
     Decisions and masks follow ``somad.verdicts``: a mask is non-empty exactly when the image is flagged.
@@ -260,6 +389,10 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
     ----------
     on_map : callable(prediction, full_map, is_anomalous), optional
         Called with each prediction, its map at the original resolution and its verdict (used by evaluation).
+    references : bool, default True
+        Fill the reference columns of ``regions.csv`` (SOMAD: one more backbone pass per flagged image, about 7%
+        of metal_plate's predict time where 71 of 97 images are flagged); ``False`` leaves them empty
+        (evaluation and the benchmark, whose timings compare the methods' scoring alone).
 
     Returns
     -------
@@ -273,13 +406,16 @@ def write_predictions(model, items, out: Path, *, save_maps: bool, on_error: str
             raise SomadError(f"{item.name} and {seen[rel]} would write the same output files; rename one of them")
         seen[rel] = item.name
     rows, region_rows, skipped = [], [], []
+    explain_state = {} if explain else None
     done: set[str] = set()
     bar = progress_bar(total=len(items), desc="predict", unit="img")
     try:  # close (erase) the bar on errors too, so that the error line starts a line of its own
         for pred in model.predict_iter(items, on_error=on_error, skipped=skipped):
             done.add(pred.item.name)
             try:
-                row, found = _write_one(model, pred, out, save_maps=save_maps, on_map=on_map)
+                row, found = _write_one(
+                    model, pred, out, save_maps=save_maps, on_map=on_map, explain=explain_state, references=references
+                )
             except MemoryError:
                 h, w = pred.original_size
                 message = (

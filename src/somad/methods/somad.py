@@ -10,6 +10,11 @@ bytes, ~1e-3 relative rounding, far below the eps ridge) because the node statis
 the SOM is trained; a float32 copy of the SOM's training subset (``som_samples``); the SOM; and the node
 Gaussians. ``search="ivf"`` finds nearest nodes coarse-to-fine (``somad.som.node_search``) in training and
 scoring; ``"exact"`` searches exhaustively.
+
+Explanations: a local fit of an untiled model also keeps, for each node, the training patch that represents it best
+(its member patch nearest the node's mean: ``node_references_``, training image and patch centre in that image's
+pixels). :meth:`SOMAD.region_references` names, for a predicted region, the reference of the node nearest to its
+peak patch: what normal looks like there. Explanations never touch scoring.
 """
 
 from __future__ import annotations
@@ -18,12 +23,14 @@ import copy
 import functools
 import hashlib
 import logging
+from dataclasses import dataclass, field
+from pathlib import Path, PurePath
 
 import torch
 
 from somad.errors import NumericalError, SomadError
 from somad.io.inputs import as_items, training_fingerprints
-from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, ListOf, Nullable, Table
+from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, Kind, ListOf, Nullable, Table
 from somad.methods.base import BaseDetector
 from somad.params import Interval, Options, Param
 from somad.som.node_search import SEARCH_CHOICES, IVFSearch, make_search
@@ -146,6 +153,8 @@ class SOMAD(BaseDetector):
                 )
             )
         ),
+        "reference_images": Nullable(ListOf(Kind(str, "a string"))),  # absent before node references were kept
+        "reference_root": Nullable(Kind(str, "a string")),
     }
     _array_fields = {
         "som_weights": Array(FLOAT_DTYPES, 2),
@@ -153,7 +162,10 @@ class SOMAD(BaseDetector):
         "node_whitener_strips": Array(FLOAT_DTYPES, 2),
         "node_counts": Array(INTEGER_DTYPES, 1),
         "node_scatter_tril": Nullable(Array(FLOAT_DTYPES, 2)),  # --updatable models only
+        "node_references": Nullable(Array(INTEGER_DTYPES, 2)),  # (M, 3): image, x, y; absent in older files
     }
+    #: What a local fit records of its model inputs for the node references (:class:`_FitLog`); None otherwise.
+    _fit_log = None
 
     def __init__(
         self,
@@ -211,10 +223,27 @@ class SOMAD(BaseDetector):
         Its workers each extract with a :meth:`shard_worker` (:meth:`training_patches`). The SOM and the node
         Gaussians are this model's code either way (``somad.distributed.ray``)."""
         if self.fit_shards is None:
-            super()._fit_items(train)
+            self._fit_log = _FitLog() if self.tile_size is None else None
+            try:
+                super()._fit_items(train)
+            finally:
+                self._fit_log = None
             return
         with self.fit_shards(self, train) as shards:
             self._fit_patches(shards, shards.position_mean)
+        logger.info("a distributed fit keeps no node references: its predictions cannot be explained")
+
+    def _decoded(self, items, on_error, skipped):
+        for entry in super()._decoded(items, on_error, skipped):
+            if self._fit_log is not None:  # the decoded size of each training image, for its patches' centres
+                self._fit_log.sizes[id(entry[0])] = (entry[2].height, entry[2].width)
+            yield entry
+
+    def _checked_features(self, batch, items=()):
+        feats = super()._checked_features(batch, items)
+        if self._fit_log is not None:  # the training image of each model input, in fit's order
+            self._fit_log.inputs.extend(items)
+        return feats
 
     def _fit_patches(self, patches, position_mean: torch.Tensor) -> None:
         """Fit the SOM and the node Gaussians on the training patches: rows ``(N, D)`` held here, or the shards of
@@ -228,9 +257,14 @@ class SOMAD(BaseDetector):
             search=self.search,
         )
         som.fit(patches, SelfOrganizingMap.position_mean_init(position_mean, som.size))
+        self.node_references_, self.reference_images_, self.reference_root_ = None, None, None
         if isinstance(patches, torch.Tensor):
-            gaussians = self.node_gaussians(som.weights_, patches=patches)
+            assignment = self._fit_search(som.weights_)(patches, 1)[1][:, 0]
+            gaussians = self.node_gaussians(som.weights_, patches=patches, assignment=assignment)
             self.n_patches_ = int(patches.shape[0])
+            h, w = position_mean.shape[:2]
+            if self._fit_log is not None and len(self._fit_log.inputs) * h * w == len(patches):
+                self._keep_references(representatives(patches, assignment, gaussians.means), h, w)
         else:
             merged = NodeMoments.zeros(*som.weights_.shape, device=som.weights_.device)
             for part in patches.moments(som.weights_):
@@ -241,21 +275,92 @@ class SOMAD(BaseDetector):
         self.updates_ = []
         self._searcher = None
 
-    def node_gaussians(self, weights: torch.Tensor, *, patches=None, moments=None) -> NodeGaussians:
+    def node_gaussians(self, weights: torch.Tensor, *, patches=None, moments=None, assignment=None) -> NodeGaussians:
         """The node Gaussians by this model's rule (``eps``, ``factor_dtype``, ``shrinkage``; see
         ``somad.som.node_stats``) around SOM prototypes ``weights``: from the training ``patches`` ``(N, D)``,
         each assigned to its nearest node by the fit-time search (a local fit), or from node ``moments`` (a
         distributed fit's merged shards, :meth:`update`'s merged statistics). The moments are kept in the result
-        where ``scatter_dtype`` is set, so that :meth:`update` can merge into them."""
+        where ``scatter_dtype`` is set, so that :meth:`update` can merge into them. ``assignment``: each patch's
+        node, when the caller has already searched it."""
         rule = dict(dtype=DTYPES[self.factor_dtype], shrinkage=float(self.shrinkage))
         if moments is None:
-            _, assignment = self._fit_search(weights)(patches, 1)
+            if assignment is None:
+                assignment = self._fit_search(weights)(patches, 1)[1][:, 0]
             keep = self.scatter_dtype is not None
-            return fit_node_gaussians(patches, assignment[:, 0], weights, float(self.eps), keep_moments=keep, **rule)
+            return fit_node_gaussians(patches, assignment, weights, float(self.eps), keep_moments=keep, **rule)
         gaussians = gaussians_from_moments(moments, weights, float(self.eps), **rule)
         if self.scatter_dtype is None:
             gaussians.moments = None
         return gaussians
+
+    def _keep_references(self, rows: torch.Tensor, height: int, width: int) -> None:
+        """``node_references_`` ``(M, 3)`` int32 from each node's representative patch row (-1: empty): the index
+        of its training image in ``reference_images_`` and the patch centre ``x, y`` in that image's pixels. Rows are
+        image-major, row-major: row ``r`` is model input ``r // (h*w)``, grid position ``divmod(r % (h*w), w)``."""
+        log = self._fit_log
+        items = list({id(it): it for it in log.inputs}.values())  # the training images that gave patches, in order
+        index = {id(it): i for i, it in enumerate(items)}
+        hw = height * width
+        refs = torch.full((len(rows), 3), -1, dtype=torch.int32)
+        for node, row in enumerate(rows.tolist()):
+            if row >= 0:
+                item = log.inputs[row // hw]
+                i, j = divmod(row % hw, width)
+                x, y = self._patch_centre(i, j, log.sizes[id(item)])
+                refs[node] = torch.tensor([index[id(item)], round(x), round(y)], dtype=torch.int32)
+        self.node_references_ = refs
+        self.reference_images_, self.reference_root_ = _reference_names(items)
+
+    def _patch_centre(self, i: int, j: int, size: tuple[int, int]) -> tuple[float, float]:
+        """The centre ``(x, y)`` of patch ``(i, j)`` of an untiled model's grid in the pixels of an original image of
+        ``size`` ``(height, width)``: back through the crop and the resize (``features.extractor.Geometry``)."""
+        g, stride = self.extractor_.geometry, self.extractor_.stride
+        h, w = size
+        return (
+            (g.crop_offset + (j + 0.5) * stride) * w / g.image_size,
+            (g.crop_offset + (i + 0.5) * stride) * h / g.image_size,
+        )
+
+    def _patch_at(self, x: float, y: float, size: tuple[int, int]) -> tuple[int, int]:
+        """The grid position ``(i, j)`` of the patch that covers pixel ``(x, y)`` of an original image of ``size``
+        (the inverse of :meth:`_patch_centre`; pixels outside the crop go to the nearest patch)."""
+        g, stride, n = self.extractor_.geometry, self.extractor_.stride, self.extractor_.grid_size
+        h, w = size
+        at = lambda v, side: min(n - 1, max(0, int(((v + 0.5) * g.image_size / side - g.crop_offset) // stride)))  # noqa: E731
+        return at(y, h), at(x, w)
+
+    def region_references(self, prediction, peaks) -> list[tuple[str, int, int, float]] | None:
+        """The normal reference of each predicted region: for each peak pixel ``(x, y)`` of ``peaks`` (in the
+        prediction's original pixels), the node nearest (Euclidean, to the SOM prototypes of non-empty nodes) to
+        the patch there, and that node's representative training patch: ``(training image name, x, y, distance)``,
+        the name relative to the training folder, ``x, y`` its patch centre in that image's pixels, ``distance``
+        the peak patch's to its nearest node. One backbone pass over the prediction's image; scores are not
+        touched. ``None`` when the model keeps no references (a file from before, a tiled or distributed fit)."""
+        refs = getattr(self, "node_references_", None)
+        if refs is None or prediction.image is None:
+            return None
+        if not peaks:
+            return []
+        inputs, _ = self.extractor_.tiles(prediction.image)
+        feats = self._checked_features(inputs)[0]  # (D, h, w)
+        cells = [self._patch_at(x, y, prediction.original_size) for x, y in peaks]
+        x = torch.stack([feats[:, i, j] for i, j in cells]).float()
+        keep = torch.nonzero(refs[:, 0] >= 0).flatten().to(feats.device)
+        dist = torch.cdist(x, self.som_.weights_[keep].float())
+        best, at = dist.min(1)
+        out = []
+        for d, node in zip(best.tolist(), keep[at].tolist()):
+            image, rx, ry = refs[node].tolist()
+            out.append((self.reference_images_[image], rx, ry, float(d)))
+        return out
+
+    def reference_path(self, name: str) -> Path | None:
+        """Where training image ``name`` (a :meth:`region_references` name) was read at fit; ``None`` when it was
+        not a file under one folder (images held in memory)."""
+        root = getattr(self, "reference_root_", None)
+        if root is not None:
+            return Path(root) / name
+        return Path(name) if Path(name).is_absolute() else None  # files of several folders: absolute names
 
     def _fit_search(self, weights: torch.Tensor):
         """The nearest-node search that assigns training patches to nodes (fit's, update's): over all nodes."""
@@ -484,6 +589,11 @@ class SOMAD(BaseDetector):
                 if self.scatter_dtype is not None and g.moments is not None
                 else {}
             ),
+            **(
+                {"node_references": self.node_references_}
+                if getattr(self, "node_references_", None) is not None
+                else {}
+            ),
         }
 
     def _state_info(self):
@@ -492,6 +602,8 @@ class SOMAD(BaseDetector):
             "topographic_error": self.som_.topographic_error_,
             "n_patches": self.n_patches_,
             "updates": getattr(self, "updates_", []),
+            "reference_images": getattr(self, "reference_images_", None),
+            "reference_root": getattr(self, "reference_root_", None),
         }
 
     def _set_state(self, arrays, state):
@@ -522,3 +634,59 @@ class SOMAD(BaseDetector):
         self.n_patches_ = state.get("n_patches")
         self.updates_ = list(state.get("updates") or [])
         self._searcher = None
+        refs, names = arrays.get("node_references"), state.get("reference_images")
+        if refs is not None:
+            if names is None or tuple(refs.shape) != (m, 3) or refs.is_floating_point():
+                raise ValueError(f"node_references must be ({m}, 3) integers with reference_images in the state")
+            if bool((refs[:, 0] >= len(names)).any()) or bool((refs[:, 0] < -1).any()):
+                raise ValueError(f"node_references name training images outside reference_images ({len(names)})")
+            refs = refs.to(torch.int32)
+        self.node_references_, self.reference_images_ = refs, names
+        self.reference_root_ = state.get("reference_root")
+
+
+@dataclass
+class _FitLog:
+    """What a local fit records of its model inputs for the node references: the training item of each model input
+    in fit's order, and each item's decoded ``(height, width)`` (by ``id``)."""
+
+    inputs: list = field(default_factory=list)
+    sizes: dict = field(default_factory=dict)
+
+
+def representatives(patches: torch.Tensor, assignment: torch.Tensor, means: torch.Tensor, block: int = 1 << 16):
+    """The row of each node's member patch nearest its mean (Euclidean; the first on ties), -1 for empty nodes:
+    ``(M,)`` int64. ``patches`` ``(N, D)``, ``assignment`` ``(N,)`` each row's node, ``means`` ``(M, D)``."""
+    n, m = patches.shape[0], means.shape[0]
+    means = means.to(patches.device, torch.float32)
+    assignment = assignment.to(patches.device)
+    d = torch.empty(n, dtype=torch.float32, device=patches.device)
+    for lo in range(0, n, block):
+        a = assignment[lo : lo + block]
+        d[lo : lo + block] = (patches[lo : lo + block].float() - means[a]).square().sum(1)
+    nearest = torch.full((m,), float("inf"), device=d.device).scatter_reduce(0, assignment, d, "amin")
+    hit = d == nearest[assignment]
+    rows = torch.arange(n, device=d.device)
+    first = torch.full((m,), n, dtype=torch.int64, device=d.device)
+    first = first.scatter_reduce(0, assignment[hit], rows[hit], "amin")
+    return torch.where(first < n, first, torch.full_like(first, -1)).cpu()
+
+
+def _reference_names(items) -> tuple[list[str], str | None]:
+    """The training images' names and the folder they are relative to: each item's own name (relative to the
+    training folder) when all are files under one folder, their absolute paths when files of several folders
+    (root ``None``), or just their names when some were held in memory (root ``None``: not readable later)."""
+    roots = set()
+    for it in items:
+        if it.path is None:
+            return [it.name for it in items], None
+        path = Path(it.path).absolute()
+        depth = len(PurePath(it.name).parts)
+        roots.add(
+            path.parents[depth - 1]
+            if 0 < depth <= len(path.parents) and path.as_posix().endswith(PurePath(it.name).as_posix())
+            else None
+        )
+    if len(roots) == 1 and None not in roots:
+        return [it.name for it in items], str(roots.pop())
+    return [str(Path(it.path).absolute()) for it in items], None
