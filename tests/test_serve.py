@@ -759,3 +759,22 @@ def test_docs_page_scores_an_upload_in_a_real_browser(model_file, model, tmp_pat
     assert json.loads(text)["score"] == pytest.approx(_reference(model, array), rel=1e-5)
     assert shown == 96  # the heatmap decoded, at the image's width
     assert requested and all(u.startswith(url) for u in requested)
+
+
+def test_regions_carry_their_normal_reference(server, model):
+    """Issue 28: the service returns each region's normal reference (SOMAD), as regions.csv names it."""
+    array = _noise(6)
+    body = _post_png(server, array, "?regions=1").json()
+    assert body["is_anomalous"] and body["regions"], body  # noise on a noise-trained tiny model: flagged
+    (pred,) = list(model.predict_iter([Image.fromarray(array)]))
+    full = model.original_map(pred)
+    mask = model.mask(pred, full)
+    from somad.io.outputs import peak_pixel
+    from somad.verdicts import regions
+
+    peaks = [peak_pixel(mask, full, r) for r in regions(mask, full)]
+    expected = model.region_references(pred, peaks)
+    got = [r["reference"] for r in body["regions"]]
+    assert [(g["image"], g["x"], g["y"]) for g in got] == [(name, x, y) for name, x, y, _ in expected]
+    assert [g["distance"] for g in got] == pytest.approx([d for *_, d in expected], rel=1e-4)
+    assert all(name in model.reference_images_ for name, *_ in expected)

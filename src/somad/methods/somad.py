@@ -329,6 +329,7 @@ class SOMAD(BaseDetector):
         at = lambda v, side: min(n - 1, max(0, int(((v + 0.5) * g.image_size / side - g.crop_offset) // stride)))  # noqa: E731
         return at(y, h), at(x, w)
 
+    @torch.no_grad()
     def region_references(self, prediction, peaks) -> list[tuple[str, int, int, float]] | None:
         """The normal reference of each predicted region: for each peak pixel ``(x, y)`` of ``peaks`` (in the
         prediction's original pixels), the node nearest (Euclidean, to the SOM prototypes of non-empty nodes) to

@@ -45,7 +45,7 @@ from starlette.responses import Response
 
 from somad._version import __version__
 from somad.errors import ImageLoadError, SomadError
-from somad.io.outputs import heatmap_overlay, mask_image
+from somad.io.outputs import heatmap_overlay, mask_image, peak_pixel
 from somad.runtime import OnnxDetector
 from somad.service.decoding import PixelLimitError, decode_image
 from somad.service.guard import BODY_TIMEOUT, READ_TIMEOUT, ApiKey, BodyTimeout, body_chunks
@@ -518,7 +518,24 @@ def _result(model, pred, options: dict) -> dict:
     if options["mask"]:
         out["mask_png"] = None if predicted is None else _encoded(mask_image(predicted))
     if options["regions"]:
-        out["regions"] = None if predicted is None else [asdict(r) for r in regions(predicted, full)]
+        out["regions"] = None if predicted is None else _regions_with_references(model, pred, predicted, full)
+    return out
+
+
+def _regions_with_references(model, pred, mask, full) -> list[dict]:
+    """The predicted regions, each with its normal reference where the model keeps them (SOMAD: the training patch
+    representing the node nearest the region's peak, ``somad.io.outputs``' ``regions.csv`` columns)."""
+    found = regions(mask, full)
+    peaks = [peak_pixel(mask, full, r) for r in found]
+    ask = getattr(model, "region_references", None)
+    refs = (ask(pred, peaks) if ask is not None and peaks else None) or [None] * len(found)
+    out = []
+    for region, ref in zip(found, refs):
+        entry = asdict(region)
+        if ref is not None:
+            name, x, y, distance = ref
+            entry["reference"] = {"image": name, "x": int(x), "y": int(y), "distance": float(distance)}
+        out.append(entry)
     return out
 
 

@@ -65,6 +65,16 @@ class Timings(BaseModel):
     total: float = Field(description="ms from the request's arrival to its answer")
 
 
+class Reference(BaseModel):
+    """What normal looks like where a region is (SOMAD): the training patch representing the SOM node nearest the
+    region's peak."""
+
+    image: str = Field(description="the training image, relative to the folder the model was fitted on")
+    x: int = Field(description="the reference patch's centre in that image's pixels")
+    y: int
+    distance: float = Field(description="the region's peak patch's distance to that node (feature space)")
+
+
 class Region(BaseModel):
     """One 8-connected region of the predicted mask, in the pixels of the image sent."""
 
@@ -75,6 +85,7 @@ class Region(BaseModel):
     y1: int = Field(description="exclusive")
     peak: float = Field(description="the highest anomaly score in the region")
     mean: float = Field(description="the mean anomaly score in the region")
+    reference: Reference | None = Field(None, description="its normal reference, where the model keeps them (SOMAD)")
 
 
 class Prediction(BaseModel):
