@@ -384,3 +384,23 @@ def test_a_model_without_thresholds_exports_and_decides_nothing(tmp_path):
     assert [d.is_anomalous for d in found] == [None] * 3 and found[-1].status.startswith("invalid_input")
     for d, p in zip(found, native):
         assert abs(d.score - p.score) <= 1e-3 * abs(p.score) and d.original_map.shape == p.original_size
+
+
+def test_threshold_feeds_decide_as_the_native_rule_at_float32s_edges():
+    """The graph's float32 thresholds decide as the float64 rule does, at the edges of float32's range too
+    (a threshold beyond it becomes +-inf without a warning)."""
+    import warnings
+
+    from somad.io.export_format import threshold_feeds
+
+    big = np.finfo(np.float32).max
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warning
+        feeds = threshold_feeds(1e300, -1e300)
+    image, pixel = float(feeds[INPUT_NAMES[3]]), float(feeds[INPUT_NAMES[4]])
+    assert image == float(big)  # inf rounded down: no float32 score lies above it, as none lies above 1e300
+    assert pixel == -np.inf  # every pixel lies above it, as every one lies above -1e300
+    for t in (0.1, 1 / 3, 18.621504211425783):  # rounded down: a float32 score above it iff above the float64 t
+        f = np.float32(feeds_t := float(threshold_feeds(t, None)[INPUT_NAMES[3]]))
+        assert float(f) <= t < float(np.nextafter(f, np.float32(np.inf))), feeds_t  # compared in float64
+    assert np.isnan(threshold_feeds(None, None)[INPUT_NAMES[4]])

@@ -121,10 +121,11 @@ def threshold_feeds(image_threshold: float | None, pixel_threshold: float | None
     threshold is rounded down to float32 (a float32 score lies above it exactly when it lies above the float64
     threshold, as ``somad.verdicts.is_anomalous`` compares), the pixel threshold to the nearest float32 (NumPy compares
     a float32 map with a Python float in float32); ``None`` becomes NaN (no score or pixel lies above it)."""
-    image = np.float32(np.nan if image_threshold is None else image_threshold)
+    with np.errstate(over="ignore"):  # beyond float32's range a threshold becomes +-inf, which decides the same
+        image = np.float32(np.nan if image_threshold is None else image_threshold)
+        pixel = np.float32(np.nan if pixel_threshold is None else pixel_threshold)
     if image_threshold is not None and float(image) > float(image_threshold):
         image = np.nextafter(image, np.float32(-np.inf))
-    pixel = np.float32(np.nan if pixel_threshold is None else pixel_threshold)
     return {INPUT_NAMES[3]: np.array(image, np.float32), INPUT_NAMES[4]: np.array(pixel, np.float32)}
 
 
