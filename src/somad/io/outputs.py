@@ -211,7 +211,7 @@ def _listed(item, skipped: list[str]) -> bool:
 
 def _write_one(model, pred, out: Path, *, save_maps: bool, on_map, explain: dict | None = None, references=True):
     """The output files of one prediction; returns its ``scores.csv`` row and its ``regions.csv`` rows (with their
-    normal references, where the model keeps them: :func:`_references`). ``explain``: also write one explanation
+    normal references, where the model keeps them: :func:`normal_references`). ``explain``: also write one explanation
     image per region (:func:`explanation_image`), the run's state of them."""
     full = model.original_map(pred)
     lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
@@ -223,7 +223,7 @@ def _write_one(model, pred, out: Path, *, save_maps: bool, on_map, explain: dict
         save_png(mask_image(mask), out / "masks" / output_relpath(pred.item.name, ".png"))
         found_regions = regions(mask, full)
         peaks = [peak_pixel(mask, full, r) for r in found_regions]
-        refs = _references(model, pred, peaks) if references or explain is not None else [None] * len(peaks)
+        refs = normal_references(model, pred, peaks) if references or explain is not None else [None] * len(peaks)
         found = [
             [pred.item.name, i] + r.as_row() + _reference_cells(ref)
             for i, (r, ref) in enumerate(zip(found_regions, refs), 1)
@@ -260,7 +260,7 @@ def peak_pixel(mask: np.ndarray, full: np.ndarray, region) -> tuple[int, int]:
     return region.x0 + int(x), region.y0 + int(y)
 
 
-def _references(model, pred, peaks) -> list:
+def normal_references(model, pred, peaks) -> list:
     """Each region's normal reference ``(image, x, y, distance)``, or ``None`` each where the model keeps none
     (any model without ``region_references``: PaDiM, PatchCore, an exported model; SOMAD files from before)."""
     ask = getattr(model, "region_references", None)

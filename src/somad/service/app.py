@@ -45,7 +45,7 @@ from starlette.responses import Response
 
 from somad._version import __version__
 from somad.errors import ImageLoadError, SomadError
-from somad.io.outputs import heatmap_overlay, mask_image, peak_pixel
+from somad.io.outputs import heatmap_overlay, mask_image, normal_references, peak_pixel
 from somad.runtime import OnnxDetector
 from somad.service.decoding import PixelLimitError, decode_image
 from somad.service.guard import BODY_TIMEOUT, READ_TIMEOUT, ApiKey, BodyTimeout, body_chunks
@@ -526,9 +526,7 @@ def _regions_with_references(model, pred, mask, full) -> list[dict]:
     """The predicted regions, each with its normal reference where the model keeps them (SOMAD: the training patch
     representing the node nearest the region's peak, ``somad.io.outputs``' ``regions.csv`` columns)."""
     found = regions(mask, full)
-    peaks = [peak_pixel(mask, full, r) for r in found]
-    ask = getattr(model, "region_references", None)
-    refs = (ask(pred, peaks) if ask is not None and peaks else None) or [None] * len(found)
+    refs = normal_references(model, pred, [peak_pixel(mask, full, r) for r in found])
     out = []
     for region, ref in zip(found, refs):
         entry = asdict(region)
