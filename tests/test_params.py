@@ -63,7 +63,7 @@ def test_every_parameter_has_one_rule_and_the_flags_carry_the_signature_defaults
         ({"dims": "50"}, "dims='50' is invalid: it must be an integer, not str"),
         ({"image_size": "256"}, "image_size='256' is invalid"),
         ({"image_size": 60000}, "image_size=60000 is invalid: it must be <= 4096"),
-        ({"som_size": 4000}, "som_size=4000 is invalid: it must be <= 256"),
+        ({"som_size": 4000}, "som_size=4000 is invalid: choose one of: auto; or it must be <= 256"),
         ({"som_samples": 0}, "som_samples=0 is invalid"),
         ({"crop_size": 0}, "crop_size=0 is invalid"),
         ({"search": "approx"}, "search='approx' is invalid: choose one of"),

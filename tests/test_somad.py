@@ -315,3 +315,40 @@ def test_a_0_6_model_file_loads_with_the_same_scores(images, tmp_path):
         with pytest.raises(SomadError, match=fix) as info:
             call()
         assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "n_patches, k, side",
+    [
+        (5 * 4096, 4, 20),  # 5 images at the default geometry (64 x 64 patches each)
+        (10 * 4096, 4, 28),
+        (20 * 4096, 4, 40),
+        (38 * 4096, 4, 55),
+        (39 * 4096, 4, 56),  # 50 * 56 * 56 = 156800 patches: the paper's side from here on
+        (686 * 4096, 4, 56),
+        (10, 4, 4),  # never below 4 ...
+        (10, 30, 6),  # ... nor below k nodes
+    ],
+)
+def test_auto_som_side_gives_each_node_fifty_patches_up_to_the_papers_56(n_patches, k, side):
+    assert SOMAD(k=k).som_side(n_patches) == side
+    assert SOMAD(k=k, som_size=12).som_side(n_patches) == 12  # a side named is kept
+
+
+def test_auto_som_size_fits_a_small_map_on_few_patches_and_survives_save(images, tmp_path, caplog):
+    """8 frames of 64 px give 8 * 16 * 16 = 2048 patches: a 6x6 map (56 patches per node), said in the log; the file
+    keeps the fitted side and ``som_size`` stays "auto" (a clone refits by the rule)."""
+    with caplog.at_level("INFO", logger="somad.methods.somad"):
+        model = SOMAD(**{**TINY, "som_size": "auto"}).fit(images)
+    assert model.som_.size == 6 and model.som_.weights_.shape[0] == 36 and model.gaussians_.means.shape[0] == 36
+    assert "SOM 6x6, not 56x56 (som_size=auto): 2048 training patches" in caplog.text
+    model.save(tmp_path / "m.safetensors")
+    back = load(tmp_path / "m.safetensors")
+    assert back.get_params()["som_size"] == "auto" and back.som_.size == 6
+    from somad.cli.info import text
+    from somad.service.model_info import describe
+
+    assert "som_size=auto (6x6)" in text(describe(tmp_path / "m.safetensors"))
+    np.testing.assert_array_equal(back.predict_maps(images[:2])[0], model.predict_maps(images[:2])[0])
+    smaller = SOMAD(**{**TINY, "som_size": "auto"}).fit(images[:2])  # 512 patches: 10 per node would need 3x3
+    assert smaller.som_.size == 4

@@ -20,7 +20,7 @@ def add_parser(sub) -> None:
     p.add_argument("-o", "--output", required=True, metavar="OUT")
     p.add_argument("--methods", default="somad,padim,patchcore", help="comma-separated (default somad,padim,patchcore)")
     p.add_argument("--k-grid", dest="k_grid", default=None, help="SOMAD ablation: e.g. 1,2,3,4,5")
-    p.add_argument("--som-size-grid", dest="som_size_grid", default=None, help="SOMAD ablation: e.g. 14,28,56")
+    p.add_argument("--som-size-grid", dest="som_size_grid", default=None, help="SOMAD ablation: e.g. 14,28,56,auto")
     p.add_argument(
         "--somad-variants",
         default=None,
@@ -48,7 +48,7 @@ def run(args) -> int:
     common = {n: getattr(args, n) for n in BaseDetector._get_param_names() if hasattr(args, n)}
     somad_grid = {
         "k": _int_list(args.k_grid) if args.k_grid else [args.k],
-        "som_size": _int_list(args.som_size_grid) if args.som_size_grid else [args.som_size],
+        "som_size": _int_list(args.som_size_grid, "auto") if args.som_size_grid else [args.som_size],
     }
     if args.somad_variants:
         variants = [v for v in args.somad_variants.split(",") if v]

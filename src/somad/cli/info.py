@@ -61,7 +61,12 @@ def text(info: dict) -> str:
     else:
         geometry = f"resized to {g['image_size']}x{g['image_size']}, whole frame (no crop, no tiles)"
     shown = {"backbone", "weights", "image_size", "crop_size", "tile_size", "tile_overlap"}
-    params = ", ".join(f"{k}={v}" for k, v in sorted(info["params"].items()) if k not in shown)
+    fitted = {"som_size": f"{info.get('som_side')}x{info.get('som_side')}"} if info.get("som_side") else {}
+    params = ", ".join(
+        f"{k}={v}" + (f" ({fitted[k]})" if k in fitted and v == "auto" else "")
+        for k, v in sorted(info["params"].items())
+        if k not in shown
+    )
     lines = [
         ("file", info["path"]),
         ("method", info["method"]),

@@ -56,6 +56,8 @@ DECISION_COLUMNS = [
 ]
 #: A results.md cell whose figure the category cannot give (e.g. pixel metrics without ground-truth masks).
 NOT_MEASURED = "n/a"
+#: SOMAD's paper-size rows (the main cells): 56 named, the default ``auto`` (56 on a full category), or unset.
+PAPER_SOM_SIZES = (56, "auto", None)
 COST_COLUMNS = ["fit_s", "predict_ms", "backbone_ms", "post_ms", "fit_rss_gb", "predict_rss_gb", "model_mb"]
 VARIANTS = {
     "fast": {"search": "ivf", "feature_dtype": "float16", "factor_dtype": "float16"},
@@ -341,7 +343,11 @@ def _main_cell(rows: list[dict], method: str, cat: str) -> dict | None:
             and r["category"] == cat
             and (
                 method != "somad"
-                or (r.get("som_size") in (56, None) and r.get("k") in (4, None) and r.get("variant") in ("fast", None))
+                or (
+                    r.get("som_size") in PAPER_SOM_SIZES
+                    and r.get("k") in (4, None)
+                    and r.get("variant") in ("fast", None)
+                )
             )
         ):
             return r
@@ -369,7 +375,13 @@ def _all_cells(out: Path) -> list[dict]:
     ]
     return sorted(
         cells,
-        key=lambda r: (r["method"], r.get("variant") or "", r.get("som_size") or 0, r.get("k") or 0, r["category"]),
+        key=lambda r: (
+            r["method"],
+            r.get("variant") or "",
+            str(r.get("som_size") or "").zfill(4),
+            r.get("k") or 0,
+            r["category"],
+        ),
     )
 
 
@@ -490,7 +502,7 @@ def performance_targets(rows: list[dict], latency: dict | None = None) -> dict[s
                 for r in rows
                 if r["method"] == "somad"
                 and r["category"] == cat
-                and r.get("som_size") == 56
+                and r.get("som_size") in PAPER_SOM_SIZES
                 and r.get("k") == 4
                 and r.get("variant") == "exact"
             ),
@@ -540,11 +552,13 @@ def target_table(rows: list[dict], latency: dict | None = None) -> str:
 
 
 # ----------------------------------------------------------------------------------------- CLI
-def _int_list(text: str) -> list[int]:
+def _int_list(text: str, *words: str) -> list:
+    """Comma-separated integers, or any of ``words`` (e.g. ``auto``)."""
     try:
-        return [int(v) for v in text.split(",") if v]
+        return [v if v in words else int(v) for v in text.split(",") if v]
     except ValueError:
-        raise SomadError(f"expected comma-separated integers, got {text!r}") from None
+        allowed = "".join(f" or {w!r}" for w in words)
+        raise SomadError(f"expected comma-separated integers{allowed}, got {text!r}") from None
 
 
 if __name__ == "__main__":

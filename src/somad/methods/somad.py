@@ -23,6 +23,7 @@ import copy
 import functools
 import hashlib
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
@@ -32,7 +33,7 @@ from somad.errors import NumericalError, SomadError
 from somad.io.inputs import as_items, training_fingerprints
 from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, Kind, ListOf, Nullable, Table
 from somad.methods.base import BaseDetector
-from somad.params import Interval, Options, Param
+from somad.params import Either, Interval, Options, Param
 from somad.som.node_search import SEARCH_CHOICES, IVFSearch, make_search
 from somad.som.node_stats import (
     NodeGaussians,
@@ -59,7 +60,14 @@ NOT_UPDATABLE = (
 #: Named configurations. ``paper``: the ICIP 2021 paper's pipeline as somad 0.5.0 ran it by default (resize 256,
 #: center crop 224, no local aggregation; with this library's backbones). The defaults depart from it in these
 #: values only, for the reasons measured in docs/benchmarks.md.
-PRESETS = {"default": {}, "paper": {"crop_size": 224, "local_aggregation": 1, "shrinkage": 0.0, "eps": 0.01}}
+#: ``som_size="auto"``: the paper's side, shrunk so that each node has at least this many training patches on
+#: average (measured in docs/benchmarks.md), never below ``AUTO_MIN_SIDE``.
+AUTO_MAX_SIDE, PATCHES_PER_NODE, AUTO_MIN_SIDE = 56, 50, 4
+
+PRESETS = {
+    "default": {},
+    "paper": {"som_size": 56, "crop_size": 224, "local_aggregation": 1, "shrinkage": 0.0, "eps": 0.01},
+}
 
 
 class SOMAD(BaseDetector):
@@ -67,8 +75,14 @@ class SOMAD(BaseDetector):
 
     Parameters
     ----------
-    som_size : int, default 56
-        Side K of the SOM grid (K*K nodes; paper: 56).
+    som_size : int or "auto", default "auto"
+        Side K of the SOM grid (K*K nodes; paper: 56). ``"auto"``: the paper's 56, or less where the training
+        patches are too few to give each node ``PATCHES_PER_NODE`` (50) of them on average:
+        ``K = min(56, floor(sqrt(N / 50)))`` for ``N`` training patches, at least 4 (and at least ``sqrt(k)``).
+        With the default geometry (4096 patches per image) that is 56 from 40 images on, 40 at 20, 28 at 10 and
+        20 at 5: a 56x56 map fitted on 10 images has 13 patches per node, too few for its covariances, and its
+        image ranking was 1.6-4.7 points lower (docs/benchmarks.md, "The SOM's size from the data's size").
+        The fitted side is ``som_.size``.
     k : int, default 4
         Nearest nodes searched per test patch (paper: 4; authors' code: 5).
     eps : float, default 3.0
@@ -112,7 +126,10 @@ class SOMAD(BaseDetector):
 
     method = "somad"
     _parameters = {
-        "som_size": Param(Interval(int, 2, 256), "SOM grid side K, K*K nodes"),
+        "som_size": Param(
+            Either((Options(("auto",)), Interval(int, 2, 256))),
+            "SOM grid side K, K*K nodes; auto = 56, fewer where the training patches are too few for 50 per node",
+        ),
         "k": Param(Interval(int, 1, None), "nearest nodes searched per patch"),
         "eps": Param(Interval(float, 0.0, None), "covariance ridge eps*I"),
         "shrinkage": Param(
@@ -145,6 +162,7 @@ class SOMAD(BaseDetector):
         "quantization_error": Nullable(Interval(float, 0.0)),
         "topographic_error": Nullable(Interval(float, 0.0, 1.0)),
         "n_patches": Nullable(Interval(int, 0)),
+        "som_side": Nullable(Interval(int, 2, 256)),  # the fitted side (som_size "auto"); absent before 0.10
         "updates": Nullable(
             ListOf(
                 Table(
@@ -170,7 +188,7 @@ class SOMAD(BaseDetector):
     def __init__(
         self,
         *,
-        som_size=56,
+        som_size="auto",
         k=4,
         eps=3.0,
         rough_epochs=20,
@@ -205,7 +223,7 @@ class SOMAD(BaseDetector):
     def _validate_params(self, where: str = "") -> None:
         super()._validate_params(where)
         prefix = f"{where}: " if where else ""
-        if self.k > self.som_size**2:
+        if self.som_size != "auto" and self.k > self.som_size**2:
             raise SomadError(f"{prefix}k={self.k} must be between 1 and the number of SOM nodes ({self.som_size**2})")
         if self.local_aggregation % 2 == 0:
             raise SomadError(f"{prefix}local_aggregation={self.local_aggregation} must be odd (1 = none)")
@@ -248,8 +266,9 @@ class SOMAD(BaseDetector):
     def _fit_patches(self, patches, position_mean: torch.Tensor) -> None:
         """Fit the SOM and the node Gaussians on the training patches: rows ``(N, D)`` held here, or the shards of
         a distributed fit (:attr:`fit_shards`), whose moments are merged here as they come (Chan's formula)."""
+        n_patches = int(patches.shape[0]) if isinstance(patches, torch.Tensor) else sum(patches.rows)
         som = SelfOrganizingMap(
-            size=int(self.som_size),
+            size=self.som_side(n_patches),
             rough_epochs=self.rough_epochs,
             fine_epochs=self.fine_epochs,
             max_samples=self.som_samples,
@@ -261,7 +280,6 @@ class SOMAD(BaseDetector):
         if isinstance(patches, torch.Tensor):
             assignment = self._fit_search(som.weights_)(patches, 1)[1][:, 0]
             gaussians = self.node_gaussians(som.weights_, patches=patches, assignment=assignment)
-            self.n_patches_ = int(patches.shape[0])
             h, w = position_mean.shape[:2]
             if self._fit_log is not None and len(self._fit_log.inputs) * h * w == len(patches):
                 self._keep_references(representatives(patches, assignment, gaussians.means), h, w)
@@ -270,10 +288,26 @@ class SOMAD(BaseDetector):
             for part in patches.moments(som.weights_):
                 merged.merge(part, inplace=True)
             gaussians = self.node_gaussians(som.weights_, moments=merged)
-            self.n_patches_ = sum(patches.rows)
+        self.n_patches_ = n_patches
         self.som_, self.gaussians_ = som, gaussians.to(self.device_)
         self.updates_ = []
         self._searcher = None
+
+    def som_side(self, n_patches: int) -> int:
+        """The SOM's side for ``n_patches`` training patches: ``som_size``, or the ``"auto"`` rule (see the class
+        docstring), logged with its reason."""
+        if self.som_size != "auto":
+            return int(self.som_size)
+        floor = max(AUTO_MIN_SIDE, math.isqrt(self.k - 1) + 1)  # at least k nodes
+        side = max(floor, min(AUTO_MAX_SIDE, math.isqrt(n_patches // PATCHES_PER_NODE)))
+        if side < AUTO_MAX_SIDE:
+            logger.info(
+                "SOM %dx%d, not %dx%d (som_size=auto): %d training patches, %d per node on average; "
+                "%dx%d needs %d",
+                side, side, AUTO_MAX_SIDE, AUTO_MAX_SIDE, n_patches, n_patches // side**2,
+                AUTO_MAX_SIDE, AUTO_MAX_SIDE, PATCHES_PER_NODE * AUTO_MAX_SIDE**2,
+            )  # fmt: skip
+        return side
 
     def node_gaussians(self, weights: torch.Tensor, *, patches=None, moments=None, assignment=None) -> NodeGaussians:
         """The node Gaussians by this model's rule (``eps``, ``factor_dtype``, ``shrinkage``; see
@@ -365,7 +399,7 @@ class SOMAD(BaseDetector):
 
     def _fit_search(self, weights: torch.Tensor):
         """The nearest-node search that assigns training patches to nodes (fit's, update's): over all nodes."""
-        return make_search(weights, int(self.som_size), self.search)
+        return make_search(weights, math.isqrt(weights.shape[0]), self.search)
 
     @classmethod
     def shard_worker(cls, params: dict, gate=None) -> SOMAD:
@@ -602,6 +636,7 @@ class SOMAD(BaseDetector):
             "quantization_error": self.som_.quantization_error_,
             "topographic_error": self.som_.topographic_error_,
             "n_patches": self.n_patches_,
+            "som_side": self.som_.size,
             "updates": getattr(self, "updates_", []),
             "reference_images": getattr(self, "reference_images_", None),
             "reference_root": getattr(self, "reference_root_", None),
@@ -610,7 +645,8 @@ class SOMAD(BaseDetector):
     def _set_state(self, arrays, state):
         weights = arrays["som_weights"].float()
         m, d = weights.shape
-        if m != int(self.som_size) ** 2:
+        side = math.isqrt(m) if self.som_size == "auto" else int(self.som_size)
+        if m != side**2 or state.get("som_side") not in (None, side):
             raise ValueError(f"som_weights has {m} nodes, config says {self.som_size}x{self.som_size}")
         if d != len(self.channel_indices_):
             raise ValueError(f"som_weights has {d} features, channel_indices {len(self.channel_indices_)}")
@@ -628,7 +664,7 @@ class SOMAD(BaseDetector):
                 raise ValueError(f"node_scatter_tril has shape {tuple(scatter.shape)}, expected ({m}, {tril_size(d)})")
             g.moments = NodeMoments(g.counts, arrays["node_means"].double(), scatter)
         self.gaussians_ = g.to(self.device_)
-        self.som_ = SelfOrganizingMap(size=int(self.som_size), seed=self.seed)
+        self.som_ = SelfOrganizingMap(size=side, seed=self.seed)
         self.som_.weights_ = weights.to(self.device_)
         self.som_.quantization_error_ = state.get("quantization_error")
         self.som_.topographic_error_ = state.get("topographic_error")

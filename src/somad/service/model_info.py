@@ -75,6 +75,7 @@ def describe(path: str | os.PathLike, *, verify: bool = True, verify_key=None) -
         "preset": config.get("preset"),  # not recorded by somad <= 0.7: None
         "geometry": {name: params.get(name) for name in _GEOMETRY},
         "params": params,
+        "som_side": state.get("som_side"),  # SOMAD's fitted SOM side (som_size "auto"); None: not recorded
         "image_threshold": state.get("image_threshold"),
         "pixel_threshold": state.get("pixel_threshold"),
         "threshold_info": info,
