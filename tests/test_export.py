@@ -68,11 +68,11 @@ def test_export_writes_graph_and_description(fitted):
     assert len(meta["source_model"]["sha256"]) == 64 and meta["parity_check"]["max_rel_score_diff"] <= 1e-3
     graph = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
     (inp,) = graph.get_inputs()
-    assert (inp.name, inp.type, inp.shape[1:]) == ("image", "tensor(uint8)", [64, 64, 3])
+    assert (inp.name, inp.type, inp.shape) == ("image", "tensor(uint8)", [1, "image_height", "image_width", 3])
     assert [o.name for o in graph.get_outputs()] == list(OUTPUT_NAMES)
     assert [i.name for i in graph.get_overridable_initializers()] == list(INPUT_NAMES[1:])  # inputs with defaults
     check = meta["parity_check"]
-    assert check["verdicts"] == 6 and check["mask_pixels"] > 0 and meta["export_version"] == 3
+    assert check["verdicts"] == 6 and check["mask_pixels"] > 0 and meta["export_version"] == 4
 
 
 def test_onnx_matches_native_exact_path(fitted):
@@ -113,8 +113,13 @@ def test_batches_pil_and_arrays_give_the_same_scores(fitted):
     np.testing.assert_allclose(batched, one, rtol=1e-5)
     np.testing.assert_array_equal(pil, one)
     np.testing.assert_array_equal(arrays, one)
+    # The bare graph on the decoded frames resizes them itself: the same scores to the bit as the runtime's
+    # Pillow-resized input (the graph's resize is the native one: tests/test_export_resize.py).
+    frames = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files[:4]])
+    assert frames.shape[1:3] != (64, 64)
+    np.testing.assert_array_equal(detector.run(frames)[0], one)
     with pytest.raises(SomadError, match="uint8"):
-        detector.run(np.zeros((1, 32, 32, 3), np.uint8))
+        detector.run(np.zeros((1, 32, 32), np.uint8))
 
 
 def test_runtime_runs_without_torch(fitted):

@@ -35,10 +35,14 @@ def test_metal_plate_real_defects(shared_data, tmp_path):
 
 # somad 0.5.0's default SOMAD (the paper's pipeline: resize 256, crop 224, no local aggregation, eps 0.01, 56x56,
 # k=4) on the shared data: image AUROC, pixel AUROC, AU-PRO at the masks' resolution, measured with 0.5.0 itself
-# at 2 threads.
+# at 2 threads. Tire's row since somad 0.10: its model inputs are resized horizontal pass first on every Pillow
+# (somad.resize); Pillow 13's one-call resize took the vertical pass first for its 300x400 portrait frames, so
+# 17.5% of its input values moved by one grey level, and the paper preset's image AUROC from 0.7057 to 0.6680
+# (pixel AUROC 0.9423 the same, AU-PRO 0.7857 -> 0.7839; 2 and 4 threads equal, 1 thread 0.6713 / 0.9416 /
+# 0.7844). metal_plate (square) is unchanged; magnetic_tile's tall frames moved too, within the spread.
 PAPER_0_5_0 = {
     ("mpdd_512", "metal_plate"): (0.9648, 0.9723, 0.8076),
-    ("mvtec3d_rgb_half", "tire"): (0.7057, 0.9423, 0.7857),
+    ("mvtec3d_rgb_half", "tire"): (0.6680, 0.9423, 0.7839),
     ("magnetic_tile", "magnetic_tile"): (0.9164, 0.7778, 0.6146),
 }
 # How far the paper preset's figures move with the arithmetic alone (docs/benchmarks.md "somad 0.8.0"). eps 0.01

@@ -7,14 +7,14 @@ signature) and scores images the way the native path does:
 
 1. decode with somad's rules (``somad.io.inputs``, ``somad.io.images``: files, PIL images, numpy frames;
    16-bit, float, palette, alpha...);
-2. resize and crop to the model input (``export_format.model_input``: Pillow's BILINEAR resize to ``image_size``
-   square, the central ``input_size`` square): the pixels ``FeatureExtractor.preprocess`` feeds the backbone;
+2. resize to ``image_size`` square as the native path does (``export_format.resized_input``: the graph would
+   do the same to the bit on the decoded image, 3-10x slower than Pillow's C code; the graph crops);
 3. apply the input gate (``somad.verdicts.check_frame``, with the limits the model learned from its training
    images: ``input_gate``);
 4. run the graph, one image at a time, on that input, the image's original size, the gate's result and the
    thresholds: it returns the score, the map at the model input, the verdict, the map on the original image and
-   the mask (the decision is the graph's: ``somad.export.onnx``). Without a threshold the verdict and mask are
-   reported as ``None``; the normalised score is read from the thresholds' record
+   the mask (the crop and the decision are the graph's: ``somad.export.onnx``). Without a threshold the verdict
+   and mask are reported as ``None``; the normalised score is read from the thresholds' record
    (``somad.verdicts.normalized_or_none``).
 
 :class:`OnnxDetector` answers what ``somad.io.outputs.write_predictions`` and the service ask of a detector
@@ -49,8 +49,8 @@ from somad.io.export_format import (
     META_FILE,
     MODEL_FILE,
     OUTPUT_NAMES,
-    model_input,
     read_export,
+    resized_input,
     threshold_feeds,
 )
 from somad.io.inputs import ImageItem, as_items, decoded
@@ -167,7 +167,7 @@ class OnnxDetector:
         self.device_ = "cpu"
         self.backend, self.threads, self._verified = backend, threads, verify_key is not None
         runner = _onnxruntime_runner if backend == "onnxruntime" else _openvino_runner
-        self._run = runner(graph, self.path / MODEL_FILE, self.input_size, threads, spinning)
+        self._run = runner(graph, self.path / MODEL_FILE, threads, spinning)
 
     def describe(self) -> dict:
         """What the export says about itself, as :func:`describe_export` gives it (verified when loaded), and the
@@ -176,17 +176,18 @@ class OnnxDetector:
 
     # ------------------------------------------------------------------ inputs
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """Decoded RGB image -> the graph's uint8 input ``(S, S, 3)``: the native path's resize and crop."""
-        return model_input(image, self.image_size, self.crop_offset, self.input_size)
+        """Decoded RGB image -> uint8 ``(R, R, 3)``, ``R = image_size``: the native path's resize, which the graph
+        leaves as it is (it crops)."""
+        return resized_input(image, self.image_size)
 
     # ------------------------------------------------------------------ scoring
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """The bare graph, image by image: uint8 ``(N, S, S, 3)`` -> scores ``(N,)``, maps ``(N, S, S)`` (float32),
-        with the graph's defaults for the other inputs (the resized frame's size, a valid frame)."""
-        s = self.input_size
-        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[1:] != (s, s, 3):
-            raise SomadError(f"the graph takes uint8 (N, {s}, {s}, 3) inputs, got {batch.dtype} {batch.shape}")
-        found = [self._run(self._feeds(np.ascontiguousarray(x[None]), (self.image_size,) * 2, True)) for x in batch]
+        """The bare graph, image by image: uint8 RGB frames ``(N, H, W, 3)`` (any size: the graph resizes them) ->
+        scores ``(N,)``, maps ``(N, S, S)`` (float32), with the graph's defaults for the other inputs (a valid
+        frame, the model's thresholds)."""
+        if batch.dtype != np.uint8 or batch.ndim != 4 or batch.shape[3] != 3 or 0 in batch.shape:
+            raise SomadError(f"the graph takes uint8 (N, H, W, 3) RGB frames, got {batch.dtype} {batch.shape}")
+        found = [self._run(self._feeds(np.ascontiguousarray(x[None]), (0, 0), True)) for x in batch]
         return np.concatenate([f[0] for f in found]).astype(np.float32), np.concatenate([f[1] for f in found])
 
     def predict_iter(
@@ -299,17 +300,18 @@ def _missing(backend: str) -> str:
     return f'{backend} is not installed; pip install "somad[{BACKENDS[backend]}]"'
 
 
-def _check_graph(path: Path, size: int, shape, inputs: set[str], outputs: set[str]) -> None:
-    """The graph a backend loaded takes the described input and gives the described outputs."""
-    if shape != [1, size, size, 3] or inputs != set(INPUT_NAMES) or not outputs >= set(OUTPUT_NAMES):
+def _check_graph(path: Path, shape, inputs: set[str], outputs: set[str]) -> None:
+    """The graph a backend loaded takes the described input (an RGB frame of any size: ``shape`` ``[1, None, None,
+    3]``, its free sides ``None``) and gives the described outputs."""
+    if shape != [1, None, None, 3] or inputs != set(INPUT_NAMES) or not outputs >= set(OUTPUT_NAMES):
         raise ModelFileError(
-            f"{path}: the graph does not take uint8 {INPUT_NAME} (1, {size}, {size}, 3) and "
+            f"{path}: the graph does not take uint8 {INPUT_NAME} (1, H, W, 3) and "
             f"{', '.join(INPUT_NAMES[1:])} to {', '.join(OUTPUT_NAMES)} as its description ({META_FILE}) says; "
             "re-run `somad export`"
         )
 
 
-def _onnxruntime_runner(graph: bytes, path: Path, size: int, threads: int | None, spinning: bool = True):
+def _onnxruntime_runner(graph: bytes, path: Path, threads: int | None, spinning: bool = True):
     """A session of the graph's bytes ``graph`` (read from ``path``), checked to take the described input."""
     try:
         import onnxruntime as ort
@@ -330,12 +332,12 @@ def _onnxruntime_runner(graph: bytes, path: Path, size: int, threads: int | None
         ) from None
     given = [*session.get_inputs(), *session.get_overridable_initializers()]  # inputs with a default are the latter
     inputs = {i.name: i for i in given}
-    shape = list(inputs[INPUT_NAME].shape) if INPUT_NAME in inputs else None
-    _check_graph(path, size, shape, set(inputs), {o.name for o in session.get_outputs()})
+    shape = [d if isinstance(d, int) else None for d in inputs[INPUT_NAME].shape] if INPUT_NAME in inputs else None
+    _check_graph(path, shape, set(inputs), {o.name for o in session.get_outputs()})
     return lambda feeds: session.run(list(OUTPUT_NAMES), feeds)
 
 
-def _openvino_runner(graph: bytes, path: Path, size: int, threads: int | None, spinning: bool = True):
+def _openvino_runner(graph: bytes, path: Path, threads: int | None, spinning: bool = True):
     """An OpenVINO CPU model of the graph's bytes ``graph`` (read from ``path``), in float32, its inputs' defaults
     removed (:func:`_without_defaults`), checked to take the described input."""
     try:
@@ -352,8 +354,8 @@ def _openvino_runner(graph: bytes, path: Path, size: int, threads: int | None, s
         raise ModelFileError(f"{path}: OpenVINO cannot load it ({type(exc).__name__}); re-run `somad export`") from None
     inputs = {i.get_any_name(): i for i in compiled.inputs}
     image = inputs[INPUT_NAME].get_partial_shape() if INPUT_NAME in inputs else None
-    shape = [d.get_length() for d in image] if image is not None and image.is_static else None
-    _check_graph(path, size, shape, set(inputs), {o.get_any_name() for o in compiled.outputs})
+    shape = [d.get_length() if d.is_static else None for d in image] if image is not None else None
+    _check_graph(path, shape, set(inputs), {o.get_any_name() for o in compiled.outputs})
     request = compiled.create_infer_request()
     outputs = [compiled.output(name) for name in OUTPUT_NAMES]
 

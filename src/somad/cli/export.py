@@ -11,11 +11,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser(
         "export",
         help="export a fitted model as one ONNX graph (run it without torch: somad.runtime.OnnxDetector)",
-        description="Write DIR/model.onnx (the image resized to the model input, uint8 (1, S, S, 3), with its "
-        "original size and the input gate's result, in; score, anomaly maps, verdict and mask out, the thresholds "
-        "held in the graph) and DIR/somad_export.json (thresholds, input size, geometry, normalisation, source "
-        "model hash). The graph is checked against the native path under onnxruntime (scores, maps, verdicts, "
-        "masks) before the folder is written.",
+        description="Write DIR/model.onnx (the decoded RGB image at any size, uint8 (1, H, W, 3), and optionally "
+        "the input gate's result, in, resized inside as the native path resizes; score, anomaly maps, verdict and "
+        "mask out, the thresholds held in the graph) and DIR/somad_export.json (thresholds, input size, geometry, "
+        "normalisation, source model hash). The graph is checked against the native path under onnxruntime "
+        "(scores, maps, verdicts, masks) before the folder is written.",
     )
     p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
     p.add_argument("-o", "--output", required=True, metavar="DIR", help="folder to write")
@@ -65,7 +65,8 @@ def run(args) -> int:
         )
     size = meta["geometry"]["input_size"]
     print(
-        f"graph inputs: image uint8 (1, {size}, {size}, 3), original_size, valid, image_threshold, pixel_threshold; "
+        "graph inputs: image uint8 (1, H, W, 3), the decoded RGB image at any size (the graph resizes it), and "
+        "optionally original_size, valid, image_threshold, pixel_threshold; "
         f"outputs: score, anomaly_map (1, {size}, {size}), is_anomalous, original_map and mask (1, H, W)"
     )
     print(f"wrote {out} ({', '.join(meta['files'])}, {META_FILE})")

@@ -1,13 +1,20 @@
-"""A fitted detector as one ONNX graph that decides: the model input in; score, verdict, anomaly maps and mask out.
+"""A fitted detector as one ONNX graph that decides: the decoded image in; score, verdict, anomaly maps and mask out.
 
 The graph (:func:`write_onnx`; its contract, declared once: ``somad.io.export_format``) holds everything after
-decoding and resizing, the decision included:
+decoding, the resize and the decision included:
 
-* inputs: ``image`` uint8 ``(1, S, S, 3)``, RGB, ``S`` the model input size: the decoded image resized and cropped
-  as ``FeatureExtractor.preprocess`` does (``export_format.model_input``); ``original_size`` int64 ``(2,)``, the
-  decoded image's height and width; ``valid`` bool ``(1,)``, the input gate's result; ``image_threshold`` and
-  ``pixel_threshold``, float32 scalars held in the graph as constants (the model's thresholds, rounded as
-  ``export_format.threshold_feeds`` rounds them) that a caller may override. Only ``image`` is needed;
+* inputs: ``image`` uint8 ``(1, H, W, 3)``, RGB, the decoded image at any size; ``original_size`` int64 ``(2,)``, its
+  height and width where ``image`` was resized before (default ``[0, 0]``: ``image``'s own size); ``valid`` bool
+  ``(1,)``, the input gate's result; ``image_threshold`` and ``pixel_threshold``, float32 scalars held in the graph
+  as constants (the model's thresholds, rounded as ``export_format.threshold_feeds`` rounds them) that a caller may
+  override. Only ``image`` is needed;
+* the resize and crop (:func:`input_nodes`): the native path's resize to ``image_size`` square
+  (``somad.resize.resize_bilinear``: Pillow's antialiased BILINEAR in 8-bit fixed point, the horizontal pass
+  first), bit for bit (``somad.export.resize_graph``), then the central ``input_size`` square. ONNX's own
+  ``Resize`` with ``antialias=1`` is another filter (measured on 16 test images of each shared dataset resized to
+  256 px: up to 1 grey level apart on metal_plate, 2 on tire and 7 on magnetic_tile's odd sizes, scores up to
+  2.7e-2 apart). An image already resized by ``resize_bilinear`` (``export_format.resized_input``, with its
+  ``original_size``) passes through unchanged: the runtime feeds that, Pillow's C code being 3-10x faster;
 * the feature stage, traced: ``x / 255``, the backbone's normalisation, the backbone and the stages combined as
   the native path combines them (``model.feature_graph()``: ``features.FeatureGraph``);
 * the method's patch scoring, as ``model.export_scoring()`` gives it: the very module its ``predict`` runs, traced
@@ -24,12 +31,7 @@ decoding and resizing, the decision included:
 
 What stays outside the graph (``somad.runtime.OnnxDetector`` does it):
 
-* decoding (``somad.io.images``) and the **resize**, Pillow's ``BILINEAR`` (antialiased when it shrinks, in 8-bit
-  fixed point). ONNX's ``Resize`` with ``antialias=1`` (opset 18; onnxruntime 1.32 on uint8 images) is another
-  filter: measured on 16 test images of each shared dataset resized to 256 px, it differs from Pillow by at most
-  1 grey level on metal_plate (512 px, 0.1% of the pixels; SOMAD scores within 7e-5 relative), but by up to 2 on
-  tire (300 x 400, 17% of the pixels; scores up to 2.7e-2 apart) and 7 on magnetic_tile's odd sizes (8%; 1.3e-2),
-  against the export's bound of :data:`PARITY_RTOL`. So the graph takes the resized image;
+* decoding (``somad.io.images``: files, 16-bit, palette, EXIF orientation... to 8-bit RGB);
 * the **input gate** (``verdicts.check_frame``): its statistics are taken on Pillow's grey conversion and, for
   frames over 256 px, its BOX thumbnail, which ONNX does not reproduce bit for bit, and a statistic near a limit
   would flip a verdict. Its result enters as ``valid``; its reason stays in the runtime's ``status``;
@@ -43,7 +45,8 @@ build at run time.
 :func:`export_model` writes ``DIR/model.onnx`` and ``DIR/somad_export.json`` (thresholds, geometry,
 normalisation, source model hash, the graph's SHA-256, its own hash and, with a key, its signature) into a staged
 folder renamed into place whole, after checking the graph under onnxruntime against the native path
-(:func:`check_parity`: scores, maps, verdicts and masks, on generated frames of another size than the model's).
+(:func:`check_parity`: scores, maps, verdicts and masks, on generated frames of another size than the model's, fed
+whole and resized as the runtime feeds them).
 """
 
 from __future__ import annotations
@@ -62,6 +65,7 @@ from torch import nn
 
 from somad._version import __version__
 from somad.errors import SomadError
+from somad.export.resize_graph import pillow_bilinear_nodes
 from somad.io.export_format import (
     EXPORT_VERSION,
     FORMATS,
@@ -70,7 +74,7 @@ from somad.io.export_format import (
     META_FILE,
     MODEL_FILE,
     OUTPUT_NAMES,
-    model_input,
+    resized_input,
     seal,
     threshold_feeds,
 )
@@ -112,16 +116,16 @@ class _Traced(nn.Module):
         return feats if self.scoring is None else self.scoring(feats)
 
 
-def decision_nodes(patch: str, own_score: str | None, matrix: np.ndarray, geometry) -> tuple[list, list]:
+def decision_nodes(patch: str, own_score: str | None, matrix: np.ndarray, geometry, size: str) -> tuple[list, list]:
     """ONNX nodes from the patch scores ``patch`` ``(1, h, w)`` (and the method's own image score ``own_score``, or
-    ``None``) to :data:`OUTPUT_NAMES`, with the graph inputs of :data:`INPUT_NAMES` (see the module docstring).
-    ``matrix`` ``(S, h)``: the map step, one axis; ``geometry``: the model's ``Geometry`` (its crop). Returns
-    ``(nodes, initializers)``."""
+    ``None``) to :data:`OUTPUT_NAMES`, with the graph inputs of :data:`INPUT_NAMES` (see the module docstring) and
+    ``size``, the original image's height and width (int64 ``(2,)``). ``matrix`` ``(S, h)``: the map step, one
+    axis; ``geometry``: the model's ``Geometry`` (its crop). Returns ``(nodes, initializers)``."""
     from onnx import TensorProto, helper, numpy_helper
 
     n = helper.make_node
     score, amap, flagged, original, mask = OUTPUT_NAMES
-    _, size, valid, image_t, pixel_t = INPUT_NAMES
+    _, _, valid, image_t, pixel_t = INPUT_NAMES
     before = geometry.crop_offset  # the crop's margins in the resized frame, put back by edge replication
     after = geometry.image_size - geometry.input_size - before
     inits = [
@@ -181,6 +185,31 @@ def decision_nodes(patch: str, own_score: str | None, matrix: np.ndarray, geomet
     return nodes, inits
 
 
+def input_nodes(geometry, model_image: str, size: str) -> tuple[list, list]:
+    """ONNX nodes from the graph's ``image`` (uint8 ``(1, H, W, 3)``, any size) to ``model_image`` (uint8 ``(1, S, S,
+    3)``: the native path's resize to ``image_size`` square, bit for bit (``somad.export.resize_graph``), then the
+    central ``input_size`` square) and to ``size``, the original image's height and width: the ``original_size``
+    input where it is fed (positive), else the ``image`` input's own. Returns ``(nodes, initializers)``."""
+    from onnx import helper, numpy_helper
+
+    n = helper.make_node
+    r, o, s = geometry.image_size, geometry.crop_offset, geometry.input_size
+    nodes, inits = pillow_bilinear_nodes(INPUT_NAME, "input_resized", (r, r), prefix="input_resize")
+    inits += [
+        numpy_helper.from_array(np.array([o, o], np.int64), "input_crop_starts"),
+        numpy_helper.from_array(np.array([o + s, o + s], np.int64), "input_crop_ends"),
+        numpy_helper.from_array(np.array([1, 2], np.int64), "input_crop_axes"),
+        numpy_helper.from_array(np.array([0, 0], np.int64), "input_no_size"),
+    ]
+    nodes += [
+        n("Slice", ["input_resized", "input_crop_starts", "input_crop_ends", "input_crop_axes"], [model_image]),
+        n("Shape", [INPUT_NAME], ["input_own_size"], start=1, end=3),  # (H, W) of the image fed
+        n("Greater", [INPUT_NAMES[1], "input_no_size"], ["input_size_fed"]),
+        n("Where", ["input_size_fed", INPUT_NAMES[1], "input_own_size"], [size]),
+    ]
+    return nodes, inits
+
+
 def _trace(module: nn.Module, path: Path, example: torch.Tensor, outputs: list[str], opset: int) -> None:
     """``torch.onnx.export`` (the TorchScript-based exporter: no extra package needed) of ``module`` on
     ``example`` (named :data:`INPUT_NAME`), shapes as traced."""
@@ -220,17 +249,28 @@ def write_onnx(model: BaseDetector, path: Path) -> None:
     _trace(module, path, example, names, OPSET)
     proto = onnx.load(str(path))
     graph = proto.graph
+    model_image, size = "model_image", "decision_original_size"
+    for node in graph.node:  # the traced part now starts from the resized and cropped image
+        node.input[:] = [model_image if name == INPUT_NAME else name for name in node.input]
+    head, head_inits = input_nodes(geometry, model_image, size)
     nodes, inits, patch = ([], [], names[0]) if traced else scoring(names[0])
-    tail, tail_inits = decision_nodes(patch, names[1] if len(names) > 1 else None, model.map_matrix().numpy(), geometry)
+    own_score = names[1] if len(names) > 1 else None
+    tail, tail_inits = decision_nodes(patch, own_score, model.map_matrix().numpy(), geometry, size)
     defaults = {
-        INPUT_NAMES[1]: np.array([geometry.image_size] * 2, np.int64),
+        INPUT_NAMES[1]: np.array([0, 0], np.int64),
         INPUT_NAMES[2]: np.array([True]),
         **threshold_feeds(model.image_threshold_, model.pixel_threshold_),
     }
-    graph.node.extend(nodes + tail)
-    graph.initializer.extend(inits + tail_inits + [numpy_helper.from_array(v, k) for k, v in defaults.items()])
+    traced_nodes = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(head + traced_nodes + nodes + tail)
+    graph.initializer.extend(
+        head_inits + inits + tail_inits + [numpy_helper.from_array(v, k) for k, v in defaults.items()]
+    )
+    del graph.input[:]
     graph.input.extend(
         [
+            helper.make_tensor_value_info(INPUT_NAME, TensorProto.UINT8, [1, "image_height", "image_width", 3]),
             helper.make_tensor_value_info(INPUT_NAMES[1], TensorProto.INT64, [2]),
             helper.make_tensor_value_info(INPUT_NAMES[2], TensorProto.BOOL, [1]),
             helper.make_tensor_value_info(INPUT_NAMES[3], TensorProto.FLOAT, []),
@@ -310,14 +350,17 @@ def check_parity(model: BaseDetector, onnx_path: Path) -> dict:
         thresholds.append((mid, float(np.quantile(pixels, 0.9))))
     found = {"score": [], "map": [], "original": [], "verdict": 0, "verdict_near": 0, "pixels": 0, "pixels_near": 0}
     for image, p, ref in zip(images, native, full):
+        raw = {INPUT_NAME: np.asarray(image, np.uint8)[None]}  # the graph resizes (and takes the size from it)
+        resized = {  # the runtime's way: resized as the native path resizes, with the original size
+            INPUT_NAME: resized_input(image, g.image_size)[None],
+            INPUT_NAMES[1]: np.array(p.original_size, np.int64),
+        }
         for image_t, pixel_t in thresholds:
-            feeds = {
-                INPUT_NAME: model_input(image, g.image_size, g.crop_offset, g.input_size)[None],
-                INPUT_NAMES[1]: np.array(p.original_size, np.int64),
-                INPUT_NAMES[2]: np.array([p.valid]),
-                **threshold_feeds(image_t, pixel_t),
-            }
-            score, amap, flagged, original, mask = (a[0] for a in session.run(list(OUTPUT_NAMES), feeds))
+            rest = {INPUT_NAMES[2]: np.array([p.valid]), **threshold_feeds(image_t, pixel_t)}
+            outputs = [session.run(list(OUTPUT_NAMES), {**fed, **rest}) for fed in (raw, resized)]
+            if any(not np.array_equal(a, b) for a, b in zip(*outputs)):
+                raise _parity_error(onnx_path, "the graph's own resize and the runtime's resized input disagree")
+            score, amap, flagged, original, mask = (a[0] for a in outputs[0])
             found["score"].append(abs(float(score) - p.score) / max(abs(p.score), 1e-12))
             found["map"].append(float(np.max(np.abs(amap - p.map.numpy()))))
             found["original"].append(float(np.max(np.abs(original - ref))) if original.shape == ref.shape else np.inf)
@@ -387,8 +430,8 @@ def export_metadata(model: BaseDetector, source: Path | None, fmt: str, opset: i
             "crop_size": g.crop_size,
             "input_size": g.input_size,
             "crop_offset": g.crop_offset,
-            "resize": "PIL Image.resize((image_size, image_size), Image.BILINEAR) of the decoded RGB image, "
-            "then the central input_size square",
+            "resize": "Pillow's BILINEAR resize of the decoded RGB image to image_size square, the horizontal "
+            "pass first (somad.resize.resize_bilinear), then the central input_size square; inside the graph",
             "grid_size": ex.grid_size,
             "stride": ex.stride,
         },
@@ -396,10 +439,10 @@ def export_metadata(model: BaseDetector, source: Path | None, fmt: str, opset: i
         "graph": {
             "file": MODEL_FILE,
             "opset": int(opset),
-            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [1, s, s, 3]},
+            "input": {"name": INPUT_NAME, "dtype": "uint8", "shape": [1, "H", "W", 3]},
             "inputs": {
-                INPUT_NAME: {"dtype": "uint8", "shape": [1, s, s, 3]},
-                INPUT_NAMES[1]: {"dtype": "int64", "shape": [2], "default": [g.image_size, g.image_size]},
+                INPUT_NAME: {"dtype": "uint8", "shape": [1, "H", "W", 3]},
+                INPUT_NAMES[1]: {"dtype": "int64", "shape": [2], "default": [0, 0]},
                 INPUT_NAMES[2]: {"dtype": "bool", "shape": [1], "default": [True]},
                 INPUT_NAMES[3]: {"dtype": "float32", "shape": [], "default": "image_threshold, rounded down"},
                 INPUT_NAMES[4]: {"dtype": "float32", "shape": [], "default": "pixel_threshold"},

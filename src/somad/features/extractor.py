@@ -39,6 +39,7 @@ from PIL import Image
 
 from somad.errors import SomadError
 from somad.features.backbones import backbone_spec, build_backbone
+from somad.resize import resize_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -251,7 +252,7 @@ class FeatureExtractor:
             return self.preprocess(image)[None], layout
         fh, fw = layout.size
         self._warn_if_small(image, min(fh, fw))
-        frame = np.asarray(image.resize((fw, fh), Image.BILINEAR), dtype=np.float32) / 255.0
+        frame = np.asarray(resize_bilinear(image, (fw, fh)), dtype=np.float32) / 255.0
         t = g.tile_size
         stack = np.stack([frame[y : y + t, x : x + t] for y, x in layout.offsets]).transpose(0, 3, 1, 2)
         return torch.from_numpy(np.ascontiguousarray(stack)), layout
@@ -273,7 +274,7 @@ class FeatureExtractor:
         """RGB PIL image -> float tensor ``(3, S, S)`` in [0, 1], resized and cropped (not yet normalised)."""
         g = self.geometry
         self._warn_if_small(image, g.input_size)
-        resized = image.resize((g.image_size, g.image_size), Image.BILINEAR)
+        resized = resize_bilinear(image, (g.image_size, g.image_size))
         array = np.asarray(resized, dtype=np.float32) / 255.0
         o, s = g.crop_offset, g.input_size
         array = array[o : o + s, o : o + s]

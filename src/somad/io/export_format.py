@@ -3,10 +3,10 @@ its verification before the first image is scored.
 
 ``somad export`` (``somad.export.onnx``) writes ``DIR/model.onnx`` (the graph) and ``DIR/somad_export.json`` (the
 description: thresholds, geometry, ...) into a staged folder renamed into place whole. The graph takes
-:data:`INPUT_NAMES` (the image as :func:`model_input` makes it, its original size, the input gate's result and the
-thresholds as :func:`threshold_feeds` gives them) and returns :data:`OUTPUT_NAMES` (score, map at the model input,
-verdict, map on the original image, mask). The torch-free runtime (``somad.runtime.OnnxDetector``) reads them
-through :func:`read_export`, which checks, before anything is scored:
+:data:`INPUT_NAMES` (the decoded image at any size, or :func:`resized_input`'s with its original size; the input
+gate's result and the thresholds as :func:`threshold_feeds` gives them) and returns :data:`OUTPUT_NAMES` (score,
+map at the model input, verdict, map on the original image, mask). The torch-free runtime
+(``somad.runtime.OnnxDetector``) reads them through :func:`read_export`, which checks, before anything is scored:
 
 1. the description against :data:`SCHEMA` (types, ranges, version bounds; one line naming the field);
 2. the description's own hash, ``content_sha256``: the SHA-256 of the canonical JSON of every other field
@@ -48,6 +48,7 @@ from somad.io.schema import (
     describe,
     problem,
 )
+from somad.resize import resize_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -55,14 +56,17 @@ MODEL_FILE = "model.onnx"
 META_FILE = "somad_export.json"
 #: 2 (somad 0.7.2): the description carries its own hash (``content_sha256``) and may be signed. 3: the graph
 #: decides (verdict, mask, the map on the original image; :data:`INPUT_NAMES`, :data:`OUTPUT_NAMES`); the runtime
-#: refuses older exports, whose verdicts it made in Python, with the fix.
-EXPORT_VERSION = 3
+#: refuses older exports, whose verdicts it made in Python, with the fix. 4 (somad 0.10): the graph takes the decoded
+#: image at any size and resizes and crops it itself (``somad.export.resize_graph``: the native resize bit for bit).
+EXPORT_VERSION = 4
 FORMATS = ("onnx",)
 INPUT_NAME = "image"
-#: The graph's inputs: ``image`` uint8 ``(1, S, S, 3)`` (:func:`model_input`), ``original_size`` int64 ``(2,)`` (the
-#: decoded image's height and width), ``valid`` bool ``(1,)`` (the input gate passed it: ``somad.verdicts.
-#: check_frame``), ``image_threshold`` and ``pixel_threshold`` float32 scalars (:func:`threshold_feeds`). All but the
-#: image have a default in the graph: the resized frame's size, True, the model's thresholds.
+#: The graph's inputs: ``image`` uint8 ``(1, H, W, 3)``, the decoded RGB image at any size (or, the same to the bit
+#: and faster, :func:`resized_input`'s ``(1, R, R, 3)`` with ``original_size``); ``original_size`` int64 ``(2,)``
+#: (the decoded image's height and width; ``[0, 0]``, the default: the ``image`` input's own size); ``valid`` bool
+#: ``(1,)`` (the input gate passed it: ``somad.verdicts.check_frame``; default True), ``image_threshold`` and
+#: ``pixel_threshold`` float32 scalars (:func:`threshold_feeds`; default the model's thresholds). Only ``image`` is
+#: needed.
 INPUT_NAMES = (INPUT_NAME, "original_size", "valid", "image_threshold", "pixel_threshold")
 #: ``score`` float32 ``(1,)``, ``anomaly_map`` float32 ``(1, S, S)`` at the model input, ``is_anomalous`` bool ``(1,)``,
 #: ``original_map`` float32 ``(1, H, W)`` on the original image, ``mask`` bool ``(1, H, W)``.
@@ -107,13 +111,12 @@ SCHEMA = Table(
 )
 
 
-def model_input(image: Image.Image, image_size: int, crop_offset: int, input_size: int) -> np.ndarray:
-    """A decoded RGB image -> the graph's ``image`` ``(S, S, 3)`` uint8: Pillow's BILINEAR resize to ``image_size``
-    square, then the central ``input_size`` square from ``crop_offset``: the pixels ``FeatureExtractor.preprocess``
-    feeds the backbone (before its ``/ 255``). The resize stays outside the graph: see ``somad.export.onnx``."""
-    resized = image.resize((image_size, image_size), Image.BILINEAR)
-    o, s = crop_offset, input_size
-    return np.ascontiguousarray(np.asarray(resized, dtype=np.uint8)[o : o + s, o : o + s])
+def resized_input(image: Image.Image, image_size: int) -> np.ndarray:
+    """A decoded RGB image -> ``(R, R, 3)`` uint8, ``R = image_size``: the native path's resize
+    (``somad.resize.resize_bilinear``), which the graph repeats bit for bit on a larger image and leaves unchanged
+    on one of this size. Fed with the image's ``original_size``, it spares the graph the resize (Pillow's C code
+    is 3-10x faster than the graph's copy; docs/benchmarks.md)."""
+    return np.asarray(resize_bilinear(image, (image_size, image_size)), dtype=np.uint8)
 
 
 def threshold_feeds(image_threshold: float | None, pixel_threshold: float | None) -> dict[str, np.ndarray]:
@@ -215,7 +218,7 @@ __all__ = [
     "OUTPUT_NAMES",
     "SCHEMA",
     "content_sha256",
-    "model_input",
+    "resized_input",
     "read_export",
     "seal",
     "threshold_feeds",
