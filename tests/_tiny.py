@@ -18,6 +18,15 @@ def tiny(**overrides) -> dict:
     return {**BASE, **overrides}
 
 
+#: SOMAD's own parameters in :data:`BASE`; the rest is every method's (:func:`tiny_common`).
+SOM_PARAMS = ("som_size", "k", "rough_epochs", "fine_epochs")
+
+
+def tiny_common(**overrides) -> dict:
+    """:data:`BASE` without SOMAD's own parameters, with ``overrides``: the tiny PaDiM or PatchCore."""
+    return {**{k: v for k, v in BASE.items() if k not in SOM_PARAMS}, **overrides}
+
+
 def texture(seed: int, size=(80, 100)):
     """A smooth colour pattern plus sensor noise, ``(H, W, 3)`` uint8 (not square: maps are resized back): the
     good part of the unit tests that fit on in-memory frames."""

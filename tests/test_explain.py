@@ -1,19 +1,21 @@
-"""Explanations (issue 28): each SOMAD node keeps the training patch that represents it best, and a predicted region
-is shown beside the reference of the node nearest to its peak patch (``SOMAD.region_references``, ``regions.csv``,
-``somad predict --explain``). The training images are two-tone (red | blue, or blue | red: position alone does not
-tell a patch's colour), one with a green square; the tiny configuration with a 6x6 map."""
+"""Explanations (issue 28): each SOMAD node keeps the training patch that represents it best, each PatchCore bank row
+the training patch it is, and a predicted region is shown beside the reference of the row nearest to its peak patch
+(``region_references``, ``regions.csv``, ``somad predict --explain``, the ``somad evaluate`` report). The training
+images are two-tone (red | blue, or blue | red: position alone does not tell a patch's colour), one with a green
+square; the tiny configuration with a 6x6 map."""
 
 import csv
+import json
 import logging
 import shutil
 
 import numpy as np
 import pytest
 import torch
-from _tiny import tiny
+from _tiny import tiny, tiny_common
 from PIL import Image
 
-from somad import SOMAD, load
+from somad import SOMAD, PatchCore, load
 from somad.cli import main
 from somad.io.inputs import as_items
 from somad.io.model_files import load_model, save_model
@@ -33,9 +35,8 @@ def two_tone(seed: int) -> np.ndarray:
     return np.clip(image + rng.normal(0, 12, (h, w, 3)), 0, 255).astype(np.uint8)
 
 
-@pytest.fixture(scope="module")
-def fitted(tmp_path_factory):
-    root = tmp_path_factory.mktemp("explain")
+def _training_set(root):
+    """``root/train`` (g0-g7, g3 with the green square) and ``root/good`` (v8-v11, for the thresholds)."""
     train, good = root / "train", root / "good"
     train.mkdir()
     good.mkdir()
@@ -46,8 +47,24 @@ def fitted(tmp_path_factory):
         Image.fromarray(image).save(train / f"g{i}.png")
     for i in range(8, 12):
         Image.fromarray(two_tone(i)).save(good / f"v{i}.png")
+    return train, good
+
+
+@pytest.fixture(scope="module")
+def fitted(tmp_path_factory):
+    root = tmp_path_factory.mktemp("explain")
+    train, good = _training_set(root)
     model = SOMAD(**tiny(val_fraction=0.0, som_size=6)).fit(train).calibrate(good)
     return model, train, model.save(root / "m.safetensors")
+
+
+@pytest.fixture(scope="module", params=[1.0, 0.1], ids=["whole bank", "coreset"])
+def patchcore(request, tmp_path_factory):
+    """A tiny PatchCore on the same images: every training patch in the bank (1.0), or a tenth of them."""
+    root = tmp_path_factory.mktemp("explain_pc")
+    train, good = _training_set(root)
+    model = PatchCore(**tiny_common(val_fraction=0.0, coreset_ratio=request.param)).fit(train).calibrate(good)
+    return model, train, model.save(root / "pc.safetensors")
 
 
 def _pasted() -> np.ndarray:
@@ -170,3 +187,138 @@ def test_a_model_file_without_references_loads_scores_the_same_and_cannot_explai
     assert old_rows and all(r[c] == "" for r in old_rows for c in REFERENCE_COLUMNS)
     assert not (tmp_path / "old" / "explanations").exists()
     assert sum("keeps no normal references" in r.getMessage() for r in caplog.records) == 1
+
+
+# ------------------------------------------------------------------------------------------ PatchCore
+def test_each_bank_row_references_the_training_patch_it_holds(patchcore):
+    model, train, _ = patchcore
+    assert model.reference_images_ == [f"g{i}.png" for i in range(8)] and model.reference_root_ == str(train)
+    refs = model.bank_references_
+    assert refs.shape == (len(model.memory_bank_), 3) and bool((refs[:, 0] >= 0).all())
+    feats = {
+        name: model._checked_features(model.extractor_.tiles(Image.open(train / name).convert("RGB"))[0])[0]
+        for name in model.reference_images_
+    }
+    for row, (image, x, y) in enumerate(refs.tolist()):
+        i, j = model._patch_at(x, y, SIZE)  # the patch centre back to its grid cell (100x80 images)
+        torch.testing.assert_close(feats[model.reference_images_[image]][:, i, j], model.memory_bank_[row])
+
+
+def test_a_pasted_patch_references_its_source_image_at_its_place_patchcore(patchcore):
+    model, _, _ = patchcore
+    whole = len(model.memory_bank_) == model.n_patches_
+    pred = next(model.predict_iter([_pasted()]))
+    points = [(x, y) for x in (10, 25, 40) for y in (20, 35, 50)]  # inside the green square, pasted from g3.png
+    for (x, y), (name, rx, ry, distance) in zip(points, model.region_references(pred, points)):
+        # green only ever was in g3.png's square: the reference lies there (within one patch, 12.5 x 10 px)
+        assert name == "g3.png" and distance >= 0
+        assert SQUARE[1].start - 13 <= rx < SQUARE[1].stop + 13 and SQUARE[0].start - 10 <= ry < SQUARE[0].stop + 10
+        if whole:  # every training patch is in the bank: the very patch it was pasted from
+            assert (rx, ry) == tuple(round(v) for v in model._patch_centre(*model._patch_at(x, y, SIZE), SIZE))
+    plain = model.region_references(next(model.predict_iter([two_tone(5)])), points)
+    assert all(name != "g3.png" for name, *_ in plain)  # without the paste: no reason to point at g3.png
+
+
+def test_patchcore_references_are_the_scoring_distances(patchcore):
+    """The reference's distance is the peak patch's distance to its nearest bank row, which the patch map holds."""
+    model, _, _ = patchcore
+    image = _pasted()
+    feats = model._checked_features(model.extractor_.tiles(Image.fromarray(image))[0])
+    patch, _ = model._patch_scores(feats)  # (1, h, w) before the upsampling and the blur
+    pred = next(model.predict_iter([image]))
+    points = [(8, 5), (30, 30), (92, 70)]
+    refs = model.region_references(pred, points)
+    for (x, y), (*_, distance) in zip(points, refs):
+        i, j = model._patch_at(x, y, SIZE)
+        assert distance == pytest.approx(float(patch[0, i, j]), rel=1e-4, abs=1e-5)
+
+
+def test_a_patchcore_file_without_references_loads_scores_the_same_and_cannot_explain(patchcore, tmp_path, caplog):
+    model, _, path = patchcore
+    config, arrays = load_model(path)
+    assert arrays["bank_references"].dtype == torch.int32
+    del arrays["bank_references"], config["state"]["reference_images"], config["state"]["reference_root"]
+    old = load(save_model(tmp_path / "old.safetensors", config, arrays))
+    new = load(path)
+    image = _pasted()
+    assert old.bank_references_ is None and old.region_references(next(old.predict_iter([image])), [(1, 1)]) is None
+    assert torch.equal(new.bank_references_, model.bank_references_)
+    assert new.reference_images_ == model.reference_images_
+    np.testing.assert_array_equal(old.predict_maps([image])[0], new.predict_maps([image])[0])
+    Image.fromarray(image).save(tmp_path / "pasted.png")
+    with caplog.at_level(logging.WARNING):
+        for name, model_file in (("new", path), ("old", tmp_path / "old.safetensors")):
+            argv = ["-q", "predict", str(model_file), str(tmp_path / "pasted.png"), "-o", str(tmp_path / name)]
+            assert main([*argv, "--explain"]) == 0
+    assert _rows(tmp_path / "old" / "scores.csv") == _rows(tmp_path / "new" / "scores.csv")
+    new_rows, old_rows = _rows(tmp_path / "new" / "regions.csv"), _rows(tmp_path / "old" / "regions.csv")
+    assert new_rows and all(r["reference_image"] == "g3.png" for r in new_rows)  # the paste is what is flagged
+    assert old_rows and all(r[c] == "" for r in old_rows for c in REFERENCE_COLUMNS)
+    assert len(list((tmp_path / "new" / "explanations").iterdir())) == len(new_rows)
+    assert not (tmp_path / "old" / "explanations").exists()
+    assert sum("keeps no normal references" in r.getMessage() for r in caplog.records) == 1
+
+
+def test_a_tiled_patchcore_keeps_no_references(tmp_path):
+    train, _ = _training_set(tmp_path)
+    model = PatchCore(**tiny_common(val_fraction=0.0, tile_size=32, image_size=48)).fit(train)
+    assert model.bank_references_ is None and model.reference_images_ is None
+    assert model.region_references(next(model.predict_iter([_pasted()])), [(1, 1)]) is None
+
+
+# ------------------------------------------------------------------------------------------ the evaluate report
+def _category(root):
+    """An MVTec category: two good test images and the pasted one, with its ground truth (the green square)."""
+    category = root / "category"
+    for name, image in (("good/000.png", two_tone(12)), ("good/001.png", two_tone(13)), ("paste/000.png", _pasted())):
+        (category / "test" / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(category / "test" / name)
+    truth = np.zeros(SIZE, np.uint8)
+    truth[SQUARE] = 255
+    (category / "ground_truth" / "paste").mkdir(parents=True)
+    Image.fromarray(truth).save(category / "ground_truth" / "paste" / "000_mask.png")
+    return category
+
+
+def test_the_report_shows_each_flagged_region_beside_its_normal_reference(fitted, tmp_path):
+    _report_names_the_references(fitted[2], tmp_path)
+
+
+def test_the_report_shows_patchcore_references(patchcore, tmp_path):
+    _report_names_the_references(patchcore[2], tmp_path)
+
+
+def _report_names_the_references(path, tmp_path):
+    category = _category(tmp_path)
+    assert main(["-q", "evaluate", str(path), str(category), "-o", str(tmp_path / "e")]) == 0
+    assert main(["-q", "evaluate", str(path), str(category), "-o", str(tmp_path / "n"), "--no-report"]) == 0
+    e = tmp_path / "e"
+    assert _rows(e / "scores.csv") == _rows(tmp_path / "n" / "scores.csv")  # explanations never touch scores
+    metrics = [json.loads((folder / "metrics.json").read_text())["overall"] for folder in (e, tmp_path / "n")]
+    assert metrics[0] == metrics[1]
+    assert not (tmp_path / "n" / "explanations").exists()
+    regions = [r for r in _rows(e / "regions.csv") if r["path"] == "test/paste/000.png"]
+    assert regions and all(r["reference_image"].startswith("g") for r in regions)
+    main_region = max(regions, key=lambda r: float(r["peak_score"]))
+    page = (e / "report.html").read_text(encoding="utf-8")
+    ref = main_region["reference_image"], main_region["reference_x"], main_region["reference_y"]
+    assert "normal reference: {} at ({}, {})".format(*ref) in page  # the main region's, as regions.csv names it
+    picture = f"explanations/test/paste/000_region{main_region['region']}.png"
+    assert f'href="{picture}"' in page and (e / picture).is_file()  # its thumbnail opens it
+    assert f'src="report_files/{picture}"' in page and (e / "report_files" / picture).is_file()
+    assert "cannot be read" not in page and "No normal references" not in page
+
+
+def test_the_report_says_in_one_line_when_the_training_images_moved(fitted, tmp_path):
+    _, train, path = fitted
+    category = _category(tmp_path)
+    moved = tmp_path / "moved"
+    shutil.copytree(train, moved)
+    shutil.rmtree(train)
+    try:
+        assert main(["-q", "evaluate", str(path), str(category), "-o", str(tmp_path / "e")]) == 0
+    finally:
+        shutil.copytree(moved, train)
+    page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
+    assert page.count("The training images cannot be read") == 1 and str(train / "g") in page
+    assert "training image not readable: grey" in page and "normal reference: g" in page  # still named

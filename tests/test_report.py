@@ -17,6 +17,7 @@ from PIL import Image
 from somad.evaluation.report import (
     FRAME,
     PRO_LIMIT,
+    SHOWN_REFERENCES,
     THUMB_SIZE,
     Thumbnails,
     page_view,
@@ -28,7 +29,8 @@ from somad.evaluation.report import (
     write_report,
     write_thumbnails,
 )
-from somad.io.outputs import output_relpath
+from somad.io.outputs import explanation_image, output_relpath, peak_pixel, save_png
+from somad.verdicts import regions
 
 # Distinctive metric values, so that their presence in the page can be checked.
 OVERALL = {
@@ -67,8 +69,35 @@ def _png(path: Path, array: np.ndarray) -> Path:
     return path
 
 
-def _fake_run(tmp_path: Path, *, threshold: bool = True):
-    """A tiny evaluation: source images, GT masks, and the heatmaps/masks that write_predictions makes."""
+#: The normal reference of every region of :func:`_fake_run` with ``explained``, and its training image (teal).
+REFERENCE = ("train/good/031.png", 30, 33, 4.25)
+TEAL = (0, 160, 160)
+
+
+def _explain(out: Path, rec: dict, training: Image.Image) -> list[dict]:
+    """Each region of a flagged record's predicted mask beside ``training``, as ``somad evaluate`` explains it
+    (``somad.io.outputs.explanation_image``, the file where ``write_predictions`` puts it), and the record's
+    ``explanations`` entries."""
+    rel = output_relpath(rec["name"], "")
+    mask = np.asarray(Image.open(out / "masks" / output_relpath(rec["name"], ".png"))) > 0
+    full = np.where(mask, 2.0 + np.linspace(0, 1, mask.shape[1])[None, :], 0.0)  # peaks at each region's right edge
+    entries = []
+    for i, region in enumerate(regions(mask, full), 1):
+        peak = peak_pixel(mask, full, region)
+        image = explanation_image(
+            SimpleNamespace(image=Image.open(rec["path"])), mask, region, peak, REFERENCE, training, rec["name"]
+        )
+        path = PurePath("explanations", rel.with_name(f"{rel.name}_region{i}.png"))
+        save_png(image, out / path)
+        entries.append(
+            {"region": i, "path": path.as_posix(), "peak": region.peak, "reference": list(REFERENCE), "readable": True}
+        )
+    return entries
+
+
+def _fake_run(tmp_path: Path, *, threshold: bool = True, explained: bool = False):
+    """A tiny evaluation: source images, GT masks, and the heatmaps/masks that write_predictions makes; with
+    ``explained``, each flagged image's explanations (:func:`_explain`) as ``evaluate_model(explain=True)`` gives."""
     rng = np.random.default_rng(0)
     src, out = tmp_path / "data", tmp_path / "out"
     out.mkdir()
@@ -131,6 +160,11 @@ def _fake_run(tmp_path: Path, *, threshold: bool = True):
         "skipped": ["/data/test/crack/broken <&>.png: cannot decode (truncated); remove it"],
         "timing": {"predict_seconds": 1.2, "predict_ms_per_image": 200.0},
     }
+    if explained:
+        training = Image.fromarray(np.full((120, 160, 3), TEAL, np.uint8))
+        for rec in records:
+            rec["explanations"] = _explain(out, rec, training) if rec["is_anomalous"] else []
+        result["explanations"] = {"method_keeps": True, "no_references": False, "unreadable": None}
     model = SimpleNamespace(
         method="somad",
         backbone="efficientnet_lite0",
@@ -334,6 +368,115 @@ def test_renders_in_headless_chromium(tmp_path):
     assert cols.max() > 0.6 * image.shape[1]  # in the last column of the image grid
 
 
+def test_flagged_images_in_a_real_browser_show_their_normal_reference(tmp_path):
+    """Issue 28: in headless chromium (Debian's, driven by playwright), each flagged image's explanation (its region
+    beside the normal reference crop) is loaded and laid out, and its caption is visible; a screenshot is kept."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    chromium = _find_chromium()
+    if chromium is None:
+        pytest.skip("no chromium binary on PATH")
+    out, result, model = _fake_run(tmp_path, explained=True)
+    path = write_report(out, result, model=model)
+    flagged = sum(bool(r["is_anomalous"]) for r in result["records"])
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 900})
+            requested = []
+            page.on("request", lambda request: requested.append(request.url))
+            page.goto(path.resolve().as_uri(), timeout=60_000)
+            figures = page.locator("figure.ref")
+            assert figures.count() == flagged
+            shown = []
+            for i in range(figures.count()):
+                figure = figures.nth(i)
+                figure.scroll_into_view_if_needed()  # the pictures load lazily
+                picture, caption = figure.locator("img"), figure.locator("figcaption")
+                picture.evaluate("img => img.decode()")  # resolves once the image is loaded and decoded
+                shown.append(
+                    (
+                        picture.evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]"),
+                        picture.bounding_box(),
+                        caption.is_visible(),
+                        caption.bounding_box(),
+                        caption.inner_text(),
+                    )
+                )
+            page.screenshot(path=str(tmp_path / "report.png"), full_page=True)
+        finally:
+            browser.close()
+    assert all(u.startswith("file://") for u in requested)  # nothing from the network
+    for (complete, width, height), box, visible, caption_box, text in shown:
+        assert complete and width > 256 + 8 and height > 256  # the region (at least 256 px) and its reference
+        assert box["width"] > 100 and box["height"] > 50  # laid out, not collapsed
+        assert visible and caption_box["width"] > 0 and caption_box["height"] > 0
+        assert "normal reference: train/good/031.png at (30, 33), distance 4.25" in text
+    shot = np.asarray(Image.open(tmp_path / "report.png").convert("RGB")).astype(int)
+    assert (np.abs(shot - TEAL).sum(axis=2) < 30).sum() > 1000  # the reference crop's pixels are on the screen
+
+
+def test_report_page_names_each_flagged_images_normal_reference(tmp_path):
+    out, result, model = _fake_run(tmp_path, explained=True)
+    page = write_report(out, result, model=model).read_text(encoding="utf-8")
+    parsed = _parse(page)
+    assert parsed.errors == [] and parsed.stack == []
+    for link in parsed.links:
+        assert (out / unquote(link)).is_file(), link
+    text = " ".join(parsed.text)
+    flagged = [r for r in result["records"] if r["is_anomalous"]]
+    assert text.count("normal reference: train/good/031.png at (30, 33), distance 4.25") == len(flagged)
+    links = [unquote(x) for x in parsed.links]
+    for rec in flagged:  # a thumbnail (report_files/explanations/...) opening the explanation image
+        (entry,) = rec["explanations"]
+        at = links.index(entry["path"])
+        assert links[at + 1] == f"report_files/{entry['path']}"
+        with Image.open(out / links[at + 1]) as thumb, Image.open(out / entry["path"]) as full:
+            assert max(thumb.size) == min(2 * THUMB_SIZE, max(full.size))
+    assert "the same area, at the same scale" in " ".join(text.split()) and "cannot be read" not in text
+    # without explanations (evaluate --no-report's result, or an older one): no legend, no reference
+    (tmp_path / "plain").mkdir()
+    out, result, model = _fake_run(tmp_path / "plain")
+    assert "normal reference" not in write_report(out, result, model=model).read_text(encoding="utf-8")
+
+
+def test_row_view_references_main_regions_first():
+    entries = [
+        {"region": i, "path": f"explanations/x_region{i}.png", "peak": peak, "reference": [f"t{i}.png", i, 2 * i, 0.5]}
+        for i, peak in enumerate([1.0, 3.0, 2.0, 5.0, 4.0], 1)
+    ]
+    entries[3]["readable"] = False
+    row = row_view(1, _rec(is_anomalous=True, explanations=entries), Thumbnails())
+    assert len(row.references) == SHOWN_REFERENCES == 3 and row.more_references == 2
+    shown = [PurePath(f"explanations/x_region{i}.png") for i in (4, 5, 2)]
+    assert [r.link for r in row.references] == [r.picture for r in row.references] == shown  # no thumbnails
+    thumbs = Thumbnails(explanations=((shown[1], PurePath("report_files", shown[1])), (shown[0], None)))
+    with_thumbs = row_view(1, _rec(is_anomalous=True, explanations=entries), thumbs).references
+    assert [r.picture for r in with_thumbs] == [shown[0], PurePath("report_files", shown[1]), shown[2]]
+    first, second = row.references[:2]
+    assert first.caption == (
+        "Region 4 (peak 5): normal reference: t4.png at (4, 8), distance 0.5 (training image not readable: grey)"
+    )
+    assert not first.readable and second.readable and second.caption.endswith("distance 0.5")
+    assert first.alt == "test/crack/001.jpg region 4 beside its normal reference t4.png"
+    assert "same scale" in first.tip
+    assert row_view(1, _rec(is_anomalous=True), Thumbnails()).references == ()
+
+
+def test_page_view_says_why_references_are_missing(tmp_path):
+    _, result, model = _fake_run(tmp_path)
+    note = lambda **kw: page_view({**result, "explanations": kw}, model, [], []).reference_note  # noqa: E731
+    assert page_view(result, model, [], []).reference_note is None  # no explanations asked for
+    assert note(method_keeps=True, no_references=False, unreadable=None) is None
+    model.method = "padim"
+    assert note(method_keeps=False).startswith("No normal references: a padim model keeps none")
+    assert "refit it" in note(method_keeps=True, no_references=True)
+    moved = note(method_keeps=True, no_references=False, unreadable="/old/train/000.png")
+    assert "/old/train/000.png" in moved and "moved" in moved
+    result["explanations"] = {"method_keeps": True, "no_references": False, "unreadable": "/old/<train>"}
+    page = render_page(page_view(result, model, [], []))
+    assert page.count('class="warn">The training images cannot be read') == 1 and "/old/&lt;train&gt;" in page
+
+
 # ------------------------------------------------------------------------------------------ thumbnails alone
 def test_write_thumbnails_returns_the_relative_paths_it_wrote(tmp_path, caplog):
     out, result, _ = _fake_run(tmp_path)
@@ -383,7 +526,7 @@ def test_row_view_texts_cells_and_links():
     row = row_view(2, _rec(is_anomalous=True, status="refused: blank frame"), thumbs)
     assert (row.rank, row.name, row.defect_type) == (2, "test/crack/001.jpg", "crack")
     assert row.score == "1.23457" and row.score_value == 1.23456789 and row.status == "refused: blank frame"
-    assert [c.thumb for c in row.cells] == list(vars(thumbs).values())
+    assert [c.thumb for c in row.cells] == list(vars(thumbs).values())[:4]
     # the heatmap and outline thumbnails open the full-size files of write_predictions (the extension made .png)
     assert [c.link for c in row.cells] == [
         None,

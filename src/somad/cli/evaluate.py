@@ -20,7 +20,8 @@ def add_parser(sub) -> None:
         "evaluate",
         help="metrics and an HTML report on a labelled test set",
         description="Evaluate a model on an MVTec-style category (or plain folders): "
-        "OUT/metrics.json, OUT/report.html, heatmaps, masks and scores.",
+        "OUT/metrics.json, OUT/report.html, heatmaps, masks and scores, and for the report OUT/explanations/ "
+        "(SOMAD and PatchCore: each flagged region beside its normal reference).",
     )
     p.add_argument("model", metavar="MODEL", help="model file written by `somad fit`")
     p.add_argument("category", metavar="CATEGORY_DIR", nargs="?", help="MVTec category (test/, ground_truth/)")
@@ -37,7 +38,12 @@ def add_parser(sub) -> None:
         choices=EVAL_RESOLUTIONS,
         help="compare at the masks' own resolution (default, as the MVTec reference) or at the model input",
     )
-    p.add_argument("--no-report", action="store_true", help="skip report.html")
+    p.add_argument(
+        "--no-report",
+        action="store_true",
+        help="skip report.html (and OUT/explanations/: each flagged region beside its normal reference, from a "
+        "SOMAD or PatchCore model; the training images must still be readable where fit read them)",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     add_run_args(p, "skip", scoring=True)
     add_key_args(p, verify=True)
@@ -71,6 +77,7 @@ def run(args) -> int:
             save_maps=args.save_maps,
             eval_resolution=args.eval_resolution,
             on_error=args.on_error,
+            explain=not args.no_report,  # the report shows each flagged image's normal references
         )
         write_metrics_json(tmp / "metrics.json", result)
         if not args.no_report:

@@ -39,8 +39,9 @@ def add_parser(sub) -> None:
     p.add_argument(
         "--explain",
         action="store_true",
-        help="also write OUT/explanations/: each predicted region beside the normal training patch its SOMAD node "
-        "keeps (SOMAD models only; the training images must still be readable where fit read them)",
+        help="also write OUT/explanations/: each predicted region beside its normal reference, a training patch: "
+        "the one its nearest SOM node keeps (SOMAD) or the nearest memory-bank patch (PatchCore); PaDiM keeps none "
+        "(its Gaussians are per image position). The training images must still be readable where fit read them",
     )
     add_run_args(p, "skip", scoring=True)
     add_ray_args(p, "score on a Ray actor pool")

@@ -26,7 +26,7 @@ from somad.features.extractor import to_original_resolution
 from somad.io.datasets import Sample, folder_test_samples, mvtec_test_samples, validate_masks
 from somad.io.images import load_mask
 from somad.io.model_files import atomic_write_text
-from somad.io.outputs import write_predictions
+from somad.io.outputs import Explanations, write_predictions
 from somad.methods.base import BaseDetector, ImageItem
 
 logger = logging.getLogger(__name__)
@@ -71,6 +71,7 @@ def evaluate_model(
     save_maps: bool = False,
     eval_resolution: str = "original",
     on_error: str = "skip",
+    explain: bool = False,
 ) -> dict:
     """Predict ``samples`` and compute the metrics.
 
@@ -80,11 +81,18 @@ def evaluate_model(
     samples : list of Sample
     out : folder for prediction files (``heatmaps/``, ``masks/``, ``maps/``, ``scores.csv``), or None
     eval_resolution : {"original", "model"}
+    explain : bool, default False
+        Also write ``out/explanations/`` (each flagged image's regions beside their normal references, as
+        ``somad predict --explain``; models that keep references: SOMAD, PatchCore), for the report. Their time is
+        left out of ``timing``; scores are not touched.
 
     Returns
     -------
     dict with ``overall`` and ``per_defect_type`` metrics, ``n_images``, ``timing`` and the per-image
-    ``records`` (name, label, defect type, score, decision, file paths) for the report.
+    ``records`` (name, label, defect type, score, decision, file paths; with ``explain``, ``explanations``: each
+    region's explanation image, peak and reference) for the report; with ``explain``, ``explanations``: what the
+    model keeps (``method_keeps``: False for a method that has none, PaDiM; ``no_references``: True for a file
+    without them) and ``unreadable``, where a training image was looked for in vain (the model was moved).
     """
     if eval_resolution not in EVAL_RESOLUTIONS:
         raise SomadError(
@@ -92,6 +100,8 @@ def evaluate_model(
         )
     validate_masks(samples)  # a missing or mis-sized mask fails now, not after every image is scored
     by_name = {str(s.relpath): s for s in samples}
+    method_keeps = hasattr(model, "region_references")
+    explanations = Explanations() if explain and out is not None and method_keeps else None
     t0 = time.perf_counter()
     kept, skipped = _predict(
         model,
@@ -100,8 +110,9 @@ def evaluate_model(
         save_maps=save_maps,
         eval_resolution=eval_resolution,
         on_error=on_error,
+        explain=explanations,
     )
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 - (explanations.seconds if explanations is not None else 0.0)
     names = [n for n in by_name if n in kept]
     if not names:
         raise DataError("no readable test images; check the test folders")
@@ -119,6 +130,23 @@ def evaluate_model(
             labels[sel], scores[sel], pick(masks), pick(maps), pick(flags), pick(predicted)
         )
     result["records"] = [_record(by_name[n], kept[n]) for n in names]
+    if explain and out is not None:
+        result["explanations"] = {
+            "method_keeps": method_keeps,
+            "no_references": bool(explanations and explanations.no_references),
+            "unreadable": explanations.unreadable if explanations else None,
+        }
+        for rec in result["records"] if explanations else ():
+            rec["explanations"] = [
+                {
+                    "region": e.region,
+                    "path": e.path.as_posix(),
+                    "peak": e.peak,
+                    "reference": list(e.reference),
+                    "readable": e.readable,
+                }
+                for e in explanations.regions.get(rec["name"], ())
+            ]
     known = [i for i, m in enumerate(masks) if m is not None]
     result["curves"] = _curves(labels, scores, [masks[i] for i in known], [maps[i] for i in known])
     result["n_images"] = {
@@ -152,8 +180,11 @@ class _Scored:
     original_size: tuple[int, int]
 
 
-def _predict(model, items, *, out, save_maps, eval_resolution, on_error) -> tuple[dict[str, _Scored], list[str]]:
-    """Score ``items`` (writing the prediction files when ``out`` is given); unreadable ones are listed."""
+def _predict(
+    model, items, *, out, save_maps, eval_resolution, on_error, explain=None
+) -> tuple[dict[str, _Scored], list[str]]:
+    """Score ``items`` (writing the prediction files when ``out`` is given, and the explanations into ``explain``,
+    an ``Explanations``); unreadable ones are listed."""
     kept: dict[str, _Scored] = {}
     skipped: list[str] = []
 
@@ -162,9 +193,16 @@ def _predict(model, items, *, out, save_maps, eval_resolution, on_error) -> tupl
         kept[pred.item.name] = _Scored(pred.score, m, flagged, model.mask(pred, m), pred.status, pred.original_size)
 
     if out is not None:
-        # No normal references: evaluation measures detection, and the benchmark compares the methods' scoring.
+        # Normal references only for the report's explanations (timed apart): the benchmark compares the scoring.
         skipped = write_predictions(
-            model, items, out, save_maps=save_maps, on_error=on_error, on_map=keep, references=False
+            model,
+            items,
+            out,
+            save_maps=save_maps,
+            on_error=on_error,
+            on_map=keep,
+            explain=explain if explain is not None else False,
+            references=False,
         )[1]
         return kept, skipped
     geometry = model.extractor_.geometry

@@ -10,7 +10,9 @@ system: no JavaScript, no network, no external style sheets. It holds
 * ROC (image, pixel) and PRO curves and a score distribution, drawn as inline SVG;
 * every test image, highest score first: original, ground truth, heatmap overlay and the predicted mask's
   outline drawn on the image,
-  with its score and decision;
+  with its score and decision; under a flagged image, its main regions each beside its normal reference (the
+  explanation images ``somad.io.outputs.write_predictions`` writes with ``explain``: the region's crop and the same
+  area of the training image the model finds most similar there, at the same scale), captioned;
 * the unreadable (skipped) files.
 
 Thumbnails (longest side :data:`THUMB_SIZE` pixels) are written under ``report_files/``; the
@@ -50,6 +52,7 @@ __all__ = [
     "FILES_DIR",
     "FRAME",
     "Thumbnails",
+    "Reference",
     "Page",
     "write_report",
     "write_thumbnails",
@@ -69,6 +72,9 @@ THUMB_SIZE = 256
 FILES_DIR = "report_files"
 #: FPR limit of AU-PRO, marked on the PRO plot.
 PRO_LIMIT = 0.3
+#: Regions of a flagged image shown beside their normal references (the highest peaks); the rest are only in
+#: ``explanations/``.
+SHOWN_REFERENCES = 3
 
 _METRIC_COLUMNS = [
     ("image_auroc", "Image AUROC", "area under the ROC curve of the image scores"),
@@ -154,9 +160,9 @@ def _fmt_score(value) -> str:
 
 
 # ------------------------------------------------------------------------------------------ thumbnails
-def _thumb_rgb(image: Image.Image) -> Image.Image:
+def _thumb_rgb(image: Image.Image, size: int = THUMB_SIZE) -> Image.Image:
     image = image.convert("RGB")
-    image.thumbnail((THUMB_SIZE, THUMB_SIZE), Image.LANCZOS)
+    image.thumbnail((size, size), Image.LANCZOS)
     return image
 
 
@@ -189,15 +195,22 @@ def _thumb_outline(image: Image.Image, mask: np.ndarray) -> Image.Image:
     return Image.fromarray(pixels)
 
 
+def _main_regions(rec: dict) -> list[dict]:
+    """A record's explained regions (``rec["explanations"]``), the highest peak first."""
+    return sorted(rec.get("explanations") or (), key=lambda e: (-(_number(e.get("peak")) or 0.0), e["region"]))
+
+
 @dataclass(frozen=True)
 class Thumbnails:
     """One record's thumbnails, as paths relative to the output folder; None where the picture is missing or
-    unreadable."""
+    unreadable. ``explanations``: ``(explanation image, its thumbnail or None)`` for each explanation image shown
+    (the record's :data:`SHOWN_REFERENCES` highest-peak regions)."""
 
     original: PurePath | None = None
     ground_truth: PurePath | None = None
     heatmap: PurePath | None = None
     outline: PurePath | None = None
+    explanations: tuple[tuple[PurePath, PurePath | None], ...] = ()
 
 
 def write_thumbnails(out: Path, rec: dict) -> Thumbnails:
@@ -205,25 +218,26 @@ def write_thumbnails(out: Path, rec: dict) -> Thumbnails:
 
     ``originals/``: the image (``rec["path"]``); ``ground_truth/``: its ground-truth mask
     (``rec["mask_path"]``), white on black; ``heatmaps/``: the overlay ``out/heatmaps/`` holds; ``outlines/``:
-    the image with the outline of the predicted mask ``out/masks/`` drawn on it. Each file is written as
-    ``somad predict`` writes its heatmaps (``somad.io.outputs.save_png``): the folder ``somad evaluate`` writes
-    into is staged and renamed into place whole, so a per-file fsync would only slow the report down (2.5-4x,
-    measured on 120 images). A picture that is missing or cannot be read gets None and a logged warning (a
-    report must not fail for one unreadable picture); a file that cannot be written is a one-line SomadError
-    naming it.
+    the image with the outline of the predicted mask ``out/masks/`` drawn on it; ``explanations/``: the explanation
+    images (a region beside its normal reference) of the :data:`SHOWN_REFERENCES` highest-peak regions of
+    ``rec["explanations"]``, longest side ``2 * THUMB_SIZE``. Each file is written as ``somad predict`` writes
+    its heatmaps (``somad.io.outputs.save_png``): the folder ``somad evaluate`` writes into is staged and renamed
+    into place whole, so a per-file fsync would only slow the report down (2.5-4x, measured on 120 images). A
+    picture that is missing or cannot be read gets None and a logged warning (a report must not fail for one
+    unreadable picture); a file that cannot be written is a one-line SomadError naming it.
     """
     rel = output_relpath(str(rec.get("name", "")), ".png")
     image = Path(rec["path"]) if rec.get("path") else None
     truth = Path(rec["mask_path"]) if rec.get("mask_path") else None
     heatmap, mask = out / "heatmaps" / rel, out / "masks" / rel
 
-    def thumbnail(folder: str, source: Path, make) -> PurePath | None:
+    def thumbnail(folder: str, source: Path, make, name: PurePath = rel) -> PurePath | None:
         try:
             picture = make()
         except Exception as exc:  # a report must not fail for one unreadable picture
             logger.warning("report: no thumbnail for %s (%s)", source, str(exc).splitlines()[0] if str(exc) else exc)
             return None
-        target = PurePath(FILES_DIR, folder, rel)
+        target = PurePath(FILES_DIR, folder, name)
         try:
             save_png(picture, out / target)
         except OSError as exc:
@@ -238,6 +252,10 @@ def write_thumbnails(out: Path, rec: dict) -> Thumbnails:
             thumbnail("outlines", image, lambda: _thumb_outline(load_image(image), load_mask(mask)))
             if image and mask.is_file()
             else None
+        ),
+        explanations=tuple(
+            (path, thumbnail("", out / path, lambda p=out / path: _thumb_rgb(load_image(p), 2 * THUMB_SIZE), path))
+            for path in (PurePath(e["path"]) for e in _main_regions(rec)[:SHOWN_REFERENCES])
         ),
     )
 
@@ -255,8 +273,51 @@ class Cell:
 
 
 @dataclass(frozen=True)
+class Reference:
+    """One region of a flagged image beside its normal reference: the explanation image's thumbnail and the image
+    itself (paths relative to the output folder; the thumbnail is the image where it could not be made), its alt
+    text, the caption a person reads and its tooltip."""
+
+    picture: PurePath
+    link: PurePath
+    alt: str
+    caption: str
+    tip: str
+    readable: bool  # the training image could be read: its crop is shown (else a grey panel)
+
+
+#: What the pictures of a :class:`Reference` show, as its tooltip says it.
+REFERENCE_TIP = (
+    "left: the region in this image (red outline); right: the same area, at the same scale, of the training image "
+    "holding the normal patch the model matches to the region's peak (SOMAD: the patch its nearest SOM node keeps; "
+    "PatchCore: the nearest patch of its memory bank), the region's outline drawn there in yellow; distance: how far "
+    "the peak patch lies from that node or patch, in feature space"
+)
+
+
+def reference_view(name: str, explained: dict, thumbnail: PurePath | None = None) -> Reference:
+    """The view of one explained region of image ``name`` (an entry of a record's ``explanations``) whose
+    explanation image's thumbnail is ``thumbnail``."""
+    image, x, y, distance = explained["reference"]
+    region = explained["region"]
+    caption = f"Region {region} (peak {_fmt_score(explained.get('peak'))}): normal reference: {image} at ({x}, {y}), "
+    caption += f"distance {_fmt_score(distance)}"
+    if not explained.get("readable", True):
+        caption += " (training image not readable: grey)"
+    return Reference(
+        thumbnail or PurePath(explained["path"]),
+        PurePath(explained["path"]),
+        f"{name} region {region} beside its normal reference {image}",
+        caption,
+        REFERENCE_TIP,
+        bool(explained.get("readable", True)),
+    )
+
+
+@dataclass(frozen=True)
 class Row:
-    """One test image of the grid: its texts, its decision and its four pictures."""
+    """One test image of the grid: its texts, its decision, its four pictures and, flagged, its main regions
+    beside their normal references (the rest: ``more_references``)."""
 
     rank: int
     name: str
@@ -269,6 +330,8 @@ class Row:
     state: str  # "correct", "incorrect" or "none" (no decision)
     outcome: str | None  # "true positive", "false positive", "true negative", "false negative"; None: no decision
     cells: tuple[Cell, ...]  # original, ground truth, heatmap, predicted-mask outline
+    references: tuple[Reference, ...] = ()  # the highest-peak regions first
+    more_references: int = 0
 
 
 def row_view(rank: int, rec: dict, thumbnails: Thumbnails) -> Row:
@@ -303,6 +366,7 @@ def row_view(rank: int, rec: dict, thumbnails: Thumbnails) -> Row:
         correct = label in (0, 1) and bool(decision) == bool(label)
         state = "correct" if correct else "incorrect"
         outcome = f"{'true' if correct else 'false'} {'positive' if decision else 'negative'}"
+    explained = _main_regions(rec)
     return Row(
         rank=rank,
         name=name,
@@ -315,6 +379,11 @@ def row_view(rank: int, rec: dict, thumbnails: Thumbnails) -> Row:
         state=state,
         outcome=outcome,
         cells=cells,
+        references=tuple(
+            reference_view(name, e, dict(thumbnails.explanations).get(PurePath(e["path"])))
+            for e in explained[:SHOWN_REFERENCES]
+        ),
+        more_references=max(0, len(explained) - SHOWN_REFERENCES),
     )
 
 
@@ -540,6 +609,7 @@ class Page:
     rows: tuple[Row, ...]
     skipped: tuple[str, ...]
     frame: Frame = FRAME
+    reference_note: str | None = None  # one line: why no or grey normal references are shown
 
 
 def page_view(result: dict, model, records: list[dict], thumbnails: list[Thumbnails], *, created: str = "") -> Page:
@@ -569,7 +639,32 @@ def page_view(result: dict, model, records: list[dict], thumbnails: list[Thumbna
         plots=_plots(result, records),
         rows=tuple(row_view(rank, rec, t) for rank, (rec, t) in enumerate(zip(records, thumbnails), start=1)),
         skipped=tuple(str(s) for s in result.get("skipped") or []),
+        reference_note=_reference_note(result.get("explanations"), str(getattr(model, "method", "?"))),
     )
+
+
+def _reference_note(explanations: dict | None, method: str) -> str | None:
+    """One line on the normal references when they are not all shown: the method keeps none (PaDiM), the file
+    has none, or the training images cannot be read (the model was moved). None otherwise, and without
+    explanations (``evaluate_model(explain=False)``)."""
+    if not explanations:
+        return None
+    if not explanations.get("method_keeps"):
+        return (
+            f"No normal references: a {method} model keeps none (PaDiM's Gaussians are per image position, not "
+            "training patches); SOMAD and PatchCore models show one beside each flagged region."
+        )
+    if explanations.get("no_references"):
+        return (
+            "No normal references: this model file keeps none (fitted before they were kept, with tiles, or on a "
+            "Ray cluster); refit it with `somad fit` to see one beside each flagged region."
+        )
+    if explanations.get("unreadable"):
+        return (
+            f"The training images cannot be read (looked for {explanations['unreadable']}; was the model or its "
+            "training folder moved?): the references are named, their crops are grey."
+        )
+    return None
 
 
 def _settings(model) -> tuple[tuple[str, str], ...]:

@@ -15,7 +15,9 @@ import logging
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 
 import numpy as np
@@ -209,10 +211,12 @@ def _listed(item, skipped: list[str]) -> bool:
     return any(m.split(": ", 1)[0] in keys for m in skipped)
 
 
-def _write_one(model, pred, out: Path, *, save_maps: bool, on_map, explain: dict | None = None, references=True):
+def _write_one(
+    model, pred, out: Path, *, save_maps: bool, on_map, explain: Explanations | None = None, references=True
+):
     """The output files of one prediction; returns its ``scores.csv`` row and its ``regions.csv`` rows (with their
     normal references, where the model keeps them: :func:`normal_references`). ``explain``: also write one explanation
-    image per region (:func:`explanation_image`), the run's state of them."""
+    image per region (:func:`explanation_image`), the run's record of them."""
     full = model.original_map(pred)
     lo, hi = model.display_range_ or (float(full.min()), float(full.max()))  # no threshold: per-image scale
     save_png(heatmap_overlay(pred.image, full, lo, hi), out / "heatmaps" / output_relpath(pred.item.name, ".png"))
@@ -223,6 +227,7 @@ def _write_one(model, pred, out: Path, *, save_maps: bool, on_map, explain: dict
         save_png(mask_image(mask), out / "masks" / output_relpath(pred.item.name, ".png"))
         found_regions = regions(mask, full)
         peaks = [peak_pixel(mask, full, r) for r in found_regions]
+        t0 = time.perf_counter()
         refs = normal_references(model, pred, peaks) if references or explain is not None else [None] * len(peaks)
         found = [
             [pred.item.name, i] + r.as_row() + _reference_cells(ref)
@@ -230,6 +235,7 @@ def _write_one(model, pred, out: Path, *, save_maps: bool, on_map, explain: dict
         ]
         if explain is not None:
             _write_explanations(model, pred, mask, found_regions, peaks, refs, out, explain)
+            explain.seconds += time.perf_counter() - t0
     if save_maps:
         save_map(full, out / "maps" / output_relpath(pred.item.name, ".npy"))
     if on_map is not None:
@@ -262,7 +268,8 @@ def peak_pixel(mask: np.ndarray, full: np.ndarray, region) -> tuple[int, int]:
 
 def normal_references(model, pred, peaks) -> list:
     """Each region's normal reference ``(image, x, y, distance)``, or ``None`` each where the model keeps none
-    (any model without ``region_references``: PaDiM, PatchCore, an exported model; SOMAD files from before)."""
+    (any model without ``region_references``: PaDiM, an exported model; SOMAD and PatchCore files from before, or
+    fitted tiled or distributed)."""
     ask = getattr(model, "region_references", None)
     refs = ask(pred, peaks) if ask is not None and peaks else None
     return list(refs) if refs is not None else [None] * len(peaks)
@@ -333,34 +340,65 @@ def explanation_image(pred, mask: np.ndarray, region, peak, ref, reference: Imag
     return canvas
 
 
-def _write_explanations(model, pred, mask, found_regions, peaks, refs, out: Path, state: dict) -> None:
+@dataclass(frozen=True)
+class Explained:
+    """One explanation image :func:`write_predictions` wrote: the image's region ``region`` (from 1, as in
+    ``regions.csv``), the file (relative to the output folder), the region's peak value and normal reference
+    ``(training image, x, y, distance)``, and whether that training image could be read (its crop is shown)."""
+
+    region: int
+    path: PurePath
+    peak: float
+    reference: tuple[str, int, int, float]
+    readable: bool
+
+
+@dataclass
+class Explanations:
+    """A run's explanations (:func:`write_predictions` with ``explain``), filled as it goes: each image's
+    :class:`Explained` regions by its name, whether the model keeps no references (``no_references``), where the
+    first training image that could not be read was looked for (``unreadable``; the model was moved), and the
+    seconds spent on the references and the images (``seconds``: evaluation leaves them out of its timing)."""
+
+    regions: dict[str, list[Explained]] = field(default_factory=dict)
+    no_references: bool = False
+    unreadable: str | None = None
+    seconds: float = 0.0
+    last_image: tuple = (None, None)  # (name, image or None): consecutive regions often share their reference
+
+
+def _write_explanations(model, pred, mask, found_regions, peaks, refs, out: Path, state: Explanations) -> None:
     """One image per region under ``out/explanations`` (:func:`explanation_image`). A training image that cannot
     be read (the model was moved) is said once per run, in one line; its panels say so and the rest is written."""
     if any(ref is None for ref in refs):
-        if not state.get("none_said"):
+        if not state.no_references:
             logger.warning(
-                "no explanations: this model keeps no normal references (only a SOMAD model fitted locally, "
-                "untiled, by somad >= 0.9 does); refit it with `somad fit` to explain its regions"
+                "no explanations: this model keeps no normal references (SOMAD and PatchCore models fitted locally "
+                "and untiled by somad >= 0.9 (PatchCore: 0.10) keep them; PaDiM never does); refit it with "
+                "`somad fit` to explain its regions"
             )
-            state["none_said"] = True
+            state.no_references = True
         return
     rel = output_relpath(pred.item.name, "")
+    written = state.regions.setdefault(pred.item.name, [])
     for i, (region, peak, ref) in enumerate(zip(found_regions, peaks, refs), 1):
-        reference = state.setdefault("images", {}).get(ref[0], False)
-        if reference is False:
+        name, reference = state.last_image
+        if name != ref[0]:
             path = model.reference_path(ref[0])
             try:
                 reference = load_image(path) if path is not None else None
             except (ImageLoadError, OSError):
                 reference = None
-            if reference is None and not state.get("unreadable_said"):
-                where = path if path is not None else f"{ref[0]} (an image held in memory at fit)"
+            if reference is None and state.unreadable is None:
+                where = str(path) if path is not None else f"{ref[0]} (an image held in memory at fit)"
                 logger.warning("the training image %s cannot be read: explanations show no reference", where)
-                state["unreadable_said"] = True
-            state["images"] = {ref[0]: reference}  # the last one only: consecutive regions often share it
+                state.unreadable = where
+            state.last_image = (ref[0], reference)
         title = f"{pred.item.name} region {i}: peak {region.peak:.3g}"
         image = explanation_image(pred, mask, region, peak, ref, reference, title)
-        save_png(image, out / "explanations" / rel.with_name(f"{rel.name}_region{i}.png"))
+        target = PurePath("explanations", rel.with_name(f"{rel.name}_region{i}.png"))
+        save_png(image, out / target)
+        written.append(Explained(i, target, float(region.peak), tuple(ref), reference is not None))
 
 
 def write_predictions(
@@ -389,10 +427,13 @@ def write_predictions(
     ----------
     on_map : callable(prediction, full_map, is_anomalous), optional
         Called with each prediction, its map at the original resolution and its verdict (used by evaluation).
+    explain : bool or Explanations, default False
+        Write the explanation images (and fill the reference columns); an :class:`Explanations` given here records
+        what was written (the evaluation report shows it).
     references : bool, default True
         Fill the reference columns of ``regions.csv`` (SOMAD: one more backbone pass per flagged image, about 7%
-        of metal_plate's predict time where 71 of 97 images are flagged); ``False`` leaves them empty
-        (evaluation and the benchmark, whose timings compare the methods' scoring alone).
+        of metal_plate's predict time where 71 of 97 images are flagged); ``False`` leaves them empty, unless
+        ``explain`` (the benchmark, whose timings compare the methods' scoring alone).
 
     Returns
     -------
@@ -406,7 +447,7 @@ def write_predictions(
             raise SomadError(f"{item.name} and {seen[rel]} would write the same output files; rename one of them")
         seen[rel] = item.name
     rows, region_rows, skipped = [], [], []
-    explain_state = {} if explain else None
+    explain_state = explain if isinstance(explain, Explanations) else Explanations() if explain else None
     done: set[str] = set()
     bar = progress_bar(total=len(items), desc="predict", unit="img")
     try:  # close (erase) the bar on errors too, so that the error line starts a line of its own

@@ -7,6 +7,10 @@ numerical stability); no feature is kept. Each position gets the mean and the un
 distance of each test patch to the Gaussian of its own position (:class:`PadimScorer`, the module ``predict``
 runs and ``somad export`` traces); the shared pipeline of :class:`somad.methods.base.BaseDetector` then upsamples,
 blurs and takes the map maximum as image score.
+
+Explanations: none (no ``region_references``, unlike SOMAD and PatchCore, ``methods.references``). A position's
+Gaussian is fitted on every training image alike, so no training patch stands for it; a reference per position
+(e.g. the training image whose patch there is nearest the mean) would need the features kept or a second pass.
 """
 
 from __future__ import annotations

@@ -15,6 +15,11 @@ distance to its nearest bank element (exact search) is the patch map. The image
 score reweights the largest patch distance ``s* = ||x* - m*||`` by how isolated ``m*`` is in the bank
 (:func:`reweighted_score`): ``s = (1 - exp(||x* - m*||) / sum_{m in N_b(m*)} exp(||x* - m||)) * s*`` with
 ``N_b(m*)`` the ``num_neighbors`` nearest bank elements of ``m*`` (``m*`` itself included).
+
+Explanations: the bank is made of training patches, so the bank row nearest to a region's peak patch is its normal
+reference. A local fit of an untiled model keeps, for each bank row, its training image and patch centre in that
+image's pixels (``bank_references_``, 12 bytes a row; ``methods.references``, shared with SOMAD). They never touch
+scoring.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import nn
 from somad.errors import NumericalError, SomadError
 from somad.io.schema import FLOAT_DTYPES, Array, Nullable
 from somad.methods.base import BaseDetector
+from somad.methods.references import REFERENCE_STATE_FIELDS, REFERENCES_ARRAY, NormalReferences
 from somad.params import Interval, Param
 from somad.som.node_search import nearest_nodes
 
@@ -146,7 +152,7 @@ class PatchcoreScorer(nn.Module):
         return patch.view(b, h, w), scores
 
 
-class PatchCore(BaseDetector):
+class PatchCore(NormalReferences, BaseDetector):
     """PatchCore anomaly detector.
 
     Parameters
@@ -164,6 +170,9 @@ class PatchCore(BaseDetector):
     Attributes
     ----------
     memory_bank_ : tensor (M, D) float32
+    bank_references_ : int32 tensor (M, 3) or None
+        Each bank row's training image (an index into ``reference_images_``) and patch centre ``x, y`` in its
+        pixels; ``None`` after a tiled fit and in files from before.
     n_patches_ : int
         Training patches before subsampling.
     """
@@ -181,8 +190,12 @@ class PatchCore(BaseDetector):
         ),
     }
 
-    _state_fields = {"n_patches": Nullable(Interval(int, 0)), "memory_bank_size": Nullable(Interval(int, 1))}
-    _array_fields = {"memory_bank": Array(FLOAT_DTYPES, 2)}
+    _state_fields = {
+        "n_patches": Nullable(Interval(int, 0)),
+        "memory_bank_size": Nullable(Interval(int, 1)),
+        **REFERENCE_STATE_FIELDS,  # absent before bank references were kept
+    }
+    _array_fields = {"memory_bank": Array(FLOAT_DTYPES, 2), "bank_references": REFERENCES_ARRAY}
 
     def __init__(self, *, coreset_ratio=0.1, num_neighbors=9, projection_dim=128, **common):
         super().__init__(**common)
@@ -191,7 +204,7 @@ class PatchCore(BaseDetector):
         self.projection_dim = projection_dim
 
     def _fit_features(self, batches, n_images: int) -> None:
-        x, n = None, 0
+        x, n, h, w = None, 0, 0, 0
         for feats in batches:
             b, d, h, w = feats.shape
             if x is None:
@@ -207,7 +220,9 @@ class PatchCore(BaseDetector):
             idx = greedy_coreset(x, n_select, projection_dim=self.projection_dim, seed=self.seed)
             self.memory_bank_ = x[idx].contiguous()
         else:
+            idx = torch.arange(n)
             self.memory_bank_ = x
+        self.bank_references_ = self._patch_references(idx.cpu(), n, h, w)
         self.n_patches_ = n
 
     # ------------------------------------------------------------------ score
@@ -223,6 +238,16 @@ class PatchCore(BaseDetector):
     def _patch_scores(self, feats):
         return self.scorer_(feats)
 
+    def _kept_references(self) -> torch.Tensor | None:
+        """Each bank row's training patch (``bank_references_``), or ``None``."""
+        return getattr(self, "bank_references_", None)
+
+    def _nearest_references(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The bank row nearest to each patch of ``x`` (exact, as scoring searches) and the distance to it: the
+        patch's score before the map's upsampling and blur."""
+        sq_dist, nearest = nearest_nodes(x.to(self.memory_bank_.device), self.memory_bank_, 1)
+        return nearest[:, 0].cpu(), sq_dist[:, 0].clamp_min(0).sqrt()
+
     def export_scoring(self) -> PatchcoreScorer:
         return self.scorer_
 
@@ -237,10 +262,15 @@ class PatchCore(BaseDetector):
 
     # ------------------------------------------------------------------ persistence
     def _state_arrays(self):
-        return {"memory_bank": self.memory_bank_.float()}
+        refs = getattr(self, "bank_references_", None)
+        return {"memory_bank": self.memory_bank_.float(), **({"bank_references": refs} if refs is not None else {})}
 
     def _state_info(self):
-        return {"n_patches": self.n_patches_, "memory_bank_size": int(self.memory_bank_.shape[0])}
+        return {
+            "n_patches": self.n_patches_,
+            "memory_bank_size": int(self.memory_bank_.shape[0]),
+            **self._reference_state(),
+        }
 
     def _set_state(self, arrays, state):
         bank = arrays["memory_bank"].float()
@@ -250,3 +280,6 @@ class PatchCore(BaseDetector):
             raise ValueError(f"memory_bank has {bank.shape[0]} patches, the config says {state['memory_bank_size']}")
         self.memory_bank_ = bank.to(self.device_)
         self.n_patches_ = state.get("n_patches")
+        self.bank_references_ = self._loaded_references(
+            arrays.get("bank_references"), state, len(bank), "bank_references"
+        )

@@ -14,7 +14,8 @@ scoring; ``"exact"`` searches exhaustively.
 Explanations: a local fit of an untiled model also keeps, for each node, the training patch that represents it best
 (its member patch nearest the node's mean: ``node_references_``, training image and patch centre in that image's
 pixels). :meth:`SOMAD.region_references` names, for a predicted region, the reference of the node nearest to its
-peak patch: what normal looks like there. Explanations never touch scoring.
+peak patch: what normal looks like there (``methods.references``, shared with PatchCore). Explanations never touch
+scoring.
 """
 
 from __future__ import annotations
@@ -24,15 +25,14 @@ import functools
 import hashlib
 import logging
 import math
-from dataclasses import dataclass, field
-from pathlib import Path, PurePath
 
 import torch
 
 from somad.errors import NumericalError, SomadError
 from somad.io.inputs import as_items, training_fingerprints
-from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, Kind, ListOf, Nullable, Table
+from somad.io.schema import FLOAT_DTYPES, INTEGER_DTYPES, Array, Hex, ListOf, Nullable, Table
 from somad.methods.base import BaseDetector
+from somad.methods.references import REFERENCE_STATE_FIELDS, REFERENCES_ARRAY, NormalReferences
 from somad.params import Either, Interval, Options, Param
 from somad.som.node_search import SEARCH_CHOICES, IVFSearch, make_search
 from somad.som.node_stats import (
@@ -70,7 +70,7 @@ PRESETS = {
 }
 
 
-class SOMAD(BaseDetector):
+class SOMAD(NormalReferences, BaseDetector):
     """SOMAD anomaly detector.
 
     Parameters
@@ -171,8 +171,7 @@ class SOMAD(BaseDetector):
                 )
             )
         ),
-        "reference_images": Nullable(ListOf(Kind(str, "a string"))),  # absent before node references were kept
-        "reference_root": Nullable(Kind(str, "a string")),
+        **REFERENCE_STATE_FIELDS,  # absent before node references were kept
     }
     _array_fields = {
         "som_weights": Array(FLOAT_DTYPES, 2),
@@ -180,10 +179,8 @@ class SOMAD(BaseDetector):
         "node_whitener_strips": Array(FLOAT_DTYPES, 2),
         "node_counts": Array(INTEGER_DTYPES, 1),
         "node_scatter_tril": Nullable(Array(FLOAT_DTYPES, 2)),  # --updatable models only
-        "node_references": Nullable(Array(INTEGER_DTYPES, 2)),  # (M, 3): image, x, y; absent in older files
+        "node_references": REFERENCES_ARRAY,  # (M, 3): image, x, y; absent in older files
     }
-    #: What a local fit records of its model inputs for the node references (:class:`_FitLog`); None otherwise.
-    _fit_log = None
 
     def __init__(
         self,
@@ -241,27 +238,11 @@ class SOMAD(BaseDetector):
         Its workers each extract with a :meth:`shard_worker` (:meth:`training_patches`). The SOM and the node
         Gaussians are this model's code either way (``somad.distributed.ray``)."""
         if self.fit_shards is None:
-            self._fit_log = _FitLog() if self.tile_size is None else None
-            try:
-                super()._fit_items(train)
-            finally:
-                self._fit_log = None
+            super()._fit_items(train)  # NormalReferences records the training image of each model input
             return
         with self.fit_shards(self, train) as shards:
             self._fit_patches(shards, shards.position_mean)
         logger.info("a distributed fit keeps no node references: its predictions cannot be explained")
-
-    def _decoded(self, items, on_error, skipped):
-        for entry in super()._decoded(items, on_error, skipped):
-            if self._fit_log is not None:  # the decoded size of each training image, for its patches' centres
-                self._fit_log.sizes[id(entry[0])] = (entry[2].height, entry[2].width)
-            yield entry
-
-    def _checked_features(self, batch, items=()):
-        feats = super()._checked_features(batch, items)
-        if self._fit_log is not None:  # the training image of each model input, in fit's order
-            self._fit_log.inputs.extend(items)
-        return feats
 
     def _fit_patches(self, patches, position_mean: torch.Tensor) -> None:
         """Fit the SOM and the node Gaussians on the training patches: rows ``(N, D)`` held here, or the shards of
@@ -281,8 +262,8 @@ class SOMAD(BaseDetector):
             assignment = self._fit_search(som.weights_)(patches, 1)[1][:, 0]
             gaussians = self.node_gaussians(som.weights_, patches=patches, assignment=assignment)
             h, w = position_mean.shape[:2]
-            if self._fit_log is not None and len(self._fit_log.inputs) * h * w == len(patches):
-                self._keep_references(representatives(patches, assignment, gaussians.means), h, w)
+            rows = representatives(patches, assignment, gaussians.means) if self._fit_log is not None else None
+            self.node_references_ = None if rows is None else self._patch_references(rows, len(patches), h, w)
         else:
             merged = NodeMoments.zeros(*som.weights_.shape, device=som.weights_.device)
             for part in patches.moments(som.weights_):
@@ -327,75 +308,16 @@ class SOMAD(BaseDetector):
             gaussians.moments = None
         return gaussians
 
-    def _keep_references(self, rows: torch.Tensor, height: int, width: int) -> None:
-        """``node_references_`` ``(M, 3)`` int32 from each node's representative patch row (-1: empty): the index
-        of its training image in ``reference_images_`` and the patch centre ``x, y`` in that image's pixels. Rows are
-        image-major, row-major: row ``r`` is model input ``r // (h*w)``, grid position ``divmod(r % (h*w), w)``."""
-        log = self._fit_log
-        items = list({id(it): it for it in log.inputs}.values())  # the training images that gave patches, in order
-        index = {id(it): i for i, it in enumerate(items)}
-        hw = height * width
-        refs = torch.full((len(rows), 3), -1, dtype=torch.int32)
-        for node, row in enumerate(rows.tolist()):
-            if row >= 0:
-                item = log.inputs[row // hw]
-                i, j = divmod(row % hw, width)
-                x, y = self._patch_centre(i, j, log.sizes[id(item)])
-                refs[node] = torch.tensor([index[id(item)], round(x), round(y)], dtype=torch.int32)
-        self.node_references_ = refs
-        self.reference_images_, self.reference_root_ = _reference_names(items)
+    def _kept_references(self) -> torch.Tensor | None:
+        """Each node's representative training patch (``node_references_``), or ``None``."""
+        return getattr(self, "node_references_", None)
 
-    def _patch_centre(self, i: int, j: int, size: tuple[int, int]) -> tuple[float, float]:
-        """The centre ``(x, y)`` of patch ``(i, j)`` of an untiled model's grid in the pixels of an original image of
-        ``size`` ``(height, width)``: back through the crop and the resize (``features.extractor.Geometry``)."""
-        g, stride = self.extractor_.geometry, self.extractor_.stride
-        h, w = size
-        return (
-            (g.crop_offset + (j + 0.5) * stride) * w / g.image_size,
-            (g.crop_offset + (i + 0.5) * stride) * h / g.image_size,
-        )
-
-    def _patch_at(self, x: float, y: float, size: tuple[int, int]) -> tuple[int, int]:
-        """The grid position ``(i, j)`` of the patch that covers pixel ``(x, y)`` of an original image of ``size``
-        (the inverse of :meth:`_patch_centre`; pixels outside the crop go to the nearest patch)."""
-        g, stride, n = self.extractor_.geometry, self.extractor_.stride, self.extractor_.grid_size
-        h, w = size
-        at = lambda v, side: min(n - 1, max(0, int(((v + 0.5) * g.image_size / side - g.crop_offset) // stride)))  # noqa: E731
-        return at(y, h), at(x, w)
-
-    @torch.no_grad()
-    def region_references(self, prediction, peaks) -> list[tuple[str, int, int, float]] | None:
-        """The normal reference of each predicted region: for each peak pixel ``(x, y)`` of ``peaks`` (in the
-        prediction's original pixels), the node nearest (Euclidean, to the SOM prototypes of non-empty nodes) to
-        the patch there, and that node's representative training patch: ``(training image name, x, y, distance)``,
-        the name relative to the training folder, ``x, y`` its patch centre in that image's pixels, ``distance``
-        the peak patch's to its nearest node. One backbone pass over the prediction's image; scores are not
-        touched. ``None`` when the model keeps no references (a file from before, a tiled or distributed fit)."""
-        refs = getattr(self, "node_references_", None)
-        if refs is None or prediction.image is None:
-            return None
-        if not peaks:
-            return []
-        inputs, _ = self.extractor_.tiles(prediction.image)
-        feats = self._checked_features(inputs)[0]  # (D, h, w)
-        cells = [self._patch_at(x, y, prediction.original_size) for x, y in peaks]
-        x = torch.stack([feats[:, i, j] for i, j in cells]).float()
-        keep = torch.nonzero(refs[:, 0] >= 0).flatten().to(feats.device)
-        dist = torch.cdist(x, self.som_.weights_[keep].float())
-        best, at = dist.min(1)
-        out = []
-        for d, node in zip(best.tolist(), keep[at].tolist()):
-            image, rx, ry = refs[node].tolist()
-            out.append((self.reference_images_[image], rx, ry, float(d)))
-        return out
-
-    def reference_path(self, name: str) -> Path | None:
-        """Where training image ``name`` (a :meth:`region_references` name) was read at fit; ``None`` when it was
-        not a file under one folder (images held in memory)."""
-        root = getattr(self, "reference_root_", None)
-        if root is not None:
-            return Path(root) / name
-        return Path(name) if Path(name).is_absolute() else None  # files of several folders: absolute names
+    def _nearest_references(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The node nearest to each patch of ``x`` (Euclidean, to the SOM prototypes of the nodes with a reference:
+        the non-empty ones) and the distance to it."""
+        keep = torch.nonzero(self.node_references_[:, 0] >= 0).flatten().to(x.device)
+        best, at = torch.cdist(x, self.som_.weights_[keep].float()).min(1)
+        return keep[at].cpu(), best
 
     def _fit_search(self, weights: torch.Tensor):
         """The nearest-node search that assigns training patches to nodes (fit's, update's): over all nodes."""
@@ -638,8 +560,7 @@ class SOMAD(BaseDetector):
             "n_patches": self.n_patches_,
             "som_side": self.som_.size,
             "updates": getattr(self, "updates_", []),
-            "reference_images": getattr(self, "reference_images_", None),
-            "reference_root": getattr(self, "reference_root_", None),
+            **self._reference_state(),
         }
 
     def _set_state(self, arrays, state):
@@ -671,24 +592,7 @@ class SOMAD(BaseDetector):
         self.n_patches_ = state.get("n_patches")
         self.updates_ = list(state.get("updates") or [])
         self._searcher = None
-        refs, names = arrays.get("node_references"), state.get("reference_images")
-        if refs is not None:
-            if names is None or tuple(refs.shape) != (m, 3) or refs.is_floating_point():
-                raise ValueError(f"node_references must be ({m}, 3) integers with reference_images in the state")
-            if bool((refs[:, 0] >= len(names)).any()) or bool((refs[:, 0] < -1).any()):
-                raise ValueError(f"node_references name training images outside reference_images ({len(names)})")
-            refs = refs.to(torch.int32)
-        self.node_references_, self.reference_images_ = refs, names
-        self.reference_root_ = state.get("reference_root")
-
-
-@dataclass
-class _FitLog:
-    """What a local fit records of its model inputs for the node references: the training item of each model input
-    in fit's order, and each item's decoded ``(height, width)`` (by ``id``)."""
-
-    inputs: list = field(default_factory=list)
-    sizes: dict = field(default_factory=dict)
+        self.node_references_ = self._loaded_references(arrays.get("node_references"), state, m, "node_references")
 
 
 def representatives(patches: torch.Tensor, assignment: torch.Tensor, means: torch.Tensor, block: int = 1 << 16):
@@ -707,23 +611,3 @@ def representatives(patches: torch.Tensor, assignment: torch.Tensor, means: torc
     first = torch.full((m,), n, dtype=torch.int64, device=d.device)
     first = first.scatter_reduce(0, assignment[hit], rows[hit], "amin")
     return torch.where(first < n, first, torch.full_like(first, -1)).cpu()
-
-
-def _reference_names(items) -> tuple[list[str], str | None]:
-    """The training images' names and the folder they are relative to: each item's own name (relative to the
-    training folder) when all are files under one folder, their absolute paths when files of several folders
-    (root ``None``), or just their names when some were held in memory (root ``None``: not readable later)."""
-    roots = set()
-    for it in items:
-        if it.path is None:
-            return [it.name for it in items], None
-        path = Path(it.path).absolute()
-        depth = len(PurePath(it.name).parts)
-        roots.add(
-            path.parents[depth - 1]
-            if 0 < depth <= len(path.parents) and path.as_posix().endswith(PurePath(it.name).as_posix())
-            else None
-        )
-    if len(roots) == 1 and None not in roots:
-        return [it.name for it in items], str(roots.pop())
-    return [str(Path(it.path).absolute()) for it in items], None

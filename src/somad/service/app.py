@@ -524,7 +524,8 @@ def _result(model, pred, options: dict) -> dict:
 
 def _regions_with_references(model, pred, mask, full) -> list[dict]:
     """The predicted regions, each with its normal reference where the model keeps them (SOMAD: the training patch
-    representing the node nearest the region's peak, ``somad.io.outputs``' ``regions.csv`` columns)."""
+    representing the node nearest the region's peak; PatchCore: the bank patch nearest it; ``somad.io.outputs``'
+    ``regions.csv`` columns)."""
     found = regions(mask, full)
     refs = normal_references(model, pred, [peak_pixel(mask, full, r) for r in found])
     out = []

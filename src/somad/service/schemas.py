@@ -66,13 +66,15 @@ class Timings(BaseModel):
 
 
 class Reference(BaseModel):
-    """What normal looks like where a region is (SOMAD): the training patch representing the SOM node nearest the
-    region's peak."""
+    """What normal looks like where a region is: the training patch representing the SOM node nearest the region's
+    peak (SOMAD), or the memory-bank patch nearest it (PatchCore)."""
 
     image: str = Field(description="the training image, relative to the folder the model was fitted on")
     x: int = Field(description="the reference patch's centre in that image's pixels")
     y: int
-    distance: float = Field(description="the region's peak patch's distance to that node (feature space)")
+    distance: float = Field(
+        description="the region's peak patch's feature-space distance to that node (SOMAD) or bank patch (PatchCore)"
+    )
 
 
 class Region(BaseModel):
@@ -85,7 +87,9 @@ class Region(BaseModel):
     y1: int = Field(description="exclusive")
     peak: float = Field(description="the highest anomaly score in the region")
     mean: float = Field(description="the mean anomaly score in the region")
-    reference: Reference | None = Field(None, description="its normal reference, where the model keeps them (SOMAD)")
+    reference: Reference | None = Field(
+        None, description="its normal reference, where the model keeps them (SOMAD, PatchCore)"
+    )
 
 
 class Prediction(BaseModel):
