@@ -322,3 +322,35 @@ def test_the_report_says_in_one_line_when_the_training_images_moved(fitted, tmp_
     page = (tmp_path / "e" / "report.html").read_text(encoding="utf-8")
     assert page.count("The training images cannot be read") == 1 and str(train / "g") in page
     assert "training image not readable: grey" in page and "normal reference: g" in page  # still named
+
+
+@pytest.mark.parametrize("method", ["somad", "patchcore"])
+def test_references_of_a_fit_with_flips_point_at_the_mirrored_place_they_show(tmp_path, method):
+    """``augment="flips"``: a flipped copy's patch refers to the place in its training image that it shows (the
+    mirrored grid position), so g3.png's green square is still found at its place, and every reference lies in its
+    image. A normal patch's reference has its colour."""
+    train, _ = _training_set(tmp_path)
+    if method == "somad":
+        model = SOMAD(**tiny(val_fraction=0.0, som_size=6, augment="flips")).fit(train)
+        refs = model.node_references_
+    else:
+        params = tiny_common(val_fraction=0.0, coreset_ratio=1.0)
+        model = PatchCore(**params, augment="flips").fit(train)
+        refs = model.bank_references_
+        assert len(refs) == model.n_patches_ == 4 * PatchCore(**params).fit(train).n_patches_  # every copy's patches
+    kept = refs[refs[:, 0] >= 0]
+    assert len(kept) > 0 and bool(((kept[:, 1:] >= 0) & (kept[:, 1:] < torch.tensor([SIZE[1], SIZE[0]]))).all())
+    pred = next(model.predict_iter([_pasted()]))
+    if method == "somad":  # a node whose representative lies in the green square: the paste there points at it
+        green = [(x, y) for image, x, y in kept.tolist() if image == 3 and SQUARE[1].start <= x < SQUARE[1].stop]
+        green = [(x, y) for x, y in green if SQUARE[0].start <= y < SQUARE[0].stop][:1]
+        assert green, "no node's representative lies in g3.png's green square"
+    else:  # g3.png's square mirrored left-right, pasted into g4.png (red | blue) at its mirrored place: its patches'
+        # nearest are the horizontally flipped copy's, and their references the places they show in g3.png
+        image = two_tone(4)
+        image[SQUARE[0], SIZE[1] - SQUARE[1].stop : SIZE[1] - SQUARE[1].start] = GREEN
+        pred = next(model.predict_iter([image]))
+        green = [(x, y) for x in (65, 75, 85) for y in (25, 35, 45)]  # inside the mirrored square
+    for name, rx, ry, _ in model.region_references(pred, green):
+        assert name == "g3.png" and SQUARE[1].start - 7 <= rx < SQUARE[1].stop + 7
+        assert SQUARE[0].start - 5 <= ry < SQUARE[0].stop + 5

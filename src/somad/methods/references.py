@@ -75,8 +75,9 @@ class NormalReferences:
         """The references ``(M, 3)`` int32 of training patch ``rows`` ``(M,)`` (-1: none) of a fit's ``n_patches``
         rows, ``height x width`` per model input: the index of the training image in ``reference_images_`` and the
         patch centre ``x, y`` in that image's pixels. Row ``r`` is model input ``r // (h*w)``, grid position
-        ``divmod(r % (h*w), w)``. ``None`` (and no names) when this fit recorded no inputs (tiled, distributed) or
-        they do not account for the rows."""
+        ``divmod(r % (h*w), w)``; with ``augment``, a flipped copy's patch (the copies of an image follow it, in the
+        order of ``_copies()``) refers to the mirrored place it shows in its image. ``None`` (and no names) when this
+        fit recorded no inputs (tiled, distributed) or they do not account for the rows."""
         self.reference_images_, self.reference_root_ = None, None
         log = self._fit_log
         hw = height * width
@@ -90,6 +91,15 @@ class NormalReferences:
         kept = rows >= 0
         inputs, cell = np.divmod(rows[kept], hw)
         i, j = np.divmod(cell, width)
+        copies = self._copies()  # augment: each image's inputs are followed by their flipped copies, in this order
+        if len(copies) > 1:
+            first = {}
+            for t, it in enumerate(log.inputs):
+                first.setdefault(id(it), t)
+            copy = np.array([t - first[id(it)] for t, it in enumerate(log.inputs)], dtype=np.int64)[inputs]
+            flips = [copies[c % len(copies)] for c in copy]  # a flipped copy's patch: the mirrored place it shows
+            i = np.where([-2 in f for f in flips], height - 1 - i, i)
+            j = np.where([-1 in f for f in flips], width - 1 - j, j)
         x, y = self._patch_centre(i, j, (sizes[inputs, 0], sizes[inputs, 1]))
         refs = np.full((len(rows), 3), -1, dtype=np.int32)
         refs[kept] = np.stack([image_of[inputs], np.round(x), np.round(y)], axis=1)  # round half to even, as round()

@@ -249,7 +249,7 @@ class SOMAD(NormalReferences, BaseDetector):
         a distributed fit (:attr:`fit_shards`), whose moments are merged here as they come (Chan's formula)."""
         n_patches = int(patches.shape[0]) if isinstance(patches, torch.Tensor) else sum(patches.rows)
         som = SelfOrganizingMap(
-            size=self.som_side(n_patches),
+            size=self.som_side(n_patches // len(self._copies())),  # flipped copies (augment) are not new patches
             rough_epochs=self.rough_epochs,
             fine_epochs=self.fine_epochs,
             max_samples=self.som_samples,
