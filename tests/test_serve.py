@@ -778,3 +778,33 @@ def test_regions_carry_their_normal_reference(server, model):
     assert [(g["image"], g["x"], g["y"]) for g in got] == [(name, x, y) for name, x, y, _ in expected]
     assert [g["distance"] for g in got] == pytest.approx([d for *_, d in expected], rel=1e-4)
     assert all(name in model.reference_images_ for name, *_ in expected)
+
+
+def test_explain_returns_each_regions_explanation_image(server, model):
+    """``?explain=1``: the regions, each with the image ``somad predict --explain`` writes for it (base64 PNG), pixel
+    for pixel (this model was fitted on frames in memory: its reference panel says it cannot read them)."""
+    import base64
+    import io
+
+    from somad.io.outputs import explanation_image, peak_pixel, reference_image
+    from somad.verdicts import regions
+
+    array = _noise(6)
+    body = _post_png(server, array, "?explain=1").json()
+    assert body["regions"] and all(r["explanation_png"] for r in body["regions"]), body
+    (pred,) = list(model.predict_iter([Image.fromarray(array)]))
+    full = model.original_map(pred)
+    mask = model.mask(pred, full)
+    found = regions(mask, full)
+    peaks = [peak_pixel(mask, full, r) for r in found]
+    refs = model.region_references(pred, peaks)
+    for i, (served, region, peak, ref) in enumerate(zip(body["regions"], found, peaks, refs), 1):
+        reference, _ = reference_image(model, ref[0])
+        want = explanation_image(pred, mask, region, peak, ref, reference, f"{pred.item.name} region {i}: peak "
+                                 f"{region.peak:.3g}")  # fmt: skip
+        got = np.asarray(Image.open(io.BytesIO(base64.b64decode(served["explanation_png"]))).convert("RGB"))
+        want = np.asarray(want.convert("RGB"))
+        differ = np.nonzero((got != want).any(-1))[0]
+        assert got.shape == want.shape and (differ.size == 0 or differ.max() < 20), differ  # the title's name only
+    plain = _post_png(server, array, "?regions=1").json()
+    assert all("explanation_png" not in r or r["explanation_png"] is None for r in plain["regions"])

@@ -367,6 +367,17 @@ class Explanations:
     last_image: tuple = (None, None)  # (name, image or None): consecutive regions often share their reference
 
 
+def reference_image(model, name: str) -> tuple[Image.Image | None, str]:
+    """Training image ``name`` (a region reference's) as the model's fit read it, and where it was looked for;
+    ``None`` when it cannot be read (the model was moved, or it was an image held in memory at fit)."""
+    path = model.reference_path(name)
+    try:
+        image = load_image(path) if path is not None else None
+    except (ImageLoadError, OSError):
+        image = None
+    return image, str(path) if path is not None else f"{name} (an image held in memory at fit)"
+
+
 def _write_explanations(model, pred, mask, found_regions, peaks, refs, out: Path, state: Explanations) -> None:
     """One image per region under ``out/explanations`` (:func:`explanation_image`). A training image that cannot
     be read (the model was moved) is said once per run, in one line; its panels say so and the rest is written."""
@@ -384,13 +395,8 @@ def _write_explanations(model, pred, mask, found_regions, peaks, refs, out: Path
     for i, (region, peak, ref) in enumerate(zip(found_regions, peaks, refs), 1):
         name, reference = state.last_image
         if name != ref[0]:
-            path = model.reference_path(ref[0])
-            try:
-                reference = load_image(path) if path is not None else None
-            except (ImageLoadError, OSError):
-                reference = None
+            reference, where = reference_image(model, ref[0])
             if reference is None and state.unreadable is None:
-                where = str(path) if path is not None else f"{ref[0]} (an image held in memory at fit)"
                 logger.warning("the training image %s cannot be read: explanations show no reference", where)
                 state.unreadable = where
             state.last_image = (ref[0], reference)

@@ -129,9 +129,9 @@ class BaseDetector(ThresholdsMixin, PersistenceMixin, Params):
         (:data:`AUGMENTATIONS`; the copies of an image follow it, in that order). For few images of textures or of
         parts that look the same mirrored: from 10 images, magnetic_tile's image AUROC rose 5.8 points and its
         AU-PRO 2.3, metal_plate's AU-PRO 0.7, tire's image AUROC +4.4 and -1.9 on two seeds (docs/benchmarks.md,
-        "Flips of few images"). Not for parts whose mirror image is a
-        defect (a part inserted the wrong way round, a label on the wrong side): the model learns mirrored parts
-        as good. The held-out and cross-fitted images that set the thresholds are never flipped.
+        "Flips of few images"). Not for parts whose mirror image is a defect (a part inserted the wrong way
+        round, a label on the wrong side): the model learns mirrored parts as good. The held-out and cross-fitted
+        images that set the thresholds are never flipped.
     batch_size : int, default 16
     device : {"auto", "cpu", "cuda"}, default "auto"
     seed : int, default 0

@@ -4,7 +4,7 @@ Endpoints (README "Service" has the details)::
 
     POST /v1/predict        one image: raw bytes (image/png, image/jpeg, image/tiff, image/bmp, image/webp,
                             application/octet-stream) or multipart/form-data with the field ``file``
-                            ?heatmap=png  ?mask=png  ?regions=1
+                            ?heatmap=png  ?mask=png  ?regions=1  ?explain=1
     POST /v1/predict/batch  several images: multipart/form-data, fields ``files``; one result per image, in order
     GET  /v1/model          what the model file says about itself (somad.service.model_info) + the service limits
     GET  /health            liveness and queue depth
@@ -45,7 +45,14 @@ from starlette.responses import Response
 
 from somad._version import __version__
 from somad.errors import ImageLoadError, SomadError
-from somad.io.outputs import heatmap_overlay, mask_image, normal_references, peak_pixel
+from somad.io.outputs import (
+    explanation_image,
+    heatmap_overlay,
+    mask_image,
+    normal_references,
+    peak_pixel,
+    reference_image,
+)
 from somad.runtime import OnnxDetector
 from somad.service.decoding import PixelLimitError, decode_image
 from somad.service.guard import BODY_TIMEOUT, READ_TIMEOUT, ApiKey, BodyTimeout, body_chunks
@@ -92,9 +99,14 @@ def _extras(
     ),
     mask: Literal["png"] | None = Query(None, description="add the base64 PNG predicted mask"),
     regions: bool = Query(False, description="add the predicted defect regions"),
+    explain: bool = Query(
+        False,
+        description="add the regions, each with explanation_png: the region (red outline) beside its normal "
+        "reference (yellow), base64 PNG; for models that keep references (SOMAD, PatchCore)",
+    ),
 ) -> dict:
     """The optional parts of a prediction, from the query string of both predict endpoints."""
-    return {"heatmap": heatmap, "mask": mask == "png", "regions": regions}
+    return {"heatmap": heatmap, "mask": mask == "png", "regions": regions or explain, "explain": explain}
 
 
 def create_app(
@@ -518,22 +530,34 @@ def _result(model, pred, options: dict) -> dict:
     if options["mask"]:
         out["mask_png"] = None if predicted is None else _encoded(mask_image(predicted))
     if options["regions"]:
-        out["regions"] = None if predicted is None else _regions_with_references(model, pred, predicted, full)
+        out["regions"] = (
+            None
+            if predicted is None
+            else _regions_with_references(model, pred, predicted, full, explain=options["explain"])
+        )
     return out
 
 
-def _regions_with_references(model, pred, mask, full) -> list[dict]:
+def _regions_with_references(model, pred, mask, full, *, explain: bool = False) -> list[dict]:
     """The predicted regions, each with its normal reference where the model keeps them (SOMAD: the training patch
     representing the node nearest the region's peak; PatchCore: the bank patch nearest it; ``somad.io.outputs``'
-    ``regions.csv`` columns)."""
+    ``regions.csv`` columns), and with ``explain`` the image ``somad predict --explain`` writes for it, as base64
+    PNG (its reference panel says so when the training image cannot be read)."""
     found = regions(mask, full)
-    refs = normal_references(model, pred, [peak_pixel(mask, full, r) for r in found])
-    out = []
-    for region, ref in zip(found, refs):
+    peaks = [peak_pixel(mask, full, r) for r in found]
+    refs = normal_references(model, pred, peaks)
+    out, read = [], {}
+    for i, (region, peak, ref) in enumerate(zip(found, peaks, refs), 1):
         entry = asdict(region)
         if ref is not None:
             name, x, y, distance = ref
             entry["reference"] = {"image": name, "x": int(x), "y": int(y), "distance": float(distance)}
+            if explain:
+                if name not in read:
+                    read[name] = reference_image(model, name)[0]
+                title = f"{pred.item.name} region {i}: peak {region.peak:.3g}"
+                picture = explanation_image(pred, mask, region, peak, ref, read[name], title)
+                entry["explanation_png"] = _encoded(picture)
         out.append(entry)
     return out
 

@@ -90,6 +90,11 @@ class Region(BaseModel):
     reference: Reference | None = Field(
         None, description="its normal reference, where the model keeps them (SOMAD, PatchCore)"
     )
+    explanation_png: str | None = Field(
+        None,
+        description="?explain=1: the region (red outline) beside its normal reference (yellow), base64 PNG, as "
+        "`somad predict --explain` writes it",
+    )
 
 
 class Prediction(BaseModel):
