@@ -36,9 +36,11 @@ from somad.verdicts import (
 logger = logging.getLogger(__name__)
 
 #: ``cv="auto"`` cross-fits with this many folds when there are fewer good images than ``CROSS_FIT_BELOW``: there a
-#: 10% hold-out is 1 or 2 images (the threshold is one image's score), while the K extra fits of so few images
-#: take seconds to a few minutes. From 30 images on, the hold-out has 3 or more and the fit its usual cost.
-CROSS_FIT_FOLDS, CROSS_FIT_BELOW = 5, 30
+#: 10% hold-out is fewer than 10 images, and the threshold one of their top two scores. Measured from 50 images
+#: (docs/benchmarks.md, "somad 0.10.0"): the hold-out's 5 images set thresholds that flagged 44-68% of tire's good
+#: test images (stated: 23%), 5-fold cross-fitting's 50 out-of-fold scores 16% (stated: 12%), at 4-5x the fit
+#: time. From 100 images on, the hold-out has 10 or more and the fit its usual cost.
+CROSS_FIT_FOLDS, CROSS_FIT_BELOW = 5, 100
 #: ``fit`` on fewer good images than this warns what to expect (docs/benchmarks.md, "Few good images").
 FEW_IMAGES = 20
 
