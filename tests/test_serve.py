@@ -786,7 +786,7 @@ def test_explain_returns_each_regions_explanation_image(server, model):
     import base64
     import io
 
-    from somad.io.outputs import explanation_image, peak_pixel, reference_image
+    from somad.io.outputs import explanation_image, explanation_title, peak_pixel, reference_image
     from somad.verdicts import regions
 
     array = _noise(6)
@@ -800,8 +800,7 @@ def test_explain_returns_each_regions_explanation_image(server, model):
     refs = model.region_references(pred, peaks)
     for i, (served, region, peak, ref) in enumerate(zip(body["regions"], found, peaks, refs), 1):
         reference, _ = reference_image(model, ref[0])
-        want = explanation_image(pred, mask, region, peak, ref, reference, f"{pred.item.name} region {i}: peak "
-                                 f"{region.peak:.3g}")  # fmt: skip
+        want = explanation_image(pred, mask, region, peak, ref, reference, explanation_title(pred, i, region))
         got = np.asarray(Image.open(io.BytesIO(base64.b64decode(served["explanation_png"]))).convert("RGB"))
         want = np.asarray(want.convert("RGB"))
         differ = np.nonzero((got != want).any(-1))[0]

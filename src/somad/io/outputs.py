@@ -367,6 +367,11 @@ class Explanations:
     last_image: tuple = (None, None)  # (name, image or None): consecutive regions often share their reference
 
 
+def explanation_title(pred, number: int, region) -> str:
+    """The label above region ``number`` (from 1, as in ``regions.csv``) of a prediction's explanation image."""
+    return f"{pred.item.name} region {number}: peak {region.peak:.3g}"
+
+
 def reference_image(model, name: str) -> tuple[Image.Image | None, str]:
     """Training image ``name`` (a region reference's) as the model's fit read it, and where it was looked for;
     ``None`` when it cannot be read (the model was moved, or it was an image held in memory at fit)."""
@@ -400,8 +405,7 @@ def _write_explanations(model, pred, mask, found_regions, peaks, refs, out: Path
                 logger.warning("the training image %s cannot be read: explanations show no reference", where)
                 state.unreadable = where
             state.last_image = (ref[0], reference)
-        title = f"{pred.item.name} region {i}: peak {region.peak:.3g}"
-        image = explanation_image(pred, mask, region, peak, ref, reference, title)
+        image = explanation_image(pred, mask, region, peak, ref, reference, explanation_title(pred, i, region))
         target = PurePath("explanations", rel.with_name(f"{rel.name}_region{i}.png"))
         save_png(image, out / target)
         written.append(Explained(i, target, float(region.peak), tuple(ref), reference is not None))

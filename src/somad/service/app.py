@@ -47,6 +47,7 @@ from somad._version import __version__
 from somad.errors import ImageLoadError, SomadError
 from somad.io.outputs import (
     explanation_image,
+    explanation_title,
     heatmap_overlay,
     mask_image,
     normal_references,
@@ -555,8 +556,9 @@ def _regions_with_references(model, pred, mask, full, *, explain: bool = False) 
             if explain:
                 if name not in read:
                     read[name] = reference_image(model, name)[0]
-                title = f"{pred.item.name} region {i}: peak {region.peak:.3g}"
-                picture = explanation_image(pred, mask, region, peak, ref, read[name], title)
+                picture = explanation_image(
+                    pred, mask, region, peak, ref, read[name], explanation_title(pred, i, region)
+                )
                 entry["explanation_png"] = _encoded(picture)
         out.append(entry)
     return out
