@@ -151,8 +151,7 @@ class OnnxDetector:
         self.meta, graph = read_export(self.path, verify_key)
         geometry = self.meta["geometry"]
         self.image_size = int(geometry["image_size"])
-        self.input_size = int(geometry["input_size"])
-        self.crop_offset = int(geometry["crop_offset"])
+        self.input_size = int(geometry["input_size"])  # the side of anomaly_map (the graph crops)
         try:
             self.gate_ = FrameGate.from_dict(self.meta.get("input_gate"))  # None in older exports: the fixed rule
         except (ValueError, KeyError, TypeError) as exc:

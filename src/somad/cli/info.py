@@ -61,9 +61,9 @@ def text(info: dict) -> str:
     else:
         geometry = f"resized to {g['image_size']}x{g['image_size']}, whole frame (no crop, no tiles)"
     shown = {"backbone", "weights", "image_size", "crop_size", "tile_size", "tile_overlap"}
-    fitted = {"som_size": f"{info.get('som_side')}x{info.get('som_side')}"} if info.get("som_side") else {}
+    side = info.get("som_side")  # SOMAD's fitted map, shown after som_size=auto
     params = ", ".join(
-        f"{k}={v}" + (f" ({fitted[k]})" if k in fitted and v == "auto" else "")
+        f"{k}={v}" + (f" ({side}x{side})" if k == "som_size" and v == "auto" and side else "")
         for k, v in sorted(info["params"].items())
         if k not in shown
     )
