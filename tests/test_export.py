@@ -72,7 +72,7 @@ def test_export_writes_graph_and_description(fitted):
     assert [o.name for o in graph.get_outputs()] == list(OUTPUT_NAMES)
     assert [i.name for i in graph.get_overridable_initializers()] == list(INPUT_NAMES[1:])  # inputs with defaults
     check = meta["parity_check"]
-    assert check["verdicts"] == 6 and check["mask_pixels"] > 0 and meta["export_version"] == 4
+    assert check["verdicts"] == 6 and check["mask_pixels"] > 0 and meta["export_version"] == 5
 
 
 def test_onnx_matches_native_exact_path(fitted):
@@ -154,13 +154,46 @@ def test_baselines_export_with_parity(tmp_path, cls):
     assert json.loads((out / META_FILE).read_text())["method"] == cls.method
 
 
-def test_tiled_model_is_refused_in_one_line(tmp_path, capsys):
-    path = SOMAD(**TINY, **SOMAD_TINY, tile_size=32).fit(textured(4, 0)).save(tmp_path / "tiled.safetensors")
-    with pytest.raises(ExportError) as info:
-        export_model(path, tmp_path / "out")
-    assert "tiled" in str(info.value) and "\n" not in str(info.value)
-    assert main(["export", str(path), "-o", str(tmp_path / "out")]) == 2
-    assert capsys.readouterr().err.startswith(f"error: {path}: tiled somad models")
+@pytest.mark.parametrize("cls, extra", [(SOMAD, SOMAD_TINY), (PatchCore, {"num_neighbors": 3})], ids=["somad", "patchcore"])
+def test_a_tiled_model_exports_for_its_frame(tmp_path, capsys, cls, extra):
+    """A tiled model's graph serves its training images' frame: it resizes, cuts the tiles, stitches their patch
+    scores and decides as the native path does (PatchCore: the largest tile score), and refuses an image whose
+    frame is another (the runtime says why, and how to export for it)."""
+    path = cls(**TINY, **extra, tile_size=48).fit(textured(8, 0, 80, 150)).save(tmp_path / "tiled.safetensors")
+    assert main(["export", str(path), "-o", str(tmp_path / "out")]) == 0
+    assert "whose frame is 128x64, such as 150x80 (the graph resizes it and cuts 8 tiles" in capsys.readouterr().out
+    meta = json.loads((tmp_path / "out" / META_FILE).read_text())
+    g = meta["geometry"]
+    assert (g["original_size"], g["frame_size"], len(g["tile_offsets"])) == ([80, 150], [64, 128], 8)
+    assert meta["parity_check"]["verdicts"] == 6 and meta["export_version"] == 5
+    model = load(path)
+    images = [*textured(2, 5, 80, 150), *textured(1, 6, 80, 150, defect=True), *textured(1, 7, 40, 75)]
+    other = textured(1, 8, 80, 80)[0]  # its frame is 64x64
+    found = OnnxDetector(tmp_path / "out", threads=1).predict([*images, other])
+    native = list(model.predict_iter(images))
+    for d, p in zip(found, native):
+        assert d.status == "ok" and d.anomaly_map.shape == tuple(p.map.shape) == (64, 128)
+        assert abs(d.score - p.score) <= 1e-4 * abs(p.score) and d.is_anomalous == model.verdict(p)
+        assert np.abs(d.anomaly_map - p.map.numpy()).max() <= 1e-3 * max(1.0, float(p.map.abs().max()))
+        full = model.original_map(p)
+        assert np.abs(d.original_map - full).max() <= 1e-3 * max(1.0, float(np.abs(full).max()))
+    assert True in [d.is_anomalous for d in found[:4]] and False in [d.is_anomalous for d in found[:4]]
+    refused = found[-1]
+    assert refused.is_anomalous and refused.mask.all() and refused.status.startswith("invalid_input: a 80x80 image")
+    assert "--original-size 80x80" in refused.status
+    # The bare graph refuses it too (its own frame check), with the gate's input left at its default.
+    assert main(["export", str(path), "-o", str(tmp_path / "sq"), "--original-size", "80x80"]) == 0
+    d = OnnxDetector(tmp_path / "sq", threads=1).predict(other)[0]
+    assert d.status == "ok" and d.anomaly_map.shape == (64, 64)
+
+
+def test_a_tiled_export_needs_a_size_it_can_serve(tmp_path, capsys):
+    path = SOMAD(**TINY, **SOMAD_TINY, tile_size=48).fit(textured(4, 0)).save(tmp_path / "tiled.safetensors")
+    with pytest.raises(SystemExit):  # argparse's usage error
+        main(["export", str(path), "-o", str(tmp_path / "out"), "--original-size", "80"])
+    assert "'80' is not HEIGHTxWIDTH" in capsys.readouterr().err
+    with pytest.raises(ExportError, match="original size 0x90 is out of range"):
+        export_model(path, tmp_path / "out", original_size=(0, 90))
     assert not (tmp_path / "out").exists()
 
 

@@ -94,7 +94,7 @@ def test_export_records_hashes_and_scores_as_native(exports, model_file, images)
 
     plain, _, _ = exports
     meta = json.loads((plain / export_format.META_FILE).read_text())
-    assert meta["export_version"] == export_format.EXPORT_VERSION == 4 and "signature" not in meta
+    assert meta["export_version"] == export_format.EXPORT_VERSION == 5 and "signature" not in meta
     assert meta["content_sha256"] == export_format.content_sha256(meta)
     native = load(model_file).predict_maps(images)[0]
     np.testing.assert_allclose(OnnxDetector(plain, threads=1).predict_maps(images)[0], native, rtol=1e-3)

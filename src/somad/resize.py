@@ -27,3 +27,18 @@ def resize_bilinear(image: Image.Image, size: tuple[int, int]) -> Image.Image:
     if image.height != height:
         image = image.resize((width, height), Image.BILINEAR)
     return image
+
+
+#: Tiles: the longer side of the resized frame is at most this many times the shorter one.
+MAX_ASPECT = 8
+
+
+def frame_size(height: int, width: int, image_size: int) -> tuple[int, int]:
+    """The ``(height, width)`` a tiled model resizes an original ``height x width`` image to: its aspect ratio kept,
+    the shorter side ``image_size``, each side rounded to a multiple of 16 (Python's ``round``: halves to even),
+    at least ``image_size`` and at most :data:`MAX_ASPECT` times it (``features.extractor.Geometry``). The exported
+    graph computes the same rule from an image's size (``somad.export.onnx.tile_nodes``), and the runtime checks
+    with it that a frame is one its export serves."""
+    scale = image_size / min(height, width)
+    side = lambda n: max(image_size, min(MAX_ASPECT * image_size, int(round(n * scale / 16)) * 16))  # noqa: E731
+    return side(height), side(width)

@@ -8,7 +8,9 @@ signature) and scores images the way the native path does:
 1. decode with somad's rules (``somad.io.inputs``, ``somad.io.images``: files, PIL images, numpy frames;
    16-bit, float, palette, alpha...);
 2. resize to ``image_size`` square as the native path does (``export_format.resized_input``: the graph would
-   do the same to the bit on the decoded image, 3-10x slower than Pillow's C code; the graph crops);
+   do the same to the bit on the decoded image, 3-10x slower than Pillow's C code; the graph crops), or, for a
+   tiled export, to the frame it serves (``geometry.frame_size``; the graph cuts the tiles and refuses an image
+   whose own frame, ``somad.resize.frame_size``, is another: the runtime says why in its ``status``);
 3. apply the input gate (``somad.verdicts.check_frame``, with the limits the model learned from its training
    images: ``input_gate``);
 4. run the graph, one image at a time, on that input, the image's original size, the gate's result and the
@@ -56,7 +58,8 @@ from somad.io.export_format import (
 from somad.io.inputs import ImageItem, as_items, decoded
 from somad.io.integrity import file_sha256
 from somad.io.schema import BATCH_SIZE
-from somad.verdicts import OK, FrameGate, check_frame, normalized_or_none, scale_resolution
+from somad.resize import frame_size
+from somad.verdicts import INVALID, OK, FrameGate, check_frame, normalized_or_none, scale_resolution
 
 #: The runtimes that run an export, and the extra of pyproject.toml that installs each.
 BACKENDS = {"onnxruntime": "runtime", "openvino": "runtime-openvino"}
@@ -71,7 +74,7 @@ class Detection:
     name : str
     score : float, higher = more anomalous
     is_anomalous : bool or None (``None`` when the model has no threshold)
-    anomaly_map : ndarray (S, S) float32 at the model input
+    anomaly_map : ndarray (S, S) float32 at the model input (a tiled export's: its frame, ``geometry.frame_size``)
     status : ``"ok"`` or ``"invalid_input: <reason>"`` (the input gate)
     original_size : (height, width)
     mask : ndarray (H, W) bool or None, the predicted defect mask on the original image (``None`` without
@@ -151,7 +154,9 @@ class OnnxDetector:
         self.meta, graph = read_export(self.path, verify_key)
         geometry = self.meta["geometry"]
         self.image_size = int(geometry["image_size"])
-        self.input_size = int(geometry["input_size"])  # the side of anomaly_map (the graph crops)
+        self.input_size = int(geometry["input_size"])  # the side of anomaly_map (the graph crops), or of a tile
+        frame = geometry.get("frame_size")  # a tiled export's: the frame it serves, and its map's size
+        self.frame_size = None if frame is None else tuple(int(v) for v in frame)
         try:
             self.gate_ = FrameGate.from_dict(self.meta.get("input_gate"))  # None in older exports: the fixed rule
         except (ValueError, KeyError, TypeError) as exc:
@@ -175,9 +180,23 @@ class OnnxDetector:
 
     # ------------------------------------------------------------------ inputs
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """Decoded RGB image -> uint8 ``(R, R, 3)``, ``R = image_size``: the native path's resize, which the graph
-        leaves as it is (it crops)."""
-        return resized_input(image, self.image_size)
+        """Decoded RGB image -> uint8 ``(R, R, 3)``, ``R = image_size`` (a tiled export's: its frame ``(h, w, 3)``):
+        the native path's resize, which the graph leaves as it is (it crops, or cuts the tiles)."""
+        return resized_input(image, self.image_size if self.frame_size is None else self.frame_size)
+
+    def frame_status(self, height: int, width: int) -> str:
+        """``OK``, or, for a tiled export, why an image of this size is refused: its frame is not the served one."""
+        if self.frame_size is None:
+            return OK
+        own = frame_size(height, width, self.image_size)
+        if own == self.frame_size:
+            return OK
+        served = self.meta["geometry"]["original_size"]
+        return (
+            f"{INVALID}: a {width}x{height} image (frame {own[1]}x{own[0]}); this tiled export serves images whose "
+            f"frame is {self.frame_size[1]}x{self.frame_size[0]}, such as {served[1]}x{served[0]}: export again "
+            f"with --original-size {height}x{width}"
+        )
 
     # ------------------------------------------------------------------ scoring
     def run(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -243,8 +262,9 @@ class OnnxDetector:
 
     def _score(self, pending: list[tuple[ImageItem, Image.Image]]) -> Iterator[Detection]:
         for item, image in pending:
-            status = check_frame(image, self.gate_)
             size = (image.height, image.width)
+            status = check_frame(image, self.gate_)
+            status = self.frame_status(*size) if status == OK else status  # the graph refuses the same frames
             score, m, flagged, original, mask = (
                 a[0] for a in self._run(self._feeds(self.preprocess(image)[None], size, status == OK))
             )

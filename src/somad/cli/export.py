@@ -33,6 +33,13 @@ def add_parser(sub) -> None:
         help="SOMAD's nearest-node search in the graph: the model's own (default), exhaustive, or its IVF index",
     )
     p.add_argument(
+        "--original-size",
+        type=_size,
+        metavar="HEIGHTxWIDTH",
+        help="tiled models (--tile): the size of the images the graph serves, e.g. 1240x500 (its tiles follow the "
+        "frame; images of another aspect ratio are refused); default: the training images' median size",
+    )
+    p.add_argument(
         "--no-check", action="store_true", help="skip the onnxruntime check against the native path (no onnxruntime)"
     )
     add_key_args(p, sign=True, verify=True)
@@ -52,6 +59,7 @@ def run(args) -> int:
         search=None if args.search == "model" else args.search,
         sign_key=sign_key,
         verify_key=verify_key,
+        original_size=args.original_size,
     )
     meta = json.loads((out / META_FILE).read_text())
     check = meta.get("parity_check")
@@ -63,11 +71,32 @@ def run(args) -> int:
             f"({check['verdicts_differing_at_the_threshold']} and {check['mask_pixels_differing_at_the_threshold']} "
             "differing, at the threshold)"
         )
-    size = meta["geometry"]["input_size"]
+    g = meta["geometry"]
+    h, w = g.get("frame_size") or (g["input_size"],) * 2
+    served = "at any size (the graph resizes it)"
+    if g.get("original_size"):
+        (oh, ow), (fh, fw) = g["original_size"], g["frame_size"]
+        served = (
+            f"whose frame is {fw}x{fh}, such as {ow}x{oh} (the graph resizes it and cuts {len(g['tile_offsets'])} "
+            "tiles; other frames are refused)"
+        )
     print(
-        "graph inputs: image uint8 (1, H, W, 3), the decoded RGB image at any size (the graph resizes it), and "
-        "optionally original_size, valid, image_threshold, pixel_threshold; "
-        f"outputs: score, anomaly_map (1, {size}, {size}), is_anomalous, original_map and mask (1, H, W)"
+        f"graph inputs: image uint8 (1, H, W, 3), the decoded RGB image {served}, and optionally original_size, "
+        f"valid, image_threshold, pixel_threshold; outputs: score, anomaly_map (1, {h}, {w}), is_anomalous, "
+        "original_map and mask (1, H, W)"
     )
     print(f"wrote {out} ({', '.join(meta['files'])}, {META_FILE})")
     return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    import argparse
+
+    parts = text.lower().replace(",", "x").split("x")
+    try:
+        height, width = (int(v) for v in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not HEIGHTxWIDTH (e.g. 1240x500)") from None
+    if height < 1 or width < 1:
+        raise argparse.ArgumentTypeError(f"{text!r}: both sides must be positive")
+    return height, width

@@ -38,9 +38,13 @@ What stays outside the graph (``somad.runtime.OnnxDetector`` does it):
 * a model without thresholds: the graph gets NaN thresholds (nothing above them) and the runtime reports the
   verdict and mask as ``None``, as the native path does.
 
-Tiled models (``tile_size``) are refused in one line: their tiles' positions and the stitched map's size depend on
-each image's size (offsets rounded to 16 px, blur matrices of the frame's size), which the graph would have to
-build at run time.
+A tiled model (``tile_size``) exports for one frame: its tiles' positions and the stitched map's size depend on
+the frame an image is resized to (``somad.resize.frame_size``: offsets rounded to 16 px, blur matrices of the
+frame's size), so its graph is built for the frame of the images it serves (``original_size``, by default the
+training images' median size: a line's camera gives one): :func:`tile_nodes` resizes to that frame and cuts the
+tiles, the traced part scores them as one batch, :func:`stitch_nodes` stitches their patch scores as
+``methods.tiling.stitch_maps`` does, and an image whose own frame is another (computed in the graph by the same
+rule) is refused as the input gate refuses a frame (the runtime's ``status`` says how to export for it).
 
 :func:`export_model` writes ``DIR/model.onnx`` and ``DIR/somad_export.json`` (thresholds, geometry,
 normalisation, source model hash, the graph's SHA-256, its own hash and, with a key, its signature) into a staged
@@ -80,8 +84,10 @@ from somad.io.export_format import (
 )
 from somad.io.integrity import as_key, file_sha256
 from somad.io.outputs import staged_output_dir
+from somad.io.schema import MAX_IMAGE_SIZE
 from somad.methods import load
 from somad.methods.base import BaseDetector
+from somad.resize import MAX_ASPECT, frame_size
 from somad.verdicts import decide, predicted_mask
 
 logger = logging.getLogger(__name__)
@@ -116,21 +122,25 @@ class _Traced(nn.Module):
         return feats if self.scoring is None else self.scoring(feats)
 
 
-def decision_nodes(patch: str, own_score: str | None, matrix: np.ndarray, geometry, size: str) -> tuple[list, list]:
+def decision_nodes(
+    patch: str, own_score: str | None, matrices: tuple[np.ndarray, np.ndarray], geometry, size: str, valid: str
+) -> tuple[list, list]:
     """ONNX nodes from the patch scores ``patch`` ``(1, h, w)`` (and the method's own image score ``own_score``, or
-    ``None``) to :data:`OUTPUT_NAMES`, with the graph inputs of :data:`INPUT_NAMES` (see the module docstring) and
-    ``size``, the original image's height and width (int64 ``(2,)``). ``matrix`` ``(S, h)``: the map step, one
-    axis; ``geometry``: the model's ``Geometry`` (its crop). Returns ``(nodes, initializers)``."""
+    ``None``) to :data:`OUTPUT_NAMES`, with the graph inputs of :data:`INPUT_NAMES` (see the module docstring),
+    ``size``, the original image's height and width (int64 ``(2,)``), and ``valid``, the frame's admission (bool
+    ``(1,)``). ``matrices``: the map step, ``(rows (H, h), cols (W, w))`` (``model.map_matrices``); ``geometry``:
+    the model's ``Geometry`` (its crop). Returns ``(nodes, initializers)``."""
     from onnx import TensorProto, helper, numpy_helper
 
     n = helper.make_node
     score, amap, flagged, original, mask = OUTPUT_NAMES
-    _, _, valid, image_t, pixel_t = INPUT_NAMES
+    _, _, _, image_t, pixel_t = INPUT_NAMES
     before = geometry.crop_offset  # the crop's margins in the resized frame, put back by edge replication
-    after = geometry.image_size - geometry.input_size - before
+    after = 0 if geometry.tile_size is not None else geometry.image_size - geometry.input_size - before
+    rows, cols = matrices
     inits = [
-        numpy_helper.from_array(matrix.astype(np.float32), "map_rows"),
-        numpy_helper.from_array(np.ascontiguousarray(matrix.T, np.float32), "map_cols_t"),
+        numpy_helper.from_array(np.ascontiguousarray(rows, np.float32), "map_rows"),
+        numpy_helper.from_array(np.ascontiguousarray(cols.T, np.float32), "map_cols_t"),
         numpy_helper.from_array(np.array([1], np.int64), "decision_axis1"),
         numpy_helper.from_array(np.array([1, 1], np.int64), "decision_ones2"),
         numpy_helper.from_array(np.array([1, -1], np.int64), "decision_row"),
@@ -143,7 +153,7 @@ def decision_nodes(patch: str, own_score: str | None, matrix: np.ndarray, geomet
     false = helper.make_tensor("false", TensorProto.BOOL, [1], [False])
     nodes = [
         n("MatMul", ["map_rows", patch], ["map_half"]),  # (S, h) @ (1, h, w): rows, as features.upsample_blur
-        n("MatMul", ["map_half", "map_cols_t"], [amap]),  # (1, S, S)
+        n("MatMul", ["map_half", "map_cols_t"], [amap]),  # (1, H, W): the model input, or a tiled model's frame
         n("Identity", [own_score], [score]) if own_score else n("ReduceMax", [amap], [score], axes=[1, 2], keepdims=0),
         # The verdict (verdicts.decide: a refused frame is always flagged, else the score above the threshold).
         n("Greater", [score, image_t], ["decision_above"]),
@@ -188,26 +198,126 @@ def decision_nodes(patch: str, own_score: str | None, matrix: np.ndarray, geomet
 def input_nodes(geometry, model_image: str, size: str) -> tuple[list, list]:
     """ONNX nodes from the graph's ``image`` (uint8 ``(1, H, W, 3)``, any size) to ``model_image`` (uint8 ``(1, S, S,
     3)``: the native path's resize to ``image_size`` square, bit for bit (``somad.export.resize_graph``), then the
-    central ``input_size`` square) and to ``size``, the original image's height and width: the ``original_size``
-    input where it is fed (positive), else the ``image`` input's own. Returns ``(nodes, initializers)``."""
+    central ``input_size`` square) and to ``size``, the original image's height and width (:func:`size_nodes`).
+    Returns ``(nodes, initializers)``."""
     from onnx import helper, numpy_helper
 
     n = helper.make_node
     r, o, s = geometry.image_size, geometry.crop_offset, geometry.input_size
-    nodes, inits = pillow_bilinear_nodes(INPUT_NAME, "input_resized", (r, r), prefix="input_resize")
-    inits += [
+    nodes, inits = size_nodes(size)
+    resize, resize_inits = pillow_bilinear_nodes(INPUT_NAME, "input_resized", (r, r), prefix="input_resize")
+    inits += resize_inits + [
         numpy_helper.from_array(np.array([o, o], np.int64), "input_crop_starts"),
         numpy_helper.from_array(np.array([o + s, o + s], np.int64), "input_crop_ends"),
         numpy_helper.from_array(np.array([1, 2], np.int64), "input_crop_axes"),
-        numpy_helper.from_array(np.array([0, 0], np.int64), "input_no_size"),
     ]
-    nodes += [
+    nodes += resize + [
         n("Slice", ["input_resized", "input_crop_starts", "input_crop_ends", "input_crop_axes"], [model_image]),
+    ]
+    return nodes, inits
+
+
+def size_nodes(size: str) -> tuple[list, list]:
+    """ONNX nodes giving ``size``, the original image's height and width (int64 ``(2,)``): the ``original_size``
+    input where it is fed (positive), else the ``image`` input's own. Returns ``(nodes, initializers)``."""
+    from onnx import helper, numpy_helper
+
+    n = helper.make_node
+    inits = [numpy_helper.from_array(np.array([0, 0], np.int64), "input_no_size")]
+    nodes = [
         n("Shape", [INPUT_NAME], ["input_own_size"], start=1, end=3),  # (H, W) of the image fed
         n("Greater", [INPUT_NAMES[1], "input_no_size"], ["input_size_fed"]),
         n("Where", ["input_size_fed", INPUT_NAMES[1], "input_own_size"], [size]),
     ]
     return nodes, inits
+
+
+def tile_nodes(geometry, layout, model_image: str, size: str, valid: str) -> tuple[list, list]:
+    """A tiled model's input: ONNX nodes from the graph's ``image`` (uint8 ``(1, H, W, 3)``) to ``model_image``, its
+    tiles ``(K, T, T, 3)``: the native path's resize to the frame of ``layout`` (``somad.resize.frame_size`` of the
+    original size the export serves), bit for bit, cut at the layout's offsets (``Geometry.layout``); ``size`` as
+    :func:`size_nodes` gives it; and ``valid``, the ``valid`` input and the frame check: the image's own frame, by
+    the rule of ``somad.resize.frame_size`` in float64 (Python's ``round`` and ONNX's ``Round`` both take halves
+    to even), is the layout's. The tiles' positions and the stitched map's size follow the frame, so the graph
+    serves the images whose frame is that one (an image of another aspect ratio is refused, as the input gate
+    refuses a frame). Returns ``(nodes, initializers)``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = helper.make_node
+    (fh, fw), t, r = layout.size, geometry.tile_size, geometry.image_size
+    nodes, inits = size_nodes(size)
+    resize, resize_inits = pillow_bilinear_nodes(INPUT_NAME, "input_resized", (fh, fw), prefix="input_resize")
+    nodes += resize
+    inits += resize_inits + [
+        numpy_helper.from_array(np.array([1, 2], np.int64), "tile_axes"),
+        numpy_helper.from_array(np.array(float(r)), "tile_side"),
+        numpy_helper.from_array(np.array(float(MAX_ASPECT * r)), "tile_longest"),
+        numpy_helper.from_array(np.array(16.0), "tile_step"),
+        numpy_helper.from_array(np.array([float(fh), float(fw)]), "tile_frame"),
+        numpy_helper.from_array(np.array([0], np.int64), "tile_axis0"),
+    ]
+    for k, (y, x) in enumerate(layout.offsets):
+        inits += [
+            numpy_helper.from_array(np.array([y, x], np.int64), f"tile{k}_starts"),
+            numpy_helper.from_array(np.array([y + t, x + t], np.int64), f"tile{k}_ends"),
+        ]
+        nodes.append(n("Slice", ["input_resized", f"tile{k}_starts", f"tile{k}_ends", "tile_axes"], [f"tile{k}"]))
+    nodes += [
+        n("Concat", [f"tile{k}" for k in range(len(layout.offsets))], [model_image], axis=0),
+        # The frame check: scale = side / min(H, W); each side round(n * scale / 16) * 16 within [side, 8 side].
+        n("Cast", [size], ["tile_size_d"], to=TensorProto.DOUBLE),
+        n("ReduceMin", ["tile_size_d"], ["tile_short"], axes=[0], keepdims=1),
+        n("Div", ["tile_side", "tile_short"], ["tile_scale"]),
+        n("Mul", ["tile_size_d", "tile_scale"], ["tile_scaled"]),
+        n("Div", ["tile_scaled", "tile_step"], ["tile_steps"]),
+        n("Round", ["tile_steps"], ["tile_rounded"]),
+        n("Mul", ["tile_rounded", "tile_step"], ["tile_sides"]),
+        n("Max", ["tile_sides", "tile_side"], ["tile_at_least"]),
+        n("Min", ["tile_at_least", "tile_longest"], ["tile_own_frame"]),
+        n("Equal", ["tile_own_frame", "tile_frame"], ["tile_equal"]),
+        n("Cast", ["tile_equal"], ["tile_equal_i"], to=TensorProto.INT64),
+        n("ReduceMin", ["tile_equal_i"], ["tile_both"], axes=[0], keepdims=1),
+        n("Cast", ["tile_both"], ["tile_frame_ok"], to=TensorProto.BOOL),
+        n("And", [INPUT_NAMES[2], "tile_frame_ok"], [valid]),
+    ]
+    return nodes, inits
+
+
+def stitch_nodes(patch: str, own_score: str | None, layout, tile_grid: int, stride: int) -> tuple[list, list, str, str]:
+    """ONNX nodes from the tiles' patch scores ``patch`` ``(K, g, g)``, ``g = tile_grid`` (and their own image scores
+    ``own_score`` ``(K,)``, or ``None``) to the frame's patch grid ``(1, h, w)``, as ``methods.tiling.stitch_maps``
+    stitches them: each tile placed at its offset (a 0/1 placement matrix per side), summed, divided by the number
+    of tiles over each patch; and the largest tile score (``None`` without ``own_score``: the map maximum decides).
+    Returns ``(nodes, initializers, grid, score)``."""
+    from onnx import helper, numpy_helper
+
+    n = helper.make_node
+    (fh, fw), g = layout.size, tile_grid
+    gh, gw = fh // stride, fw // stride
+    place_rows = np.zeros((len(layout.offsets), gh, g), np.float32)  # (K, h, g): tile row i -> frame row y + i
+    place_cols = np.zeros((len(layout.offsets), g, gw), np.float32)  # (K, g, w): tile column j -> frame column x + j
+    count = np.zeros((1, gh, gw), np.float32)
+    for k, (y, x) in enumerate(layout.offsets):
+        y, x = y // stride, x // stride
+        place_rows[k, y + np.arange(g), np.arange(g)] = 1.0
+        place_cols[k, np.arange(g), x + np.arange(g)] = 1.0
+        count[0, y : y + g, x : x + g] += 1.0
+    inits = [
+        numpy_helper.from_array(place_rows, "stitch_rows"),
+        numpy_helper.from_array(place_cols, "stitch_cols"),
+        numpy_helper.from_array(count, "stitch_count"),
+        numpy_helper.from_array(np.array([0], np.int64), "stitch_axis0"),
+    ]
+    nodes = [
+        n("MatMul", ["stitch_rows", patch], ["stitch_tall"]),  # (K, h, g)
+        n("MatMul", ["stitch_tall", "stitch_cols"], ["stitch_placed"]),  # (K, h, w), zero outside each tile
+        n("ReduceSum", ["stitch_placed", "stitch_axis0"], ["stitch_total"], keepdims=1),  # (1, h, w)
+        n("Div", ["stitch_total", "stitch_count"], ["stitch_grid"]),
+    ]
+    if own_score is None:
+        return nodes, inits, "stitch_grid", None
+    nodes.append(n("ReduceMax", [own_score], ["stitch_score"], axes=[0], keepdims=1))  # (1,)
+    return nodes, inits, "stitch_grid", "stitch_score"
 
 
 def _trace(module: nn.Module, path: Path, example: torch.Tensor, outputs: list[str], opset: int) -> None:
@@ -227,16 +337,18 @@ def _trace(module: nn.Module, path: Path, example: torch.Tensor, outputs: list[s
         )
 
 
-def write_onnx(model: BaseDetector, path: Path) -> None:
-    """Write the whole graph of ``model`` to ``path`` (see the module docstring), in opset :data:`OPSET`: the traced
-    part (features, and the method's scoring module where it has one), then its scoring nodes where it has those
-    instead (``model.export_scoring()``), then :func:`decision_nodes`."""
+def write_onnx(model: BaseDetector, path: Path, layout=None) -> None:
+    """Write the whole graph of ``model`` to ``path`` (see the module docstring), in opset :data:`OPSET`: the input
+    (:func:`input_nodes`, or a tiled model's :func:`tile_nodes` for ``layout``, the ``Geometry.layout`` of the
+    original size it serves), the traced part (features, and the method's scoring module where it has one), its
+    scoring nodes where it has those instead (``model.export_scoring()``), a tiled model's :func:`stitch_nodes`,
+    then :func:`decision_nodes`."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
     geometry = model.extractor_.geometry
-    s = geometry.input_size
-    example = torch.zeros(1, s, s, 3, dtype=torch.uint8)
+    s = geometry.input_size  # the model input's side (a tiled model's: the tile's)
+    example = torch.zeros(1 if layout is None else len(layout.offsets), s, s, 3, dtype=torch.uint8)
     scoring = model.export_scoring()
     traced = isinstance(scoring, nn.Module)
     module = _Traced(model.feature_graph(), scoring if traced else None)
@@ -250,12 +362,22 @@ def write_onnx(model: BaseDetector, path: Path) -> None:
     proto = onnx.load(str(path))
     graph = proto.graph
     model_image, size = "model_image", "decision_original_size"
-    for node in graph.node:  # the traced part now starts from the resized and cropped image
+    for node in graph.node:  # the traced part now starts from the resized and cropped image (or its tiles)
         node.input[:] = [model_image if name == INPUT_NAME else name for name in node.input]
-    head, head_inits = input_nodes(geometry, model_image, size)
     nodes, inits, patch = ([], [], names[0]) if traced else scoring(names[0])
     own_score = names[1] if len(names) > 1 else None
-    tail, tail_inits = decision_nodes(patch, own_score, model.map_matrix().numpy(), geometry, size)
+    if layout is None:
+        head, head_inits = input_nodes(geometry, model_image, size)
+        valid, (h, w) = INPUT_NAMES[2], (s, s)
+    else:
+        valid, (h, w) = "tile_valid", layout.size
+        head, head_inits = tile_nodes(geometry, layout, model_image, size, valid)
+        stitch, stitch_inits, patch, own_score = stitch_nodes(
+            patch, own_score, layout, model.extractor_.grid_size, model.extractor_.stride
+        )
+        nodes, inits = nodes + stitch, inits + stitch_inits
+    matrices = tuple(m.numpy() for m in model.map_matrices(layout))
+    tail, tail_inits = decision_nodes(patch, own_score, matrices, geometry, size, valid)
     defaults = {
         INPUT_NAMES[1]: np.array([0, 0], np.int64),
         INPUT_NAMES[2]: np.array([True]),
@@ -282,7 +404,7 @@ def write_onnx(model: BaseDetector, path: Path) -> None:
     graph.output.extend(
         [
             helper.make_tensor_value_info(score, TensorProto.FLOAT, [1]),
-            helper.make_tensor_value_info(amap, TensorProto.FLOAT, [1, s, s]),
+            helper.make_tensor_value_info(amap, TensorProto.FLOAT, [1, h, w]),
             helper.make_tensor_value_info(flagged, TensorProto.BOOL, [1]),
             helper.make_tensor_value_info(original, TensorProto.FLOAT, [1, "height", "width"]),
             helper.make_tensor_value_info(mask, TensorProto.BOOL, [1, "height", "width"]),
@@ -295,12 +417,6 @@ def write_onnx(model: BaseDetector, path: Path) -> None:
 # ---------------------------------------------------------------------------------------------- export
 def check_exportable(model: BaseDetector, where: str) -> None:
     """Raise a one-line :class:`ExportError` for models this exporter does not handle."""
-    g = model.extractor_.geometry
-    if g.tile_size is not None:
-        raise ExportError(
-            f"{where}: tiled {model.method} models (tile_size={g.tile_size}) cannot be exported to ONNX; "
-            "refit without --tile to export"
-        )
     size = model.export_constant_bytes()
     if size > MAX_CONSTANT_BYTES:
         raise ExportError(
@@ -309,12 +425,34 @@ def check_exportable(model: BaseDetector, where: str) -> None:
         )
 
 
-def parity_images(size: int, n: int = 2, seed: int = 0) -> list[Image.Image]:
+def served_layout(model: BaseDetector, original_size: tuple[int, int] | None, where: str):
+    """The ``Geometry.layout`` a tiled model's export serves: that of ``original_size`` ``(height, width)``, by
+    default the training images' median size (``input_profile_``); ``None`` for an untiled model (it serves
+    every size)."""
+    g = model.extractor_.geometry
+    if g.tile_size is None:
+        return None
+    if original_size is None:
+        original_size = (getattr(model, "input_profile_", None) or {}).get("median_size")
+        if not original_size:
+            raise ExportError(
+                f"{where}: a tiled model's graph serves images of one frame size, and this model does not record "
+                "its training images' sizes; pass the camera's image size: --original-size HEIGHTxWIDTH"
+            )
+    h, w = (int(v) for v in original_size)
+    if not (0 < h <= MAX_IMAGE_SIZE and 0 < w <= MAX_IMAGE_SIZE):
+        raise ExportError(f"{where}: original size {h}x{w} is out of range; each side must be 1..{MAX_IMAGE_SIZE}")
+    return g.layout(h, w)
+
+
+def parity_images(size: int | tuple[int, int], n: int = 2, seed: int = 0) -> list[Image.Image]:
     """Generated frames for the export check: ``n`` textured ones (smooth pattern plus noise) of ``5/4 size x 3/2
-    size`` pixels, so that the resize and the maps' way back to the original are exercised, and a blank one, which
-    the input gate refuses."""
+    size`` pixels (``size`` an int) or of ``size`` ``(height, width)`` itself (a tiled export's served size), so that
+    the resize and the maps' way back to the original are exercised, and a blank one, which the input gate
+    refuses."""
     rng = np.random.default_rng(seed)
-    h, w = round(1.25 * size), round(1.5 * size)
+    h, w = (round(1.25 * size), round(1.5 * size)) if isinstance(size, int) else size
+    size = min(h, w) if not isinstance(size, int) else size
     yy, xx = np.mgrid[0:h, 0:w] / max(size, 1)
     out = []
     for i in range(n):
@@ -324,11 +462,13 @@ def parity_images(size: int, n: int = 2, seed: int = 0) -> list[Image.Image]:
     return out
 
 
-def check_parity(model: BaseDetector, onnx_path: Path) -> dict:
+def check_parity(model: BaseDetector, onnx_path: Path, layout=None, original_size=None) -> dict:
     """Run the written graph under onnxruntime and the native path (the same search) on :func:`parity_images`:
     scores, maps at the model input and on the original image, and verdicts and masks with the model's thresholds
     and with thresholds amid the images' scores and map values (so that both verdicts and partial masks occur).
-    Differences beyond :data:`PARITY_RTOL` are a one-line :class:`ExportError`."""
+    A tiled model's (``layout``: :func:`served_layout` of ``original_size``) on images of that size, and on one
+    of another aspect ratio, which its graph must refuse. Differences beyond :data:`PARITY_RTOL` are a one-line
+    :class:`ExportError`."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -337,7 +477,8 @@ def check_parity(model: BaseDetector, onnx_path: Path) -> dict:
             "`pip install 'somad[export]'` (or pass --no-check)"
         ) from None
     g = model.extractor_.geometry
-    images = parity_images(g.image_size)
+    images = parity_images(g.image_size if layout is None else tuple(original_size))
+    resize_to = (g.image_size, g.image_size) if layout is None else layout.size
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -352,7 +493,7 @@ def check_parity(model: BaseDetector, onnx_path: Path) -> dict:
     for image, p, ref in zip(images, native, full):
         raw = {INPUT_NAME: np.asarray(image, np.uint8)[None]}  # the graph resizes (and takes the size from it)
         resized = {  # the runtime's way: resized as the native path resizes, with the original size
-            INPUT_NAME: resized_input(image, g.image_size)[None],
+            INPUT_NAME: resized_input(image, resize_to)[None],
             INPUT_NAMES[1]: np.array(p.original_size, np.int64),
         }
         for t, (image_t, pixel_t) in enumerate(thresholds):
@@ -385,6 +526,14 @@ def check_parity(model: BaseDetector, onnx_path: Path) -> dict:
             found["pixels_near"] += int(differ.sum())
             if (differ & ~near).any():
                 raise _parity_error(onnx_path, f"{int((differ & ~near).sum())} mask pixels away from the threshold")
+    if layout is not None:  # an image whose frame is not the served one is refused, as a refused frame
+        h, w = original_size
+        shapes = [(h, 2 * w + 16), (2 * h + 16, w), (max(h, w), max(h, w))]
+        oh, ow = next(hw for hw in shapes if frame_size(*hw, g.image_size) != tuple(layout.size))
+        textured = np.asarray(images[0].resize((ow, oh), Image.BILINEAR), np.uint8)
+        flagged = session.run([OUTPUT_NAMES[2]], {INPUT_NAME: textured[None], INPUT_NAMES[2]: np.array([True])})[0]
+        if not bool(flagged[0]):
+            raise _parity_error(onnx_path, f"a {ow}x{oh} image, whose frame is not the served one, was not refused")
     result = {
         "images": len(images),
         "max_rel_score_diff": float(np.max(found["score"])),  # NaN if any is
@@ -412,10 +561,12 @@ def _parity_error(path: Path, what: str) -> ExportError:
     )
 
 
-def export_metadata(model: BaseDetector, source: Path | None, fmt: str, opset: int, parity: dict | None) -> dict:
+def export_metadata(
+    model: BaseDetector, source: Path | None, fmt: str, opset: int, parity: dict | None, layout=None, original_size=None
+) -> dict:
     ex = model.extractor_
     g = ex.geometry
-    s = g.input_size
+    h, w = (g.input_size,) * 2 if layout is None else layout.size  # the anomaly map's size
     meta = {
         "export_version": EXPORT_VERSION,
         "format": fmt,
@@ -438,6 +589,21 @@ def export_metadata(model: BaseDetector, source: Path | None, fmt: str, opset: i
             "pass first (somad.resize.resize_bilinear), then the central input_size square; inside the graph",
             "grid_size": ex.grid_size,
             "stride": ex.stride,
+            **(
+                {}
+                if layout is None
+                else {
+                    "tile_size": g.tile_size,
+                    "tile_overlap": g.tile_overlap,
+                    "original_size": [int(v) for v in original_size],
+                    "frame_size": list(layout.size),
+                    "tile_offsets": [list(o) for o in layout.offsets],
+                    "resize": "Pillow's BILINEAR resize of the decoded RGB image to frame_size (its aspect ratio "
+                    "kept, the shorter side image_size: somad.resize.frame_size), the horizontal pass first, cut "
+                    "into tile_size tiles at tile_offsets; inside the graph. It serves images whose frame is "
+                    "frame_size, such as original_size; others are refused",
+                }
+            ),
         },
         "normalisation": {"scale": 1.0 / 255.0, "mean": list(ex.spec.mean), "std": list(ex.spec.std)},
         "graph": {
@@ -453,7 +619,7 @@ def export_metadata(model: BaseDetector, source: Path | None, fmt: str, opset: i
             },
             "outputs": {
                 OUTPUT_NAMES[0]: {"dtype": "float32", "shape": [1]},
-                OUTPUT_NAMES[1]: {"dtype": "float32", "shape": [1, s, s]},
+                OUTPUT_NAMES[1]: {"dtype": "float32", "shape": [1, h, w]},
                 OUTPUT_NAMES[2]: {"dtype": "bool", "shape": [1]},
                 OUTPUT_NAMES[3]: {"dtype": "float32", "shape": [1, "H", "W"]},
                 OUTPUT_NAMES[4]: {"dtype": "bool", "shape": [1, "H", "W"]},
@@ -484,6 +650,7 @@ def export_model(
     search: str | None = None,
     sign_key: bytes | str | os.PathLike | None = None,
     verify_key: bytes | str | os.PathLike | None = None,
+    original_size: tuple[int, int] | None = None,
 ) -> Path:
     """Export a fitted model (a model file or a fitted detector) to the folder ``out``.
 
@@ -494,6 +661,10 @@ def export_model(
     :data:`PARITY_RTOL` is an error; the figures are saved in the JSON file. The description records the graph's
     SHA-256 and its own (``export_format.seal``); with ``sign_key`` (the key's bytes or its file) it is signed, and
     ``verify_key`` refuses a model file that is not signed with that key.
+
+    A tiled model's graph serves the images of one frame size (its tiles' positions and the stitched map follow
+    it): those of ``original_size`` ``(height, width)``, by default its training images' median size
+    (:func:`served_layout`); images of another aspect ratio are refused, as a refused frame is.
     """
     if format not in FORMATS:
         raise ExportError(f"format {format!r} is not supported; valid: {', '.join(FORMATS)}")
@@ -507,11 +678,18 @@ def export_model(
         model = load(source, device="cpu", verify_key=verify_key)
     model = model.cpu_copy(**({} if search is None else {"search": search}))  # the export works on a copy
     check_exportable(model, where)
+    layout = served_layout(model, original_size, where)
+    if layout is not None:
+        original_size = original_size or tuple(model.input_profile_["median_size"])
+        logger.info(
+            "tiled model: the graph serves images whose frame is %dx%d (such as %dx%d), %d tiles each",
+            layout.size[1], layout.size[0], original_size[1], original_size[0], len(layout.offsets),
+        )  # fmt: skip
     with staged_output_dir(out, overwrite=overwrite, inputs=[source] if source is not None else ()) as tmp:
         t0 = time.perf_counter()
-        write_onnx(model, tmp / MODEL_FILE)
+        write_onnx(model, tmp / MODEL_FILE, layout)
         logger.info("wrote the ONNX graph in %.1f s", time.perf_counter() - t0)
-        parity = check_parity(model, tmp / MODEL_FILE) if check else None
+        parity = check_parity(model, tmp / MODEL_FILE, layout, original_size) if check else None
         if parity:
             logger.info(
                 "export check on %d generated frames: max relative score difference %.2e, max map difference %.2e, "
@@ -522,7 +700,7 @@ def export_model(
                 parity["verdicts"],
                 parity["mask_pixels"],
             )
-        meta = export_metadata(model, source, format, OPSET, parity)
+        meta = export_metadata(model, source, format, OPSET, parity, layout, original_size)
         meta["files"] = {p.name: file_sha256(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         meta = seal(meta, sign_key)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")

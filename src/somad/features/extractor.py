@@ -39,7 +39,7 @@ from PIL import Image
 
 from somad.errors import SomadError
 from somad.features.backbones import backbone_spec, build_backbone
-from somad.resize import resize_bilinear
+from somad.resize import frame_size, resize_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,9 @@ class Geometry:
         return 0 if self.tile_size is not None else (self.image_size - self.input_size) // 2
 
     def frame_size(self, height: int, width: int) -> tuple[int, int]:
-        """Tiles: the ``(height, width)`` the original is resized to (aspect kept, at most :data:`MAX_ASPECT`)."""
-        scale = self.image_size / min(height, width)
-        side = lambda n: max(self.image_size, min(MAX_ASPECT * self.image_size, int(round(n * scale / 16)) * 16))  # noqa: E731
-        return side(height), side(width)
+        """Tiles: the ``(height, width)`` the original is resized to (aspect kept, at most ``somad.resize.MAX_ASPECT``;
+        ``somad.resize.frame_size``)."""
+        return frame_size(height, width, self.image_size)
 
     def layout(self, height: int, width: int) -> TileLayout:
         """Where each model input lies in the resized frame of an original ``height x width`` image."""
@@ -100,10 +99,6 @@ class TileLayout:
 
     size: tuple[int, int]
     offsets: tuple[tuple[int, int], ...]
-
-
-#: Tiles: the longer side of the resized frame is at most this many times the shorter one.
-MAX_ASPECT = 8
 
 
 CPU_GROUP = 4  # images per backbone pass on CPU (see FeatureExtractor.__call__)

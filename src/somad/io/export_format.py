@@ -41,6 +41,7 @@ from somad.io.schema import (
     Hex,
     Interval,
     Kind,
+    ListOf,
     Nullable,
     Options,
     Table,
@@ -48,7 +49,7 @@ from somad.io.schema import (
     describe,
     problem,
 )
-from somad.resize import resize_bilinear
+from somad.resize import frame_size, resize_bilinear
 
 logger = logging.getLogger(__name__)
 
@@ -57,8 +58,12 @@ META_FILE = "somad_export.json"
 #: 2 (somad 0.7.2): the description carries its own hash (``content_sha256``) and may be signed. 3: the graph
 #: decides (verdict, mask, the map on the original image; :data:`INPUT_NAMES`, :data:`OUTPUT_NAMES`); the runtime
 #: refuses older exports, whose verdicts it made in Python, with the fix. 4 (somad 0.10): the graph takes the decoded
-#: image at any size and resizes and crops it itself (``somad.export.resize_graph``: the native resize bit for bit).
-EXPORT_VERSION = 4
+#: image at any size and resizes and crops it itself (``somad.export.resize_graph``: the native resize bit for bit). 5
+#: (somad 0.11): tiled models export (``geometry``'s ``frame_size``, ``tile_offsets``, ``original_size``); an
+#: untiled export is the same as version 4's, which the runtime still reads.
+EXPORT_VERSION = 5
+#: The oldest export version the runtime reads.
+OLDEST_VERSION = 4
 FORMATS = ("onnx",)
 INPUT_NAME = "image"
 #: The graph's inputs: ``image`` uint8 ``(1, H, W, 3)``, the decoded RGB image at any size (or, the same to the bit
@@ -96,6 +101,10 @@ SCHEMA = Table(
                 "crop_offset": Interval(int, 0, MAX_IMAGE_SIZE),
                 "grid_size": Interval(int, 1, MAX_IMAGE_SIZE),
                 "stride": Interval(int, 1, MAX_IMAGE_SIZE),
+                "tile_size": Nullable(_SIDE),
+                "original_size": ListOf(_SIDE, length=2),
+                "frame_size": ListOf(Interval(int, 1, 8 * MAX_IMAGE_SIZE), length=2),
+                "tile_offsets": ListOf(ListOf(Interval(int, 0, 8 * MAX_IMAGE_SIZE), length=2), max_length=4096),
             },
             required=("image_size", "input_size", "crop_offset"),
         ),
@@ -111,12 +120,14 @@ SCHEMA = Table(
 )
 
 
-def resized_input(image: Image.Image, image_size: int) -> np.ndarray:
-    """A decoded RGB image -> ``(R, R, 3)`` uint8, ``R = image_size``: the native path's resize
-    (``somad.resize.resize_bilinear``), which the graph repeats bit for bit on a larger image and leaves unchanged
-    on one of this size. Fed with the image's ``original_size``, it spares the graph the resize (Pillow's C code
-    is 3-10x faster than the graph's copy; docs/benchmarks.md)."""
-    return np.asarray(resize_bilinear(image, (image_size, image_size)), dtype=np.uint8)
+def resized_input(image: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
+    """A decoded RGB image -> ``(H, W, 3)`` uint8: the native path's resize (``somad.resize.resize_bilinear``) to
+    ``size``, the side of a square (``image_size``) or a tiled export's frame ``(height, width)``, which the graph
+    repeats bit for bit on a larger image and leaves unchanged on one of this size. Fed with the image's
+    ``original_size``, it spares the graph the resize (Pillow's C code is 3-10x faster than the graph's copy;
+    docs/benchmarks.md)."""
+    height, width = (size, size) if isinstance(size, int) else size
+    return np.asarray(resize_bilinear(image, (width, height)), dtype=np.uint8)
 
 
 def threshold_feeds(image_threshold: float | None, pixel_threshold: float | None) -> dict[str, np.ndarray]:
@@ -174,16 +185,21 @@ def read_export(folder: str | os.PathLike, verify_key: bytes | str | os.PathLike
     version = meta.get("export_version")
     if isinstance(version, int) and not isinstance(version, bool) and version > EXPORT_VERSION:
         raise ModelFileError(f"{meta_path}: export version {version} is newer than this somad's; upgrade somad")
-    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < EXPORT_VERSION:
+    if isinstance(version, int) and not isinstance(version, bool) and 1 <= version < OLDEST_VERSION:
         raise ModelFileError(
-            f"{meta_path}: export version {version} leaves the verdict to its runtime, this somad's graphs decide "
-            f"(version {EXPORT_VERSION}); {REEXPORT} with this somad"
+            f"{meta_path}: export version {version} leaves the verdict or the resize to its runtime, this somad's "
+            f"graphs do both (versions {OLDEST_VERSION}-{EXPORT_VERSION}); {REEXPORT} with this somad"
         )
     found = problem(SCHEMA, meta, "")
     if found is None:
         g = meta["geometry"]
+        tiled = [key for key in ("tile_size", "original_size", "frame_size", "tile_offsets") if g.get(key) is not None]
         if g["crop_offset"] + g["input_size"] > g["image_size"]:
             found = ("geometry", g, "the crop (crop_offset + input_size) must lie inside image_size")
+        elif tiled and len(tiled) != 4:
+            found = ("geometry", g, "a tiled export has tile_size, original_size, frame_size and tile_offsets")
+        elif tiled and tuple(g["frame_size"]) != frame_size(*g["original_size"], g["image_size"]):
+            found = ("geometry.frame_size", g["frame_size"], "it is not the frame of original_size")
     if found:
         raise ModelFileError(f"{meta_path}: {describe(found)}; {REEXPORT}")
     stored = meta.get("content_sha256")
@@ -210,6 +226,7 @@ def read_export(folder: str | os.PathLike, verify_key: bytes | str | os.PathLike
 
 __all__ = [
     "EXPORT_VERSION",
+    "OLDEST_VERSION",
     "FORMATS",
     "INPUT_NAME",
     "INPUT_NAMES",

@@ -630,12 +630,19 @@ class BaseDetector(ThresholdsMixin, PersistenceMixin, Params):
         """The feature stage as a traceable module: uint8 ``(N, S, S, 3)`` -> features (``features.FeatureGraph``)."""
         return FeatureGraph(self.extractor_)
 
-    def map_matrix(self) -> torch.Tensor:
-        """``(S, h)``: the bilinear upsampling of the patch grid to the model input and the Gaussian blur, one axis
-        (the same matrix serves both axes of the square grid), as :meth:`_anomaly_maps` applies them."""
+    def map_matrices(self, layout: TileLayout | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(rows (H, h), cols (W, w))``: the bilinear upsampling of a patch grid ``(h, w)`` to a map ``(H, W)`` and
+        the Gaussian blur, one matrix per axis, as :meth:`_anomaly_maps` applies them (``map = rows @ grid @
+        cols.T``): the model input's square without ``layout``; with a tiled model's ``layout``, its frame, whose
+        grid is the stitched one (``tiling.stitch_maps``)."""
         ex = self.extractor_
-        size, grid = ex.geometry.input_size, ex.grid_size
-        return resize_blur_matrix(size, grid, float(self.blur_sigma), torch.device("cpu")).clone()
+        if layout is None:
+            sizes, grids = (ex.geometry.input_size,) * 2, (ex.grid_size,) * 2
+        else:
+            sizes, grids = layout.size, tuple(n // ex.stride for n in layout.size)
+        cpu, sigma = torch.device("cpu"), float(self.blur_sigma)
+        rows, cols = (resize_blur_matrix(n, g, sigma, cpu).clone() for n, g in zip(sizes, grids))
+        return rows, cols
 
     def original_map(self, prediction: Prediction) -> np.ndarray:
         """The prediction's map on its original image, ``(H, W)`` (``features.to_original_resolution``)."""
