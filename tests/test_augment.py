@@ -39,8 +39,8 @@ def test_flips_make_the_mirrored_part_normal(cls, params):
 
 
 def test_flips_quadruple_the_patches_not_the_map_nor_the_threshold_images():
-    plain = SOMAD(**tiny(cv=4, som_size="auto")).fit(TRAIN)
-    flipped = SOMAD(**tiny(cv=4, som_size="auto", augment="flips")).fit(TRAIN)
+    plain = SOMAD(**tiny(cv=4, som_size="auto", aspect="square")).fit(TRAIN)  # 16x16 patches per image
+    flipped = SOMAD(**tiny(cv=4, som_size="auto", aspect="square", augment="flips")).fit(TRAIN)
     assert flipped.n_patches_ == 4 * plain.n_patches_ == 4 * 8 * 16 * 16
     assert flipped.som_.size == plain.som_.size == 6  # from the distinct patches: 2048 // 50, not 8192 // 50
     # cross-fitted thresholds: each of the 8 images scored once, as it is, by a model fitted without it

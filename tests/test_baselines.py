@@ -61,7 +61,7 @@ def test_default_feature_extractor_is_the_multiscale_concatenation():
         ex = FeatureExtractor(
             "efficientnet_lite0", weights="none", image_size=64, crop_size=None, channel_indices=indices
         )
-        assert ex.stages == (0, 1, 2) and ex.local_aggregation == 1 and ex.grid_size == 16
+        assert ex.stages == (0, 1, 2) and ex.local_aggregation == 1 and ex.grid_shape == (16, 16)
         s4, s8, s16 = _backbone_outputs(ex, batch)
         if indices is not None:  # channels are selected per stage, before upsampling
             s4, s8, s16 = (
@@ -142,7 +142,7 @@ def test_stage_choice_indexes_the_chosen_stages_only():
     _, s8, s16 = _backbone_outputs(ex, batch)
     s16 = F.interpolate(s16, size=s8.shape[-2:], mode="bilinear", align_corners=False)
     out = ex(batch)
-    assert out.shape == (2, 4, 8, 8) and ex.grid_size == 8 and ex.stride == 8
+    assert out.shape == (2, 4, 8, 8) and ex.grid_shape == (8, 8) and ex.stride == 8
     torch.testing.assert_close(
         out, torch.stack([s8[:, 0], s8[:, 39], s16[:, 0], s16[:, 111]], dim=1), rtol=1e-6, atol=1e-6
     )
@@ -319,7 +319,7 @@ def patchcore(category):
 
 def test_patchcore_memory_bank(patchcore, category):
     ex = patchcore.extractor_
-    assert (ex.stages, ex.local_aggregation, ex.dims, ex.grid_size) == ((1, 2), 3, 40 + 112, 8)
+    assert (ex.stages, ex.local_aggregation, ex.dims, ex.grid_shape) == ((1, 2), 3, 40 + 112, (8, 8))
     assert patchcore.channel_indices_.tolist() == list(range(152))  # the channel count follows the stages
     train = _features(ex, category / "train" / "good")
     x = train.permute(0, 2, 3, 1).reshape(-1, 152)

@@ -54,7 +54,8 @@ def _training_set(root):
 def fitted(tmp_path_factory):
     root = tmp_path_factory.mktemp("explain")
     train, good = _training_set(root)
-    model = SOMAD(**tiny(val_fraction=0.0, som_size=6)).fit(train).calibrate(good)
+    # square: the pixel arithmetic of these tests is the square resize's (test_aspect covers a kept frame)
+    model = SOMAD(**tiny(val_fraction=0.0, som_size=6, aspect="square")).fit(train).calibrate(good)
     return model, train, model.save(root / "m.safetensors")
 
 
@@ -63,7 +64,8 @@ def patchcore(request, tmp_path_factory):
     """A tiny PatchCore on the same images: every training patch in the bank (1.0), or a tenth of them."""
     root = tmp_path_factory.mktemp("explain_pc")
     train, good = _training_set(root)
-    model = PatchCore(**tiny_common(val_fraction=0.0, coreset_ratio=request.param)).fit(train).calibrate(good)
+    params = tiny_common(val_fraction=0.0, coreset_ratio=request.param, aspect="square")
+    model = PatchCore(**params).fit(train).calibrate(good)
     return model, train, model.save(root / "pc.safetensors")
 
 
@@ -331,7 +333,7 @@ def test_references_of_a_fit_with_flips_point_at_the_mirrored_place_they_show(tm
     image. A normal patch's reference has its colour."""
     train, _ = _training_set(tmp_path)
     if method == "somad":
-        model = SOMAD(**tiny(val_fraction=0.0, som_size=6, augment="flips")).fit(train)
+        model = SOMAD(**tiny(val_fraction=0.0, som_size=6, aspect="square", augment="flips")).fit(train)
         refs = model.node_references_
     else:
         params = tiny_common(val_fraction=0.0, coreset_ratio=1.0)

@@ -154,7 +154,9 @@ def test_baselines_export_with_parity(tmp_path, cls):
     assert json.loads((out / META_FILE).read_text())["method"] == cls.method
 
 
-@pytest.mark.parametrize("cls, extra", [(SOMAD, SOMAD_TINY), (PatchCore, {"num_neighbors": 3})], ids=["somad", "patchcore"])
+@pytest.mark.parametrize(
+    "cls, extra", [(SOMAD, SOMAD_TINY), (PatchCore, {"num_neighbors": 3})], ids=["somad", "patchcore"]
+)
 def test_a_tiled_model_exports_for_its_frame(tmp_path, capsys, cls, extra):
     """A tiled model's graph serves its training images' frame: it resizes, cuts the tiles, stitches their patch
     scores and decides as the native path does (PatchCore: the largest tile score), and refuses an image whose

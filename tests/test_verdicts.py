@@ -356,7 +356,7 @@ def test_12bit_image_in_16bit_png_scores_like_its_8bit_version(model, tmp_path):
 # ------------------------------------------------------------------------------------------ inputs and fit
 def test_one_colour_array_is_one_image(model):
     scores, maps = model.predict_maps(texture(1, (64, 64)))
-    assert scores.shape == (1,) and maps.shape == (1, 64, 64)
+    assert scores.shape == (1,) and maps.shape == (1, *model.extractor_.geometry.input_shape)
 
 
 def test_pil_images_follow_the_file_decoding_rules(model, tmp_path):

@@ -155,8 +155,9 @@ class OnnxDetector:
         geometry = self.meta["geometry"]
         self.image_size = int(geometry["image_size"])
         self.input_size = int(geometry["input_size"])  # the side of anomaly_map (the graph crops), or of a tile
-        frame = geometry.get("frame_size")  # a tiled export's: the frame it serves, and its map's size
-        self.frame_size = None if frame is None else tuple(int(v) for v in frame)
+        # What images are resized to (version 4: image_size square); a tiled export serves that frame only.
+        self.frame_size = tuple(int(v) for v in geometry.get("frame_size") or (self.image_size,) * 2)
+        self.tiled = geometry.get("original_size") is not None
         try:
             self.gate_ = FrameGate.from_dict(self.meta.get("input_gate"))  # None in older exports: the fixed rule
         except (ValueError, KeyError, TypeError) as exc:
@@ -180,13 +181,14 @@ class OnnxDetector:
 
     # ------------------------------------------------------------------ inputs
     def preprocess(self, image: Image.Image) -> np.ndarray:
-        """Decoded RGB image -> uint8 ``(R, R, 3)``, ``R = image_size`` (a tiled export's: its frame ``(h, w, 3)``):
-        the native path's resize, which the graph leaves as it is (it crops, or cuts the tiles)."""
-        return resized_input(image, self.image_size if self.frame_size is None else self.frame_size)
+        """Decoded RGB image -> uint8 ``(h, w, 3)``, its ``frame_size`` (``image_size`` square, a kept aspect ratio's
+        frame, or a tiled export's): the native path's resize, which the graph leaves as it is (it crops, or cuts
+        the tiles)."""
+        return resized_input(image, self.frame_size)
 
     def frame_status(self, height: int, width: int) -> str:
         """``OK``, or, for a tiled export, why an image of this size is refused: its frame is not the served one."""
-        if self.frame_size is None:
+        if not self.tiled:
             return OK
         own = frame_size(height, width, self.image_size)
         if own == self.frame_size:

@@ -255,11 +255,11 @@ class _FitShard:
     """One actor of a distributed fit: a :meth:`SOMAD.shard_worker` that extracts and keeps its shard's training
     patches and answers for them (their SOM epochs and errors, their node statistics) through the model's methods."""
 
-    def __init__(self, params: dict, gate=None):
+    def __init__(self, params: dict, gate=None, frame=None):
         from somad.methods import METHODS
 
         torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1") or 1)))
-        self.model = METHODS["somad"].shard_worker(params, gate)
+        self.model = METHODS["somad"].shard_worker(params, gate, frame)
         self.x = self.som = None
 
     def extract(self, entries: list[tuple[str, str]]) -> dict:
@@ -354,7 +354,10 @@ class RayShards:
         edges = [round(i * len(train) / workers) for i in range(workers + 1)]
         shards = [train[lo:hi] for lo, hi in zip(edges[:-1], edges[1:])]
         actor = ray.remote(num_cpus=1, max_restarts=0)(_FitShard)
-        pool = [actor.remote(model.get_params(), getattr(model, "gate_", None)) for _ in shards]
+        pool = [
+            actor.remote(model.get_params(), getattr(model, "gate_", None), getattr(model, "input_frame_", None))
+            for _ in shards
+        ]
         try:
             info = ray.get(
                 [a.extract.remote([(it.name, str(Path(it.path).resolve())) for it in s]) for a, s in zip(pool, shards)]

@@ -56,11 +56,10 @@ def _model_resolution_mask(mask: np.ndarray, model: BaseDetector, shape: tuple[i
     g = model.extractor_.geometry
     if g.tile_size is not None:  # tiled: the map covers the whole frame, resized with its aspect ratio
         return np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(shape[::-1], Image.NEAREST)) > 127
-    resized = np.asarray(
-        Image.fromarray(mask.astype(np.uint8) * 255).resize((g.image_size, g.image_size), Image.NEAREST)
-    )
-    o, s = g.crop_offset, g.input_size
-    return resized[o : o + s, o : o + s] > 127
+    height, width = g.resized
+    resized = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((width, height), Image.NEAREST))
+    o, (h, w) = g.crop_offset, g.input_shape
+    return resized[o : o + h, o : o + w] > 127
 
 
 def evaluate_model(

@@ -136,7 +136,7 @@ def decision_nodes(
     score, amap, flagged, original, mask = OUTPUT_NAMES
     _, _, _, image_t, pixel_t = INPUT_NAMES
     before = geometry.crop_offset  # the crop's margins in the resized frame, put back by edge replication
-    after = 0 if geometry.tile_size is not None else geometry.image_size - geometry.input_size - before
+    after = 0 if geometry.tile_size is not None else geometry.resized[0] - geometry.input_size - before
     rows, cols = matrices
     inits = [
         numpy_helper.from_array(np.ascontiguousarray(rows, np.float32), "map_rows"),
@@ -203,12 +203,12 @@ def input_nodes(geometry, model_image: str, size: str) -> tuple[list, list]:
     from onnx import helper, numpy_helper
 
     n = helper.make_node
-    r, o, s = geometry.image_size, geometry.crop_offset, geometry.input_size
+    o, (h, w) = geometry.crop_offset, geometry.input_shape
     nodes, inits = size_nodes(size)
-    resize, resize_inits = pillow_bilinear_nodes(INPUT_NAME, "input_resized", (r, r), prefix="input_resize")
+    resize, resize_inits = pillow_bilinear_nodes(INPUT_NAME, "input_resized", geometry.resized, prefix="input_resize")
     inits += resize_inits + [
         numpy_helper.from_array(np.array([o, o], np.int64), "input_crop_starts"),
-        numpy_helper.from_array(np.array([o + s, o + s], np.int64), "input_crop_ends"),
+        numpy_helper.from_array(np.array([o + h, o + w], np.int64), "input_crop_ends"),
         numpy_helper.from_array(np.array([1, 2], np.int64), "input_crop_axes"),
     ]
     nodes += resize + [
@@ -347,8 +347,8 @@ def write_onnx(model: BaseDetector, path: Path, layout=None) -> None:
     from onnx import TensorProto, helper, numpy_helper
 
     geometry = model.extractor_.geometry
-    s = geometry.input_size  # the model input's side (a tiled model's: the tile's)
-    example = torch.zeros(1 if layout is None else len(layout.offsets), s, s, 3, dtype=torch.uint8)
+    sh, sw = geometry.input_shape  # the model input's (a tiled model's: a tile's)
+    example = torch.zeros(1 if layout is None else len(layout.offsets), sh, sw, 3, dtype=torch.uint8)
     scoring = model.export_scoring()
     traced = isinstance(scoring, nn.Module)
     module = _Traced(model.feature_graph(), scoring if traced else None)
@@ -368,12 +368,12 @@ def write_onnx(model: BaseDetector, path: Path, layout=None) -> None:
     own_score = names[1] if len(names) > 1 else None
     if layout is None:
         head, head_inits = input_nodes(geometry, model_image, size)
-        valid, (h, w) = INPUT_NAMES[2], (s, s)
+        valid, (h, w) = INPUT_NAMES[2], (sh, sw)
     else:
         valid, (h, w) = "tile_valid", layout.size
         head, head_inits = tile_nodes(geometry, layout, model_image, size, valid)
         stitch, stitch_inits, patch, own_score = stitch_nodes(
-            patch, own_score, layout, model.extractor_.grid_size, model.extractor_.stride
+            patch, own_score, layout, model.extractor_.grid_shape[0], model.extractor_.stride
         )
         nodes, inits = nodes + stitch, inits + stitch_inits
     matrices = tuple(m.numpy() for m in model.map_matrices(layout))
@@ -478,7 +478,7 @@ def check_parity(model: BaseDetector, onnx_path: Path, layout=None, original_siz
         ) from None
     g = model.extractor_.geometry
     images = parity_images(g.image_size if layout is None else tuple(original_size))
-    resize_to = (g.image_size, g.image_size) if layout is None else layout.size
+    resize_to = g.resized if layout is None else layout.size
     options = ort.SessionOptions()
     options.log_severity_level = 3
     session = ort.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
@@ -587,7 +587,9 @@ def export_metadata(
             "crop_offset": g.crop_offset,
             "resize": "Pillow's BILINEAR resize of the decoded RGB image to image_size square, the horizontal "
             "pass first (somad.resize.resize_bilinear), then the central input_size square; inside the graph",
-            "grid_size": ex.grid_size,
+            "grid_size": ex.grid_shape[0],
+            "input_shape": list(g.input_shape),
+            "frame_size": list(g.resized if layout is None else layout.size),
             "stride": ex.stride,
             **(
                 {}
@@ -596,7 +598,6 @@ def export_metadata(
                     "tile_size": g.tile_size,
                     "tile_overlap": g.tile_overlap,
                     "original_size": [int(v) for v in original_size],
-                    "frame_size": list(layout.size),
                     "tile_offsets": [list(o) for o in layout.offsets],
                     "resize": "Pillow's BILINEAR resize of the decoded RGB image to frame_size (its aspect ratio "
                     "kept, the shorter side image_size: somad.resize.frame_size), the horizontal pass first, cut "

@@ -51,27 +51,41 @@ DEFAULT_MAX_DIMS = 550
 class Geometry:
     """Where the model input sits in the original image.
 
-    Without tiles, the model sees ``image_size x image_size`` (the original resized, aspect ratio not kept), of
-    which the central ``crop_size`` square is kept; ``input_size`` is the side of the model input and a map
-    covers it. With tiles (``tile_size``), the original is resized with its aspect ratio kept (shorter side
-    ``image_size``, both sides multiples of 16; :meth:`frame_size`) and covered by overlapping square tiles of
-    side ``tile_size``, each a model input (:meth:`layout`); a map covers the whole resized frame.
+    Without tiles, every image is resized to :attr:`resized` ``(height, width)``: ``image_size`` square (the
+    aspect ratio not kept), of which the central ``crop_size`` square is kept, or ``frame``, a model's learned
+    frame (``BaseDetector.aspect``: the training images' aspect ratio kept, the shorter side ``image_size``);
+    :attr:`input_shape` is the model input's and a map covers it. With tiles (``tile_size``), each original is
+    resized with its own aspect ratio kept (:meth:`frame_size`) and covered by overlapping square tiles of side
+    ``tile_size``, each a model input (:meth:`layout`); a map covers the whole resized frame.
     """
 
     image_size: int
     crop_size: int | None
     tile_size: int | None = None
     tile_overlap: float = 0.25
+    frame: tuple[int, int] | None = None
+
+    @property
+    def resized(self) -> tuple[int, int]:
+        """Without tiles: the ``(height, width)`` every image is resized to."""
+        return tuple(self.frame) if self.frame is not None else (self.image_size, self.image_size)
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        """The model input's ``(height, width)``: a tile, the crop, or the resized image."""
+        if self.tile_size is not None:
+            return self.tile_size, self.tile_size
+        return (self.crop_size, self.crop_size) if self.crop_size is not None else self.resized
 
     @property
     def input_size(self) -> int:
-        if self.tile_size is not None:
-            return self.tile_size
-        return self.crop_size if self.crop_size is not None else self.image_size
+        """The model input's height (its side when it is square: always, but for a kept aspect ratio)."""
+        return self.input_shape[0]
 
     @property
     def crop_offset(self) -> int:
-        return 0 if self.tile_size is not None else (self.image_size - self.input_size) // 2
+        """The crop's margin in the resized image (a crop is a centred square of a square resize)."""
+        return 0 if self.tile_size is not None else (self.resized[0] - self.input_size) // 2
 
     def frame_size(self, height: int, width: int) -> tuple[int, int]:
         """Tiles: the ``(height, width)`` the original is resized to (aspect kept, at most ``somad.resize.MAX_ASPECT``;
@@ -81,8 +95,7 @@ class Geometry:
     def layout(self, height: int, width: int) -> TileLayout:
         """Where each model input lies in the resized frame of an original ``height x width`` image."""
         if self.tile_size is None:
-            s = self.input_size
-            return TileLayout((s, s), ((0, 0),))
+            return TileLayout(self.input_shape, ((0, 0),))
         fh, fw = self.frame_size(height, width)
         step = self.tile_size * (1.0 - self.tile_overlap)
 
@@ -185,6 +198,7 @@ class FeatureExtractor:
         local_aggregation: int = 1,
         tile_size: int | None = None,
         tile_overlap: float = 0.25,
+        frame: tuple[int, int] | None = None,
     ):
         self.spec = backbone_spec(backbone)
         if crop_size is not None and crop_size > image_size:
@@ -206,7 +220,11 @@ class FeatureExtractor:
         if local_aggregation < 1 or local_aggregation % 2 == 0:
             raise SomadError(f"local_aggregation={local_aggregation} must be an odd kernel size >= 1 (1 = none)")
         self.local_aggregation = local_aggregation
-        self.geometry = Geometry(image_size, crop_size, tile_size, tile_overlap)
+        if frame is not None and (crop_size is not None or tile_size is not None or min(frame) != image_size):
+            raise SomadError(f"frame={tuple(frame)} needs no crop, no tiles and a shorter side of image_size")
+        self.geometry = Geometry(
+            image_size, crop_size, tile_size, tile_overlap, None if frame is None else tuple(frame)
+        )
         device = torch.device("cpu") if device is None else device
         self.device = device
         stage_channels = tuple(self.spec.channels[s] for s in self.stages)
@@ -234,9 +252,9 @@ class FeatureExtractor:
         return 4 * 2 ** self.stages[0]
 
     @property
-    def grid_size(self) -> int:
-        """Side of the output patch grid (stride-4 grid by default)."""
-        return -(-self.geometry.input_size // self.stride)
+    def grid_shape(self) -> tuple[int, int]:
+        """The output patch grid ``(h, w)`` of one model input (stride-4 grid by default)."""
+        return tuple(-(-n // self.stride) for n in self.geometry.input_shape)
 
     # ------------------------------------------------------------------ preprocessing
     def tiles(self, image: Image.Image) -> tuple[torch.Tensor, TileLayout]:
@@ -266,13 +284,13 @@ class FeatureExtractor:
             self._warned_small = True
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
-        """RGB PIL image -> float tensor ``(3, S, S)`` in [0, 1], resized and cropped (not yet normalised)."""
+        """RGB PIL image -> float tensor ``(3, H, W)`` in [0, 1], resized and cropped (not yet normalised)."""
         g = self.geometry
-        self._warn_if_small(image, g.input_size)
-        resized = resize_bilinear(image, (g.image_size, g.image_size))
-        array = np.asarray(resized, dtype=np.float32) / 255.0
-        o, s = g.crop_offset, g.input_size
-        array = array[o : o + s, o : o + s]
+        self._warn_if_small(image, min(g.input_shape))
+        height, width = g.resized
+        array = np.asarray(resize_bilinear(image, (width, height)), dtype=np.float32) / 255.0
+        (o, (h, w)) = g.crop_offset, g.input_shape
+        array = array[o : o + h, o : o + w]
         return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
 
     # ------------------------------------------------------------------ features
@@ -388,7 +406,7 @@ def to_original_resolution(
     """
     out = []
     pad = geometry.crop_offset
-    far = 0 if geometry.tile_size is not None else geometry.image_size - geometry.input_size - pad
+    far = 0 if geometry.tile_size is not None else geometry.resized[0] - geometry.input_size - pad
     for m, (h, w) in zip(maps, sizes):
         m = m[None, None].float()
         if pad or far:

@@ -193,10 +193,11 @@ def read_export(folder: str | os.PathLike, verify_key: bytes | str | os.PathLike
     found = problem(SCHEMA, meta, "")
     if found is None:
         g = meta["geometry"]
-        tiled = [key for key in ("tile_size", "original_size", "frame_size", "tile_offsets") if g.get(key) is not None]
-        if g["crop_offset"] + g["input_size"] > g["image_size"]:
-            found = ("geometry", g, "the crop (crop_offset + input_size) must lie inside image_size")
-        elif tiled and len(tiled) != 4:
+        tiled = [key for key in ("tile_size", "original_size", "tile_offsets") if g.get(key) is not None]
+        frame = g.get("frame_size") or [g["image_size"]] * 2  # version 4: image_size square
+        if not tiled and g["crop_offset"] + g["input_size"] > frame[0]:
+            found = ("geometry", g, "the crop (crop_offset + input_size) must lie inside the resized frame")
+        elif tiled and (len(tiled) != 3 or g.get("frame_size") is None):
             found = ("geometry", g, "a tiled export has tile_size, original_size, frame_size and tile_offsets")
         elif tiled and tuple(g["frame_size"]) != frame_size(*g["original_size"], g["image_size"]):
             found = ("geometry.frame_size", g["frame_size"], "it is not the frame of original_size")

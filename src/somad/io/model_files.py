@@ -367,6 +367,12 @@ def _set_absent(values: dict):
     return apply
 
 
+def _square_aspect(config: dict, arrays: dict) -> None:
+    params = config.get("params")
+    if isinstance(params, dict):
+        params.setdefault("aspect", "square")
+
+
 def _rename_search(config: dict, arrays: dict) -> None:
     params = config.get("params")
     if isinstance(params, dict) and params.get("search") == "fast":
@@ -397,6 +403,7 @@ MIGRATIONS = (
         _set_absent({"local_aggregation": 1, "shrinkage": 0.0}),
     ),
     ("0.6: the coarse-to-fine search is named by its standard name, 'ivf' (was 'fast')", _rename_search),
+    ("0.11: the model input's aspect (BaseDetector.aspect); earlier files resized every image square", _square_aspect),
 )
 
 

@@ -173,11 +173,11 @@ class PaDiM(BaseDetector):
     @classmethod
     def _rebuild(cls, config, arrays, path, device, scoring):
         model = super()._rebuild(config, arrays, path, device, scoring)
-        g = model.extractor_.grid_size  # the grid the model's geometry gives: found at load, not at predict
-        if tuple(model.grid_shape_) != (g, g):
+        g = model.extractor_.grid_shape  # the grid the model's geometry gives: found at load, not at predict
+        if tuple(model.grid_shape_) != g:
             raise ModelFileError(
-                f"{path}: state.grid_shape is {list(model.grid_shape_)}, but the model's geometry gives a {g}x{g} "
-                "patch grid; re-run `somad fit`"
+                f"{path}: state.grid_shape is {list(model.grid_shape_)}, but the model's geometry gives a "
+                f"{g[0]}x{g[1]} patch grid; re-run `somad fit`"
             )
         return model
 

@@ -26,6 +26,7 @@ from somad.io.model_files import save_model
 from somad.io.schema import (
     DISPLAY_RANGE,
     INTEGER_DTYPES,
+    MAX_IMAGE_SIZE,
     THRESHOLD,
     THRESHOLD_INFO,
     Array,
@@ -70,6 +71,7 @@ class PersistenceMixin:
         "threshold_info": Nullable(THRESHOLD_INFO),
         "train_image_digests": Nullable(ListOf(Nullable(Hex(DIGEST_HEX)))),  # absent in files of 0.7.1 and before
         "input_profile": Nullable(INPUT_PROFILE),
+        "input_frame": Nullable(ListOf(Interval(int, 16, 8 * MAX_IMAGE_SIZE), length=2)),  # absent before 0.11
     }
     _required_state: tuple[str, ...] = (
         "image_threshold",
@@ -94,6 +96,7 @@ class PersistenceMixin:
             "train_set_sha256": getattr(self, "train_set_sha256_", None),
             "train_image_digests": getattr(self, "train_image_digests_", None),  # calibrate refuses these images
             "input_profile": getattr(self, "input_profile_", None),  # colour and sizes of the training images
+            "input_frame": list(self.input_frame_) if getattr(self, "input_frame_", None) else None,
             "n_val_images": self.n_val_images_,
             "fit_seconds": self.fit_seconds_,
             "display_range": self.display_range_,
@@ -179,6 +182,8 @@ class PersistenceMixin:
         model.train_set_sha256_ = state.get("train_set_sha256")  # absent in files before 0.7
         model.train_image_digests_ = state.get("train_image_digests")  # absent in files of 0.7.1 and before
         model.input_profile_ = state.get("input_profile")
+        frame = state.get("input_frame")  # the frame every image is resized to; None: image_size square
+        model.input_frame_ = None if frame is None else (int(frame[0]), int(frame[1]))
         model.n_val_images_ = state["n_val_images"]
         model.fit_seconds_ = state["fit_seconds"]
         model.display_range_ = tuple(float(v) for v in state["display_range"]) if state.get("display_range") else None

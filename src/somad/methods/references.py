@@ -111,19 +111,19 @@ class NormalReferences:
         ``size`` ``(height, width)``: back through the crop and the resize (``features.extractor.Geometry``).
         Numbers, or numpy arrays of them (elementwise)."""
         g, stride = self.extractor_.geometry, self.extractor_.stride
-        h, w = size
+        (h, w), (rh, rw) = size, g.resized
         return (
-            (g.crop_offset + (j + 0.5) * stride) * w / g.image_size,
-            (g.crop_offset + (i + 0.5) * stride) * h / g.image_size,
+            (g.crop_offset + (j + 0.5) * stride) * w / rw,
+            (g.crop_offset + (i + 0.5) * stride) * h / rh,
         )
 
     def _patch_at(self, x: float, y: float, size: tuple[int, int]) -> tuple[int, int]:
         """The grid position ``(i, j)`` of the patch that covers pixel ``(x, y)`` of an original image of ``size``
         (the inverse of :meth:`_patch_centre`; pixels outside the crop go to the nearest patch)."""
-        g, stride, n = self.extractor_.geometry, self.extractor_.stride, self.extractor_.grid_size
-        h, w = size
-        at = lambda v, side: min(n - 1, max(0, int(((v + 0.5) * g.image_size / side - g.crop_offset) // stride)))  # noqa: E731
-        return at(y, h), at(x, w)
+        g, stride, (gh, gw) = self.extractor_.geometry, self.extractor_.stride, self.extractor_.grid_shape
+        (h, w), (rh, rw) = size, g.resized
+        at = lambda v, side, r, n: min(n - 1, max(0, int(((v + 0.5) * r / side - g.crop_offset) // stride)))  # noqa: E731
+        return at(y, h, rh, gh), at(x, w, rw, gw)
 
     # ------------------------------------------------------------------ predict
     def _kept_references(self) -> torch.Tensor | None:

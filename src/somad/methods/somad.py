@@ -71,6 +71,7 @@ PRESETS = {
         "som_size": 56,
         "cv": "holdout",
         "crop_size": 224,
+        "aspect": "square",
         "local_aggregation": 1,
         "shrinkage": 0.0,
         "eps": 0.01,
@@ -332,10 +333,12 @@ class SOMAD(NormalReferences, BaseDetector):
         return make_search(weights, math.isqrt(weights.shape[0]), self.search)
 
     @classmethod
-    def shard_worker(cls, params: dict, gate=None) -> SOMAD:
+    def shard_worker(cls, params: dict, gate=None, frame: tuple[int, int] | None = None) -> SOMAD:
         """A model with ``params`` that extracts training patches as a fit with them does (device, channel subset,
-        extractor), behind the fit's input ``gate`` (``somad.verdicts.FrameGate``): a distributed fit's worker."""
+        extractor, the fit's model input ``frame``: ``input_frame_``), behind the fit's input ``gate``
+        (``somad.verdicts.FrameGate``): a distributed fit's worker."""
         model = cls(**params)
+        model.input_frame_ = frame
         model._prepare_extraction()
         model.gate_ = gate
         return model
@@ -511,7 +514,7 @@ class SOMAD(NormalReferences, BaseDetector):
             whiteners=g.whiteners[keep],  # (M', D, D) lower triangular, as stored (float16 or float32)
             ids=torch.nonzero(keep).flatten(),
             k=self._searched_k(),
-            grid=(self.extractor_.grid_size,) * 2,
+            grid=self.extractor_.grid_shape,
             search=index if isinstance(index, IVFSearch) else None,
         )
 

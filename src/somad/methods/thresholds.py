@@ -185,6 +185,7 @@ class ThresholdsMixin:
             fold.fit_shards = self.fit_shards
             if gate is not None:  # the final fit's input gate: a fold leaves out the frames the final fit left out
                 fold._learn_gate = lambda train, gate=gate: gate
+            fold._learn_frame = lambda train, frame=self.input_frame_: frame  # and its model input
             logger.info("cross-fitting: fold %d of %d, fitted on %d images", k + 1, folds, len(items) - len(held))
             with _only_errors():
                 fold.fit([it for i, it in enumerate(items) if i not in held])
