@@ -172,3 +172,66 @@ def test_the_export_carries_the_learned_gate_and_the_runtime_applies_it(binary_m
     assert blank.status == "invalid_input: blank frame (white)" and blank.is_anomalous
     with pytest.raises(SomadError, match=r"images\[1\]: float64 array of shape \(8, 8, 5\)"):
         detector.predict([frames[0], np.zeros((8, 8, 5))])
+
+
+def _grey_frame(values: np.ndarray) -> np.ndarray:
+    """(256, 256) grey levels as an RGB frame: equal channels, so its grey level is the value itself."""
+    return np.repeat(values.astype(np.uint8)[..., None], 3, axis=2)
+
+
+def test_the_graph_gates_a_whole_image_as_check_frame_does(tmp_path):
+    """Fed a whole image, the exported graph applies the learned gate itself (``"resized"`` statistics, in the same
+    integers as ``frame_stats``): frames one block or one pixel each side of the limits are decided alike, and a
+    refused frame is flagged with its whole mask. Fed an image it has resized itself, the runtime feeds the gate's
+    result (its status says why)."""
+    pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnx")
+    import onnxruntime as ort
+
+    from somad.export.onnx import MODEL_FILE, export_model
+    from somad.io.export_format import INPUT_NAME, OUTPUT_NAMES
+    from somad.runtime import OnnxDetector
+
+    model = SOMAD(**TINY).fit([texture(i, (80, 100)) for i in range(8)])
+    gate = model.gate_
+    assert gate.statistics == "resized" and gate.flat_fraction == FLAT_FRACTION
+    assert gate.saturated_fraction == SATURATED_FRACTION
+    out = export_model(model, tmp_path / "onnx")
+    session = ort.InferenceSession(str(out / MODEL_FILE), providers=["CPUExecutionProvider"])
+    rng = np.random.default_rng(0)
+    noise = np.clip(rng.normal(128, 20, (256, 256)), 3, 252)
+    frames = {"textured": _grey_frame(noise), "blank": _grey_frame(np.full((256, 256), 90))}
+    limit = int(np.floor(FLAT_FRACTION * 1024))  # blocks without texture allowed
+    for k in (limit, limit + 1):  # the first k 8x8 blocks constant, the rest textured
+        values = noise.copy()
+        for b in range(k):
+            y, x = divmod(b, 32)
+            values[8 * y : 8 * y + 8, 8 * x : 8 * x + 8] = 128
+        frames[f"{k} flat blocks"] = _grey_frame(values)
+    limit = int(np.floor(SATURATED_FRACTION * 256 * 256))  # pixels at the ends allowed
+    for k in (limit, limit + 1):  # k pixels black or white at random places, so every block keeps its texture
+        values = noise.copy().ravel()
+        at = rng.permutation(values.size)[:k]
+        values[at] = np.where(rng.random(k) < 0.5, 0, 255)
+        frames[f"{k} clipped pixels"] = _grey_frame(values.reshape(256, 256))
+    statuses = {}
+    for name, frame in frames.items():
+        status = check_frame(Image.fromarray(frame), gate)
+        statuses[name] = status.split(": ")[1].split(" (")[0] if status != OK else OK
+        flagged, mask = session.run([OUTPUT_NAMES[2], OUTPUT_NAMES[4]], {INPUT_NAME: frame[None]})
+        native = next(model.predict_iter([frame]))
+        assert bool(flagged[0]) == model.verdict(native), name
+        if status != OK:
+            assert flagged[0] and mask.all(), name
+    assert statuses == {
+        "textured": OK,
+        "blank": "blank frame",
+        "614 flat blocks": OK,
+        "615 flat blocks": "mostly blank frame",
+        "58982 clipped pixels": OK,
+        "58983 clipped pixels": "saturated frame",
+    }
+    # The runtime resizes first (feeding the original size): the graph then takes its gate's result.
+    found = OnnxDetector(out, threads=1).predict([frames["615 flat blocks"], frames["614 flat blocks"]])
+    assert found[0].status.startswith("invalid_input: mostly blank") and found[0].is_anomalous
+    assert found[1].status == OK

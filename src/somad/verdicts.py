@@ -33,13 +33,22 @@ from dataclasses import dataclass
 import numpy as np
 from PIL import Image
 
+from somad.resize import resize_bilinear
+
 #: ``status`` of an image that passed the input gate.
 OK = "ok"
 #: Prefix of the ``status`` of an image refused by the input gate.
 INVALID = "invalid_input"
 
-#: The input gate works on a grey copy whose longest side is at most this many pixels.
+#: The input gate works on a grey copy of the frame resized to this square (``"resized"`` statistics; models
+#: fitted before somad 0.11: a BOX thumbnail whose longest side is at most this, ``"thumbnail"``).
 GATE_SIZE = 256
+#: How a gate's statistics are taken (:func:`frame_stats`): ``"resized"``, in integers on a grey copy of the frame
+#: resized to :data:`GATE_SIZE` square (``somad.resize.resize_bilinear``), which the exported graph repeats bit for
+#: bit; ``"thumbnail"``, on Pillow's grey conversion and BOX thumbnail (somad 0.7-0.10; kept for their files).
+GATE_STATISTICS = ("resized", "thumbnail")
+#: ITU-R 601-2 luma in 16-bit fixed point, as Pillow's ``convert("L")``: ``(R r + G g + B b + 2**15) >> 16``.
+LUMA_WEIGHTS = (19595, 38470, 7471)
 #: A frame whose grey levels vary by less than this (standard deviation, 8-bit levels) is blank.
 BLANK_STD = 2.0
 #: A frame with more than this fraction of pixels at 0-2 or 253-255 is saturated.
@@ -374,8 +383,31 @@ class FrameStats:
     flat: float  #: fraction of :data:`FLAT_BLOCK`-pixel blocks without texture (0 for a frame smaller than one)
 
 
-def frame_stats(image: Image.Image) -> FrameStats:
-    """The input gate's statistics of one decoded frame."""
+def grey_levels(rgb: np.ndarray) -> np.ndarray:
+    """8-bit grey levels ``(H, W)`` int64 of RGB ``(H, W, 3)`` uint8: :data:`LUMA_WEIGHTS` in integers."""
+    weighted = rgb.astype(np.int64) @ np.asarray(LUMA_WEIGHTS, np.int64)
+    return (weighted + (1 << 15)) >> 16
+
+
+#: The ``"resized"`` statistics in integers (``n`` pixels, ``S1 = sum g``, ``S2 = sum g^2``; per 8x8 block ``s1``,
+#: ``s2``): ``std < BLANK_STD`` exactly when ``n S2 - S1^2 < (BLANK_STD n)^2``, a block is without texture when
+#: ``64 s2 - s1^2 < (FLAT_STD 64)^2``; the fractions have powers of two below them (``n = 256^2``, 1024 blocks).
+#: The exported graph compares the same integers (``somad.export.onnx.gate_nodes``).
+BLANK_BOUND = int(np.ceil((BLANK_STD * GATE_SIZE**2) ** 2))
+FLAT_BOUND = int(np.ceil((FLAT_STD * FLAT_BLOCK**2) ** 2))
+
+
+def frame_stats(image: Image.Image, statistics: str = "resized") -> FrameStats:
+    """The input gate's statistics of one decoded frame, taken as ``statistics`` says (:data:`GATE_STATISTICS`)."""
+    if statistics == "resized":
+        g = grey_levels(np.asarray(resize_bilinear(image.convert("RGB"), (GATE_SIZE, GATE_SIZE)), np.uint8))
+        n, b = g.size, FLAT_BLOCK
+        s1, s2 = int(g.sum()), int((g * g).sum())
+        blocks = g.reshape(GATE_SIZE // b, b, GATE_SIZE // b, b)
+        b1, b2 = blocks.sum(axis=(1, 3)), (blocks * blocks).sum(axis=(1, 3))
+        flat = float(np.mean(b * b * b2 - b1 * b1 < FLAT_BOUND))
+        clipped = float(np.mean((g <= 2) | (g >= 253)))
+        return FrameStats(float(np.sqrt(n * s2 - s1 * s1) / n), s1 / n, clipped, flat)
     grey = image.convert("L")
     if max(grey.size) > GATE_SIZE:
         grey = grey.copy()
@@ -417,14 +449,15 @@ class FrameGate:
     n_images: int = 0  #: the training images the limits were learned from (0: the fixed rule)
     train_clipped: float | None = None  #: the :data:`GATE_QUANTILE` of the training images' clipped fraction
     train_flat: float | None = None  #: and of their fraction of blocks without texture
+    statistics: str = "thumbnail"  #: how its statistics are taken (:func:`frame_stats`); learned gates: "resized"
 
     @classmethod
-    def learn(cls, stats: Sequence[FrameStats]) -> FrameGate:
+    def learn(cls, stats: Sequence[FrameStats], statistics: str = "resized") -> FrameGate:
         """Limits from the statistics of a product's training images: each fixed limit, raised to the training
         images' :data:`GATE_QUANTILE` plus a margin (:data:`GATE_MARGIN`, or their range if wider) where they reach
         it. Natural photographs stay far below the fixed limits, so their gate is the fixed rule."""
         if not stats:
-            return cls()
+            return cls(statistics=statistics)
         clipped = np.array([s.clipped for s in stats], dtype=np.float64)
         flat = np.array([s.flat for s in stats], dtype=np.float64)
 
@@ -434,7 +467,7 @@ class FrameGate:
 
         saturated, top_clipped = limit(clipped, SATURATED_FRACTION)
         flat_limit, top_flat = limit(flat, FLAT_FRACTION)
-        return cls(saturated, flat_limit, len(stats), top_clipped, top_flat)
+        return cls(saturated, flat_limit, len(stats), top_clipped, top_flat, statistics)
 
     @property
     def learned(self) -> bool:
@@ -465,6 +498,7 @@ class FrameGate:
             "n_images": self.n_images,
             "train_clipped": self.train_clipped,
             "train_flat": self.train_flat,
+            "statistics": self.statistics,
         }
 
     @classmethod
@@ -473,8 +507,12 @@ class FrameGate:
         Raises ``ValueError`` for a table that is not such a gate."""
         if table is None:
             return None
-        if not isinstance(table, dict) or set(table) != set(cls().as_dict()):
+        keys = set(cls().as_dict())
+        if not isinstance(table, dict) or set(table) not in (keys, keys - {"statistics"}):  # 0.7-0.10: no statistics
             raise ValueError(f"input_gate must be a table of {', '.join(cls().as_dict())}")
+        statistics = table.get("statistics", "thumbnail")
+        if statistics not in GATE_STATISTICS:
+            raise ValueError(f"input_gate statistics must be one of: {', '.join(GATE_STATISTICS)}")
         limits = [table["saturated_fraction"], table["flat_fraction"]]
         seen = [v for v in (table["train_clipped"], table["train_flat"]) if v is not None]
         fixed = [SATURATED_FRACTION, FLAT_FRACTION] + [0.0] * len(seen)
@@ -491,7 +529,7 @@ class FrameGate:
         if isinstance(n, bool) or not isinstance(n, int) or n < 0 or (n > 0 and len(seen) != 2):
             raise ValueError("input_gate n_images must be a count, with the training statistics when it is not 0")
         clipped, flat = (float(v) for v in seen) if n else (None, None)
-        return cls(float(limits[0]), float(limits[1]), n, clipped, flat)
+        return cls(float(limits[0]), float(limits[1]), n, clipped, flat, statistics)
 
 
 def check_frame(image: Image.Image, gate: FrameGate | None = None) -> str:
@@ -504,4 +542,5 @@ def check_frame(image: Image.Image, gate: FrameGate | None = None) -> str:
     images have sensor noise, which synthetic or dead regions lack). ``gate``: a model's learned
     :class:`FrameGate` (``None``: the fixed rule, as for model files of somad 0.7.1 and earlier).
     """
-    return (gate or FrameGate()).check(frame_stats(image))
+    gate = gate or FrameGate()
+    return gate.check(frame_stats(image, gate.statistics))

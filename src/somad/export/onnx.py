@@ -23,6 +23,11 @@ decoding, the resize and the decision included:
   mirror it, kept beside it (``somad.som.onnx_graph``: the model's own search, exhaustive or its IVF index);
 * the map step of ``BaseDetector._anomaly_maps``: bilinear upsampling to ``S x S`` and the Gaussian blur, one
   ``(S, h)`` matrix per axis (``model.map_matrix()``); ``score``, the map maximum or the method's own image score;
+* the **input gate** (:func:`gate_nodes`) of a model that learned one (``verdicts.FrameGate`` with ``"resized"``
+  statistics, somad 0.11 on): on an image fed whole, its statistics in the integers ``verdicts.frame_stats`` uses
+  (grey levels of the frame resized to 256 square, sums and counts against integer bounds), so the graph refuses
+  exactly the frames ``check_frame`` refuses; where the caller resized the image (``original_size`` fed) the
+  gate's result is its ``valid``;
 * the decision (:func:`decision_nodes`), the rule of ``somad.verdicts.decide``: ``is_anomalous`` = score above the
   image threshold, or a frame the gate refused; ``original_map`` ``(1, H, W)``, the map put back on the original image
   (the crop's margin edge-replicated, bilinear: ``features.to_original_resolution``); ``mask`` ``(1, H, W)``, its
@@ -32,9 +37,9 @@ decoding, the resize and the decision included:
 What stays outside the graph (``somad.runtime.OnnxDetector`` does it):
 
 * decoding (``somad.io.images``: files, 16-bit, palette, EXIF orientation... to 8-bit RGB);
-* the **input gate** (``verdicts.check_frame``): its statistics are taken on Pillow's grey conversion and, for
-  frames over 256 px, its BOX thumbnail, which ONNX does not reproduce bit for bit, and a statistic near a limit
-  would flip a verdict. Its result enters as ``valid``; its reason stays in the runtime's ``status``;
+* the input gate's **reason** (the runtime's ``status``: the graph says only refused or not), and the gate of
+  models fitted before 0.11, whose statistics were taken on Pillow's BOX thumbnail, which ONNX does not reproduce
+  bit for bit: their gate's result enters as ``valid``;
 * a model without thresholds: the graph gets NaN thresholds (nothing above them) and the runtime reports the
   verdict and mask as ``None``, as the native path does.
 
@@ -88,7 +93,15 @@ from somad.io.schema import MAX_IMAGE_SIZE
 from somad.methods import load
 from somad.methods.base import BaseDetector
 from somad.resize import MAX_ASPECT, frame_size
-from somad.verdicts import decide, predicted_mask
+from somad.verdicts import (
+    BLANK_BOUND,
+    FLAT_BLOCK,
+    FLAT_BOUND,
+    GATE_SIZE,
+    LUMA_WEIGHTS,
+    decide,
+    predicted_mask,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -220,7 +233,7 @@ def input_nodes(geometry, model_image: str, size: str) -> tuple[list, list]:
 def size_nodes(size: str) -> tuple[list, list]:
     """ONNX nodes giving ``size``, the original image's height and width (int64 ``(2,)``): the ``original_size``
     input where it is fed (positive), else the ``image`` input's own. Returns ``(nodes, initializers)``."""
-    from onnx import helper, numpy_helper
+    from onnx import TensorProto, helper, numpy_helper
 
     n = helper.make_node
     inits = [numpy_helper.from_array(np.array([0, 0], np.int64), "input_no_size")]
@@ -228,6 +241,9 @@ def size_nodes(size: str) -> tuple[list, list]:
         n("Shape", [INPUT_NAME], ["input_own_size"], start=1, end=3),  # (H, W) of the image fed
         n("Greater", [INPUT_NAMES[1], "input_no_size"], ["input_size_fed"]),
         n("Where", ["input_size_fed", INPUT_NAMES[1], "input_own_size"], [size]),
+        n("Cast", ["input_size_fed"], ["input_size_fed_i"], to=TensorProto.INT64),
+        n("ReduceMax", ["input_size_fed_i"], ["input_size_fed_max"], keepdims=1, axes=[0]),
+        n("Cast", ["input_size_fed_max"], ["input_size_fed_any"], to=TensorProto.BOOL),  # (1,)
     ]
     return nodes, inits
 
@@ -279,6 +295,79 @@ def tile_nodes(geometry, layout, model_image: str, size: str, valid: str) -> tup
         n("ReduceMin", ["tile_equal_i"], ["tile_both"], axes=[0], keepdims=1),
         n("Cast", ["tile_both"], ["tile_frame_ok"], to=TensorProto.BOOL),
         n("And", [INPUT_NAMES[2], "tile_frame_ok"], [valid]),
+    ]
+    return nodes, inits
+
+
+def gate_nodes(gate, resized: str | None, valid_in: str, valid: str) -> tuple[list, list]:
+    """The input gate inside the graph (``somad.verdicts.check_frame`` with a learned gate's ``"resized"``
+    statistics, in the same integers): ONNX nodes from the graph's ``image`` (or ``resized``, its resize to
+    ``GATE_SIZE`` square where the graph makes that anyway) to ``valid``: ``valid_in`` and, for an image fed whole
+    (no ``original_size``: a caller that resizes first computes the gate itself and feeds ``valid``), the gate's
+    admission: not blank (``n S2 - S1^2 < BLANK_BOUND``), not saturated (more than ``saturated_fraction`` of its
+    pixels at 0-2 or 253-255), not mostly blank (more than ``flat_fraction`` of its 8x8 blocks with ``64 s2 - s1^2
+    < FLAT_BOUND``). Every sum is an int64 of 8-bit grey levels, every fraction a count against an integer bound,
+    so the graph and ``frame_stats`` decide alike to the last pixel. Returns ``(nodes, initializers)``."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    n = helper.make_node
+    side, block = GATE_SIZE, FLAT_BLOCK
+    pixels, blocks = side * side, (side // block) ** 2
+    nodes, inits = [], []
+    if resized is None:
+        nodes, inits = pillow_bilinear_nodes(INPUT_NAME, "gate_resized", (side, side), prefix="gate_resize")
+        resized = "gate_resized"
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    inits += [
+        i64("gate_luma", list(LUMA_WEIGHTS)),
+        i64("gate_half", 1 << 15),
+        i64("gate_unit", 1 << 16),
+        i64("gate_dark", 2),
+        i64("gate_bright", 253),
+        i64("gate_pixels", pixels),
+        i64("gate_area", block * block),
+        i64("gate_blank_bound", BLANK_BOUND),
+        i64("gate_flat_bound", FLAT_BOUND),
+        # a count above limit * total: above its floor (the limits may pass 1: then the rule never fires)
+        i64("gate_clipped_limit", int(np.floor(gate.saturated_fraction * pixels))),
+        i64("gate_flat_limit", int(np.floor(gate.flat_fraction * blocks))),
+        i64("gate_blocks_shape", [side // block, block, side // block, block]),
+        i64("gate_block_axes", [1, 3]),
+    ]
+    nodes += [
+        n("Cast", [resized], ["gate_rgb"], to=TensorProto.INT64),  # (1, S, S, 3)
+        n("MatMul", ["gate_rgb", "gate_luma"], ["gate_weighted"]),  # (1, S, S): r R + g G + b B
+        n("Add", ["gate_weighted", "gate_half"], ["gate_rounded"]),
+        n("Div", ["gate_rounded", "gate_unit"], ["gate_grey"]),  # >> 16 (non-negative: Div floors)
+        n("Mul", ["gate_grey", "gate_grey"], ["gate_grey2"]),
+        n("ReduceSum", ["gate_grey"], ["gate_s1"], keepdims=0),
+        n("ReduceSum", ["gate_grey2"], ["gate_s2"], keepdims=0),
+        n("Mul", ["gate_s2", "gate_pixels"], ["gate_ns2"]),
+        n("Mul", ["gate_s1", "gate_s1"], ["gate_s1s1"]),
+        n("Sub", ["gate_ns2", "gate_s1s1"], ["gate_var"]),
+        n("Less", ["gate_var", "gate_blank_bound"], ["gate_blank"]),
+        n("LessOrEqual", ["gate_grey", "gate_dark"], ["gate_black"]),
+        n("GreaterOrEqual", ["gate_grey", "gate_bright"], ["gate_white"]),
+        n("Or", ["gate_black", "gate_white"], ["gate_ends"]),
+        n("Cast", ["gate_ends"], ["gate_ends_i"], to=TensorProto.INT64),
+        n("ReduceSum", ["gate_ends_i"], ["gate_clipped"], keepdims=0),
+        n("Greater", ["gate_clipped", "gate_clipped_limit"], ["gate_saturated"]),
+        n("Reshape", ["gate_grey", "gate_blocks_shape"], ["gate_g_blocks"]),
+        n("Reshape", ["gate_grey2", "gate_blocks_shape"], ["gate_g2_blocks"]),
+        n("ReduceSum", ["gate_g_blocks", "gate_block_axes"], ["gate_b1"], keepdims=0),
+        n("ReduceSum", ["gate_g2_blocks", "gate_block_axes"], ["gate_b2"], keepdims=0),
+        n("Mul", ["gate_b2", "gate_area"], ["gate_nb2"]),
+        n("Mul", ["gate_b1", "gate_b1"], ["gate_b1b1"]),
+        n("Sub", ["gate_nb2", "gate_b1b1"], ["gate_bvar"]),
+        n("Less", ["gate_bvar", "gate_flat_bound"], ["gate_flat_blocks"]),
+        n("Cast", ["gate_flat_blocks"], ["gate_flat_i"], to=TensorProto.INT64),
+        n("ReduceSum", ["gate_flat_i"], ["gate_flat"], keepdims=0),
+        n("Greater", ["gate_flat", "gate_flat_limit"], ["gate_mostly_blank"]),
+        n("Or", ["gate_blank", "gate_saturated"], ["gate_refused_2"]),
+        n("Or", ["gate_refused_2", "gate_mostly_blank"], ["gate_refused"]),
+        n("Not", ["gate_refused"], ["gate_passes"]),
+        n("Or", ["input_size_fed_any", "gate_passes"], ["gate_admits"]),  # resized by the caller: its valid says
+        n("And", [valid_in, "gate_admits"], [valid]),
     ]
     return nodes, inits
 
@@ -376,6 +465,11 @@ def write_onnx(model: BaseDetector, path: Path, layout=None) -> None:
             patch, own_score, layout, model.extractor_.grid_shape[0], model.extractor_.stride
         )
         nodes, inits = nodes + stitch, inits + stitch_inits
+    gate = getattr(model, "gate_", None)
+    if gate is not None and gate.statistics == "resized":  # a learned gate whose statistics the graph repeats
+        same = layout is None and tuple(geometry.resized) == (GATE_SIZE, GATE_SIZE)
+        nodes_gate, inits_gate = gate_nodes(gate, "input_resized" if same else None, valid, "gate_valid")
+        head, head_inits, valid = head + nodes_gate, head_inits + inits_gate, "gate_valid"
     matrices = tuple(m.numpy() for m in model.map_matrices(layout))
     tail, tail_inits = decision_nodes(patch, own_score, matrices, geometry, size, valid)
     defaults = {

@@ -425,11 +425,11 @@ class BaseDetector(ThresholdsMixin, PersistenceMixin, Params):
                     if self.on_error == "fail":
                         raise
                     continue
-                stats.append(frame_stats(image))
+                stats.append(frame_stats(image, "resized"))
                 names.append(item.name)
         finally:
             bar.close()
-        gate = FrameGate.learn(stats)
+        gate = FrameGate.learn(stats, "resized")
         refused = [(name, status) for name, s in zip(names, stats) if (status := gate.check(s)) != OK]
         if len(refused) > MAX_REFUSED_FRACTION * len(stats):
             raise SomadError(
