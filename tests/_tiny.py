@@ -37,3 +37,16 @@ def texture(seed: int, size=(80, 100)):
     y, x = np.mgrid[0:h, 0:w]
     base = np.stack([100 + 60 * np.sin(x / 7.0), 120 + 50 * np.cos(y / 5.0), 90 + 0.5 * (x + y)], -1)
     return np.clip(base + rng.normal(0, 10, (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def stripes(n, seed, height=80, width=72, defect=False):
+    """uint8 (n, H, W, 3): smooth stripes plus noise; with ``defect``, a bright square in the middle."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width]
+    base = 120 + 40 * np.sin(xx / 5.0)[..., None] + 10 * np.cos(yy / 7.0)[..., None]
+    out = np.clip(base[None] + rng.normal(0, 8, (n, height, width, 3)), 0, 255).astype(np.uint8)
+    if defect:
+        out[:, 30:46, 28:44] = 250
+    return out

@@ -4,7 +4,7 @@ import logging
 
 import numpy as np
 import pytest
-from _tiny import tiny, tiny_common
+from _tiny import stripes, tiny, tiny_common
 from PIL import Image
 
 from somad import SOMAD, PaDiM, PatchCore, load
@@ -16,14 +16,8 @@ TINY = tiny(val_fraction=0.0)
 
 
 def frames(n, seed, height=80, width=150, defect=False):
-    """uint8 (n, H, W, 3): a smooth pattern plus noise; with ``defect``, a bright disc."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = 120 + 40 * np.sin(xx / 6.0)[..., None] + 15 * np.cos(yy / 5.0)[..., None]
-    out = np.clip(base[None] + rng.normal(0, 8, (n, height, width, 3)), 0, 255).astype(np.uint8)
-    if defect:
-        out[:, (yy - height // 2) ** 2 + (xx - width // 2) ** 2 < 64] = 250
-    return out
+    """uint8 (n, H, W, 3) stripes (``_tiny.stripes``), 80x150 by default; with ``defect``, a bright square."""
+    return stripes(n, seed, height, width, defect)
 
 
 @pytest.mark.parametrize(

@@ -8,6 +8,7 @@ import textwrap
 import numpy as np
 import pytest
 import torch
+from _tiny import stripes as textured
 from PIL import Image
 
 from somad import SOMAD, PaDiM, PatchCore, load
@@ -23,17 +24,6 @@ from somad.runtime import OnnxDetector  # noqa: E402
 
 TINY = dict(weights="none", image_size=64, device="cpu", val_fraction=0.25, seed=3)
 SOMAD_TINY = dict(som_size=5, k=3, rough_epochs=2, fine_epochs=1)
-
-
-def textured(n, seed, height=80, width=72, defect=False):
-    """uint8 (n, H, W, 3): smooth stripes plus noise; with ``defect``, a bright square in the middle."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:height, 0:width]
-    base = 120 + 40 * np.sin(xx / 5.0)[..., None] + 10 * np.cos(yy / 7.0)[..., None]
-    out = np.clip(base[None] + rng.normal(0, 8, (n, height, width, 3)), 0, 255).astype(np.uint8)
-    if defect:
-        out[:, 30:46, 28:44] = 250
-    return out
 
 
 @pytest.fixture(scope="module")
