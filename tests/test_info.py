@@ -80,7 +80,8 @@ def test_json_output_has_the_right_values(fitted, capsys):
     assert code == 0
     info = json.loads(out)
     assert info["method"] == "somad" and info["backbone"] == "efficientnet_lite0"
-    assert info["geometry"] == {"image_size": 64, "crop_size": None, "tile_size": None, "tile_overlap": 0.25}
+    geometry = {"image_size": 64, "crop_size": None, "tile_size": None, "tile_overlap": 0.25, "input_frame": None}
+    assert info["geometry"] == geometry
     assert info["params"]["som_size"] == 4
     assert info["image_threshold"] == model.image_threshold_ and info["pixel_threshold"] == model.pixel_threshold_
     assert info["threshold_info"]["source"] == "fit" and info["threshold_info"]["n_images"] == 2

@@ -58,6 +58,9 @@ def text(info: dict) -> str:
         )
     elif g.get("crop_size"):
         geometry = f"resized to {g['image_size']}x{g['image_size']}, center crop {g['crop_size']}"
+    elif g.get("input_frame"):
+        (h, w), aspect = g["input_frame"], info["params"].get("aspect")
+        geometry = f"resized to {w}x{h}, the training images' aspect ratio kept (aspect={aspect}), whole frame"
     else:
         geometry = f"resized to {g['image_size']}x{g['image_size']}, whole frame (no crop, no tiles)"
     shown = {"backbone", "weights", "image_size", "crop_size", "tile_size", "tile_overlap"}
@@ -97,10 +100,17 @@ def export_text(info: dict) -> str:
     from somad.service.model_info import scale_source, threshold_source
 
     g = info["geometry"]
-    if g.get("crop_size"):
-        geometry = f"resized to {g['image_size']}x{g['image_size']}, center crop {g['input_size']}"
+    h, w = g.get("frame_size") or (g["image_size"],) * 2
+    if g.get("tile_offsets"):
+        (oh, ow) = g["original_size"]
+        geometry = (
+            f"resized to {w}x{h}, {len(g['tile_offsets'])} tiles of {g['tile_size']} px; serves the images of that "
+            f"frame (such as {ow}x{oh}) and refuses others"
+        )
+    elif g.get("crop_size"):
+        geometry = f"resized to {w}x{h}, center crop {g['input_size']}"
     else:
-        geometry = f"resized to {g['image_size']}x{g['image_size']}, whole frame (no crop)"
+        geometry = f"resized to {w}x{h}, whole frame (no crop)"
     params = {**(info.get("params") or {}), **(info.get("scoring") or {})}
     check = info.get("parity_check") or {}
     files = info["files"]

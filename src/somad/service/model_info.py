@@ -73,7 +73,7 @@ def describe(path: str | os.PathLike, *, verify: bool = True, verify_key=None) -
         "backbone": params.get("backbone"),
         "weights": params.get("weights"),
         "preset": config.get("preset"),  # not recorded by somad <= 0.7: None
-        "geometry": {name: params.get(name) for name in _GEOMETRY},
+        "geometry": {**{name: params.get(name) for name in _GEOMETRY}, "input_frame": state.get("input_frame")},
         "params": params,
         "som_side": state.get("som_side"),  # SOMAD's fitted SOM side (som_size "auto"); None: not recorded
         "image_threshold": state.get("image_threshold"),
