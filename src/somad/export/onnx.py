@@ -115,6 +115,13 @@ MAX_CONSTANT_BYTES = 1_900_000_000
 #: maps within this fraction of their largest value (at least 1), and verdicts and mask pixels that differ only
 #: where the native score or map lies that close to the threshold.
 PARITY_RTOL = 1e-3
+#: Maps of a graph with an IVF search (SOMAD's default): within this fraction of their largest value. The graph and
+#: the native kernel compute the coarse distances in another order, so a patch whose two nearest lists are tied to
+#: float precision may probe other nodes there: its patch score moves by the gap between their distances, and the
+#: blur spreads it (measured on the shared test images: up to 0.26% of the map's maximum, docs/benchmarks.md; a
+#: metal_plate model fitted at one thread, 0.33% on a generated frame). A wrong resize, blur or scoring step moves
+#: maps by a sizeable part of their values; scores and verdicts keep :data:`PARITY_RTOL`.
+IVF_MAP_RTOL = 1e-2
 
 
 class ExportError(SomadError):
@@ -561,8 +568,8 @@ def check_parity(model: BaseDetector, onnx_path: Path, layout=None, original_siz
     scores, maps at the model input and on the original image, and verdicts and masks with the model's thresholds
     and with thresholds amid the images' scores and map values (so that both verdicts and partial masks occur).
     A tiled model's (``layout``: :func:`served_layout` of ``original_size``) on images of that size, and on one
-    of another aspect ratio, which its graph must refuse. Differences beyond :data:`PARITY_RTOL` are a one-line
-    :class:`ExportError`."""
+    of another aspect ratio, which its graph must refuse. Differences beyond :data:`PARITY_RTOL` (maps of an IVF
+    graph: :data:`IVF_MAP_RTOL`) are a one-line :class:`ExportError`."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -571,6 +578,7 @@ def check_parity(model: BaseDetector, onnx_path: Path, layout=None, original_siz
             "`pip install 'somad[export]'` (or pass --no-check)"
         ) from None
     g = model.extractor_.geometry
+    map_rtol = IVF_MAP_RTOL if model.scoring_info().get("search") == "ivf" else PARITY_RTOL
     images = parity_images(g.image_size if layout is None else tuple(original_size))
     resize_to = g.resized if layout is None else layout.size
     options = ort.SessionOptions()
@@ -603,7 +611,7 @@ def check_parity(model: BaseDetector, onnx_path: Path, layout=None, original_siz
             found["score"].append(abs(float(score) - p.score) / max(abs(p.score), 1e-12))
             found["map"].append(float(np.max(np.abs(amap - p.map.numpy()))))
             found["original"].append(float(np.max(np.abs(original - ref))) if original.shape == ref.shape else np.inf)
-            tol = PARITY_RTOL * max(1.0, float(np.abs(ref).max()))
+            tol = map_rtol * max(1.0, float(np.abs(ref).max()))
             verdict = decide(p.score, image_t, valid=p.valid)
             found["verdict"] += 1
             if bool(flagged) != verdict:
@@ -643,7 +651,7 @@ def check_parity(model: BaseDetector, onnx_path: Path, layout=None, original_siz
     if not rel <= PARITY_RTOL:
         raise _parity_error(onnx_path, f"scores differ by {rel:.2e} (relative, allowed {PARITY_RTOL:g})")
     worst = result["max_abs_original_map_diff"]
-    if not worst <= PARITY_RTOL * max(1.0, max(float(np.abs(m).max()) for m in full)):
+    if not worst <= map_rtol * max(1.0, max(float(np.abs(m).max()) for m in full)):
         raise _parity_error(onnx_path, f"maps on the original image differ by {worst:.2e}")
     return result
 
