@@ -21,7 +21,12 @@ def frames(n, seed, height=80, width=150, defect=False):
 
 
 @pytest.mark.parametrize(
-    "cls, params", [(SOMAD, TINY), (PatchCore, tiny_common(val_fraction=0.0)), (PaDiM, tiny_common(val_fraction=0.0))]
+    "cls, params",
+    [
+        (SOMAD, TINY),
+        (PatchCore, tiny_common(val_fraction=0.0)),
+        (PaDiM, tiny_common(val_fraction=0.0, aspect="auto")),  # PaDiM's own default is square (below)
+    ],
 )
 def test_one_frame_is_kept_and_saved(tmp_path, cls, params, caplog):
     """Training images of one size (a fixed camera): the model input is their frame, aspect ratio kept (shorter side
@@ -52,6 +57,7 @@ def test_many_frames_are_resized_square_unless_kept(caplog):
     assert "the training images come in 2 frame sizes, so none is kept" in caplog.text
     kept = SOMAD(**TINY, aspect="keep").fit(mixed)
     assert kept.input_frame_ == frame_size(80, 150, 64) == (64, 128)  # the median size, 80x150
+    assert PaDiM(**tiny_common(val_fraction=0.0)).fit(frames(4, 0)).input_frame_ is None  # measured: square
     square = SOMAD(**TINY, aspect="square").fit(frames(4, 0))
     assert square.input_frame_ is None and square.predict_maps(frames(1, 5))[1].shape == (1, 64, 64)
     assert SOMAD(**TINY).fit(frames(4, 0, 90, 90)).input_frame_ is None  # square frames: as before
