@@ -309,7 +309,12 @@ def _gate_cases():
         "black": (np.zeros((120, 160, 3), np.uint8), "blank frame (black)"),
         "white": (np.full((120, 160, 3), 255, np.uint8), "blank frame (white)"),
         "grey": (np.full((120, 160, 3), 97, np.uint8), "blank frame (constant grey 97)"),
-        "saturated": (np.where(rng.random((120, 160, 1)) > 0.5, 255, 0).repeat(3, 2).astype(np.uint8), "saturated"),
+        # black and white areas (20 px squares): a learned gate's statistics (the frame resized to 256 square) blend
+        # a frame's finest black-and-white noise when they upscale it, not its areas
+        "saturated": (
+            np.kron(rng.random((6, 8)) > 0.5, np.ones((20, 20)))[..., None].repeat(3, 2).astype(np.uint8) * 255,
+            "saturated",
+        ),
         "empty fixture": (fixture, "mostly blank frame"),
         "noise": (rng.integers(0, 256, (120, 160, 3), dtype=np.uint8), None),
         "part": (texture(3, (240, 320)), None),

@@ -45,7 +45,9 @@ INVALID = "invalid_input"
 GATE_SIZE = 256
 #: How a gate's statistics are taken (:func:`frame_stats`): ``"resized"``, in integers on a grey copy of the frame
 #: resized to :data:`GATE_SIZE` square (``somad.resize.resize_bilinear``), which the exported graph repeats bit for
-#: bit; ``"thumbnail"``, on Pillow's grey conversion and BOX thumbnail (somad 0.7-0.10; kept for their files).
+#: bit; ``"thumbnail"``, on Pillow's grey conversion and BOX thumbnail (somad 0.7-0.10; kept for their files). A
+#: frame smaller than 256 px is upscaled by the former: black-and-white noise from pixel to pixel blends there and
+#: is not counted as saturated (black or white areas are; a test holds both).
 GATE_STATISTICS = ("resized", "thumbnail")
 #: ITU-R 601-2 luma in 16-bit fixed point, as Pillow's ``convert("L")``: ``(R r + G g + B b + 2**15) >> 16``.
 LUMA_WEIGHTS = (19595, 38470, 7471)
