@@ -132,7 +132,7 @@ class BaseDetector(ThresholdsMixin, PersistenceMixin, Params):
         (``somad.resize.frame_size``; learned as ``input_frame_``); every image is resized to that frame.
         ``"auto"``: ``"keep"`` when the training images share one frame (a fixed camera: every line's case), else
         ``"square"`` (images of many shapes, e.g. crops, have no one aspect ratio to keep). Measured
-        (docs/benchmarks.md, "The aspect ratio kept"): tire's 300x400 frames kept 336x256 gave image AUROC / AU-PRO
+        (docs/benchmarks.md, "The aspect ratio kept"): tire's 300x400 frames kept 256x336 gave image AUROC / AU-PRO
         / balanced accuracy +1.9 / +2.3 / +6.3 points; magnetic_tile's crops of many shapes, each kept, -3.9 image
         AUROC: there ``"auto"`` resizes square. A crop (``crop_size``) is of a square: with it, ``"auto"`` is square.
     augment : {None, "flips"}, default None

@@ -64,7 +64,7 @@ class PaDiM(BaseDetector):
         Ridge added to every position's covariance (paper: 0.01).
     aspect : {"square", "auto", "keep"}, default "square"
         As :class:`somad.methods.base.BaseDetector`'s, whose default (``"auto"``) PaDiM does not take: with tire's
-        frame kept (336x256) its image AUROC fell 5.8 points (0.803 -> 0.745; docs/benchmarks.md, "The aspect
+        frame kept (256x336) its image AUROC fell 5.8 points (0.803 -> 0.745; docs/benchmarks.md, "The aspect
         ratio kept"), where SOMAD and PatchCore gained in AU-PRO.
     **common
         See :class:`somad.methods.base.BaseDetector` (backbone, image_size, crop_size, dims, device, ...). ``dims``
