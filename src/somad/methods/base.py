@@ -122,7 +122,7 @@ class BaseDetector(ThresholdsMixin, PersistenceMixin, Params):
         Tiling for large or elongated images: the image is resized with its aspect ratio kept (shorter side
         ``image_size``) and covered by square tiles of this side (a multiple of 16), overlapping by
         ``tile_overlap``; the tiles' patch scores are stitched (averaged where they overlap) into one map of the
-        whole frame. ``None``: every image is resized to ``image_size`` square. Needs ``crop_size=None``.
+        whole frame. ``None``: one model input per image (its shape: ``aspect``). Needs ``crop_size=None``.
     tile_overlap : float, default 0.25
         Fraction of a tile shared with its neighbour (at least; tiles are spread evenly over the frame).
     aspect : {"auto", "keep", "square"}, default "auto"
