@@ -59,8 +59,9 @@ META_FILE = "somad_export.json"
 #: decides (verdict, mask, the map on the original image; :data:`INPUT_NAMES`, :data:`OUTPUT_NAMES`); the runtime
 #: refuses older exports, whose verdicts it made in Python, with the fix. 4 (somad 0.10): the graph takes the decoded
 #: image at any size and resizes and crops it itself (``somad.export.resize_graph``: the native resize bit for bit). 5
-#: (somad 0.11): tiled models export (``geometry``'s ``frame_size``, ``tile_offsets``, ``original_size``); an
-#: untiled export is the same as version 4's, which the runtime still reads.
+#: (somad 0.11): the frame images are resized to (``geometry``'s ``frame_size``: a kept aspect ratio's, or
+#: ``image_size`` square) and tiled models (``tile_offsets``, ``original_size``); the runtime still reads version
+#: 4 (every image resized square).
 EXPORT_VERSION = 5
 #: The oldest export version the runtime reads.
 OLDEST_VERSION = 4
@@ -122,10 +123,10 @@ SCHEMA = Table(
 
 def resized_input(image: Image.Image, size: int | tuple[int, int]) -> np.ndarray:
     """A decoded RGB image -> ``(H, W, 3)`` uint8: the native path's resize (``somad.resize.resize_bilinear``) to
-    ``size``, the side of a square (``image_size``) or a tiled export's frame ``(height, width)``, which the graph
-    repeats bit for bit on a larger image and leaves unchanged on one of this size. Fed with the image's
-    ``original_size``, it spares the graph the resize (Pillow's C code is 3-10x faster than the graph's copy;
-    docs/benchmarks.md)."""
+    ``size``, the side of a square (``image_size``) or a frame ``(height, width)`` (a kept aspect ratio's, a tiled
+    export's), which the graph repeats bit for bit on a larger image and leaves unchanged on one of this size. Fed
+    with the image's ``original_size``, it spares the graph the resize (Pillow's C code is 3-10x faster than the
+    graph's copy; docs/benchmarks.md)."""
     height, width = (size, size) if isinstance(size, int) else size
     return np.asarray(resize_bilinear(image, (width, height)), dtype=np.uint8)
 
